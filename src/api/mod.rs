@@ -1,0 +1,354 @@
+//! The HTTP and WebSocket surface: routing, request/response helpers and one
+//! file per resource. Handlers validate input, read through [`Store`] and
+//! write through the [`WriterHandle`]; they never touch redb write
+//! transactions themselves.
+
+mod accounts;
+mod assets;
+mod messages;
+mod rooms;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::de::DeserializeOwned;
+
+use crate::auth::{Auth, Caller};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::hub::Hub;
+use crate::store::Store;
+use crate::store::writer::WriterHandle;
+
+pub type Body = Full<Bytes>;
+
+/// Everything a request handler or session needs; one per server.
+pub struct AppState {
+    pub config: Config,
+    pub store: Store,
+    pub writer: WriterHandle,
+    pub hub: Arc<Hub>,
+    pub auth: Auth,
+    pub metrics: PrometheusHandle,
+    /// Flips to true on shutdown; sessions watch it.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub next_session: std::sync::atomic::AtomicU64,
+    /// Open TCP connections, HTTP and upgraded WebSocket alike (see
+    /// [`ConnectionSlot`]); bounded by `max_connections`.
+    pub open_connections: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one open connection while alive. The HTTP connection task holds
+/// one; an upgraded WebSocket takes its own before the HTTP side lets go, so
+/// sessions count against `max_connections` too.
+pub struct ConnectionSlot(Arc<AppState>);
+
+impl ConnectionSlot {
+    /// Takes a slot, or None when `max_connections` are open.
+    pub fn try_take(state: &Arc<AppState>) -> Option<ConnectionSlot> {
+        use std::sync::atomic::Ordering;
+        let max = state.config.server.max_connections;
+        let prev = state.open_connections.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            state.open_connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        metrics::gauge!("confab_connections_open").increment(1.0);
+        Some(ConnectionSlot(state.clone()))
+    }
+
+    /// Takes a slot even past the limit (the upgrade of a counted connection).
+    pub fn take(state: &Arc<AppState>) -> ConnectionSlot {
+        state
+            .open_connections
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        metrics::gauge!("confab_connections_open").increment(1.0);
+        ConnectionSlot(state.clone())
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0
+            .open_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        metrics::gauge!("confab_connections_open").decrement(1.0);
+    }
+}
+
+/// Entry point for every HTTP request.
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let (route, result) = route(&state, req, peer).await;
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    secure_headers(&mut resp);
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("confab_http_requests_total", "route" => route, "method" => method.to_string(), "status" => status)
+        .increment(1);
+    metrics::histogram!("confab_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn route(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> (&'static str, Result<Response<Body>, ApiError>) {
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let m = req.method().clone();
+    let get = m == Method::GET || m == Method::HEAD;
+    macro_rules! on {
+        ($name:literal, $ok:expr, $call:expr) => {
+            if $ok {
+                ($name, $call.await)
+            } else {
+                ($name, Err(method_not_allowed()))
+            }
+        };
+    }
+    match segs.as_slice() {
+        ["healthz"] => on!("/healthz", get, async {
+            json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+        }),
+        ["metrics"] => on!("/metrics", get, async { Ok(metrics_page(state)) }),
+        ["api", "v1", rest @ ..] => match rest {
+            ["signup"] => on!("/signup", m == Method::POST, accounts::signup(state, req)),
+            ["login"] => on!(
+                "/login",
+                m == Method::POST,
+                accounts::login(state, req, peer)
+            ),
+            ["logout"] => on!("/logout", m == Method::POST, accounts::logout(state, req)),
+            ["me"] => on!("/me", get, accounts::me(state, req)),
+            ["users"] => on!("/users", get, accounts::search_users(state, req)),
+            ["contacts"] => match m {
+                Method::GET => ("/contacts", accounts::contacts(state, req).await),
+                Method::POST => ("/contacts", accounts::add_contact(state, req).await),
+                _ => ("/contacts", Err(method_not_allowed())),
+            },
+            ["contacts", id] => on!(
+                "/contacts/{id}",
+                m == Method::DELETE,
+                accounts::remove_contact(state, req, id)
+            ),
+            ["rooms"] => match m {
+                Method::GET => ("/rooms", rooms::list(state, req).await),
+                Method::POST => ("/rooms", rooms::create(state, req).await),
+                _ => ("/rooms", Err(method_not_allowed())),
+            },
+            ["rooms", id] => on!("/rooms/{id}", get, rooms::get(state, req, id)),
+            ["rooms", id, "members"] => {
+                on!(
+                    "/rooms/{id}/members",
+                    m == Method::POST,
+                    rooms::add_member(state, req, id)
+                )
+            }
+            ["rooms", id, "members", uid] => on!(
+                "/rooms/{id}/members/{user}",
+                m == Method::DELETE,
+                rooms::remove_member(state, req, id, uid)
+            ),
+            ["rooms", id, "messages"] => match m {
+                Method::GET => (
+                    "/rooms/{id}/messages",
+                    messages::history(state, req, id).await,
+                ),
+                Method::POST => ("/rooms/{id}/messages", messages::post(state, req, id).await),
+                _ => ("/rooms/{id}/messages", Err(method_not_allowed())),
+            },
+            ["ws"] => on!("/ws", get, ws::upgrade(state, req)),
+            _ => (
+                "other",
+                Err(ApiError::not_found(
+                    "not_found",
+                    format!("no such endpoint: {path}"),
+                )),
+            ),
+        },
+        _ => on!("/ui", get, async { Ok(assets::serve(&path)) }),
+    }
+}
+
+fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed here",
+    )
+}
+
+fn metrics_page(state: &AppState) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+pub fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Result<Response<Body>, ApiError> {
+    let bytes = serde_json::to_vec(body).map_err(ApiError::internal)?;
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+pub fn no_content() -> Result<Response<Body>, ApiError> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    Ok(resp)
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(e.body().to_string())));
+    *resp.status_mut() = e.status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(secs) = e.retry_after
+        && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+fn secure_headers(resp: &mut Response<Body>) {
+    let h = resp.headers_mut();
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; \
+             script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+        ),
+    );
+}
+
+/// The caller, from `Authorization: Bearer <token>`.
+pub fn caller(state: &AppState, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+    let value = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+        })?;
+    state.auth.verify(token.trim())
+}
+
+/// Reads a JSON body of at most `max_body_bytes`.
+pub async fn read_json<T: DeserializeOwned>(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<T, ApiError> {
+    let limit = state.config.server.max_body_bytes;
+    let body = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("request bodies are limited to {limit} bytes"),
+                )
+            } else {
+                ApiError::bad_request("bad_request", "could not read the request body")
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
+}
+
+/// Query string parameters, percent-decoded.
+pub fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match bytes
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())
+            {
+                Some(b) => {
+                    out.push(b);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn parse_id<T: std::str::FromStr>(s: &str) -> Result<T, ApiError> {
+    s.parse().map_err(|_| ApiError::bad_id())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(super::percent_decode("a%20b+c"), "a b c");
+        assert_eq!(super::percent_decode("%EC%B1%84"), "채");
+        assert_eq!(super::percent_decode("100%"), "100%");
+        assert_eq!(super::percent_decode("%zz"), "%zz");
+    }
+}

@@ -1,0 +1,723 @@
+//! WebSocket sessions at `/api/v1/ws`.
+//!
+//! A session is two tasks over one socket: the *reader* (this task) parses
+//! client frames and hands sends to the writer thread; the *session writer*
+//! drains the session's [`SessionOutbox`] in batches into a buffered socket
+//! and flushes once per batch. The reader never writes to the socket: it
+//! queues error frames in the outbox and control replies (pong, close) on a
+//! small control channel. fastwebsockets' `read_frame` is not cancel-safe, so
+//! the reader is never raced against anything in a `select!`; it is dropped
+//! as a whole when the session ends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fastwebsockets::{
+    Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite,
+};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::io::{BufWriter, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+
+use super::messages::validate_send;
+use super::{AppState, Body};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::frames::{self, ServerFrame};
+use crate::hub::{OutFrame, SessionOutbox, close};
+use crate::ids::{RoomId, UserId};
+use crate::store::now_ms;
+use crate::store::writer::{Op, Origin};
+
+type Io = TokioIo<Upgraded>;
+type Reader = WebSocketRead<ReadHalf<Io>>;
+type Writer = WebSocketWrite<BufWriter<WriteHalf<Io>>>;
+
+/// Most frames the session writer writes before one flush.
+const WRITE_BATCH: usize = 256;
+
+pub async fn upgrade(
+    state: &Arc<AppState>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    check_origin(state, &req)?;
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return Err(ApiError::bad_request(
+            "bad_request",
+            "expected a WebSocket upgrade request",
+        ));
+    }
+    let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)
+        .map_err(|e| ApiError::bad_request("bad_request", format!("bad WebSocket upgrade: {e}")))?;
+    let slot = super::ConnectionSlot::take(state);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        match fut.await {
+            Ok(ws) => {
+                metrics::gauge!("confab_ws_connections").increment(1.0);
+                session(state, ws).await;
+                metrics::gauge!("confab_ws_connections").decrement(1.0);
+            }
+            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    Ok(resp.map(|_| Full::new(Bytes::new())))
+}
+
+/// Browsers send `Origin`; it must be the page's own origin or configured.
+fn check_origin(state: &AppState, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(origin) = req.headers().get("origin").and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    if state
+        .config
+        .server
+        .allowed_origins
+        .iter()
+        .any(|o| o == origin)
+    {
+        return Ok(());
+    }
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
+    if !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "bad_origin",
+        "WebSocket connections from this origin are not allowed",
+    ))
+}
+
+/// A complete client message, after reassembling fragments.
+enum Incoming_ {
+    Text(Vec<u8>),
+    Binary,
+    Ping(Vec<u8>),
+    Close,
+    BadUtf8,
+    TooBig,
+    Gone,
+}
+
+/// Joins fragmented frames and enforces `max_frame_bytes` on the whole.
+struct Reassembler {
+    max: usize,
+    buf: Vec<u8>,
+    /// Some(is_text) while a fragmented message is being collected.
+    open: Option<bool>,
+}
+
+impl Reassembler {
+    fn feed(&mut self, frame: Result<Frame<'_>, WebSocketError>) -> Option<Incoming_> {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(WebSocketError::InvalidUTF8) => return Some(Incoming_::BadUtf8),
+            Err(WebSocketError::FrameTooLarge) => return Some(Incoming_::TooBig),
+            Err(_) => return Some(Incoming_::Gone),
+        };
+        match frame.opcode {
+            OpCode::Text | OpCode::Binary if frame.fin => {
+                if self.open.is_some() {
+                    return Some(Incoming_::Gone);
+                }
+                if frame.opcode == OpCode::Binary {
+                    return Some(Incoming_::Binary);
+                }
+                Some(Incoming_::Text(frame.payload.to_vec()))
+            }
+            OpCode::Text | OpCode::Binary => {
+                if self.open.is_some() {
+                    return Some(Incoming_::Gone);
+                }
+                self.open = Some(frame.opcode == OpCode::Text);
+                self.buf.clear();
+                self.buf.extend_from_slice(&frame.payload);
+                None
+            }
+            OpCode::Continuation => {
+                let Some(is_text) = self.open else {
+                    return Some(Incoming_::Gone);
+                };
+                if self.buf.len() + frame.payload.len() > self.max {
+                    return Some(Incoming_::TooBig);
+                }
+                self.buf.extend_from_slice(&frame.payload);
+                if !frame.fin {
+                    return None;
+                }
+                self.open = None;
+                let data = std::mem::take(&mut self.buf);
+                if !is_text {
+                    Some(Incoming_::Binary)
+                } else if std::str::from_utf8(&data).is_err() {
+                    Some(Incoming_::BadUtf8)
+                } else {
+                    Some(Incoming_::Text(data))
+                }
+            }
+            OpCode::Close => Some(Incoming_::Close),
+            OpCode::Ping => Some(Incoming_::Ping(frame.payload.to_vec())),
+            OpCode::Pong => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct AuthFrame {
+    token: String,
+    #[serde(default)]
+    resume: HashMap<String, u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientFrame {
+    Auth {},
+    Send {
+        room: String,
+        client_id: Option<String>,
+        text: String,
+    },
+    Read {
+        room: String,
+        seq: u64,
+    },
+    Typing {
+        room: String,
+    },
+    Ping {},
+}
+
+const CLIENT_TYPES: [&str; 5] = ["auth", "send", "read", "typing", "ping"];
+
+enum Control {
+    Pong(Vec<u8>),
+    Close(u16),
+}
+
+async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
+    let max_frame = state.config.limits.max_frame_bytes;
+    ws.set_auto_close(false);
+    ws.set_auto_pong(false);
+    ws.set_max_message_size(max_frame.saturating_add(1));
+    let mut asm = Reassembler {
+        max: max_frame,
+        buf: Vec::new(),
+        open: None,
+    };
+
+    // 1. The first message must be a valid `auth`.
+    let timeout = Duration::from_secs(state.config.limits.auth_timeout_secs);
+    let first = tokio::time::timeout(timeout, async {
+        loop {
+            let frame = ws.read_frame().await;
+            match asm.feed(frame) {
+                Some(Incoming_::Ping(p)) => {
+                    let pong = ws.write_frame(Frame::pong(Payload::Owned(p))).await;
+                    if pong.is_err() {
+                        return Incoming_::Gone;
+                    }
+                }
+                Some(m) => return m,
+                None => {}
+            }
+        }
+    })
+    .await;
+    let (caller, resume) = match first {
+        Ok(Incoming_::Text(bytes)) => match authenticate(&state, &bytes) {
+            Ok(ok) => ok,
+            Err(e) => return reject(ws, &e.message).await,
+        },
+        Ok(Incoming_::TooBig) => {
+            let _ = ws
+                .write_frame(Frame::close(close::TOO_BIG, b"frame too large"))
+                .await;
+            return;
+        }
+        Ok(Incoming_::Gone | Incoming_::Close) => return,
+        Ok(_) => return reject(ws, "the first frame must be a JSON auth frame").await,
+        Err(_) => return reject(ws, "no auth frame in time").await,
+    };
+    let user = match state.store.user(caller.user) {
+        Ok(Some(u)) => u,
+        _ => return reject(ws, "the token's user does not exist").await,
+    };
+    metrics::counter!("confab_sessions_authenticated_total").increment(1);
+
+    let (rx, mut tx) = ws.split(|s| {
+        let (r, w) = tokio::io::split(s);
+        (r, BufWriter::with_capacity(64 * 1024, w))
+    });
+    tx.set_writev(false);
+
+    // 2. Register before reading history, so nothing committed in between is
+    //    missed; the session writer drops live copies of caught-up messages.
+    let id = state.next_session.fetch_add(1, Ordering::Relaxed);
+    let (outbox, out_rx) = SessionOutbox::new(
+        id,
+        user.id,
+        caller.jti.clone(),
+        state.config.limits.outbox_frames,
+    );
+    let first_online = state.hub.register(outbox.clone());
+    let caught_up = match greet(&state, &mut tx, &user, &resume).await {
+        Ok(high) => high,
+        Err(_) => {
+            end_session(&state, &outbox);
+            return;
+        }
+    };
+    if first_online {
+        announce_presence(&state, user.id, true, None);
+    }
+
+    // 3. Run the reader here and the session writer beside it.
+    let (ctl_tx, ctl_rx) = mpsc::channel(16);
+    let mut writer = tokio::spawn(write_loop(tx, out_rx, ctl_rx, outbox.clone(), caught_up));
+    let reader = read_loop(&state, rx, asm, &outbox, &ctl_tx, user.id);
+    tokio::select! {
+        _ = reader => {
+            // The reader ended (close, EOF, fatal frame): let the writer send
+            // its close frame and stop.
+            let _ = ctl_tx.try_send(Control::Close(close::NORMAL));
+            outbox.kick(close::NORMAL);
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+        }
+        _ = &mut writer => {}
+    }
+    end_session(&state, &outbox);
+}
+
+fn end_session(state: &AppState, outbox: &SessionOutbox) {
+    if state.hub.unregister(outbox) {
+        let ts = now_ms();
+        announce_presence(state, outbox.user, false, Some(ts));
+        let writer = state.writer.clone();
+        let user = outbox.user;
+        tokio::spawn(async move {
+            let _ = writer.submit(Op::LastSeen { user, ts }).await;
+        });
+    }
+}
+
+fn authenticate(
+    state: &AppState,
+    bytes: &[u8],
+) -> Result<(Caller, HashMap<String, u64>), ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|_| ApiError::unauthorized("the first frame must be a JSON auth frame"))?;
+    if v.get("type").and_then(|t| t.as_str()) != Some("auth") {
+        return Err(ApiError::unauthorized(
+            "the first frame must be {\"type\":\"auth\",…}",
+        ));
+    }
+    let auth: AuthFrame = serde_json::from_value(v)
+        .map_err(|e| ApiError::unauthorized(format!("bad auth frame: {e}")))?;
+    let caller = state.auth.verify(&auth.token)?;
+    Ok((caller, auth.resume))
+}
+
+async fn reject(mut ws: WebSocket<Io>, message: &str) {
+    let err = frames::error("unauthorized", message, None, None);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = ws.write_frame(Frame::text(Payload::Borrowed(&err))).await;
+        let _ = ws
+            .write_frame(Frame::close(close::UNAUTHORIZED, b"unauthorized"))
+            .await;
+    })
+    .await;
+}
+
+/// Sends `ready`, the catch-up of every resumed room and the presence of
+/// direct-chat peers. Returns the highest seq sent per room.
+async fn greet(
+    state: &AppState,
+    tx: &mut Writer,
+    user: &crate::store::User,
+    resume: &HashMap<String, u64>,
+) -> Result<HashMap<RoomId, u64>, WebSocketError> {
+    write_bytes(tx, &ServerFrame::Ready { user }.to_bytes()).await?;
+    let mut high = HashMap::new();
+    for (room_str, &after) in resume {
+        let room: RoomId = match room_str.parse() {
+            Ok(r) => r,
+            Err(_) => {
+                let e = ApiError::bad_id();
+                write_bytes(tx, &frames::error(e.code, &e.message, None, None)).await?;
+                continue;
+            }
+        };
+        let mut cursor = after;
+        loop {
+            let batch = match state.store.history(room, user.id, Some(cursor), None, 500) {
+                Ok(b) => b,
+                Err(e) => {
+                    write_bytes(tx, &frames::error(e.code, &e.message, None, Some(room))).await?;
+                    break;
+                }
+            };
+            let Some(last) = batch.last().map(|m| m.seq) else {
+                break;
+            };
+            for m in &batch {
+                write_bytes(tx, &frames::message(m)).await?;
+            }
+            cursor = last;
+            tx.flush().await?;
+        }
+        high.insert(room, cursor);
+        if cursor > after {
+            send_to_others(
+                state,
+                room,
+                user.id,
+                ServerFrame::Receipt {
+                    room,
+                    user: user.id,
+                    seq: cursor,
+                    kind: "delivered",
+                }
+                .to_bytes(),
+            );
+        }
+    }
+    for peer in state.store.direct_peers(user.id).unwrap_or_default() {
+        let online = state.hub.is_online(peer);
+        let last_seen = if online {
+            None
+        } else {
+            state.store.last_seen(peer).ok().flatten()
+        };
+        write_bytes(
+            tx,
+            &ServerFrame::Presence {
+                user: peer,
+                online,
+                last_seen,
+            }
+            .to_bytes(),
+        )
+        .await?;
+    }
+    tx.flush().await?;
+    Ok(high)
+}
+
+fn announce_presence(state: &AppState, user: UserId, online: bool, last_seen: Option<i64>) {
+    let frame = OutFrame {
+        bytes: ServerFrame::Presence {
+            user,
+            online,
+            last_seen,
+        }
+        .to_bytes(),
+        room_seq: None,
+    };
+    for peer in state.store.direct_peers(user).unwrap_or_default() {
+        state.hub.send_to_user(peer, &frame, None);
+    }
+}
+
+fn send_to_others(state: &AppState, room: RoomId, user: UserId, bytes: Bytes) {
+    let frame = OutFrame {
+        bytes,
+        room_seq: None,
+    };
+    for m in state.store.members(room).unwrap_or_default() {
+        if m != user {
+            state.hub.send_to_user(m, &frame, None);
+        }
+    }
+}
+
+async fn write_bytes(tx: &mut Writer, bytes: &[u8]) -> Result<(), WebSocketError> {
+    tx.write_frame(Frame::text(Payload::Borrowed(bytes))).await
+}
+
+/// The session writer: outbox → socket, batched, one flush per batch.
+async fn write_loop(
+    mut tx: Writer,
+    mut out_rx: mpsc::Receiver<OutFrame>,
+    mut ctl_rx: mpsc::Receiver<Control>,
+    outbox: Arc<SessionOutbox>,
+    caught_up: HashMap<RoomId, u64>,
+) {
+    let stale = |f: &OutFrame| match f.room_seq {
+        Some((room, seq)) => caught_up.get(&room).is_some_and(|&h| seq <= h),
+        None => false,
+    };
+    let code = loop {
+        tokio::select! {
+            biased;
+            _ = outbox.kick_notify.notified() => break outbox.kick_code(),
+            c = ctl_rx.recv() => match c {
+                Some(Control::Pong(p)) => {
+                    let ok = async {
+                        tx.write_frame(Frame::pong(Payload::Owned(p))).await?;
+                        tx.flush().await
+                    };
+                    tokio::select! {
+                        r = ok => if r.is_err() { return },
+                        _ = outbox.kick_notify.notified() => break outbox.kick_code(),
+                    }
+                }
+                Some(Control::Close(code)) => break code,
+                None => break close::NORMAL,
+            },
+            f = out_rx.recv() => {
+                let Some(first) = f else { break close::NORMAL };
+                let batch = async {
+                    if !stale(&first) {
+                        write_bytes(&mut tx, &first.bytes).await?;
+                    }
+                    for _ in 1..WRITE_BATCH {
+                        let Ok(f) = out_rx.try_recv() else { break };
+                        if !stale(&f) {
+                            write_bytes(&mut tx, &f.bytes).await?;
+                        }
+                    }
+                    tx.flush().await
+                };
+                // A client that stops reading blocks the write; the kick (its
+                // outbox overflowing, logout, shutdown) must still end it.
+                tokio::select! {
+                    r = batch => if r.is_err() { return },
+                    _ = outbox.kick_notify.notified() => break outbox.kick_code(),
+                }
+            }
+        }
+    };
+    let reason: &[u8] = match code {
+        close::TOO_SLOW => b"too slow: resume from your last seq",
+        close::UNAUTHORIZED => b"logged out",
+        close::GOING_AWAY => b"server shutting down",
+        close::TOO_BIG => b"frame too large",
+        _ => b"",
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tx.write_frame(Frame::close(code, reason)).await?;
+        tx.flush().await
+    })
+    .await;
+}
+
+/// Per-connection token bucket for sends.
+struct SendBudget {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    at: Instant,
+}
+
+impl SendBudget {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn read_loop(
+    state: &AppState,
+    mut rx: Reader,
+    mut asm: Reassembler,
+    outbox: &Arc<SessionOutbox>,
+    ctl: &mpsc::Sender<Control>,
+    user: UserId,
+) {
+    let limits = &state.config.limits;
+    let mut budget = SendBudget {
+        tokens: f64::from(limits.send_burst),
+        rate: f64::from(limits.send_rate_per_sec),
+        burst: f64::from(limits.send_burst),
+        at: Instant::now(),
+    };
+    let error = |code: &str, message: &str, client_id: Option<&str>, room: Option<RoomId>| {
+        outbox.push_bytes(frames::error(code, message, client_id, room));
+    };
+    loop {
+        let frame = rx
+            .read_frame::<_, WebSocketError>(&mut |_| async { Ok(()) })
+            .await;
+        let Some(msg) = asm.feed(frame) else { continue };
+        let text = match msg {
+            Incoming_::Text(t) => t,
+            Incoming_::Binary => {
+                error(
+                    "binary_not_supported",
+                    "send JSON in text frames",
+                    None,
+                    None,
+                );
+                continue;
+            }
+            Incoming_::BadUtf8 => {
+                error(
+                    "invalid_utf8",
+                    "text frames must be valid UTF-8",
+                    None,
+                    None,
+                );
+                continue;
+            }
+            Incoming_::Ping(p) => {
+                let _ = ctl.try_send(Control::Pong(p));
+                continue;
+            }
+            Incoming_::TooBig => {
+                let _ = ctl.send(Control::Close(close::TOO_BIG)).await;
+                outbox.kick(close::TOO_BIG);
+                return;
+            }
+            Incoming_::Close => {
+                outbox.kick(close::NORMAL);
+                return;
+            }
+            Incoming_::Gone => return,
+        };
+        let value: serde_json::Value = match serde_json::from_slice(&text) {
+            Ok(v) => v,
+            Err(e) => {
+                error("invalid_json", &format!("not JSON: {e}"), None, None);
+                continue;
+            }
+        };
+        let client_id = value
+            .get("client_id")
+            .and_then(|c| c.as_str())
+            .map(str::to_owned);
+        let kind = value
+            .get("type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("")
+            .to_owned();
+        if !CLIENT_TYPES.contains(&kind.as_str()) {
+            error(
+                "unknown_type",
+                &format!("unknown frame type `{kind}`"),
+                client_id.as_deref(),
+                None,
+            );
+            continue;
+        }
+        let frame: ClientFrame = match serde_json::from_value(value) {
+            Ok(f) => f,
+            Err(e) => {
+                error(
+                    "invalid_json",
+                    &format!("bad `{kind}` frame: {e}"),
+                    client_id.as_deref(),
+                    None,
+                );
+                continue;
+            }
+        };
+        let result = match frame {
+            ClientFrame::Auth {} => Err(ApiError::bad_request(
+                "already_authenticated",
+                "this connection is already authenticated",
+            )),
+            ClientFrame::Send {
+                room,
+                client_id,
+                text,
+            } => {
+                let r = on_send(
+                    state,
+                    outbox,
+                    &mut budget,
+                    user,
+                    &room,
+                    client_id.as_deref(),
+                    text,
+                )
+                .await;
+                if let Err(e) = r {
+                    metrics::counter!("confab_messages_rejected_total", "reason" => e.code)
+                        .increment(1);
+                    error(e.code, &e.message, client_id.as_deref(), room.parse().ok());
+                }
+                continue;
+            }
+            ClientFrame::Read { room, seq } => match room.parse::<RoomId>() {
+                Ok(room) => state.writer.submit(Op::Read { room, user, seq }).await,
+                Err(_) => Err(ApiError::bad_id()),
+            },
+            ClientFrame::Typing { room } => on_typing(state, user, &room),
+            ClientFrame::Ping {} => {
+                outbox.push_bytes(ServerFrame::Pong.to_bytes());
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            error(e.code, &e.message, None, None);
+        }
+    }
+}
+
+async fn on_send(
+    state: &AppState,
+    outbox: &Arc<SessionOutbox>,
+    budget: &mut SendBudget,
+    user: UserId,
+    room: &str,
+    client_id: Option<&str>,
+    text: String,
+) -> Result<(), ApiError> {
+    let room: RoomId = room.parse().map_err(|_| ApiError::bad_id())?;
+    validate_send(state, client_id, &text)?;
+    if !budget.take() {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many messages; slow down",
+        ));
+    }
+    metrics::counter!("confab_messages_received_total").increment(1);
+    state
+        .writer
+        .submit(Op::Send {
+            room,
+            from: user,
+            client_id: client_id.unwrap_or_default().to_owned(),
+            text,
+            origin: Origin::Session(outbox.clone()),
+            received: Instant::now(),
+        })
+        .await
+}
+
+fn on_typing(state: &AppState, user: UserId, room: &str) -> Result<(), ApiError> {
+    let room: RoomId = room.parse().map_err(|_| ApiError::bad_id())?;
+    state.store.check_member(room, user)?;
+    send_to_others(
+        state,
+        room,
+        user,
+        ServerFrame::Typing { room, user }.to_bytes(),
+    );
+    Ok(())
+}

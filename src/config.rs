@@ -1,0 +1,301 @@
+//! Configuration: the single source of truth for every option.
+//!
+//! The shipped `config.toml` is compiled into the binary and is the full set
+//! of defaults (every option, with its comment). A config file given with
+//! `--config` (or `CONFAB_CONFIG`, or `./config.toml` when present) overrides
+//! it, environment variables `CONFAB_<OPTION>` override the file, and
+//! command-line flags override everything. Option names are unique across the
+//! TOML sections, so each has exactly one environment variable and one
+//! `--set` spelling. Nothing else in confab reads the environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::{Table, Value};
+
+/// The embedded defaults: the repository's own `config.toml`.
+pub const DEFAULTS: &str = include_str!("../config.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub max_connections: usize,
+    pub max_body_bytes: usize,
+    pub allowed_origins: Vec<String>,
+    pub shutdown_grace_secs: u64,
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub jwt_secret: String,
+    pub token_ttl_secs: u64,
+    pub login_max_attempts: u32,
+    pub login_window_secs: u64,
+    pub hash_concurrency: usize,
+    pub hash_queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_text_chars: usize,
+    pub max_frame_bytes: usize,
+    pub send_rate_per_sec: u32,
+    pub send_burst: u32,
+    pub outbox_frames: usize,
+    pub auth_timeout_secs: u64,
+    pub max_group_members: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub commit_batch_max: usize,
+    pub commit_wait_us: u64,
+    pub writer_queue: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0} is not valid TOML: {1}")]
+    Parse(PathBuf, toml::de::Error),
+    #[error("unknown config option `{0}`")]
+    Unknown(String),
+    #[error("option `{option}`: cannot use `{value}`: {reason}")]
+    BadValue {
+        option: String,
+        value: String,
+        reason: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Where each layer of overrides comes from; `main` fills it from clap.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    /// An explicit config file (`--config` / `CONFAB_CONFIG`).
+    pub file: Option<PathBuf>,
+    /// Environment variables (name, value); only `CONFAB_*` ones are looked at.
+    pub env: Vec<(String, String)>,
+    /// Command-line settings as (option, value), applied last.
+    pub cli: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Builds the configuration: defaults < file < environment < command line.
+    pub fn load(ov: &Overrides) -> Result<Config, ConfigError> {
+        let mut table: Table = DEFAULTS
+            .parse()
+            .map_err(|e| ConfigError::Parse(PathBuf::from("<embedded config.toml>"), e))?;
+        // option name -> section, from the defaults themselves.
+        let mut sections: BTreeMap<String, String> = BTreeMap::new();
+        for (section, v) in &table {
+            if let Value::Table(t) = v {
+                for key in t.keys() {
+                    sections.insert(key.clone(), section.clone());
+                }
+            }
+        }
+
+        let file = ov.file.clone().or_else(|| {
+            let local = Path::new("config.toml");
+            local.exists().then(|| local.to_path_buf())
+        });
+        if let Some(path) = file {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| ConfigError::Read(path.clone(), e))?;
+            let user: Table = text
+                .parse()
+                .map_err(|e| ConfigError::Parse(path.clone(), e))?;
+            for (section, v) in user {
+                let Value::Table(t) = v else {
+                    return Err(ConfigError::Unknown(section));
+                };
+                for (key, value) in t {
+                    if sections.get(&key) != Some(&section) {
+                        return Err(ConfigError::Unknown(format!("{section}.{key}")));
+                    }
+                    set(&mut table, &section, &key, value)?;
+                }
+            }
+        }
+
+        for (name, raw) in &ov.env {
+            let Some(key) = name.strip_prefix("CONFAB_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if key == "config" {
+                continue;
+            }
+            let Some(section) = sections.get(&key) else {
+                return Err(ConfigError::Unknown(name.clone()));
+            };
+            let value = parse_like(&table, section, &key, raw)?;
+            set(&mut table, section, &key, value)?;
+        }
+        for (key, raw) in &ov.cli {
+            let Some(section) = sections.get(key) else {
+                return Err(ConfigError::Unknown(key.clone()));
+            };
+            let value = parse_like(&table, section, key, raw)?;
+            set(&mut table, section, key, value)?;
+        }
+
+        let config: Config = Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("max_connections", self.server.max_connections as u64),
+            ("max_body_bytes", self.server.max_body_bytes as u64),
+            ("token_ttl_secs", self.auth.token_ttl_secs),
+            (
+                "login_max_attempts",
+                u64::from(self.auth.login_max_attempts),
+            ),
+            ("login_window_secs", self.auth.login_window_secs),
+            ("hash_concurrency", self.auth.hash_concurrency as u64),
+            ("max_text_chars", self.limits.max_text_chars as u64),
+            ("max_frame_bytes", self.limits.max_frame_bytes as u64),
+            (
+                "send_rate_per_sec",
+                u64::from(self.limits.send_rate_per_sec),
+            ),
+            ("send_burst", u64::from(self.limits.send_burst)),
+            ("outbox_frames", self.limits.outbox_frames as u64),
+            ("auth_timeout_secs", self.limits.auth_timeout_secs),
+            ("max_group_members", self.limits.max_group_members as u64),
+            ("commit_batch_max", self.store.commit_batch_max as u64),
+            ("writer_queue", self.store.writer_queue as u64),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("`{name}` must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn set(table: &mut Table, section: &str, key: &str, value: Value) -> Result<(), ConfigError> {
+    let Some(Value::Table(t)) = table.get_mut(section) else {
+        return Err(ConfigError::Unknown(format!("{section}.{key}")));
+    };
+    t.insert(key.to_string(), value);
+    Ok(())
+}
+
+/// Parses a string from the environment or command line as a value of the
+/// same TOML type as the option's default.
+fn parse_like(table: &Table, section: &str, key: &str, raw: &str) -> Result<Value, ConfigError> {
+    let bad = |reason: &str| ConfigError::BadValue {
+        option: key.to_string(),
+        value: raw.to_string(),
+        reason: reason.to_string(),
+    };
+    let default = table
+        .get(section)
+        .and_then(|s| s.get(key))
+        .ok_or_else(|| ConfigError::Unknown(key.to_string()))?;
+    Ok(match default {
+        Value::String(_) => Value::String(raw.to_string()),
+        Value::Integer(_) => Value::Integer(
+            raw.trim()
+                .parse::<i64>()
+                .map_err(|_| bad("expected a whole number"))?,
+        ),
+        Value::Boolean(_) => Value::Boolean(
+            raw.trim()
+                .parse::<bool>()
+                .map_err(|_| bad("expected true or false"))?,
+        ),
+        Value::Array(_) => Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_string()))
+                .collect(),
+        ),
+        _ => {
+            let doc: Table = format!("v = {raw}")
+                .parse()
+                .map_err(|_| bad("not a TOML value"))?;
+            doc.get("v")
+                .cloned()
+                .ok_or_else(|| bad("not a TOML value"))?
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_load() {
+        let c = Config::load(&Overrides::default()).expect("defaults load");
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn cli_beats_env_beats_defaults() {
+        let ov = Overrides {
+            file: None,
+            env: vec![
+                ("CONFAB_LISTEN".into(), "127.0.0.1:9000".into()),
+                ("CONFAB_DATA_DIR".into(), "/tmp/x".into()),
+                ("PATH".into(), "/bin".into()),
+            ],
+            cli: vec![("listen".into(), "127.0.0.1:9001".into())],
+        };
+        let c = Config::load(&ov).expect("load");
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(c.server.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn unknown_and_bad_values_are_errors() {
+        let ov = Overrides {
+            cli: vec![("no_such_option".into(), "1".into())],
+            ..Default::default()
+        };
+        assert!(matches!(Config::load(&ov), Err(ConfigError::Unknown(_))));
+        let ov = Overrides {
+            cli: vec![("send_burst".into(), "many".into())],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::load(&ov),
+            Err(ConfigError::BadValue { .. })
+        ));
+        let ov = Overrides {
+            cli: vec![("send_burst".into(), "0".into())],
+            ..Default::default()
+        };
+        assert!(matches!(Config::load(&ov), Err(ConfigError::Invalid(_))));
+    }
+}

@@ -1,0 +1,155 @@
+//! The listener: accepts TCP connections (bounded by `max_connections`),
+//! serves HTTP/1.1 with upgrades on each, and runs the graceful shutdown:
+//! stop accepting, close sessions with 1001, let the writer commit what it
+//! holds, wait for connections up to `shutdown_grace_secs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState, ConnectionSlot};
+use crate::auth::{self, Auth};
+use crate::config::Config;
+use crate::hub::{Hub, close};
+use crate::store::Store;
+use crate::store::writer::{GroupCommitWriter, Op};
+
+pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), String> {
+    let data_dir = config.server.data_dir.clone();
+    let store = Store::open(&data_dir)?;
+    let secret = auth::load_secret(&config.auth, &data_dir)?;
+    let revoked = store
+        .revoked_tokens(auth::now_secs())
+        .map_err(|e| format!("cannot load revoked tokens: {e}"))?;
+    let auth = Auth::new(&config.auth, &secret, revoked);
+    let hub = Arc::new(Hub::default());
+    let (writer, writer_thread) = GroupCommitWriter::spawn(
+        store.clone(),
+        hub.clone(),
+        config.store.clone(),
+        config.limits.max_group_members,
+    )
+    .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let state = Arc::new(AppState {
+        config,
+        store,
+        writer: writer.clone(),
+        hub: hub.clone(),
+        auth,
+        metrics,
+        shutdown: shutdown_rx,
+        next_session: AtomicU64::new(1),
+        open_connections: AtomicUsize::new(0),
+    });
+
+    // The one line tests and scripts wait for.
+    println!("confab listening on http://{local}");
+    tracing::info!(%local, data_dir = %data_dir.display(), "confab ready");
+
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Usually EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Some(slot) = ConnectionSlot::try_take(&state) else {
+                    metrics::counter!("confab_connections_refused_total").increment(1);
+                    drop(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                tokio::spawn(async move {
+                    connection(state, stream, peer).await;
+                    drop(slot);
+                });
+            }
+        }
+    }
+
+    tracing::info!("shutting down: closing sessions and flushing the writer");
+    drop(listener);
+    let _ = shutdown_tx.send(true);
+    hub.close_all(close::GOING_AWAY);
+    // Wait for connections to finish, up to the grace period.
+    let deadline = tokio::time::Instant::now() + grace;
+    while state.open_connections.load(Ordering::Acquire) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = writer.submit(Op::Stop).await;
+    drop(writer);
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    tracing::info!("bye");
+    Ok(())
+}
+
+async fn connection(state: Arc<AppState>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let mut shutdown = state.shutdown.clone();
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(api::handle(state, req, peer).await) }
+    });
+    let conn = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, %peer, "connection error");
+            }
+        }
+        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

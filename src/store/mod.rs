@@ -1,0 +1,491 @@
+//! The durable store: redb tables, their record encodings and the read-side
+//! queries. All writes go through [`writer::GroupCommitWriter`], which owns
+//! the single redb write transaction at a time; this module only opens the
+//! database, migrates it and reads from it (any thread, any time, MVCC).
+//!
+//! The on-disk layout is documented in `docs/STORAGE.md`; change both
+//! together and bump [`SCHEMA_VERSION`] for incompatible changes.
+
+pub mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::ids::{RoomId, UserId};
+
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// user id → [`UserRecord`]
+pub const USERS: TableDefinition<u64, &[u8]> = TableDefinition::new("users");
+/// lower-case username → user id
+pub const USERNAMES: TableDefinition<&str, u64> = TableDefinition::new("usernames");
+/// (owner, contact) → added at (ms)
+pub const CONTACTS: TableDefinition<(u64, u64), i64> = TableDefinition::new("contacts");
+/// room id → [`RoomRecord`]
+pub const ROOMS: TableDefinition<u64, &[u8]> = TableDefinition::new("rooms");
+/// (room, user) → [`MemberRecord`]
+pub const MEMBERS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("members");
+/// (user, room) → joined at (ms): the reverse index of `members`
+pub const USER_ROOMS: TableDefinition<(u64, u64), i64> = TableDefinition::new("user_rooms");
+/// (room, seq) → [`MessageRecord`]
+pub const MESSAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("messages");
+/// (room, sender, client_id) → seq: exactly-once sends
+pub const CLIENT_IDS: TableDefinition<(u64, u64, &str), u64> = TableDefinition::new("client_ids");
+/// token id (jti) → expiry (unix seconds): revoked tokens until they expire
+pub const REVOKED: TableDefinition<&str, i64> = TableDefinition::new("revoked_tokens");
+/// user id → last seen (ms)
+pub const LAST_SEEN: TableDefinition<u64, i64> = TableDefinition::new("last_seen");
+/// "schema_version" → u64
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub username: String,
+    pub display_name: String,
+    pub password_hash: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoomKind {
+    Direct,
+    Group,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoomRecord {
+    pub kind: RoomKind,
+    pub name: Option<String>,
+    pub owner: Option<u64>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub joined_at: i64,
+    /// Highest seq this member has read (sent messages count as read).
+    pub read_seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub from: u64,
+    pub ts: i64,
+    pub client_id: String,
+    pub text: String,
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // postcard only fails for types it cannot represent; ours are plain data.
+    postcard::to_allocvec(v).unwrap_or_default()
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, ApiError> {
+    postcard::from_bytes(bytes)
+        .map_err(|e| ApiError::internal(format!("corrupt {what} record: {e}")))
+}
+
+/// A user as clients see it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct User {
+    pub id: UserId,
+    pub username: String,
+    pub display_name: String,
+}
+
+/// A stored message as clients see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Message {
+    pub room: RoomId,
+    pub seq: u64,
+    pub from: UserId,
+    pub ts: i64,
+    pub text: String,
+    pub client_id: String,
+}
+
+impl Message {
+    pub fn from_record(room: RoomId, seq: u64, r: MessageRecord) -> Message {
+        Message {
+            room,
+            seq,
+            from: UserId(r.from),
+            ts: r.ts,
+            text: r.text,
+            client_id: r.client_id,
+        }
+    }
+}
+
+/// A room as clients see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Room {
+    pub id: RoomId,
+    pub kind: &'static str,
+    pub name: Option<String>,
+    pub owner: Option<UserId>,
+    pub members: Vec<User>,
+    pub created_at: i64,
+    pub last_seq: u64,
+}
+
+/// The read side of the store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub db: Arc<Database>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (or creates) `<data_dir>/confab.redb`, creates missing tables and
+    /// checks the schema version.
+    pub fn open(data_dir: &Path) -> Result<Store, String> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+        let path = data_dir.join("confab.redb");
+        let db =
+            Database::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+            let found = meta
+                .get("schema_version")
+                .map_err(|e| e.to_string())?
+                .map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(|e| e.to_string())?;
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(v) => {
+                    return Err(format!(
+                        "{} has schema version {v}, this confab understands {SCHEMA_VERSION}",
+                        path.display()
+                    ));
+                }
+            }
+            macro_rules! touch {
+                ($($t:expr),*) => {$( txn.open_table($t).map_err(|e| e.to_string())?; )*};
+            }
+            touch!(USERS, ROOMS, MESSAGES);
+            touch!(USERNAMES, REVOKED);
+            touch!(CONTACTS, MEMBERS, USER_ROOMS);
+            touch!(CLIENT_IDS);
+            touch!(LAST_SEEN);
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    fn read(&self) -> Result<redb::ReadTransaction, ApiError> {
+        Ok(self.db.begin_read()?)
+    }
+
+    pub fn user(&self, id: UserId) -> Result<Option<User>, ApiError> {
+        let txn = self.read()?;
+        let users = txn.open_table(USERS)?;
+        user_in(&users, id)
+    }
+
+    /// The user record (with password hash) for a username, case-insensitive.
+    pub fn user_by_name(&self, username: &str) -> Result<Option<(UserId, UserRecord)>, ApiError> {
+        let txn = self.read()?;
+        let names = txn.open_table(USERNAMES)?;
+        let Some(id) = names
+            .get(username.to_lowercase().as_str())?
+            .map(|g| g.value())
+        else {
+            return Ok(None);
+        };
+        let users = txn.open_table(USERS)?;
+        match users.get(id)? {
+            Some(g) => Ok(Some((UserId(id), decode(g.value(), "user")?))),
+            None => Ok(None),
+        }
+    }
+
+    pub fn search_users(&self, prefix: &str, limit: usize) -> Result<Vec<User>, ApiError> {
+        let prefix = prefix.to_lowercase();
+        let txn = self.read()?;
+        let names = txn.open_table(USERNAMES)?;
+        let users = txn.open_table(USERS)?;
+        let mut out = Vec::new();
+        for entry in names.range(prefix.as_str()..)? {
+            let (name, id) = entry?;
+            if !name.value().starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            if let Some(u) = user_in(&users, UserId(id.value()))? {
+                out.push(u);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn contacts(&self, owner: UserId) -> Result<Vec<User>, ApiError> {
+        let txn = self.read()?;
+        let contacts = txn.open_table(CONTACTS)?;
+        let users = txn.open_table(USERS)?;
+        let mut out = Vec::new();
+        for entry in contacts.range((owner.0, 0)..=(owner.0, u64::MAX))? {
+            let (k, _) = entry?;
+            if let Some(u) = user_in(&users, UserId(k.value().1))? {
+                out.push(u);
+            }
+        }
+        out.sort_by(|a, b| a.username.cmp(&b.username));
+        Ok(out)
+    }
+
+    /// The room, if `user` is a member of it.
+    pub fn room_for(&self, room: RoomId, user: UserId) -> Result<Room, ApiError> {
+        let txn = self.read()?;
+        check_member(&txn, room, user)?;
+        room_in(&txn, room)?.ok_or_else(ApiError::room_not_found)
+    }
+
+    /// Every room of `user`, with its last message and the user's unread count,
+    /// most recent activity first.
+    pub fn rooms_of(&self, user: UserId) -> Result<Vec<serde_json::Value>, ApiError> {
+        let txn = self.read()?;
+        let user_rooms = txn.open_table(USER_ROOMS)?;
+        let members = txn.open_table(MEMBERS)?;
+        let messages = txn.open_table(MESSAGES)?;
+        let mut out = Vec::new();
+        for entry in user_rooms.range((user.0, 0)..=(user.0, u64::MAX))? {
+            let (k, _) = entry?;
+            let room = RoomId(k.value().1);
+            let Some(view) = room_in(&txn, room)? else {
+                continue;
+            };
+            let last = last_message(&messages, room)?;
+            let read_seq = match members.get((room.0, user.0))? {
+                Some(g) => decode::<MemberRecord>(g.value(), "member")?.read_seq,
+                None => 0,
+            };
+            let activity = last.as_ref().map(|m| m.ts).unwrap_or(view.created_at);
+            let mut v = serde_json::to_value(&view).map_err(ApiError::internal)?;
+            v["last_message"] = serde_json::to_value(&last).map_err(ApiError::internal)?;
+            v["unread"] = view.last_seq.saturating_sub(read_seq).into();
+            out.push((activity, v));
+        }
+        out.sort_by_key(|x| std::cmp::Reverse(x.0));
+        Ok(out.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// Messages of a room for a member: `after` → the first `limit` with a
+    /// greater seq; `before` → the last `limit` with a smaller seq; neither →
+    /// the latest `limit`. Always ascending.
+    pub fn history(
+        &self,
+        room: RoomId,
+        user: UserId,
+        after: Option<u64>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Message>, ApiError> {
+        let txn = self.read()?;
+        check_member(&txn, room, user)?;
+        let messages = txn.open_table(MESSAGES)?;
+        let lo = after.map(|a| a.saturating_add(1)).unwrap_or(1);
+        let hi = before.map(|b| b.saturating_sub(1)).unwrap_or(u64::MAX);
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        let range = messages.range((room.0, lo)..=(room.0, hi))?;
+        let mut out = Vec::with_capacity(limit.min(256));
+        if after.is_some() {
+            for entry in range.take(limit) {
+                let (k, v) = entry?;
+                out.push(Message::from_record(
+                    room,
+                    k.value().1,
+                    decode(v.value(), "message")?,
+                ));
+            }
+        } else {
+            for entry in range.rev().take(limit) {
+                let (k, v) = entry?;
+                out.push(Message::from_record(
+                    room,
+                    k.value().1,
+                    decode(v.value(), "message")?,
+                ));
+            }
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// Fails with `room_not_found` / `not_a_member` unless `user` is in `room`.
+    pub fn check_member(&self, room: RoomId, user: UserId) -> Result<(), ApiError> {
+        let txn = self.read()?;
+        check_member(&txn, room, user)
+    }
+
+    pub fn members(&self, room: RoomId) -> Result<Vec<UserId>, ApiError> {
+        let txn = self.read()?;
+        let members = txn.open_table(MEMBERS)?;
+        members_in(&members, room)
+    }
+
+    /// Users who share a direct room with `user` (they see its presence).
+    pub fn direct_peers(&self, user: UserId) -> Result<Vec<UserId>, ApiError> {
+        let txn = self.read()?;
+        let user_rooms = txn.open_table(USER_ROOMS)?;
+        let members = txn.open_table(MEMBERS)?;
+        let mut out = Vec::new();
+        for entry in user_rooms.range((user.0, 0)..=(user.0, u64::MAX))? {
+            let (k, _) = entry?;
+            let room = RoomId(k.value().1);
+            if room.is_direct() {
+                out.extend(
+                    members_in(&members, room)?
+                        .into_iter()
+                        .filter(|&u| u != user),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn last_seen(&self, user: UserId) -> Result<Option<i64>, ApiError> {
+        let txn = self.read()?;
+        let t = txn.open_table(LAST_SEEN)?;
+        Ok(t.get(user.0)?.map(|g| g.value()))
+    }
+
+    /// Revoked token ids that have not expired yet (loaded at start-up).
+    pub fn revoked_tokens(&self, now_secs: i64) -> Result<Vec<(String, i64)>, ApiError> {
+        let txn = self.read()?;
+        let t = txn.open_table(REVOKED)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            if v.value() > now_secs {
+                out.push((k.value().to_string(), v.value()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub fn user_in(
+    users: &impl ReadableTable<u64, &'static [u8]>,
+    id: UserId,
+) -> Result<Option<User>, ApiError> {
+    match users.get(id.0)? {
+        Some(g) => {
+            let r: UserRecord = decode(g.value(), "user")?;
+            Ok(Some(User {
+                id,
+                username: r.username,
+                display_name: r.display_name,
+            }))
+        }
+        None => Ok(None),
+    }
+}
+
+pub fn members_in(
+    members: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    room: RoomId,
+) -> Result<Vec<UserId>, ApiError> {
+    let mut out = Vec::new();
+    for entry in members.range((room.0, 0)..=(room.0, u64::MAX))? {
+        let (k, _) = entry?;
+        out.push(UserId(k.value().1));
+    }
+    Ok(out)
+}
+
+pub fn last_message(
+    messages: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    room: RoomId,
+) -> Result<Option<Message>, ApiError> {
+    match messages
+        .range((room.0, 0)..=(room.0, u64::MAX))?
+        .next_back()
+    {
+        Some(entry) => {
+            let (k, v) = entry?;
+            Ok(Some(Message::from_record(
+                room,
+                k.value().1,
+                decode(v.value(), "message")?,
+            )))
+        }
+        None => Ok(None),
+    }
+}
+
+fn check_member(txn: &redb::ReadTransaction, room: RoomId, user: UserId) -> Result<(), ApiError> {
+    let members = txn.open_table(MEMBERS)?;
+    if members.get((room.0, user.0))?.is_some() {
+        return Ok(());
+    }
+    let rooms = txn.open_table(ROOMS)?;
+    if rooms.get(room.0)?.is_some() {
+        Err(ApiError::not_a_member())
+    } else {
+        Err(ApiError::room_not_found())
+    }
+}
+
+fn room_in(txn: &redb::ReadTransaction, room: RoomId) -> Result<Option<Room>, ApiError> {
+    let rooms = txn.open_table(ROOMS)?;
+    let members = txn.open_table(MEMBERS)?;
+    let users = txn.open_table(USERS)?;
+    let messages = txn.open_table(MESSAGES)?;
+    room_view(&rooms, &members, &users, &messages, room)
+}
+
+/// Builds the client view of a room from any set of (read or write) tables.
+pub fn room_view(
+    rooms: &impl ReadableTable<u64, &'static [u8]>,
+    members: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    users: &impl ReadableTable<u64, &'static [u8]>,
+    messages: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    room: RoomId,
+) -> Result<Option<Room>, ApiError> {
+    let Some(g) = rooms.get(room.0)? else {
+        return Ok(None);
+    };
+    let rec: RoomRecord = decode(g.value(), "room")?;
+    let mut list = Vec::new();
+    for id in members_in(members, room)? {
+        if let Some(u) = user_in(users, id)? {
+            list.push(u);
+        }
+    }
+    let last_seq = match messages
+        .range((room.0, 0)..=(room.0, u64::MAX))?
+        .next_back()
+    {
+        Some(e) => e?.0.value().1,
+        None => 0,
+    };
+    Ok(Some(Room {
+        id: room,
+        kind: match rec.kind {
+            RoomKind::Direct => "direct",
+            RoomKind::Group => "group",
+        },
+        name: rec.name,
+        owner: rec.owner.map(UserId),
+        members: list,
+        created_at: rec.created_at,
+        last_seq,
+    }))
+}

@@ -1,0 +1,889 @@
+//! The group-commit writer: the only code that writes to redb.
+//!
+//! It runs on its own OS thread (redb writes are synchronous and there is one
+//! writer at a time). Callers queue [`Op`]s on a bounded channel; the writer
+//! takes everything that is queued (up to `commit_batch_max`), applies it in
+//! one write transaction, commits durably (fsync), and only then acks senders,
+//! answers callers and fans messages out through the [`Hub`]. While a commit
+//! is in flight new operations pile up and form the next batch, so batches
+//! grow with load and the fsync cost is shared.
+//!
+//! Invariants kept here: a message is acked only after its commit; each
+//! room's `seq` is assigned here, starting at 1, without gaps (a failed
+//! commit discards the cached counters); a repeated `client_id` stores
+//! nothing and answers the original message.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redb::{ReadableTable, Table};
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+use crate::config::StoreConfig;
+use crate::frames::{self, ServerFrame};
+use crate::hub::{Hub, OutFrame, SessionOutbox};
+
+pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// Where the answer to a send goes.
+pub enum Origin {
+    /// `POST /rooms/{id}/messages`: the message, and whether it was a retry.
+    Http(Reply<(Message, bool)>),
+    /// A WebSocket session: an `ack` (or `error`) frame in its outbox.
+    Session(Arc<SessionOutbox>),
+}
+
+pub enum Op {
+    Send {
+        room: RoomId,
+        from: UserId,
+        client_id: String,
+        text: String,
+        origin: Origin,
+        received: Instant,
+    },
+    Read {
+        room: RoomId,
+        user: UserId,
+        seq: u64,
+    },
+    CreateUser {
+        username: String,
+        display_name: String,
+        password_hash: String,
+        reply: Reply<User>,
+    },
+    AddContact {
+        owner: UserId,
+        username: String,
+        reply: Reply<(User, bool)>,
+    },
+    RemoveContact {
+        owner: UserId,
+        contact: UserId,
+        reply: Reply<()>,
+    },
+    CreateDirect {
+        a: UserId,
+        b: UserId,
+        reply: Reply<(Room, bool)>,
+    },
+    CreateGroup {
+        owner: UserId,
+        name: String,
+        members: Vec<UserId>,
+        reply: Reply<Room>,
+    },
+    AddMember {
+        room: RoomId,
+        by: UserId,
+        user: UserId,
+        reply: Reply<Room>,
+    },
+    RemoveMember {
+        room: RoomId,
+        by: UserId,
+        user: UserId,
+        reply: Reply<()>,
+    },
+    Revoke {
+        jti: String,
+        exp: i64,
+        reply: Reply<()>,
+    },
+    LastSeen {
+        user: UserId,
+        ts: i64,
+    },
+    /// Commit what is queued before this and stop (graceful shutdown).
+    Stop,
+}
+
+/// The async side: queue operations, await answers.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Op>,
+}
+
+impl WriterHandle {
+    /// Queues an op (waiting while the queue is full).
+    pub async fn submit(&self, op: Op) -> Result<(), ApiError> {
+        self.tx
+            .send(op)
+            .await
+            .map_err(|_| ApiError::busy("the server is shutting down"))
+    }
+
+    /// Queues an op built around a reply channel and waits for its answer,
+    /// which comes after the op's commit.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(make(tx)).await?;
+        rx.await
+            .map_err(|_| ApiError::internal("the write was not committed"))?
+    }
+}
+
+/// Post-commit work for one op.
+enum Effect {
+    Sent {
+        msg: Message,
+        members: Arc<[UserId]>,
+        origin: Origin,
+        duplicate: bool,
+        received: Instant,
+    },
+    Rejected {
+        origin: Origin,
+        err: ApiError,
+        client_id: String,
+        room: RoomId,
+    },
+    Read {
+        room: RoomId,
+        user: UserId,
+        seq: u64,
+        members: Arc<[UserId]>,
+    },
+    Done(Box<dyn FnOnce(&Hub) + Send>),
+    None,
+}
+
+struct Tables<'t> {
+    users: Table<'t, u64, &'static [u8]>,
+    usernames: Table<'t, &'static str, u64>,
+    contacts: Table<'t, (u64, u64), i64>,
+    rooms: Table<'t, u64, &'static [u8]>,
+    members: Table<'t, (u64, u64), &'static [u8]>,
+    user_rooms: Table<'t, (u64, u64), i64>,
+    messages: Table<'t, (u64, u64), &'static [u8]>,
+    client_ids: Table<'t, (u64, u64, &'static str), u64>,
+    revoked: Table<'t, &'static str, i64>,
+    last_seen: Table<'t, u64, i64>,
+}
+
+/// What the writer caches between batches. Only the writer changes the
+/// tables these mirror, so the caches stay exact; a failed commit clears them.
+#[derive(Default)]
+struct WriterState {
+    /// Last assigned seq per room.
+    seqs: HashMap<RoomId, u64>,
+    /// Members per room (sorted), shared with fan-out.
+    members: HashMap<RoomId, Arc<[UserId]>>,
+}
+
+const MEMBER_CACHE_MAX: usize = 200_000;
+
+pub struct GroupCommitWriter {
+    store: Store,
+    hub: Arc<Hub>,
+    config: StoreConfig,
+    max_group_members: usize,
+    state: WriterState,
+}
+
+impl GroupCommitWriter {
+    /// Starts the writer thread; it stops after [`Op::Stop`] or when every
+    /// handle is dropped, committing what it holds first.
+    pub fn spawn(
+        store: Store,
+        hub: Arc<Hub>,
+        config: StoreConfig,
+        max_group_members: usize,
+    ) -> std::io::Result<(WriterHandle, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(config.writer_queue);
+        let mut writer = GroupCommitWriter {
+            store,
+            hub,
+            config,
+            max_group_members,
+            state: WriterState::default(),
+        };
+        let join = std::thread::Builder::new()
+            .name("confab-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok((WriterHandle { tx }, join))
+    }
+
+    fn run(&mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut batch: Vec<Op> = Vec::with_capacity(self.config.commit_batch_max);
+        let wait = Duration::from_micros(self.config.commit_wait_us);
+        loop {
+            let Some(first) = rx.blocking_recv() else {
+                return;
+            };
+            let mut stop = matches!(first, Op::Stop);
+            if !stop {
+                batch.push(first);
+            }
+            let mut waited = wait.is_zero();
+            while !stop && batch.len() < self.config.commit_batch_max {
+                match rx.try_recv() {
+                    Ok(Op::Stop) => stop = true,
+                    Ok(op) => batch.push(op),
+                    Err(mpsc::error::TryRecvError::Empty) if !waited => {
+                        std::thread::sleep(wait);
+                        waited = true;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.commit_batch(&mut batch);
+            }
+            if stop {
+                tracing::info!("writer stopped after its last commit");
+                return;
+            }
+        }
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<Op>) {
+        let started = Instant::now();
+        let n = batch.len();
+        let mut effects = Vec::with_capacity(n);
+        let result = self.apply_all(batch, &mut effects);
+        let commit_secs = started.elapsed().as_secs_f64();
+        metrics::histogram!("confab_commit_batch_size").record(n as f64);
+        metrics::histogram!("confab_commit_duration_seconds").record(commit_secs);
+        match result {
+            Ok(()) => self.deliver(effects),
+            Err(e) => {
+                tracing::error!(error = %e, ops = n, "commit failed; the batch is rejected");
+                metrics::counter!("confab_commit_failures_total").increment(1);
+                self.state = WriterState::default();
+                for effect in effects {
+                    match effect {
+                        Effect::Sent { origin, msg, .. } => {
+                            fail_origin(origin, &e, &msg.client_id, msg.room)
+                        }
+                        Effect::Rejected {
+                            origin,
+                            client_id,
+                            room,
+                            ..
+                        } => fail_origin(origin, &e, &client_id, room),
+                        // Dropping a reply channel answers its caller with an error.
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_all(
+        &mut self,
+        batch: &mut Vec<Op>,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), ApiError> {
+        let txn = self.store.db.begin_write()?;
+        {
+            let mut t = Tables {
+                users: txn.open_table(USERS)?,
+                usernames: txn.open_table(USERNAMES)?,
+                contacts: txn.open_table(CONTACTS)?,
+                rooms: txn.open_table(ROOMS)?,
+                members: txn.open_table(MEMBERS)?,
+                user_rooms: txn.open_table(USER_ROOMS)?,
+                messages: txn.open_table(MESSAGES)?,
+                client_ids: txn.open_table(CLIENT_IDS)?,
+                revoked: txn.open_table(REVOKED)?,
+                last_seen: txn.open_table(LAST_SEEN)?,
+            };
+            // Senders' read positions move to their own messages; coalesced
+            // per (room, user) and written once per batch.
+            let mut read_bumps: HashMap<(RoomId, UserId), u64> = HashMap::new();
+            for op in batch.drain(..) {
+                let effect = self.apply(op, &mut t, &mut read_bumps)?;
+                effects.push(effect);
+            }
+            for ((room, user), seq) in read_bumps {
+                bump_read(&mut t.members, room, user, seq)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn members(&mut self, t: &Tables, room: RoomId) -> Result<Arc<[UserId]>, ApiError> {
+        if let Some(m) = self.state.members.get(&room) {
+            return Ok(m.clone());
+        }
+        if self.state.members.len() >= MEMBER_CACHE_MAX {
+            self.state.members.clear();
+        }
+        let list: Arc<[UserId]> = members_in(&t.members, room)?.into();
+        self.state.members.insert(room, list.clone());
+        Ok(list)
+    }
+
+    fn check_member(
+        &mut self,
+        t: &Tables,
+        room: RoomId,
+        user: UserId,
+    ) -> Result<Arc<[UserId]>, ApiError> {
+        let members = self.members(t, room)?;
+        if members.binary_search(&user).is_ok() {
+            return Ok(members);
+        }
+        if t.rooms.get(room.0)?.is_some() {
+            Err(ApiError::not_a_member())
+        } else {
+            Err(ApiError::room_not_found())
+        }
+    }
+
+    fn next_seq(&mut self, t: &Tables, room: RoomId) -> Result<u64, ApiError> {
+        let last = match self.state.seqs.get(&room) {
+            Some(&s) => s,
+            None => match t
+                .messages
+                .range((room.0, 0)..=(room.0, u64::MAX))?
+                .next_back()
+            {
+                Some(e) => e?.0.value().1,
+                None => 0,
+            },
+        };
+        let seq = last + 1;
+        self.state.seqs.insert(room, seq);
+        Ok(seq)
+    }
+
+    fn apply(
+        &mut self,
+        op: Op,
+        t: &mut Tables,
+        read_bumps: &mut HashMap<(RoomId, UserId), u64>,
+    ) -> Result<Effect, ApiError> {
+        Ok(match op {
+            Op::Send {
+                room,
+                from,
+                client_id,
+                text,
+                origin,
+                received,
+            } => {
+                let members = match self.check_member(t, room, from) {
+                    Ok(m) => m,
+                    Err(err) if err.status.is_client_error() => {
+                        return Ok(Effect::Rejected {
+                            origin,
+                            err,
+                            client_id,
+                            room,
+                        });
+                    }
+                    Err(e) => return Err(e),
+                };
+                let existing = t
+                    .client_ids
+                    .get((room.0, from.0, client_id.as_str()))?
+                    .map(|g| g.value());
+                if let Some(seq) = existing {
+                    let rec: Option<MessageRecord> = match t.messages.get((room.0, seq))? {
+                        Some(g) => Some(decode(g.value(), "message")?),
+                        None => None,
+                    };
+                    let rec = rec.ok_or_else(|| {
+                        ApiError::internal("client_id points at a missing message")
+                    })?;
+                    return Ok(Effect::Sent {
+                        msg: Message::from_record(room, seq, rec),
+                        members,
+                        origin,
+                        duplicate: true,
+                        received,
+                    });
+                }
+                let seq = self.next_seq(t, room)?;
+                let rec = MessageRecord {
+                    from: from.0,
+                    ts: now_ms(),
+                    client_id,
+                    text,
+                };
+                t.messages.insert((room.0, seq), encode(&rec).as_slice())?;
+                t.client_ids
+                    .insert((room.0, from.0, rec.client_id.as_str()), seq)?;
+                read_bumps.insert((room, from), seq);
+                Effect::Sent {
+                    msg: Message::from_record(room, seq, rec),
+                    members,
+                    origin,
+                    duplicate: false,
+                    received,
+                }
+            }
+            Op::Read { room, user, seq } => {
+                let Ok(members) = self.check_member(t, room, user) else {
+                    return Ok(Effect::None);
+                };
+                let last = match self.state.seqs.get(&room) {
+                    Some(&s) => s,
+                    None => match t
+                        .messages
+                        .range((room.0, 0)..=(room.0, u64::MAX))?
+                        .next_back()
+                    {
+                        Some(e) => e?.0.value().1,
+                        None => 0,
+                    },
+                };
+                let seq = seq.min(last);
+                if seq == 0 || !bump_read(&mut t.members, room, user, seq)? {
+                    return Ok(Effect::None);
+                }
+                Effect::Read {
+                    room,
+                    user,
+                    seq,
+                    members,
+                }
+            }
+            Op::CreateUser {
+                username,
+                display_name,
+                password_hash,
+                reply,
+            } => {
+                let key = username.to_lowercase();
+                let result = if t.usernames.get(key.as_str())?.is_some() {
+                    Err(ApiError::new(
+                        hyper::StatusCode::CONFLICT,
+                        "username_taken",
+                        "that username is taken",
+                    ))
+                } else {
+                    let mut id = UserId::random();
+                    while t.users.get(id.0)?.is_some() {
+                        id = UserId::random();
+                    }
+                    let rec = UserRecord {
+                        username: key.clone(),
+                        display_name: display_name.clone(),
+                        password_hash,
+                        created_at: now_ms(),
+                    };
+                    t.users.insert(id.0, encode(&rec).as_slice())?;
+                    t.usernames.insert(key.as_str(), id.0)?;
+                    Ok(User {
+                        id,
+                        username: key,
+                        display_name,
+                    })
+                };
+                reply_after_commit(reply, result)
+            }
+            Op::AddContact {
+                owner,
+                username,
+                reply,
+            } => {
+                let found = t
+                    .usernames
+                    .get(username.to_lowercase().as_str())?
+                    .map(|g| g.value());
+                let result = match found {
+                    None => Err(ApiError::user_not_found()),
+                    Some(id) if id == owner.0 => Err(ApiError::bad_request(
+                        "bad_request",
+                        "you cannot add yourself as a contact",
+                    )),
+                    Some(id) => {
+                        let user =
+                            user_in(&t.users, UserId(id))?.ok_or_else(ApiError::user_not_found)?;
+                        let existed = t.contacts.get((owner.0, id))?.is_some();
+                        if !existed {
+                            t.contacts.insert((owner.0, id), now_ms())?;
+                        }
+                        Ok((user, !existed))
+                    }
+                };
+                reply_after_commit(reply, result)
+            }
+            Op::RemoveContact {
+                owner,
+                contact,
+                reply,
+            } => {
+                t.contacts.remove((owner.0, contact.0))?;
+                reply_after_commit(reply, Ok(()))
+            }
+            Op::CreateDirect { a, b, reply } => {
+                let result = if a == b {
+                    Err(ApiError::bad_request(
+                        "bad_request",
+                        "a direct chat needs another user",
+                    ))
+                } else if t.users.get(b.0)?.is_none() {
+                    Err(ApiError::user_not_found())
+                } else {
+                    let room = RoomId::direct(a, b);
+                    let created = t.rooms.get(room.0)?.is_none();
+                    if created {
+                        let rec = RoomRecord {
+                            kind: RoomKind::Direct,
+                            name: None,
+                            owner: None,
+                            created_at: now_ms(),
+                        };
+                        t.rooms.insert(room.0, encode(&rec).as_slice())?;
+                        self.add_member(t, room, a)?;
+                        self.add_member(t, room, b)?;
+                    }
+                    let view = room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+                        .ok_or_else(ApiError::room_not_found)?;
+                    Ok((view, created))
+                };
+                match result {
+                    Ok((view, created)) => {
+                        let announce = created.then(|| view.clone());
+                        Effect::Done(Box::new(move |hub| {
+                            if let Some(room) = announce {
+                                announce_room(hub, &room);
+                            }
+                            let _ = reply.send(Ok((view, created)));
+                        }))
+                    }
+                    Err(e) => reply_after_commit(reply, Err(e)),
+                }
+            }
+            Op::CreateGroup {
+                owner,
+                name,
+                members,
+                reply,
+            } => {
+                let mut ids = members;
+                ids.push(owner);
+                ids.sort();
+                ids.dedup();
+                if ids.len() > self.max_group_members {
+                    return Ok(reply_after_commit(
+                        reply,
+                        Err(ApiError::bad_request(
+                            "too_many_members",
+                            format!("a group has at most {} members", self.max_group_members),
+                        )),
+                    ));
+                }
+                for id in &ids {
+                    if t.users.get(id.0)?.is_none() {
+                        return Ok(reply_after_commit(reply, Err(ApiError::user_not_found())));
+                    }
+                }
+                let mut room = RoomId::new_group();
+                while t.rooms.get(room.0)?.is_some() {
+                    room = RoomId::new_group();
+                }
+                let rec = RoomRecord {
+                    kind: RoomKind::Group,
+                    name: Some(name),
+                    owner: Some(owner.0),
+                    created_at: now_ms(),
+                };
+                t.rooms.insert(room.0, encode(&rec).as_slice())?;
+                for id in ids {
+                    self.add_member(t, room, id)?;
+                }
+                let view = room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+                    .ok_or_else(ApiError::room_not_found)?;
+                Effect::Done(Box::new(move |hub| {
+                    announce_room(hub, &view);
+                    let _ = reply.send(Ok(view));
+                }))
+            }
+            Op::AddMember {
+                room,
+                by,
+                user,
+                reply,
+            } => {
+                let result = (|| {
+                    if room.is_direct() {
+                        self.check_member(t, room, by)?;
+                        return Err(direct_room_error());
+                    }
+                    let members = self.check_member(t, room, by)?;
+                    if t.users.get(user.0)?.is_none() {
+                        return Err(ApiError::user_not_found());
+                    }
+                    if members.binary_search(&user).is_err() {
+                        if members.len() >= self.max_group_members {
+                            return Err(ApiError::bad_request(
+                                "too_many_members",
+                                format!("a group has at most {} members", self.max_group_members),
+                            ));
+                        }
+                        self.add_member(t, room, user)?;
+                    }
+                    room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+                        .ok_or_else(ApiError::room_not_found)
+                })();
+                match result {
+                    Ok(view) => Effect::Done(Box::new(move |hub| {
+                        announce_room(hub, &view);
+                        let _ = reply.send(Ok(view));
+                    })),
+                    Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
+                    Err(e) => return Err(e),
+                }
+            }
+            Op::RemoveMember {
+                room,
+                by,
+                user,
+                reply,
+            } => {
+                let result = (|| {
+                    let members = self.check_member(t, room, by)?;
+                    if room.is_direct() {
+                        return Err(direct_room_error());
+                    }
+                    if members.binary_search(&user).is_err() {
+                        return Err(ApiError::not_found(
+                            "user_not_found",
+                            "that user is not a member of this room",
+                        ));
+                    }
+                    let rec: RoomRecord = match t.rooms.get(room.0)? {
+                        Some(g) => decode(g.value(), "room")?,
+                        None => return Err(ApiError::room_not_found()),
+                    };
+                    if by != user && rec.owner != Some(by.0) {
+                        return Err(ApiError::forbidden(
+                            "forbidden",
+                            "only the group's owner can remove other members",
+                        ));
+                    }
+                    t.members.remove((room.0, user.0))?;
+                    t.user_rooms.remove((user.0, room.0))?;
+                    self.state.members.remove(&room);
+                    if rec.owner == Some(user.0) {
+                        // The longest-standing remaining member becomes owner.
+                        let mut next: Option<(i64, u64)> = None;
+                        for e in t.members.range((room.0, 0)..=(room.0, u64::MAX))? {
+                            let (k, v) = e?;
+                            let m: MemberRecord = decode(v.value(), "member")?;
+                            let cand = (m.joined_at, k.value().1);
+                            if next.is_none_or(|n| cand < n) {
+                                next = Some(cand);
+                            }
+                        }
+                        let rec = RoomRecord {
+                            owner: next.map(|(_, id)| id),
+                            ..rec
+                        };
+                        t.rooms.insert(room.0, encode(&rec).as_slice())?;
+                    }
+                    room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+                        .ok_or_else(ApiError::room_not_found)
+                })();
+                match result {
+                    Ok(view) => Effect::Done(Box::new(move |hub| {
+                        let removed = frames::ServerFrame::RoomRemoved { room: view.id }.to_bytes();
+                        hub.send_to_user(
+                            user,
+                            &OutFrame {
+                                bytes: removed,
+                                room_seq: None,
+                            },
+                            None,
+                        );
+                        announce_room(hub, &view);
+                        let _ = reply.send(Ok(()));
+                    })),
+                    Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
+                    Err(e) => return Err(e),
+                }
+            }
+            Op::Revoke { jti, exp, reply } => {
+                t.revoked.insert(jti.as_str(), exp)?;
+                reply_after_commit(reply, Ok(()))
+            }
+            Op::LastSeen { user, ts } => {
+                t.last_seen.insert(user.0, ts)?;
+                Effect::None
+            }
+            Op::Stop => Effect::None,
+        })
+    }
+
+    fn add_member(&mut self, t: &mut Tables, room: RoomId, user: UserId) -> Result<(), ApiError> {
+        let now = now_ms();
+        let rec = MemberRecord {
+            joined_at: now,
+            read_seq: 0,
+        };
+        t.members
+            .insert((room.0, user.0), encode(&rec).as_slice())?;
+        t.user_rooms.insert((user.0, room.0), now)?;
+        self.state.members.remove(&room);
+        Ok(())
+    }
+
+    /// After a successful commit: ack, answer, fan out, send receipts.
+    fn deliver(&self, effects: Vec<Effect>) {
+        let hub = &*self.hub;
+        // (room, recipient, sender) → highest seq delivered in this batch.
+        let mut delivered: HashMap<(RoomId, UserId, UserId), u64> = HashMap::new();
+        for effect in effects {
+            match effect {
+                Effect::Sent {
+                    msg,
+                    members,
+                    origin,
+                    duplicate,
+                    received,
+                } => {
+                    let skip = match &origin {
+                        Origin::Session(s) => Some(s.id),
+                        Origin::Http(_) => None,
+                    };
+                    let message_frame = (!duplicate).then(|| OutFrame {
+                        bytes: frames::message(&msg),
+                        room_seq: Some((msg.room, msg.seq)),
+                    });
+                    match origin {
+                        Origin::Session(s) => {
+                            s.push_bytes(frames::ack(&msg));
+                        }
+                        Origin::Http(tx) => {
+                            let _ = tx.send(Ok((msg.clone(), duplicate)));
+                        }
+                    }
+                    metrics::histogram!("confab_send_ack_seconds")
+                        .record(received.elapsed().as_secs_f64());
+                    let Some(frame) = message_frame else {
+                        metrics::counter!("confab_messages_deduplicated_total").increment(1);
+                        continue;
+                    };
+                    metrics::counter!("confab_messages_stored_total").increment(1);
+                    let mut n = 0u64;
+                    for &member in members.iter() {
+                        let skip = if member == msg.from { skip } else { None };
+                        if hub.send_to_user(member, &frame, skip) {
+                            n += 1;
+                            if member != msg.from {
+                                let e = delivered.entry((msg.room, member, msg.from)).or_default();
+                                *e = (*e).max(msg.seq);
+                            }
+                        }
+                    }
+                    metrics::counter!("confab_messages_delivered_total").increment(n);
+                }
+                Effect::Rejected {
+                    origin,
+                    err,
+                    client_id,
+                    room,
+                } => {
+                    metrics::counter!("confab_messages_rejected_total", "reason" => err.code)
+                        .increment(1);
+                    fail_origin(origin, &err, &client_id, room);
+                }
+                Effect::Read {
+                    room,
+                    user,
+                    seq,
+                    members,
+                } => {
+                    let frame = OutFrame {
+                        bytes: ServerFrame::Receipt {
+                            room,
+                            user,
+                            seq,
+                            kind: "read",
+                        }
+                        .to_bytes(),
+                        room_seq: None,
+                    };
+                    for &m in members.iter().filter(|&&m| m != user) {
+                        hub.send_to_user(m, &frame, None);
+                    }
+                }
+                Effect::Done(f) => f(hub),
+                Effect::None => {}
+            }
+        }
+        for ((room, user, sender), seq) in delivered {
+            let frame = OutFrame {
+                bytes: ServerFrame::Receipt {
+                    room,
+                    user,
+                    seq,
+                    kind: "delivered",
+                }
+                .to_bytes(),
+                room_seq: None,
+            };
+            hub.send_to_user(sender, &frame, None);
+        }
+    }
+}
+
+fn direct_room_error() -> ApiError {
+    ApiError::bad_request(
+        "direct_room",
+        "a direct chat always has exactly its two members",
+    )
+}
+
+/// Moves a member's read position forward; returns whether it moved.
+fn bump_read(
+    members: &mut Table<(u64, u64), &'static [u8]>,
+    room: RoomId,
+    user: UserId,
+    seq: u64,
+) -> Result<bool, ApiError> {
+    let rec: Option<MemberRecord> = match members.get((room.0, user.0))? {
+        Some(g) => Some(decode(g.value(), "member")?),
+        None => None,
+    };
+    match rec {
+        Some(mut rec) if rec.read_seq < seq => {
+            rec.read_seq = seq;
+            members.insert((room.0, user.0), encode(&rec).as_slice())?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+fn reply_after_commit<T: Send + 'static>(reply: Reply<T>, result: Result<T, ApiError>) -> Effect {
+    Effect::Done(Box::new(move |_| {
+        let _ = reply.send(result);
+    }))
+}
+
+fn fail_origin(origin: Origin, err: &ApiError, client_id: &str, room: RoomId) {
+    match origin {
+        Origin::Http(tx) => {
+            let _ = tx.send(Err(err.clone()));
+        }
+        Origin::Session(s) => {
+            s.push_bytes(frames::error(
+                err.code,
+                &err.message,
+                Some(client_id),
+                Some(room),
+            ));
+        }
+    }
+}
+
+/// Tells every member's sessions about a room they are in (new or changed).
+fn announce_room(hub: &Hub, room: &Room) {
+    let frame = OutFrame {
+        bytes: ServerFrame::Room { room }.to_bytes(),
+        room_seq: None,
+    };
+    for m in &room.members {
+        hub.send_to_user(m.id, &frame, None);
+    }
+}
