@@ -176,16 +176,15 @@ async fn route(
                 _ => ("/rooms/{id}/messages", Err(method_not_allowed())),
             },
             ["ws"] => on!("/ws", get, ws::upgrade(state, req)),
-            _ => (
-                "other",
-                Err(ApiError::not_found(
-                    "not_found",
-                    format!("no such endpoint: {path}"),
-                )),
-            ),
+            _ => ("other", Err(no_such_endpoint(&path))),
         },
+        ["api", ..] => ("other", Err(no_such_endpoint(&path))),
         _ => on!("/ui", get, async { Ok(assets::serve(&path)) }),
     }
+}
+
+fn no_such_endpoint(path: &str) -> ApiError {
+    ApiError::not_found("not_found", format!("no such endpoint: {path}"))
 }
 
 fn method_not_allowed() -> ApiError {

@@ -205,9 +205,9 @@ enum ClientFrame {
 
 const CLIENT_TYPES: [&str; 5] = ["auth", "send", "read", "typing", "ping"];
 
+/// Control frames the reader asks the session writer to send.
 enum Control {
     Pong(Vec<u8>),
-    Close(u16),
 }
 
 async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
@@ -295,7 +295,6 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
         _ = reader => {
             // The reader ended (close, EOF, fatal frame): let the writer send
             // its close frame and stop.
-            let _ = ctl_tx.try_send(Control::Close(close::NORMAL));
             outbox.kick(close::NORMAL);
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
         }
@@ -466,19 +465,17 @@ async fn write_loop(
         tokio::select! {
             biased;
             _ = outbox.kick_notify.notified() => break outbox.kick_code(),
-            c = ctl_rx.recv() => match c {
-                Some(Control::Pong(p)) => {
-                    let ok = async {
-                        tx.write_frame(Frame::pong(Payload::Owned(p))).await?;
-                        tx.flush().await
-                    };
-                    tokio::select! {
-                        r = ok => if r.is_err() { return },
-                        _ = outbox.kick_notify.notified() => break outbox.kick_code(),
-                    }
+            c = ctl_rx.recv() => {
+                let Some(Control::Pong(p)) = c else { break close::NORMAL };
+                let pong = async {
+                    tx.write_frame(Frame::pong(Payload::Owned(p))).await?;
+                    tx.flush().await
+                };
+                match finish_or_kick(pong, &outbox).await {
+                    Ok(()) => {}
+                    Err(Some(code)) => break code,
+                    Err(None) => return,
                 }
-                Some(Control::Close(code)) => break code,
-                None => break close::NORMAL,
             },
             f = out_rx.recv() => {
                 let Some(first) = f else { break close::NORMAL };
@@ -494,11 +491,10 @@ async fn write_loop(
                     }
                     tx.flush().await
                 };
-                // A client that stops reading blocks the write; the kick (its
-                // outbox overflowing, logout, shutdown) must still end it.
-                tokio::select! {
-                    r = batch => if r.is_err() { return },
-                    _ = outbox.kick_notify.notified() => break outbox.kick_code(),
+                match finish_or_kick(batch, &outbox).await {
+                    Ok(()) => {}
+                    Err(Some(code)) => break code,
+                    Err(None) => return,
                 }
             }
         }
@@ -515,6 +511,26 @@ async fn write_loop(
         tx.flush().await
     })
     .await;
+}
+
+/// Runs a socket write. A client that stops reading blocks it; when the
+/// session is kicked meanwhile (outbox overflow, logout, shutdown), the write
+/// gets one more second: if it completes, Err(Some(code)) lets the caller send
+/// the close frame on a clean stream; if not, Err(None): drop the connection.
+async fn finish_or_kick(
+    write: impl std::future::Future<Output = Result<(), WebSocketError>>,
+    outbox: &SessionOutbox,
+) -> Result<(), Option<u16>> {
+    tokio::pin!(write);
+    tokio::select! {
+        r = &mut write => r.map_err(|_| None),
+        _ = outbox.kick_notify.notified() => {
+            match tokio::time::timeout(Duration::from_secs(1), &mut write).await {
+                Ok(Ok(())) => Err(Some(outbox.kick_code())),
+                _ => Err(None),
+            }
+        }
+    }
 }
 
 /// Per-connection token bucket for sends.
@@ -588,7 +604,6 @@ async fn read_loop(
                 continue;
             }
             Incoming_::TooBig => {
-                let _ = ctl.send(Control::Close(close::TOO_BIG)).await;
                 outbox.kick(close::TOO_BIG);
                 return;
             }
@@ -609,11 +624,19 @@ async fn read_loop(
             .get("client_id")
             .and_then(|c| c.as_str())
             .map(str::to_owned);
-        let kind = value
+        let Some(kind) = value
             .get("type")
             .and_then(|t| t.as_str())
-            .unwrap_or("")
-            .to_owned();
+            .map(str::to_owned)
+        else {
+            error(
+                "invalid_json",
+                "a frame is a JSON object with a string `type`",
+                client_id.as_deref(),
+                None,
+            );
+            continue;
+        };
         if !CLIENT_TYPES.contains(&kind.as_str()) {
             error(
                 "unknown_type",

@@ -559,10 +559,12 @@ impl GroupCommitWriter {
                 members,
                 reply,
             } => {
+                // The owner joins first; then the others in id order.
                 let mut ids = members;
-                ids.push(owner);
+                ids.retain(|&id| id != owner);
                 ids.sort();
                 ids.dedup();
+                ids.insert(0, owner);
                 if ids.len() > self.max_group_members {
                     return Ok(reply_after_commit(
                         reply,
@@ -714,8 +716,14 @@ impl GroupCommitWriter {
         })
     }
 
+    /// Adds a member. Join times are strictly increasing within a room, so
+    /// "longest-standing member" (the next owner) is never a tie.
     fn add_member(&mut self, t: &mut Tables, room: RoomId, user: UserId) -> Result<(), ApiError> {
-        let now = now_ms();
+        let mut now = now_ms();
+        for e in t.members.range((room.0, 0)..=(room.0, u64::MAX))? {
+            let m: MemberRecord = decode(e?.1.value(), "member")?;
+            now = now.max(m.joined_at + 1);
+        }
         let rec = MemberRecord {
             joined_at: now,
             read_seq: 0,
