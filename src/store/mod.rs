@@ -410,6 +410,20 @@ pub fn members_in(
     Ok(out)
 }
 
+/// The room's last seq: the last key of its range (0 when empty).
+pub fn last_seq_in(
+    messages: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    room: RoomId,
+) -> Result<u64, ApiError> {
+    match messages
+        .range((room.0, 0)..=(room.0, u64::MAX))?
+        .next_back()
+    {
+        Some(e) => Ok(e?.0.value().1),
+        None => Ok(0),
+    }
+}
+
 pub fn last_message(
     messages: &impl ReadableTable<(u64, u64), &'static [u8]>,
     room: RoomId,
@@ -469,13 +483,7 @@ pub fn room_view(
             list.push(u);
         }
     }
-    let last_seq = match messages
-        .range((room.0, 0)..=(room.0, u64::MAX))?
-        .next_back()
-    {
-        Some(e) => e?.0.value().1,
-        None => 0,
-    };
+    let last_seq = last_seq_in(messages, room)?;
     Ok(Some(Room {
         id: room,
         kind: match rec.kind {

@@ -174,7 +174,10 @@ struct WriterState {
     members: HashMap<RoomId, Arc<[UserId]>>,
 }
 
+/// Bounds on the writer's caches (entries); past them a cache starts over
+/// and refills from the store.
 const MEMBER_CACHE_MAX: usize = 200_000;
+const SEQ_CACHE_MAX: usize = 1_000_000;
 
 pub struct GroupCommitWriter {
     store: Store,
@@ -336,19 +339,20 @@ impl GroupCommitWriter {
         }
     }
 
+    fn last_seq(&mut self, t: &Tables, room: RoomId) -> Result<u64, ApiError> {
+        if let Some(&s) = self.state.seqs.get(&room) {
+            return Ok(s);
+        }
+        let last = last_seq_in(&t.messages, room)?;
+        if self.state.seqs.len() >= SEQ_CACHE_MAX {
+            self.state.seqs.clear();
+        }
+        self.state.seqs.insert(room, last);
+        Ok(last)
+    }
+
     fn next_seq(&mut self, t: &Tables, room: RoomId) -> Result<u64, ApiError> {
-        let last = match self.state.seqs.get(&room) {
-            Some(&s) => s,
-            None => match t
-                .messages
-                .range((room.0, 0)..=(room.0, u64::MAX))?
-                .next_back()
-            {
-                Some(e) => e?.0.value().1,
-                None => 0,
-            },
-        };
-        let seq = last + 1;
+        let seq = self.last_seq(t, room)? + 1;
         self.state.seqs.insert(room, seq);
         Ok(seq)
     }
@@ -423,18 +427,7 @@ impl GroupCommitWriter {
                 let Ok(members) = self.check_member(t, room, user) else {
                     return Ok(Effect::None);
                 };
-                let last = match self.state.seqs.get(&room) {
-                    Some(&s) => s,
-                    None => match t
-                        .messages
-                        .range((room.0, 0)..=(room.0, u64::MAX))?
-                        .next_back()
-                    {
-                        Some(e) => e?.0.value().1,
-                        None => 0,
-                    },
-                };
-                let seq = seq.min(last);
+                let seq = seq.min(self.last_seq(t, room)?);
                 if seq == 0 || !bump_read(&mut t.members, room, user, seq)? {
                     return Ok(Effect::None);
                 }
