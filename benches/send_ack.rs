@@ -124,6 +124,8 @@ async fn main() {
         .unwrap_or(5);
     let dir = std::env::temp_dir().join(format!("confab-bench-{}", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
+        .env_remove("CONFAB_BENCH_RATES")
+        .env_remove("CONFAB_BENCH_SECS")
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&dir)
         .args([

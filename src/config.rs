@@ -25,6 +25,10 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub store: StoreConfig,
+    /// Things worth telling the operator (e.g. an unknown `CONFAB_*`
+    /// variable, which may be a typo); logged at start-up.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,6 +142,7 @@ impl Config {
             }
         }
 
+        let mut warnings = Vec::new();
         for (name, raw) in &ov.env {
             let Some(key) = name.strip_prefix("CONFAB_") else {
                 continue;
@@ -147,7 +152,8 @@ impl Config {
                 continue;
             }
             let Some(section) = sections.get(&key) else {
-                return Err(ConfigError::Unknown(name.clone()));
+                warnings.push(format!("ignoring {name}: no such config option"));
+                continue;
             };
             let value = parse_like(&table, section, &key, raw)?;
             set(&mut table, section, &key, value)?;
@@ -160,9 +166,10 @@ impl Config {
             set(&mut table, section, key, value)?;
         }
 
-        let config: Config = Value::Table(table)
+        let mut config: Config = Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        config.warnings = warnings;
         config.validate()?;
         Ok(config)
     }
@@ -269,12 +276,14 @@ mod tests {
                 ("CONFAB_LISTEN".into(), "127.0.0.1:9000".into()),
                 ("CONFAB_DATA_DIR".into(), "/tmp/x".into()),
                 ("PATH".into(), "/bin".into()),
+                ("CONFAB_LISTN".into(), "typo".into()),
             ],
             cli: vec![("listen".into(), "127.0.0.1:9001".into())],
         };
         let c = Config::load(&ov).expect("load");
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:9001");
         assert_eq!(c.server.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
     }
 
     #[test]

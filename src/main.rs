@@ -101,6 +101,9 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let handle = match metrics::install() {
         Ok(h) => h,
         Err(e) => {
