@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -21,6 +21,8 @@ use crate::config::Config;
 use crate::hub::{Hub, close};
 use crate::store::Store;
 use crate::store::writer::{GroupCommitWriter, Op};
+
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), String> {
     let data_dir = config.server.data_dir.clone();
@@ -116,7 +118,11 @@ async fn connection(state: Arc<AppState>, stream: tokio::net::TcpStream, peer: S
         let state = state.clone();
         async move { Ok::<_, std::convert::Infallible>(api::handle(state, req, peer).await) }
     });
+    // A client has HEADER_TIMEOUT to send each request's headers, so idle or
+    // trickling connections cannot hold connection slots forever.
     let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
