@@ -2,17 +2,9 @@
 //!
 //! `main` parses the command line, builds the configuration (see
 //! [`config`]), sets up logging and metrics and runs the chosen subcommand.
+//! Everything else lives in the library crate (`src/lib.rs`).
 
-mod api;
-mod auth;
-mod config;
-mod error;
-mod frames;
-mod hub;
-mod ids;
-mod metrics;
-mod server;
-mod store;
+use confab::{config, server, telemetry};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,7 +96,7 @@ fn run_serve(args: ServeArgs) -> ExitCode {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let handle = match metrics::install() {
+    let handle = match telemetry::install() {
         Ok(h) => h,
         Err(e) => {
             eprintln!("confab: cannot set up metrics: {e}");

@@ -1,0 +1,14 @@
+//! confab as a library: everything the `confab` binary runs, exposed so that
+//! benchmarks (`benches/`) can drive the real hot-path code directly.
+//! See docs/ARCHITECTURE.md for the map of these modules.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod frames;
+pub mod hub;
+pub mod ids;
+pub mod server;
+pub mod store;
+pub mod telemetry;
