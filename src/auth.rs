@@ -1,9 +1,12 @@
 //! Passwords, tokens and the login rate limit.
 //!
-//! Password hashing is argon2id, which costs ~20 ms of CPU per hash: it runs
-//! on tokio's blocking pool behind a semaphore of `hash_concurrency` permits,
-//! with at most `hash_queue` waiters, so a login storm queues (or gets 503)
-//! instead of starving the threads that move messages.
+//! Password hashing is argon2id, which costs ~20 ms of CPU and 19 MiB of
+//! memory per hash: it runs on `hash_concurrency` dedicated threads (never on
+//! the async workers) fed by a queue of at most `hash_queue` jobs, so a login
+//! storm queues (or gets 503) instead of starving the threads that move
+//! messages. Dedicated threads rather than tokio's blocking pool: every new
+//! thread that hashes keeps its own malloc arena with the 19 MiB in it, and
+//! the blocking pool would spread hashes over many threads.
 //!
 //! Tokens are HS256 JWTs. The secret comes from the config or is generated on
 //! first start into `<data_dir>/jwt_secret` (mode 0600). Logout revokes a
@@ -13,7 +16,6 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
@@ -21,7 +23,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use hyper::StatusCode;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::AuthConfig;
 use crate::error::ApiError;
@@ -50,9 +52,7 @@ pub struct Auth {
     ttl_secs: i64,
     /// Revoked token ids → expiry (unix seconds); entries drop after expiry.
     revoked: Mutex<HashMap<String, i64>>,
-    hash_slots: Semaphore,
-    hash_waiting: AtomicUsize,
-    hash_queue: usize,
+    hash_jobs: mpsc::Sender<HashJob>,
     /// (lower-case username, client IP) → (window start, attempts in window)
     login_attempts: Mutex<HashMap<(String, IpAddr), (Instant, u32)>>,
     login_max_attempts: u32,
@@ -114,9 +114,7 @@ impl Auth {
             validation,
             ttl_secs: cfg.token_ttl_secs.min(i64::MAX as u64 / 2) as i64,
             revoked: Mutex::new(revoked.into_iter().collect()),
-            hash_slots: Semaphore::new(cfg.hash_concurrency),
-            hash_waiting: AtomicUsize::new(0),
-            hash_queue: cfg.hash_queue,
+            hash_jobs: spawn_hash_threads(cfg.hash_concurrency, cfg.hash_queue),
             login_attempts: Mutex::new(HashMap::new()),
             login_max_attempts: cfg.login_max_attempts,
             login_window: Duration::from_secs(cfg.login_window_secs),
@@ -206,18 +204,18 @@ impl Auth {
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        if self.hash_waiting.fetch_add(1, Ordering::AcqRel) >= self.hash_queue {
-            self.hash_waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(ApiError::busy(
-                "too many logins at once; try again in a moment",
-            ));
-        }
-        let permit = self.hash_slots.acquire().await;
-        self.hash_waiting.fetch_sub(1, Ordering::AcqRel);
-        let _permit = permit.map_err(ApiError::internal)?;
-        tokio::task::spawn_blocking(job)
-            .await
-            .map_err(ApiError::internal)
+        let (tx, rx) = oneshot::channel();
+        let job: HashJob = Box::new(move || {
+            let _ = tx.send(job());
+        });
+        self.hash_jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                ApiError::busy("too many logins at once; try again in a moment")
+            }
+            mpsc::error::TrySendError::Closed(_) => ApiError::internal("hash threads are gone"),
+        })?;
+        rx.await
+            .map_err(|_| ApiError::internal("a hash job was dropped"))
     }
 
     pub async fn hash_password(&self, password: String) -> Result<String, ApiError> {
@@ -245,6 +243,32 @@ impl Auth {
             .await?;
         Ok(known && ok)
     }
+}
+
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// Starts the hashing threads; they end when the sender is dropped.
+fn spawn_hash_threads(threads: usize, queue: usize) -> mpsc::Sender<HashJob> {
+    let (tx, rx) = mpsc::channel::<HashJob>(queue.max(1));
+    let rx = std::sync::Arc::new(Mutex::new(rx));
+    for i in 0..threads.max(1) {
+        let rx = rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("confab-hash-{i}"))
+            .spawn(move || {
+                loop {
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).blocking_recv();
+                    match job {
+                        Some(job) => job(),
+                        None => return,
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a password-hashing thread");
+        }
+    }
+    tx
 }
 
 fn hash_now(password: &str) -> Result<String, ApiError> {

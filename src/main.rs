@@ -4,7 +4,7 @@
 //! [`config`]), sets up logging and metrics and runs the chosen subcommand.
 //! Everything else lives in the library crate (`src/lib.rs`).
 
-use confab::{config, server, telemetry};
+use confab::{bench, config, server, telemetry};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Run the chat server (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Load-test a running server: the seed's stepped test (`--steps seed`),
+    /// a single step (`--users N --rate R`), or idle connections (`--idle N`).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Default)]
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
     match command {
         Command::Serve(args) => run_serve(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

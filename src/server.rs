@@ -41,6 +41,8 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
     )
     .map_err(|e| format!("cannot start the writer thread: {e}"))?;
 
+    let (soft, hard) = crate::telemetry::raise_nofile_limit();
+    tracing::info!(soft, hard, "open-file limit");
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;

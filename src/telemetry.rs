@@ -38,3 +38,87 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?;
     Ok(handle)
 }
+
+/// The exporter's text plus process figures read from `/proc/self` at
+/// scrape time (CPU seconds, resident memory, open fds, threads).
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut out = handle.render();
+    if let Some(p) = ProcessStats::of("self") {
+        use std::fmt::Write;
+        let _ = write!(
+            out,
+            "# HELP confab_process_cpu_seconds_total User and system CPU time of the server.\n\
+             # TYPE confab_process_cpu_seconds_total counter\n\
+             confab_process_cpu_seconds_total {}\n\
+             # HELP confab_process_resident_memory_bytes Resident set size.\n\
+             # TYPE confab_process_resident_memory_bytes gauge\n\
+             confab_process_resident_memory_bytes {}\n\
+             # HELP confab_process_open_fds Open file descriptors.\n\
+             # TYPE confab_process_open_fds gauge\n\
+             confab_process_open_fds {}\n\
+             # HELP confab_process_threads OS threads.\n\
+             # TYPE confab_process_threads gauge\n\
+             confab_process_threads {}\n",
+            p.cpu_seconds, p.rss_bytes, p.open_fds, p.threads
+        );
+    }
+    out
+}
+
+/// CPU, memory, fds and threads of a process, from `/proc/<pid>`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+    pub open_fds: u64,
+    pub threads: u64,
+}
+
+impl ProcessStats {
+    /// `pid` is a number or "self". None where /proc is not available.
+    pub fn of(pid: &str) -> Option<ProcessStats> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name (which may hold spaces).
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // rest starts at field 3 (state): utime=14, stime=15, num_threads=20, rss=24.
+        let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+        let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        Some(ProcessStats {
+            cpu_seconds: (num(14)? + num(15)?) as f64 / ticks,
+            rss_bytes: num(24)? * page,
+            open_fds,
+            threads: num(20)?,
+        })
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (every connection is a
+/// file descriptor). Returns (soft, hard) after the change.
+pub fn raise_nofile_limit() -> (u64, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return (0, 0);
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    (lim.rlim_cur, lim.rlim_max)
+}

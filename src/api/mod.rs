@@ -196,7 +196,9 @@ fn method_not_allowed() -> ApiError {
 }
 
 fn metrics_page(state: &AppState) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
+    let mut resp = Response::new(Full::new(Bytes::from(crate::telemetry::render(
+        &state.metrics,
+    ))));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),
