@@ -15,16 +15,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fastwebsockets::{
-    Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite,
-};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::io::{BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 
 use super::messages::validate_send;
@@ -39,7 +37,6 @@ use crate::store::writer::{Op, Origin};
 
 type Io = TokioIo<Upgraded>;
 type Reader = WebSocketRead<ReadHalf<Io>>;
-type Writer = WebSocketWrite<BufWriter<WriteHalf<Io>>>;
 
 /// Most frames the session writer writes before one flush.
 const WRITE_BATCH: usize = 256;
@@ -260,11 +257,21 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
     };
     metrics::counter!("confab_sessions_authenticated_total").increment(1);
 
-    let (rx, mut tx) = ws.split(|s| {
+    // The reader keeps fastwebsockets' read half; the write half is taken
+    // raw, and frames are encoded by `FrameWriter` into one buffer per batch.
+    let raw_write = std::cell::Cell::new(None);
+    let (rx, _) = ws.split(|s| {
         let (r, w) = tokio::io::split(s);
-        (r, BufWriter::with_capacity(64 * 1024, w))
+        raw_write.set(Some(w));
+        (r, tokio::io::sink())
     });
-    tx.set_writev(false);
+    let Some(raw_write) = raw_write.into_inner() else {
+        return;
+    };
+    let mut tx = FrameWriter {
+        io: raw_write,
+        buf: Vec::new(),
+    };
 
     // 2. Register before reading history, so nothing committed in between is
     //    missed; the session writer drops live copies of caught-up messages.
@@ -347,18 +354,18 @@ async fn reject(mut ws: WebSocket<Io>, message: &str) {
 /// direct-chat peers. Returns the highest seq sent per room.
 async fn greet(
     state: &AppState,
-    tx: &mut Writer,
+    tx: &mut FrameWriter,
     user: &crate::store::User,
     resume: &HashMap<String, u64>,
-) -> Result<HashMap<RoomId, u64>, WebSocketError> {
-    write_bytes(tx, &ServerFrame::Ready { user }.to_bytes()).await?;
+) -> std::io::Result<HashMap<RoomId, u64>> {
+    tx.push_text(&ServerFrame::Ready { user }.to_bytes());
     let mut high = HashMap::new();
     for (room_str, &after) in resume {
         let room: RoomId = match room_str.parse() {
             Ok(r) => r,
             Err(_) => {
                 let e = ApiError::bad_id();
-                write_bytes(tx, &frames::error(e.code, &e.message, None, None)).await?;
+                tx.push_text(&frames::error(e.code, &e.message, None, None));
                 continue;
             }
         };
@@ -367,7 +374,7 @@ async fn greet(
             let batch = match state.store.history(room, user.id, Some(cursor), None, 500) {
                 Ok(b) => b,
                 Err(e) => {
-                    write_bytes(tx, &frames::error(e.code, &e.message, None, Some(room))).await?;
+                    tx.push_text(&frames::error(e.code, &e.message, None, Some(room)));
                     break;
                 }
             };
@@ -375,7 +382,7 @@ async fn greet(
                 break;
             };
             for m in &batch {
-                write_bytes(tx, &frames::message(m)).await?;
+                tx.push_text(&frames::message(m));
             }
             cursor = last;
             tx.flush().await?;
@@ -403,16 +410,14 @@ async fn greet(
         } else {
             state.store.last_seen(peer).ok().flatten()
         };
-        write_bytes(
-            tx,
+        tx.push_text(
             &ServerFrame::Presence {
                 user: peer,
                 online,
                 last_seen,
             }
             .to_bytes(),
-        )
-        .await?;
+        );
     }
     tx.flush().await?;
     Ok(high)
@@ -445,13 +450,48 @@ fn send_to_others(state: &AppState, room: RoomId, user: UserId, bytes: Bytes) {
     }
 }
 
-async fn write_bytes(tx: &mut Writer, bytes: &[u8]) -> Result<(), WebSocketError> {
-    tx.write_frame(Frame::text(Payload::Borrowed(bytes))).await
+/// The session's write side: frames are encoded into one buffer and written
+/// with a single `write_all` per batch (fastwebsockets' own writer does a
+/// syscall per frame). The buffer is dropped after large batches, so an idle
+/// session holds no write buffer at all.
+struct FrameWriter {
+    io: WriteHalf<Io>,
+    buf: Vec<u8>,
+}
+
+/// Largest batch buffer kept between batches.
+const KEEP_BUFFER: usize = 16 * 1024;
+/// A batch stops growing past this many bytes.
+const BATCH_BYTES: usize = 256 * 1024;
+
+impl FrameWriter {
+    fn push(&mut self, mut frame: Frame<'_>) {
+        let mut head = [0u8; 14];
+        let n = frame.fmt_head(&mut head);
+        self.buf.extend_from_slice(&head[..n]);
+        self.buf.extend_from_slice(&frame.payload);
+    }
+
+    fn push_text(&mut self, payload: &[u8]) {
+        self.push(Frame::text(Payload::Borrowed(payload)));
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.io.write_all(&self.buf).await?;
+            self.io.flush().await?;
+        }
+        self.buf.clear();
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
 }
 
 /// The session writer: outbox → socket, batched, one flush per batch.
 async fn write_loop(
-    mut tx: Writer,
+    mut tx: FrameWriter,
     mut out_rx: mpsc::Receiver<OutFrame>,
     mut ctl_rx: mpsc::Receiver<Control>,
     outbox: Arc<SessionOutbox>,
@@ -467,36 +507,28 @@ async fn write_loop(
             _ = outbox.kick_notify.notified() => break outbox.kick_code(),
             c = ctl_rx.recv() => {
                 let Some(Control::Pong(p)) = c else { break close::NORMAL };
-                let pong = async {
-                    tx.write_frame(Frame::pong(Payload::Owned(p))).await?;
-                    tx.flush().await
-                };
-                match finish_or_kick(pong, &outbox).await {
-                    Ok(()) => {}
-                    Err(Some(code)) => break code,
-                    Err(None) => return,
-                }
+                tx.push(Frame::pong(Payload::Owned(p)));
             },
             f = out_rx.recv() => {
                 let Some(first) = f else { break close::NORMAL };
-                let batch = async {
-                    if !stale(&first) {
-                        write_bytes(&mut tx, &first.bytes).await?;
+                if !stale(&first) {
+                    tx.push_text(&first.bytes);
+                }
+                for _ in 1..WRITE_BATCH {
+                    if tx.buf.len() >= BATCH_BYTES {
+                        break;
                     }
-                    for _ in 1..WRITE_BATCH {
-                        let Ok(f) = out_rx.try_recv() else { break };
-                        if !stale(&f) {
-                            write_bytes(&mut tx, &f.bytes).await?;
-                        }
+                    let Ok(f) = out_rx.try_recv() else { break };
+                    if !stale(&f) {
+                        tx.push_text(&f.bytes);
                     }
-                    tx.flush().await
-                };
-                match finish_or_kick(batch, &outbox).await {
-                    Ok(()) => {}
-                    Err(Some(code)) => break code,
-                    Err(None) => return,
                 }
             }
+        }
+        match finish_or_kick(tx.flush(), &outbox).await {
+            Ok(()) => {}
+            Err(Some(code)) => break code,
+            Err(None) => return,
         }
     };
     let reason: &[u8] = match code {
@@ -506,11 +538,9 @@ async fn write_loop(
         close::TOO_BIG => b"frame too large",
         _ => b"",
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        tx.write_frame(Frame::close(code, reason)).await?;
-        tx.flush().await
-    })
-    .await;
+    tx.buf.clear();
+    tx.push(Frame::close(code, reason));
+    let _ = tokio::time::timeout(Duration::from_secs(1), tx.flush()).await;
 }
 
 /// Runs a socket write. A client that stops reading blocks it; when the
@@ -518,7 +548,7 @@ async fn write_loop(
 /// gets one more second: if it completes, Err(Some(code)) lets the caller send
 /// the close frame on a clean stream; if not, Err(None): drop the connection.
 async fn finish_or_kick(
-    write: impl std::future::Future<Output = Result<(), WebSocketError>>,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
     outbox: &SessionOutbox,
 ) -> Result<(), Option<u16>> {
     tokio::pin!(write);
