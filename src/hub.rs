@@ -7,12 +7,12 @@
 //! (closed with 4008) instead of slowing down the writer or other sessions —
 //! it catches up with `resume` when it reconnects.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::ids::{RoomId, UserId};
 
@@ -32,38 +32,51 @@ pub mod close {
 pub struct OutFrame {
     pub bytes: Bytes,
     pub room_seq: Option<(RoomId, u64)>,
+    /// A WebSocket pong (answering a ping) instead of a text frame.
+    pub pong: bool,
 }
 
+impl OutFrame {
+    pub fn text(bytes: Bytes) -> OutFrame {
+        OutFrame {
+            bytes,
+            room_seq: None,
+            pong: false,
+        }
+    }
+}
+
+/// A session's queue of frames to write. It is a `VecDeque` that the session
+/// writer takes whole for each batch, so an idle session holds no queue
+/// memory at all (a channel would keep a block of slots allocated).
 pub struct SessionOutbox {
     pub id: u64,
     pub user: UserId,
     /// The token id the session authenticated with (logout closes it).
     pub jti: String,
-    tx: mpsc::Sender<OutFrame>,
+    queue: Mutex<VecDeque<OutFrame>>,
+    capacity: usize,
     kicked: AtomicBool,
     kick_code: AtomicU16,
+    /// Wakes the session writer when frames were queued.
+    pub ready: Notify,
     /// Wakes the session writer when the session must close.
     pub kick_notify: Notify,
 }
 
 impl SessionOutbox {
-    pub fn new(
-        id: u64,
-        user: UserId,
-        jti: String,
-        capacity: usize,
-    ) -> (Arc<Self>, mpsc::Receiver<OutFrame>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let outbox = SessionOutbox {
+    pub fn new(id: u64, user: UserId, jti: String, capacity: usize) -> Arc<Self> {
+        Arc::new(SessionOutbox {
             id,
             user,
             jti,
-            tx,
+            queue: Mutex::new(VecDeque::new()),
+            capacity,
             kicked: AtomicBool::new(false),
             kick_code: AtomicU16::new(close::NORMAL),
+            ready: Notify::new(),
             kick_notify: Notify::new(),
-        };
-        (Arc::new(outbox), rx)
+        })
     }
 
     /// Queues a frame without waiting. A full queue kicks the session (4008).
@@ -72,22 +85,27 @@ impl SessionOutbox {
         if self.kicked.load(Ordering::Relaxed) {
             return false;
         }
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.len() >= self.capacity {
+                drop(q);
                 metrics::counter!("confab_slow_client_disconnects_total").increment(1);
                 self.kick(close::TOO_SLOW);
-                false
+                return false;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            q.push_back(frame);
         }
+        self.ready.notify_one();
+        true
     }
 
     pub fn push_bytes(&self, bytes: Bytes) -> bool {
-        self.push(OutFrame {
-            bytes,
-            room_seq: None,
-        })
+        self.push(OutFrame::text(bytes))
+    }
+
+    /// Everything queued so far (the writer's next batch).
+    pub fn take(&self) -> VecDeque<OutFrame> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Asks the session to close with `code` (the first request wins).
@@ -96,6 +114,10 @@ impl SessionOutbox {
             self.kick_code.store(code, Ordering::Release);
             self.kick_notify.notify_one();
         }
+    }
+
+    pub fn is_kicked(&self) -> bool {
+        self.kicked.load(Ordering::Acquire)
     }
 
     pub fn kick_code(&self) -> u16 {

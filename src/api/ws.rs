@@ -23,7 +23,6 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
 
 use super::messages::validate_send;
 use super::{AppState, Body};
@@ -37,9 +36,6 @@ use crate::store::writer::{Op, Origin};
 
 type Io = TokioIo<Upgraded>;
 type Reader = WebSocketRead<ReadHalf<Io>>;
-
-/// Most frames the session writer writes before one flush.
-const WRITE_BATCH: usize = 256;
 
 pub async fn upgrade(
     state: &Arc<AppState>,
@@ -202,11 +198,6 @@ enum ClientFrame {
 
 const CLIENT_TYPES: [&str; 5] = ["auth", "send", "read", "typing", "ping"];
 
-/// Control frames the reader asks the session writer to send.
-enum Control {
-    Pong(Vec<u8>),
-}
-
 async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
     let max_frame = state.config.limits.max_frame_bytes;
     ws.set_auto_close(false);
@@ -276,7 +267,7 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
     // 2. Register before reading history, so nothing committed in between is
     //    missed; the session writer drops live copies of caught-up messages.
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
-    let (outbox, out_rx) = SessionOutbox::new(
+    let outbox = SessionOutbox::new(
         id,
         user.id,
         caller.jti.clone(),
@@ -295,9 +286,8 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
     }
 
     // 3. Run the reader here and the session writer beside it.
-    let (ctl_tx, ctl_rx) = mpsc::channel(16);
-    let mut writer = tokio::spawn(write_loop(tx, out_rx, ctl_rx, outbox.clone(), caught_up));
-    let reader = read_loop(&state, rx, asm, &outbox, &ctl_tx, user.id);
+    let mut writer = tokio::spawn(write_loop(tx, outbox.clone(), caught_up));
+    let reader = read_loop(&state, rx, asm, &outbox, user.id);
     tokio::select! {
         _ = reader => {
             // The reader ended (close, EOF, fatal frame): let the writer send
@@ -311,6 +301,8 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
 }
 
 fn end_session(state: &AppState, outbox: &SessionOutbox) {
+    // No more frames are accepted for this session.
+    outbox.kick(close::NORMAL);
     if state.hub.unregister(outbox) {
         let ts = now_ms();
         announce_presence(state, outbox.user, false, Some(ts));
@@ -432,6 +424,7 @@ fn announce_presence(state: &AppState, user: UserId, online: bool, last_seen: Op
         }
         .to_bytes(),
         room_seq: None,
+        pong: false,
     };
     for peer in state.store.direct_peers(user).unwrap_or_default() {
         state.hub.send_to_user(peer, &frame, None);
@@ -442,6 +435,7 @@ fn send_to_others(state: &AppState, room: RoomId, user: UserId, bytes: Bytes) {
     let frame = OutFrame {
         bytes,
         room_seq: None,
+        pong: false,
     };
     for m in state.store.members(room).unwrap_or_default() {
         if m != user {
@@ -492,8 +486,6 @@ impl FrameWriter {
 /// The session writer: outbox → socket, batched, one flush per batch.
 async fn write_loop(
     mut tx: FrameWriter,
-    mut out_rx: mpsc::Receiver<OutFrame>,
-    mut ctl_rx: mpsc::Receiver<Control>,
     outbox: Arc<SessionOutbox>,
     caught_up: HashMap<RoomId, u64>,
 ) {
@@ -501,30 +493,33 @@ async fn write_loop(
         Some((room, seq)) => caught_up.get(&room).is_some_and(|&h| seq <= h),
         None => false,
     };
-    let code = loop {
-        tokio::select! {
-            biased;
-            _ = outbox.kick_notify.notified() => break outbox.kick_code(),
-            c = ctl_rx.recv() => {
-                let Some(Control::Pong(p)) = c else { break close::NORMAL };
-                tx.push(Frame::pong(Payload::Owned(p)));
-            },
-            f = out_rx.recv() => {
-                let Some(first) = f else { break close::NORMAL };
-                if !stale(&first) {
-                    tx.push_text(&first.bytes);
-                }
-                for _ in 1..WRITE_BATCH {
-                    if tx.buf.len() >= BATCH_BYTES {
-                        break;
-                    }
-                    let Ok(f) = out_rx.try_recv() else { break };
-                    if !stale(&f) {
-                        tx.push_text(&f.bytes);
-                    }
+    let code = 'session: loop {
+        if outbox.is_kicked() {
+            break outbox.kick_code();
+        }
+        let mut batch = outbox.take();
+        if batch.is_empty() {
+            tokio::select! {
+                biased;
+                _ = outbox.kick_notify.notified() => break outbox.kick_code(),
+                _ = outbox.ready.notified() => continue,
+            }
+        }
+        while let Some(f) = batch.pop_front() {
+            if f.pong {
+                tx.push(Frame::pong(Payload::Borrowed(&f.bytes)));
+            } else if !stale(&f) {
+                tx.push_text(&f.bytes);
+            }
+            if tx.buf.len() >= BATCH_BYTES {
+                match finish_or_kick(tx.flush(), &outbox).await {
+                    Ok(()) => {}
+                    Err(Some(code)) => break 'session code,
+                    Err(None) => return,
                 }
             }
         }
+        drop(batch);
         match finish_or_kick(tx.flush(), &outbox).await {
             Ok(()) => {}
             Err(Some(code)) => break code,
@@ -591,7 +586,6 @@ async fn read_loop(
     mut rx: Reader,
     mut asm: Reassembler,
     outbox: &Arc<SessionOutbox>,
-    ctl: &mpsc::Sender<Control>,
     user: UserId,
 ) {
     let limits = &state.config.limits;
@@ -630,7 +624,11 @@ async fn read_loop(
                 continue;
             }
             Incoming_::Ping(p) => {
-                let _ = ctl.try_send(Control::Pong(p));
+                outbox.push(OutFrame {
+                    bytes: Bytes::from(p),
+                    room_seq: None,
+                    pong: true,
+                });
                 continue;
             }
             Incoming_::TooBig => {

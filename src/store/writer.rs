@@ -687,6 +687,7 @@ impl GroupCommitWriter {
                             &OutFrame {
                                 bytes: removed,
                                 room_seq: None,
+                                pong: false,
                             },
                             None,
                         );
@@ -749,6 +750,7 @@ impl GroupCommitWriter {
                     let message_frame = (!duplicate).then(|| OutFrame {
                         bytes: frames::message(&msg),
                         room_seq: Some((msg.room, msg.seq)),
+                        pong: false,
                     });
                     match origin {
                         Origin::Session(s) => {
@@ -803,6 +805,7 @@ impl GroupCommitWriter {
                         }
                         .to_bytes(),
                         room_seq: None,
+                        pong: false,
                     };
                     for &m in members.iter().filter(|&&m| m != user) {
                         hub.send_to_user(m, &frame, None);
@@ -822,6 +825,7 @@ impl GroupCommitWriter {
                 }
                 .to_bytes(),
                 room_seq: None,
+                pong: false,
             };
             hub.send_to_user(sender, &frame, None);
         }
@@ -883,6 +887,7 @@ fn announce_room(hub: &Hub, room: &Room) {
     let frame = OutFrame {
         bytes: ServerFrame::Room { room }.to_bytes(),
         room_seq: None,
+        pong: false,
     };
     for m in &room.members {
         hub.send_to_user(m.id, &frame, None);
