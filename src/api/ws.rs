@@ -52,7 +52,7 @@ pub async fn upgrade(
         .map_err(|e| ApiError::bad_request("bad_request", format!("bad WebSocket upgrade: {e}")))?;
     let slot = super::ConnectionSlot::take(state);
     let state = state.clone();
-    tokio::spawn(async move {
+    let task = async move {
         let _slot = slot;
         match fut.await {
             Ok(ws) => {
@@ -62,7 +62,8 @@ pub async fn upgrade(
             }
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
         }
-    });
+    };
+    tokio::spawn(task);
     Ok(resp.map(|_| Full::new(Bytes::new())))
 }
 
@@ -211,7 +212,9 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
 
     // 1. The first message must be a valid `auth`.
     let timeout = Duration::from_secs(state.config.limits.auth_timeout_secs);
-    let first = tokio::time::timeout(timeout, async {
+    // Futures used only once (auth, greeting) are boxed, so that the session
+    // task, which lives as long as the connection, stays small.
+    let first = Box::pin(tokio::time::timeout(timeout, async {
         loop {
             let frame = ws.read_frame().await;
             match asm.feed(frame) {
@@ -225,7 +228,7 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
                 None => {}
             }
         }
-    })
+    }))
     .await;
     let (caller, resume) = match first {
         Ok(Incoming_::Text(bytes)) => match authenticate(&state, &bytes) {
@@ -274,7 +277,7 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
         state.config.limits.outbox_frames,
     );
     let first_online = state.hub.register(outbox.clone());
-    let caught_up = match greet(&state, &mut tx, &user, &resume).await {
+    let caught_up = match Box::pin(greet(&state, &mut tx, &user, &resume)).await {
         Ok(high) => high,
         Err(_) => {
             end_session(&state, &outbox);
@@ -696,7 +699,9 @@ async fn read_loop(
                 client_id,
                 text,
             } => {
-                let r = on_send(
+                // Boxed: the reader future lives as long as the connection,
+                // and this await point would otherwise size it.
+                let r = Box::pin(on_send(
                     state,
                     outbox,
                     &mut budget,
@@ -704,7 +709,7 @@ async fn read_loop(
                     &room,
                     client_id.as_deref(),
                     text,
-                )
+                ))
                 .await;
                 if let Err(e) = r {
                     metrics::counter!("confab_messages_rejected_total", "reason" => e.code)
@@ -714,7 +719,7 @@ async fn read_loop(
                 continue;
             }
             ClientFrame::Read { room, seq } => match room.parse::<RoomId>() {
-                Ok(room) => state.writer.submit(Op::Read { room, user, seq }).await,
+                Ok(room) => Box::pin(state.writer.submit(Op::Read { room, user, seq })).await,
                 Err(_) => Err(ApiError::bad_id()),
             },
             ClientFrame::Typing { room } => on_typing(state, user, &room),
