@@ -72,6 +72,7 @@ pub struct StoreConfig {
     pub commit_batch_max: usize,
     pub commit_wait_us: u64,
     pub writer_queue: usize,
+    pub quick_repair: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

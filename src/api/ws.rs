@@ -644,48 +644,13 @@ async fn read_loop(
             }
             Incoming_::Gone => return,
         };
-        let value: serde_json::Value = match serde_json::from_slice(&text) {
-            Ok(v) => v,
-            Err(e) => {
-                error("invalid_json", &format!("not JSON: {e}"), None, None);
-                continue;
-            }
-        };
-        let client_id = value
-            .get("client_id")
-            .and_then(|c| c.as_str())
-            .map(str::to_owned);
-        let Some(kind) = value
-            .get("type")
-            .and_then(|t| t.as_str())
-            .map(str::to_owned)
-        else {
-            error(
-                "invalid_json",
-                "a frame is a JSON object with a string `type`",
-                client_id.as_deref(),
-                None,
-            );
-            continue;
-        };
-        if !CLIENT_TYPES.contains(&kind.as_str()) {
-            error(
-                "unknown_type",
-                &format!("unknown frame type `{kind}`"),
-                client_id.as_deref(),
-                None,
-            );
-            continue;
-        }
-        let frame: ClientFrame = match serde_json::from_value(value) {
+        // One typed parse on the hot path; a frame that fails it is parsed
+        // again, loosely, only to say what is wrong with it.
+        let frame: ClientFrame = match serde_json::from_slice(&text) {
             Ok(f) => f,
-            Err(e) => {
-                error(
-                    "invalid_json",
-                    &format!("bad `{kind}` frame: {e}"),
-                    client_id.as_deref(),
-                    None,
-                );
+            Err(_) => {
+                let (code, message, client_id) = explain_bad_frame(&text);
+                error(code, &message, client_id.as_deref(), None);
                 continue;
             }
         };
@@ -731,6 +696,44 @@ async fn read_loop(
         if let Err(e) = result {
             error(e.code, &e.message, None, None);
         }
+    }
+}
+
+/// Why a client frame did not parse: (code, message, its client_id if any).
+fn explain_bad_frame(text: &[u8]) -> (&'static str, String, Option<String>) {
+    let value: serde_json::Value = match serde_json::from_slice(text) {
+        Ok(v) => v,
+        Err(e) => return ("invalid_json", format!("not JSON: {e}"), None),
+    };
+    let client_id = value
+        .get("client_id")
+        .and_then(|c| c.as_str())
+        .map(str::to_owned);
+    let Some(kind) = value
+        .get("type")
+        .and_then(|t| t.as_str())
+        .map(str::to_owned)
+    else {
+        return (
+            "invalid_json",
+            "a frame is a JSON object with a string `type`".into(),
+            client_id,
+        );
+    };
+    if !CLIENT_TYPES.contains(&kind.as_str()) {
+        return (
+            "unknown_type",
+            format!("unknown frame type `{kind}`"),
+            client_id,
+        );
+    }
+    match serde_json::from_value::<ClientFrame>(value) {
+        Err(e) => (
+            "invalid_json",
+            format!("bad `{kind}` frame: {e}"),
+            client_id,
+        ),
+        Ok(_) => ("invalid_json", "unparseable frame".into(), client_id),
     }
 }
 

@@ -155,7 +155,9 @@ impl Store {
         let path = data_dir.join("confab.redb");
         let db =
             Database::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        // Saves the allocator state, so the next start after a crash is quick.
+        txn.set_quick_repair(true);
         {
             let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
             let found = meta

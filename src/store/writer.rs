@@ -185,7 +185,17 @@ pub struct GroupCommitWriter {
     config: StoreConfig,
     max_group_members: usize,
     state: WriterState,
+    /// Senders' read positions, moved to their own newest message. Under
+    /// load they are written at most once per READ_FLUSH_INTERVAL (a member
+    /// page write per message would otherwise dominate the commit); when the
+    /// queue runs dry they go into that batch. A crash can lose at most one
+    /// interval of them: they only affect unread counts, never messages.
+    pending_reads: HashMap<(RoomId, UserId), u64>,
+    reads_flushed: Instant,
 }
+
+const READ_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+const READ_PENDING_MAX: usize = 100_000;
 
 impl GroupCommitWriter {
     /// Starts the writer thread; it stops after [`Op::Stop`] or when every
@@ -203,6 +213,8 @@ impl GroupCommitWriter {
             config,
             max_group_members,
             state: WriterState::default(),
+            pending_reads: HashMap::new(),
+            reads_flushed: Instant::now(),
         };
         let join = std::thread::Builder::new()
             .name("confab-writer".into())
@@ -222,6 +234,9 @@ impl GroupCommitWriter {
                 batch.push(first);
             }
             let mut waited = wait.is_zero();
+            // Whether the queue ran dry: then this batch also writes the
+            // deferred read positions.
+            let mut idle = false;
             while !stop && batch.len() < self.config.commit_batch_max {
                 match rx.try_recv() {
                     Ok(Op::Stop) => stop = true,
@@ -230,11 +245,18 @@ impl GroupCommitWriter {
                         std::thread::sleep(wait);
                         waited = true;
                     }
-                    Err(_) => break,
+                    Err(_) => {
+                        idle = true;
+                        break;
+                    }
                 }
             }
             if !batch.is_empty() {
-                self.commit_batch(&mut batch);
+                let flush_reads = idle
+                    || stop
+                    || self.reads_flushed.elapsed() >= READ_FLUSH_INTERVAL
+                    || self.pending_reads.len() >= READ_PENDING_MAX;
+                self.commit_batch(&mut batch, flush_reads);
             }
             if stop {
                 tracing::info!("writer stopped after its last commit");
@@ -243,11 +265,11 @@ impl GroupCommitWriter {
         }
     }
 
-    fn commit_batch(&mut self, batch: &mut Vec<Op>) {
+    fn commit_batch(&mut self, batch: &mut Vec<Op>, flush_reads: bool) {
         let started = Instant::now();
         let n = batch.len();
         let mut effects = Vec::with_capacity(n);
-        let result = self.apply_all(batch, &mut effects);
+        let result = self.apply_all(batch, &mut effects, flush_reads);
         let commit_secs = started.elapsed().as_secs_f64();
         metrics::histogram!("confab_commit_batch_size").record(n as f64);
         metrics::histogram!("confab_commit_duration_seconds").record(commit_secs);
@@ -280,8 +302,10 @@ impl GroupCommitWriter {
         &mut self,
         batch: &mut Vec<Op>,
         effects: &mut Vec<Effect>,
+        flush_reads: bool,
     ) -> Result<(), ApiError> {
-        let txn = self.store.db.begin_write()?;
+        let mut txn = self.store.db.begin_write()?;
+        txn.set_quick_repair(self.config.quick_repair);
         {
             let mut t = Tables {
                 users: txn.open_table(USERS)?,
@@ -295,15 +319,15 @@ impl GroupCommitWriter {
                 revoked: txn.open_table(REVOKED)?,
                 last_seen: txn.open_table(LAST_SEEN)?,
             };
-            // Senders' read positions move to their own messages; coalesced
-            // per (room, user) and written once per batch.
-            let mut read_bumps: HashMap<(RoomId, UserId), u64> = HashMap::new();
             for op in batch.drain(..) {
-                let effect = self.apply(op, &mut t, &mut read_bumps)?;
+                let effect = self.apply(op, &mut t)?;
                 effects.push(effect);
             }
-            for ((room, user), seq) in read_bumps {
-                bump_read(&mut t.members, room, user, seq)?;
+            if flush_reads {
+                for ((room, user), seq) in std::mem::take(&mut self.pending_reads) {
+                    bump_read(&mut t.members, room, user, seq)?;
+                }
+                self.reads_flushed = Instant::now();
             }
         }
         txn.commit()?;
@@ -357,12 +381,7 @@ impl GroupCommitWriter {
         Ok(seq)
     }
 
-    fn apply(
-        &mut self,
-        op: Op,
-        t: &mut Tables,
-        read_bumps: &mut HashMap<(RoomId, UserId), u64>,
-    ) -> Result<Effect, ApiError> {
+    fn apply(&mut self, op: Op, t: &mut Tables) -> Result<Effect, ApiError> {
         Ok(match op {
             Op::Send {
                 room,
@@ -414,7 +433,7 @@ impl GroupCommitWriter {
                 t.messages.insert((room.0, seq), encode(&rec).as_slice())?;
                 t.client_ids
                     .insert((room.0, from.0, rec.client_id.as_str()), seq)?;
-                read_bumps.insert((room, from), seq);
+                self.pending_reads.insert((room, from), seq);
                 Effect::Sent {
                     msg: Message::from_record(room, seq, rec),
                     members,
