@@ -73,6 +73,7 @@ pub struct StoreConfig {
     pub commit_wait_us: u64,
     pub writer_queue: usize,
     pub quick_repair: bool,
+    pub cache_mb: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

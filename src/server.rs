@@ -26,7 +26,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), String> {
     let data_dir = config.server.data_dir.clone();
-    let store = Store::open(&data_dir)?;
+    let store = Store::open_with_cache(&data_dir, config.store.cache_mb.saturating_mul(1 << 20))?;
     let secret = auth::load_secret(&config.auth, &data_dir)?;
     let revoked = store
         .revoked_tokens(auth::now_secs())

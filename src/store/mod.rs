@@ -19,6 +19,9 @@ use crate::ids::{RoomId, UserId};
 
 pub const SCHEMA_VERSION: u64 = 1;
 
+/// redb's page cache when no size is configured (see `cache_mb`).
+pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
+
 /// user id → [`UserRecord`]
 pub const USERS: TableDefinition<u64, &[u8]> = TableDefinition::new("users");
 /// lower-case username → user id
@@ -150,11 +153,18 @@ impl Store {
     /// Opens (or creates) `<data_dir>/confab.redb`, creates missing tables and
     /// checks the schema version.
     pub fn open(data_dir: &Path) -> Result<Store, String> {
+        Store::open_with_cache(data_dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`Store::open`], with redb's page cache limited to `cache_bytes`.
+    pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> Result<Store, String> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
         let path = data_dir.join("confab.redb");
-        let db =
-            Database::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let mut txn = db.begin_write().map_err(|e| e.to_string())?;
         // Saves the allocator state, so the next start after a crash is quick.
         txn.set_quick_repair(true);
