@@ -71,6 +71,7 @@ impl ServeArgs {
 }
 
 fn main() -> ExitCode {
+    telemetry::tune_allocator();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
     match command {

@@ -402,6 +402,7 @@ async fn run_step(
     let n = (users / k) * k;
     // Connect everyone first: the schedule starts when all are in.
     let before = server_sample(target).await;
+    let before_at = Instant::now();
     let mut conns: Vec<Option<Ws>> = Vec::with_capacity(n);
     {
         let mut tasks = tokio::task::JoinSet::new();
@@ -639,7 +640,9 @@ async fn run_step(
             .collect(),
         deliver_curve: curve,
         server_cpu_percent: match (before, after) {
-            (Some(b), Some(a)) => Some((a.cpu_seconds - b.cpu_seconds) / elapsed * 100.0),
+            (Some(b), Some(a)) => Some(
+                (a.cpu_seconds - b.cpu_seconds) / before_at.elapsed().as_secs_f64() * 100.0,
+            ),
             _ => None,
         },
         server_rss_mb: after.map(|a| a.rss_bytes / 1e6),
