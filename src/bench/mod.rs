@@ -640,9 +640,9 @@ async fn run_step(
             .collect(),
         deliver_curve: curve,
         server_cpu_percent: match (before, after) {
-            (Some(b), Some(a)) => Some(
-                (a.cpu_seconds - b.cpu_seconds) / before_at.elapsed().as_secs_f64() * 100.0,
-            ),
+            (Some(b), Some(a)) => {
+                Some((a.cpu_seconds - b.cpu_seconds) / before_at.elapsed().as_secs_f64() * 100.0)
+            }
             _ => None,
         },
         server_rss_mb: after.map(|a| a.rss_bytes / 1e6),
