@@ -717,35 +717,34 @@ async fn drive_connection(
     stop_sending: Arc<AtomicBool>,
     stop_reading: Arc<AtomicBool>,
 ) -> ConnLog {
+    let stop_reading_reader = stop_reading.clone();
     let (mut rx, mut tx) = ws.split(tokio::io::split);
     let reader = {
         let rec = rec.clone();
+        let stop_reading = stop_reading_reader;
         tokio::spawn(async move {
             let mut log = ConnLog::default();
+            // read_frame is not cancel-safe, so it is never raced against a
+            // timer: the step ends with a Close frame the server answers.
             loop {
-                let frame = tokio::time::timeout(
-                    Duration::from_millis(200),
-                    rx.read_frame(&mut |_| async { Ok::<_, WebSocketError>(()) }),
-                )
-                .await;
+                let frame = rx
+                    .read_frame(&mut |_| async { Ok::<_, WebSocketError>(()) })
+                    .await;
                 let frame = match frame {
-                    // Timeouts only check whether the step is over. (A frame
-                    // half-read when the timeout fires is lost; the step is
-                    // over by then, so nothing is miscounted.)
-                    Err(_) if stop_reading.load(Ordering::Relaxed) => break,
-                    Err(_) => continue,
-                    Ok(Err(_)) => {
+                    Err(_) => {
                         if !stop_reading.load(Ordering::Relaxed) {
                             rec.error(conn, "disconnected");
                         }
                         break;
                     }
-                    Ok(Ok(f)) => f,
+                    Ok(f) => f,
                 };
                 match frame.opcode {
                     OpCode::Text => {}
                     OpCode::Close => {
-                        rec.error(conn, "closed_by_server");
+                        if !stop_reading.load(Ordering::Relaxed) {
+                            rec.error(conn, "closed_by_server");
+                        }
                         break;
                     }
                     _ => continue,
@@ -816,9 +815,22 @@ async fn drive_connection(
         sent += 1;
         rec.sent.fetch_add(1, Ordering::Relaxed);
     }
-    let mut log = reader.await.unwrap_or_default();
-    log.sent = sent;
+    // Keep reading until the step is over, then close; the server's answering
+    // Close ends the reader.
+    while !stop_reading.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = tx.write_frame(Frame::close(1000, b"")).await;
+    let mut reader = reader;
+    let mut log = match tokio::time::timeout(Duration::from_secs(5), &mut reader).await {
+        Ok(Ok(log)) => log,
+        _ => {
+            reader.abort();
+            rec.error(conn, "no_close_answer");
+            ConnLog::default()
+        }
+    };
+    log.sent = sent;
     log
 }
 
