@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use serde::Deserialize;
 use std::hint::black_box;
 
+use confab::api::ws::ClientFrame;
 use confab::config::StoreConfig;
 use confab::frames;
 use confab::hub::{Hub, OutFrame, SessionOutbox};
@@ -35,29 +35,6 @@ const OUTBOX_FRAMES: usize = 4096;
 
 // ---------------------------------------------------------------------------
 // frames
-
-/// The client frame of `src/api/ws.rs` (private there, so mirrored here
-/// field for field with the same serde attributes: serde_json does the same
-/// work).
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-#[allow(dead_code)] // fields are read only through black_box
-enum ClientFrame {
-    Auth {},
-    Send {
-        room: String,
-        client_id: Option<String>,
-        text: String,
-    },
-    Read {
-        room: String,
-        seq: u64,
-    },
-    Typing {
-        room: String,
-    },
-    Ping {},
-}
 
 /// The session reader's parse before commit 3fed84e: to a
 /// `serde_json::Value`, look at `client_id` and `type`, then convert the value

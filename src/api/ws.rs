@@ -178,9 +178,10 @@ struct AuthFrame {
     resume: HashMap<String, u64>,
 }
 
+/// A client → server frame (docs/PROTOCOL.md). Public for the benches.
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum ClientFrame {
+pub enum ClientFrame {
     Auth {},
     Send {
         room: String,
