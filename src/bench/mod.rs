@@ -855,6 +855,13 @@ async fn idle(
     n: usize,
     limits: (u64, u64),
 ) -> Result<IdleResult, String> {
+    if n as u64 + 32 > limits.1 {
+        eprintln!(
+            "note: {n} connections need {n} file descriptors here and on a local server, but this \
+             process's hard open-file limit is {}: expect the run to stop near it",
+            limits.1
+        );
+    }
     let user = sign_up_or_in(target, &format!("{}idle", args.prefix)).await?;
     let before = server_sample(target)
         .await
