@@ -580,10 +580,7 @@ impl GroupCommitWriter {
                 if ids.len() > self.max_group_members {
                     return Ok(reply_after_commit(
                         reply,
-                        Err(ApiError::bad_request(
-                            "too_many_members",
-                            format!("a group has at most {} members", self.max_group_members),
-                        )),
+                        Err(too_many_members(self.max_group_members)),
                     ));
                 }
                 for id in &ids {
@@ -619,20 +616,16 @@ impl GroupCommitWriter {
                 reply,
             } => {
                 let result = (|| {
+                    let members = self.check_member(t, room, by)?;
                     if room.is_direct() {
-                        self.check_member(t, room, by)?;
                         return Err(direct_room_error());
                     }
-                    let members = self.check_member(t, room, by)?;
                     if t.users.get(user.0)?.is_none() {
                         return Err(ApiError::user_not_found());
                     }
                     if members.binary_search(&user).is_err() {
                         if members.len() >= self.max_group_members {
-                            return Err(ApiError::bad_request(
-                                "too_many_members",
-                                format!("a group has at most {} members", self.max_group_members),
-                            ));
+                            return Err(too_many_members(self.max_group_members));
                         }
                         self.add_member(t, room, user)?;
                     }
@@ -849,6 +842,13 @@ impl GroupCommitWriter {
             hub.send_to_user(sender, &frame, None);
         }
     }
+}
+
+fn too_many_members(max: usize) -> ApiError {
+    ApiError::bad_request(
+        "too_many_members",
+        format!("a group has at most {max} members"),
+    )
 }
 
 fn direct_room_error() -> ApiError {
