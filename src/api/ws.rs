@@ -278,7 +278,8 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
         state.config.limits.outbox_frames,
     );
     let first_online = state.hub.register(outbox.clone());
-    let caught_up = match Box::pin(greet(&state, &mut tx, &user, &resume)).await {
+    let peers = state.store.direct_peers(user.id).unwrap_or_default();
+    let caught_up = match Box::pin(greet(&state, &mut tx, &user, &resume, &peers)).await {
         Ok(high) => high,
         Err(_) => {
             end_session(&state, &outbox);
@@ -286,8 +287,9 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
         }
     };
     if first_online {
-        announce_presence(&state, user.id, true, None);
+        announce_presence(&state, &peers, user.id, true, None);
     }
+    drop(peers);
 
     // 3. Run the reader here and the session writer beside it.
     let mut writer = tokio::spawn(write_loop(tx, outbox.clone(), caught_up));
@@ -309,7 +311,8 @@ fn end_session(state: &AppState, outbox: &SessionOutbox) {
     outbox.kick(close::NORMAL);
     if state.hub.unregister(outbox) {
         let ts = now_ms();
-        announce_presence(state, outbox.user, false, Some(ts));
+        let peers = state.store.direct_peers(outbox.user).unwrap_or_default();
+        announce_presence(state, &peers, outbox.user, false, Some(ts));
         let writer = state.writer.clone();
         let user = outbox.user;
         tokio::spawn(async move {
@@ -347,12 +350,13 @@ async fn reject(mut ws: WebSocket<Io>, message: &str) {
 }
 
 /// Sends `ready`, the catch-up of every resumed room and the presence of
-/// direct-chat peers. Returns the highest seq sent per room.
+/// `peers` (the user's direct-chat peers). Returns the highest seq sent per room.
 async fn greet(
     state: &AppState,
     tx: &mut FrameWriter,
     user: &crate::store::User,
     resume: &HashMap<String, u64>,
+    peers: &[UserId],
 ) -> std::io::Result<HashMap<RoomId, u64>> {
     tx.push_text(&ServerFrame::Ready { user }.to_bytes());
     let mut high = HashMap::new();
@@ -399,7 +403,7 @@ async fn greet(
             );
         }
     }
-    for peer in state.store.direct_peers(user.id).unwrap_or_default() {
+    for &peer in peers {
         let online = state.hub.is_online(peer);
         let last_seen = if online {
             None
@@ -419,7 +423,13 @@ async fn greet(
     Ok(high)
 }
 
-fn announce_presence(state: &AppState, user: UserId, online: bool, last_seen: Option<i64>) {
+fn announce_presence(
+    state: &AppState,
+    peers: &[UserId],
+    user: UserId,
+    online: bool,
+    last_seen: Option<i64>,
+) {
     let frame = OutFrame {
         bytes: ServerFrame::Presence {
             user,
@@ -430,7 +440,7 @@ fn announce_presence(state: &AppState, user: UserId, online: bool, last_seen: Op
         room_seq: None,
         pong: false,
     };
-    for peer in state.store.direct_peers(user).unwrap_or_default() {
+    for &peer in peers {
         state.hub.send_to_user(peer, &frame, None);
     }
 }

@@ -604,10 +604,7 @@ impl GroupCommitWriter {
                 }
                 let view = room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
                     .ok_or_else(ApiError::room_not_found)?;
-                Effect::Done(Box::new(move |hub| {
-                    announce_room(hub, &view);
-                    let _ = reply.send(Ok(view));
-                }))
+                announce_and_reply(view, reply)
             }
             Op::AddMember {
                 room,
@@ -633,10 +630,7 @@ impl GroupCommitWriter {
                         .ok_or_else(ApiError::room_not_found)
                 })();
                 match result {
-                    Ok(view) => Effect::Done(Box::new(move |hub| {
-                        announce_room(hub, &view);
-                        let _ = reply.send(Ok(view));
-                    })),
+                    Ok(view) => announce_and_reply(view, reply),
                     Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
                     Err(e) => return Err(e),
                 }
@@ -899,6 +893,15 @@ fn fail_origin(origin: Origin, err: &ApiError, client_id: &str, room: RoomId) {
             ));
         }
     }
+}
+
+/// After a commit that created or changed a room: tell its members, then
+/// answer the caller with it.
+fn announce_and_reply(view: Room, reply: Reply<Room>) -> Effect {
+    Effect::Done(Box::new(move |hub| {
+        announce_room(hub, &view);
+        let _ = reply.send(Ok(view));
+    }))
 }
 
 /// Tells every member's sessions about a room they are in (new or changed).
