@@ -282,14 +282,24 @@ impl Store {
                 continue;
             };
             let last = last_message(&messages, room)?;
-            let read_seq = match members.get((room.0, user.0))? {
-                Some(g) => decode::<MemberRecord>(g.value(), "member")?.read_seq,
-                None => 0,
-            };
+            // Every member's read position: the caller's gives `unread`, the
+            // others' let a client show read ticks right after a reload.
+            let mut reads = serde_json::Map::new();
+            let mut read_seq = 0;
+            for entry in members.range((room.0, 0)..=(room.0, u64::MAX))? {
+                let (k, g) = entry?;
+                let member = k.value().1;
+                let seq = decode::<MemberRecord>(g.value(), "member")?.read_seq;
+                if member == user.0 {
+                    read_seq = seq;
+                }
+                reads.insert(UserId(member).to_string(), seq.into());
+            }
             let activity = last.as_ref().map(|m| m.ts).unwrap_or(view.created_at);
             let mut v = serde_json::to_value(&view).map_err(ApiError::internal)?;
             v["last_message"] = serde_json::to_value(&last).map_err(ApiError::internal)?;
             v["unread"] = view.last_seq.saturating_sub(read_seq).into();
+            v["reads"] = reads.into();
             out.push((activity, v));
         }
         out.sort_by_key(|x| std::cmp::Reverse(x.0));

@@ -914,4 +914,25 @@ fn announce_room(hub: &Hub, room: &Room) {
     for m in &room.members {
         hub.send_to_user(m.id, &frame, None);
     }
+    // A new direct chat: each side learns whether the other is online now
+    // (later changes arrive as they happen).
+    if room.kind == "direct" {
+        for a in &room.members {
+            for b in room.members.iter().filter(|b| b.id != a.id) {
+                if hub.is_online(b.id) {
+                    let presence = OutFrame {
+                        bytes: ServerFrame::Presence {
+                            user: b.id,
+                            online: true,
+                            last_seen: None,
+                        }
+                        .to_bytes(),
+                        room_seq: None,
+                        pong: false,
+                    };
+                    hub.send_to_user(a.id, &presence, None);
+                }
+            }
+        }
+    }
 }

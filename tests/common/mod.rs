@@ -5,6 +5,8 @@
 //! Everything here follows `docs/PROTOCOL.md`; nothing peeks into the server.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
@@ -66,7 +68,7 @@ impl Server {
     pub fn start_in(dir: TempDir, settings: &[&str]) -> Server {
         let settings: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
         let log = Arc::new(Mutex::new(VecDeque::new()));
-        let (child, addr) = spawn_server(dir.path(), &settings, &log);
+        let (child, addr) = spawn_server(dir.path(), &settings, &log, "127.0.0.1:0");
         Server {
             addr,
             child: Some(child),
@@ -138,7 +140,20 @@ impl Server {
             self.child.is_none(),
             "restart() while the server is running"
         );
-        let (child, addr) = spawn_server(self.dir.path(), &self.settings, &self.log);
+        let (child, addr) = spawn_server(self.dir.path(), &self.settings, &self.log, "127.0.0.1:0");
+        self.child = Some(child);
+        self.addr = addr;
+    }
+
+    /// Like [`Server::restart`], on the same address: clients that reconnect
+    /// by themselves (the browser UI) find the server again.
+    pub fn restart_same_port(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "restart_same_port() while the server is running"
+        );
+        let listen = self.addr.to_string();
+        let (child, addr) = spawn_server(self.dir.path(), &self.settings, &self.log, &listen);
         self.child = Some(child);
         self.addr = addr;
     }
@@ -196,11 +211,12 @@ fn spawn_server(
     data_dir: &Path,
     settings: &[String],
     log: &Arc<Mutex<VecDeque<String>>>,
+    listen: &str,
 ) -> (Child, SocketAddr) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
     cmd.arg("serve")
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--data-dir")
         .arg(data_dir);
     for s in settings {
@@ -577,7 +593,8 @@ impl Api {
 // WebSocket client
 // ---------------------------------------------------------------------------
 
-struct SpawnExecutor;
+/// Runs hyper's background connection tasks on tokio (shared with `browser`).
+pub(crate) struct SpawnExecutor;
 
 impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
 where
