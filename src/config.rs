@@ -25,6 +25,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub store: StoreConfig,
+    pub search: SearchConfig,
     /// Things worth telling the operator (e.g. an unknown `CONFAB_*`
     /// variable, which may be a typo); logged at start-up.
     #[serde(skip)]
@@ -74,6 +75,13 @@ pub struct StoreConfig {
     pub writer_queue: usize,
     pub quick_repair: bool,
     pub cache_mb: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchConfig {
+    pub search_enabled: bool,
+    pub index_commit_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

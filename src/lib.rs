@@ -10,6 +10,7 @@ pub mod error;
 pub mod frames;
 pub mod hub;
 pub mod ids;
+pub mod search;
 pub mod server;
 pub mod store;
 pub mod telemetry;

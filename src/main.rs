@@ -29,6 +29,9 @@ enum Command {
     /// Load-test a running server: the seed's stepped test (`--steps seed`),
     /// a single step (`--users N --rate R`), or idle connections (`--idle N`).
     Bench(bench::BenchArgs),
+    /// Rebuild the message search index from the store (the server must
+    /// not be running on this data directory).
+    Reindex(ServeArgs),
 }
 
 #[derive(Args, Default)]
@@ -77,19 +80,75 @@ fn main() -> ExitCode {
     match command {
         Command::Serve(args) => run_serve(args),
         Command::Bench(args) => bench::run(args),
+        Command::Reindex(args) => run_reindex(args),
+    }
+}
+
+fn load_config(args: &ServeArgs) -> Result<config::Config, ExitCode> {
+    args.overrides()
+        .and_then(|ov| config::Config::load(&ov).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            eprintln!("confab: {e}");
+            ExitCode::from(2)
+        })
+}
+
+/// `confab reindex`: drop the search index and index every stored message,
+/// with a progress line on stderr.
+fn run_reindex(args: ServeArgs) -> ExitCode {
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let dir = &config.server.data_dir;
+    let result = (|| -> Result<u64, String> {
+        let store = confab::store::Store::open_with_cache(dir, config.store.cache_mb << 20)
+            .map_err(|e| format!("{e} (is a server running on this data directory?)"))?;
+        confab::search::SearchIndex::remove(dir)?;
+        let total = store.feed.committed();
+        let index = std::sync::Arc::new(confab::search::SearchIndex::open(dir, total)?);
+        let indexer =
+            confab::search::Indexer::new(index, store, std::time::Duration::from_secs(5))?;
+        let started = std::time::Instant::now();
+        let mut last = std::time::Instant::now() - std::time::Duration::from_secs(1);
+        let n = indexer.catch_up(|done, total| {
+            if last.elapsed().as_millis() >= 200 || done == total {
+                last = std::time::Instant::now();
+                let pct = if total == 0 {
+                    100.0
+                } else {
+                    done as f64 * 100.0 / total as f64
+                };
+                let width = 30usize;
+                let filled = ((pct / 100.0) * width as f64) as usize;
+                eprint!(
+                    "\rindexing [{}{}] {done}/{total} messages ({pct:.0}%)",
+                    "#".repeat(filled),
+                    " ".repeat(width - filled.min(width))
+                );
+            }
+        })?;
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!();
+        eprintln!(
+            "indexed {n} messages in {secs:.1} s ({:.0} messages/s)",
+            n as f64 / secs.max(1e-9)
+        );
+        Ok(n)
+    })();
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("confab: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn run_serve(args: ServeArgs) -> ExitCode {
-    let config = match args
-        .overrides()
-        .and_then(|ov| config::Config::load(&ov).map_err(|e| e.to_string()))
-    {
+    let config = match load_config(&args) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("confab: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&config.server.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

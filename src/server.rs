@@ -19,6 +19,7 @@ use crate::api::{self, AppState, ConnectionSlot};
 use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::hub::{Hub, close};
+use crate::search::{Indexer, SearchIndex};
 use crate::store::Store;
 use crate::store::writer::{GroupCommitWriter, Op};
 
@@ -41,6 +42,22 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
     )
     .map_err(|e| format!("cannot start the writer thread: {e}"))?;
 
+    // Search: open (or rebuild) the index and start the indexer, which first
+    // catches up with whatever the store has that the index lacks.
+    let search = if config.search.search_enabled {
+        let index = Arc::new(SearchIndex::open(&data_dir, store.feed.committed())?);
+        let indexer = Indexer::new(
+            index.clone(),
+            store.clone(),
+            Duration::from_millis(config.search.index_commit_ms.max(1)),
+        )?
+        .spawn()
+        .map_err(|e| format!("cannot start the indexer thread: {e}"))?;
+        Some((index, indexer))
+    } else {
+        None
+    };
+
     let (soft, hard) = crate::telemetry::raise_nofile_limit();
     tracing::info!(soft, hard, "open-file limit");
     let listener = TcpListener::bind(config.server.listen)
@@ -60,6 +77,7 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         shutdown: shutdown_rx,
         next_session: AtomicU64::new(1),
         open_connections: AtomicUsize::new(0),
+        search: search.as_ref().map(|(index, _)| index.clone()),
     });
 
     // The one line tests and scripts wait for.
@@ -110,6 +128,12 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
     let _ = writer.submit(Op::Stop).await;
     drop(writer);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    if let Some((index, indexer)) = search {
+        // Index what was committed, so the next start has nothing to catch up.
+        index.status.stop.store(true, Ordering::Release);
+        state.store.feed.nudge();
+        let _ = tokio::task::spawn_blocking(move || indexer.join()).await;
+    }
     tracing::info!("bye");
     Ok(())
 }

@@ -584,13 +584,29 @@ async fn older_history_loads_on_scroll_and_panels_answer() {
     let expected: Vec<String> = (1..=130).map(|i| format!("old {i}")).collect();
     assert_eq!(texts, expected);
 
-    // The search box asks the server and shows its answer (hits, or why not).
-    a.fill("textbox", "Search", "old").await;
+    // Search: one hit with the words marked; clicking it opens the chat
+    // scrolled to that (old) message.
+    let deadline = Instant::now() + WAIT;
+    while api.get("/api/v1/search?q=old%207", &alice.token).await.1["total"] != 1 {
+        assert!(Instant::now() < deadline, "message not indexed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.fill("textbox", "Search", "old 7").await;
     a.wait_for(
-        "document.querySelector('.results .hits li') || document.querySelector('.results [role=alert]')?.textContent.startsWith('Search is not available:')",
+        "document.querySelectorAll('.results .hits li').length === 1 && [...document.querySelectorAll('.results mark')].map(m => m.textContent).join(',') === 'old,7'",
         WAIT,
     )
     .await;
+    a.screenshot(shots().join("search-light-desktop.png")).await;
+    a.click("button", &format!("{} — old 7", bob.username))
+        .await;
+    a.wait_for(
+        "document.querySelector('.log [data-seq=\"7\"]')?.classList.contains('flash')",
+        WAIT,
+    )
+    .await;
+    wait_text(&a, "old 7", WAIT).await;
+    a.focus("textbox", "Search").await;
     a.press("Escape").await;
     a.wait_for("!document.querySelector('.rooms').hidden", WAIT)
         .await;

@@ -7,6 +7,7 @@ mod accounts;
 mod assets;
 mod messages;
 mod rooms;
+mod search;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -44,6 +45,8 @@ pub struct AppState {
     /// Open TCP connections, HTTP and upgraded WebSocket alike (see
     /// [`ConnectionSlot`]); bounded by `max_connections`.
     pub open_connections: std::sync::atomic::AtomicUsize,
+    /// The message search index (None when `search_enabled` is off).
+    pub search: Option<Arc<crate::search::SearchIndex>>,
 }
 
 /// Counts one open connection while alive. The HTTP connection task holds
@@ -139,6 +142,7 @@ async fn route(
             ["logout"] => on!("/logout", m == Method::POST, accounts::logout(state, req)),
             ["me"] => on!("/me", get, accounts::me(state, req)),
             ["users"] => on!("/users", get, accounts::search_users(state, req)),
+            ["search"] => on!("/search", get, search::search(state, req)),
             ["contacts"] => match m {
                 Method::GET => ("/contacts", accounts::contacts(state, req).await),
                 Method::POST => ("/contacts", accounts::add_contact(state, req).await),

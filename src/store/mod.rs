@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::ids::{RoomId, UserId};
 
-pub const SCHEMA_VERSION: u64 = 1;
+/// 1: first release. 2: adds `message_log` (filled from `messages` on upgrade).
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// redb's page cache when no size is configured (see `cache_mb`).
 pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
@@ -44,6 +45,9 @@ pub const REVOKED: TableDefinition<&str, i64> = TableDefinition::new("revoked_to
 pub const LAST_SEEN: TableDefinition<u64, i64> = TableDefinition::new("last_seen");
 /// "schema_version" → u64
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// log position → (room, seq): every stored message in commit order, so a
+/// derived index (search) can say "indexed up to position N" and catch up.
+pub const MESSAGE_LOG: TableDefinition<u64, (u64, u64)> = TableDefinition::new("message_log");
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserRecord {
@@ -140,6 +144,48 @@ pub struct Room {
 #[derive(Clone)]
 pub struct Store {
     pub db: Arc<Database>,
+    /// How far `message_log` is committed; the writer publishes, the search
+    /// indexer waits on it.
+    pub feed: Arc<CommitFeed>,
+}
+
+/// The highest committed `message_log` position, with a wake-up for waiters.
+#[derive(Default)]
+pub struct CommitFeed {
+    committed: std::sync::atomic::AtomicU64,
+    lock: std::sync::Mutex<()>,
+    wake: std::sync::Condvar,
+}
+
+impl CommitFeed {
+    pub fn committed(&self) -> u64 {
+        self.committed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Called by the writer after a durable commit.
+    pub fn publish(&self, pos: u64) {
+        self.committed
+            .fetch_max(pos, std::sync::atomic::Ordering::AcqRel);
+        let _guard = self.lock.lock();
+        self.wake.notify_all();
+    }
+
+    /// Wakes up other waiters (e.g. to stop) without a new position.
+    pub fn nudge(&self) {
+        let _guard = self.lock.lock();
+        self.wake.notify_all();
+    }
+
+    /// Waits until the committed position passes `pos`, or `timeout`.
+    pub fn wait_beyond(&self, pos: u64, timeout: std::time::Duration) {
+        let Ok(guard) = self.lock.lock() else {
+            return;
+        };
+        if self.committed() > pos {
+            return;
+        }
+        let _ = self.wake.wait_timeout(guard, timeout);
+    }
 }
 
 pub fn now_ms() -> i64 {
@@ -180,6 +226,23 @@ impl Store {
                         .map_err(|e| e.to_string())?;
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
+                Some(1) => {
+                    // 1 → 2: number every stored message, in (room, seq) order.
+                    let messages = txn.open_table(MESSAGES).map_err(|e| e.to_string())?;
+                    let mut log = txn.open_table(MESSAGE_LOG).map_err(|e| e.to_string())?;
+                    let mut pos = 0u64;
+                    for entry in messages
+                        .range::<(u64, u64)>(..)
+                        .map_err(|e| e.to_string())?
+                    {
+                        let (k, _) = entry.map_err(|e| e.to_string())?;
+                        pos += 1;
+                        log.insert(pos, k.value()).map_err(|e| e.to_string())?;
+                    }
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(|e| e.to_string())?;
+                    tracing::info!(messages = pos, "store upgraded from schema 1 to 2");
+                }
                 Some(v) => {
                     return Err(format!(
                         "{} has schema version {v}, this confab understands {SCHEMA_VERSION}",
@@ -194,10 +257,21 @@ impl Store {
             touch!(USERNAMES, REVOKED);
             touch!(CONTACTS, MEMBERS, USER_ROOMS);
             touch!(CLIENT_IDS);
-            touch!(LAST_SEEN);
+            touch!(LAST_SEEN, MESSAGE_LOG);
         }
         txn.commit().map_err(|e| e.to_string())?;
-        Ok(Store { db: Arc::new(db) })
+        let feed = Arc::new(CommitFeed::default());
+        {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            let log = txn.open_table(MESSAGE_LOG).map_err(|e| e.to_string())?;
+            if let Some((k, _)) = log.last().map_err(|e| e.to_string())? {
+                feed.publish(k.value());
+            }
+        }
+        Ok(Store {
+            db: Arc::new(db),
+            feed,
+        })
     }
 
     fn read(&self) -> Result<redb::ReadTransaction, ApiError> {
@@ -265,6 +339,51 @@ impl Store {
         let txn = self.read()?;
         check_member(&txn, room, user)?;
         room_in(&txn, room)?.ok_or_else(ApiError::room_not_found)
+    }
+
+    /// Up to `max` logged messages after log position `after`, in log order.
+    pub fn log_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Message)>, ApiError> {
+        let txn = self.read()?;
+        let log = txn.open_table(MESSAGE_LOG)?;
+        let messages = txn.open_table(MESSAGES)?;
+        let mut out = Vec::with_capacity(max.min(4096));
+        for entry in log.range(after.saturating_add(1)..)? {
+            if out.len() >= max {
+                break;
+            }
+            let (k, v) = entry?;
+            let (room, seq) = v.value();
+            if let Some(g) = messages.get((room, seq))? {
+                let rec: MessageRecord = decode(g.value(), "message")?;
+                out.push((k.value(), Message::from_record(RoomId(room), seq, rec)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored messages at these keys (missing ones are skipped).
+    pub fn messages_at(&self, keys: &[(RoomId, u64)]) -> Result<Vec<Message>, ApiError> {
+        let txn = self.read()?;
+        let messages = txn.open_table(MESSAGES)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for &(room, seq) in keys {
+            if let Some(g) = messages.get((room.0, seq))? {
+                let rec: MessageRecord = decode(g.value(), "message")?;
+                out.push(Message::from_record(room, seq, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The rooms `user` is a member of.
+    pub fn room_ids_of(&self, user: UserId) -> Result<Vec<RoomId>, ApiError> {
+        let txn = self.read()?;
+        let user_rooms = txn.open_table(USER_ROOMS)?;
+        let mut out = Vec::new();
+        for entry in user_rooms.range((user.0, 0)..=(user.0, u64::MAX))? {
+            out.push(RoomId(entry?.0.value().1));
+        }
+        Ok(out)
     }
 
     /// Every room of `user`, with its last message and the user's unread count,

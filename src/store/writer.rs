@@ -162,6 +162,7 @@ struct Tables<'t> {
     client_ids: Table<'t, (u64, u64, &'static str), u64>,
     revoked: Table<'t, &'static str, i64>,
     last_seen: Table<'t, u64, i64>,
+    message_log: Table<'t, u64, (u64, u64)>,
 }
 
 /// What the writer caches between batches. Only the writer changes the
@@ -172,6 +173,8 @@ struct WriterState {
     seqs: HashMap<RoomId, u64>,
     /// Members per room (sorted), shared with fan-out.
     members: HashMap<RoomId, Arc<[UserId]>>,
+    /// Last `message_log` position used (None: read it from the table).
+    log_pos: Option<u64>,
 }
 
 /// Bounds on the writer's caches (entries); past them a cache starts over
@@ -274,7 +277,12 @@ impl GroupCommitWriter {
         metrics::histogram!("confab_commit_batch_size").record(n as f64);
         metrics::histogram!("confab_commit_duration_seconds").record(commit_secs);
         match result {
-            Ok(()) => self.deliver(effects),
+            Ok(()) => {
+                if let Some(pos) = self.state.log_pos {
+                    self.store.feed.publish(pos);
+                }
+                self.deliver(effects)
+            }
             Err(e) => {
                 tracing::error!(error = %e, ops = n, "commit failed; the batch is rejected");
                 metrics::counter!("confab_commit_failures_total").increment(1);
@@ -318,6 +326,7 @@ impl GroupCommitWriter {
                 client_ids: txn.open_table(CLIENT_IDS)?,
                 revoked: txn.open_table(REVOKED)?,
                 last_seen: txn.open_table(LAST_SEEN)?,
+                message_log: txn.open_table(MESSAGE_LOG)?,
             };
             for op in batch.drain(..) {
                 let effect = self.apply(op, &mut t)?;
@@ -373,6 +382,15 @@ impl GroupCommitWriter {
         }
         self.state.seqs.insert(room, last);
         Ok(last)
+    }
+
+    fn next_log_pos(&mut self, t: &Tables) -> Result<u64, ApiError> {
+        let last = match self.state.log_pos {
+            Some(p) => p,
+            None => t.message_log.last()?.map(|(k, _)| k.value()).unwrap_or(0),
+        };
+        self.state.log_pos = Some(last + 1);
+        Ok(last + 1)
     }
 
     fn next_seq(&mut self, t: &Tables, room: RoomId) -> Result<u64, ApiError> {
@@ -431,6 +449,8 @@ impl GroupCommitWriter {
                     text,
                 };
                 t.messages.insert((room.0, seq), encode(&rec).as_slice())?;
+                let pos = self.next_log_pos(t)?;
+                t.message_log.insert(pos, (room.0, seq))?;
                 t.client_ids
                     .insert((room.0, from.0, rec.client_id.as_str()), seq)?;
                 self.pending_reads.insert((room, from), seq);

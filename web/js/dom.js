@@ -159,6 +159,22 @@ export function appendHighlighted(el, text, terms) {
   if (i < text.length) el.append(text.slice(i));
 }
 
+/**
+ * Appends `text` to `el` with the `[start, end)` character ranges (Unicode
+ * characters, as the search API gives them) wrapped in <mark>.
+ */
+export function appendRanges(el, text, ranges) {
+  const chars = Array.from(text);
+  let at = 0;
+  for (const [start, end] of ranges) {
+    if (start < at || end > chars.length || start >= end) continue;
+    if (start > at) el.append(chars.slice(at, start).join(''));
+    el.append(h('mark', null, chars.slice(start, end).join('')));
+    at = end;
+  }
+  if (at < chars.length) el.append(chars.slice(at).join(''));
+}
+
 /** Debounces `fn` by `ms`. */
 export function debounce(fn, ms) {
   let timer = null;

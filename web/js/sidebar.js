@@ -2,7 +2,7 @@
 // box with its results, and the conversation list (last activity first, with
 // preview, time, unread badge and an online dot for direct chats).
 
-import { appendHighlighted, avatar, debounce, fmtListTime, fmtMoney, h, setChildren } from './dom.js';
+import { appendHighlighted, appendRanges, avatar, debounce, fmtListTime, fmtMoney, h, setChildren } from './dom.js';
 import { t } from './i18n.js';
 import { explain } from './api.js';
 import { paymentOf } from './chat.js';
@@ -189,13 +189,14 @@ export class Sidebar {
         hits.map((hit) => {
           const room = this.model.rooms.get(hit.room);
           const snippet = h('span', { class: 'snippet', dir: 'auto' });
-          appendHighlighted(snippet, hit.snippet || hit.text || '', terms);
+          if (Array.isArray(hit.highlights)) appendRanges(snippet, hit.snippet || '', hit.highlights);
+          else appendHighlighted(snippet, hit.snippet || hit.text || '', terms);
           return h(
             'li',
             null,
             h(
               'button',
-              { type: 'button', class: 'hit', onclick: () => this.app.openRoom(hit.room, hit.seq) },
+              { type: 'button', class: 'hit', 'aria-label': `${room ? this.model.title(room) : hit.room} — ${hit.snippet || hit.text || ''}`, onclick: () => this.app.openRoom(hit.room, hit.seq) },
               h('span', { class: 'room-top' }, h('span', { class: 'room-name' }, room ? this.model.title(room) : hit.room), h('time', { class: 'room-time' }, fmtListTime(hit.ts))),
               h('span', { class: 'hit-from' }, `${this.model.name(hit.from)}: `, snippet),
             ),

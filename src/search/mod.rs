@@ -1,0 +1,613 @@
+//! Message search: a tantivy index in `<data_dir>/search/`, derived from the
+//! store and never trusted over it.
+//!
+//! - **Feeding.** Every stored message has a `message_log` position. The
+//!   [`Indexer`] thread waits on the store's [`CommitFeed`](crate::store::CommitFeed),
+//!   reads newly committed messages from redb, adds them, and commits the
+//!   index about every `index_commit_ms` (at once when it was idle), with the
+//!   last indexed position in the commit payload; the reader is reloaded
+//!   right after each commit (`ReloadPolicy::Manual`).
+//! - **Recovery.** On open the payload says where to resume; a missing,
+//!   unreadable or foreign index (or one ahead of the store) is deleted and
+//!   rebuilt from redb. `confab reindex` does the same on demand.
+//! - **Authorization.** A query is always intersected with a
+//!   `BooleanQuery` of `TermQuery`s on the caller's current rooms.
+//! - **Analysis.** [`analyzer`] (Korean bigrams + first syllable, English
+//!   stemming), registered on every open.
+
+pub mod analyzer;
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tantivy::collector::{Count, TopDocs};
+use tantivy::query::{BooleanQuery, BoostQuery, Occur, PhraseQuery, Query, RangeQuery, TermQuery};
+use tantivy::schema::{
+    FAST, Field, INDEXED, IndexRecordOption, Schema, TextFieldIndexing, TextOptions,
+};
+use tantivy::snippet::SnippetGenerator;
+use tantivy::tokenizer::TextAnalyzer;
+use tantivy::{
+    DocAddress, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term,
+};
+
+use crate::error::ApiError;
+use crate::ids::{RoomId, UserId};
+use crate::store::{Message, Store, now_ms};
+use analyzer::{ANALYZER, ConfabTokenizer, Mode};
+
+/// Written into every commit payload; a different value means "rebuild".
+const FORMAT: &str = "confab-search-1";
+/// Messages read from redb per indexing step.
+const READ_CHUNK: usize = 5000;
+/// Index writer memory budget.
+const WRITER_BYTES: usize = 64 << 20;
+/// Longest snippet, in characters.
+const SNIPPET_CHARS: usize = 160;
+/// Deepest page: offset + limit may not exceed this.
+pub const MAX_WINDOW: usize = 1000;
+
+#[derive(Clone, Copy)]
+struct Fields {
+    room: Field,
+    seq: Field,
+    from: Field,
+    ts: Field,
+    text: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    let room = b.add_u64_field("room", INDEXED | FAST);
+    let seq = b.add_u64_field("seq", FAST);
+    let from = b.add_u64_field("from", INDEXED | FAST);
+    let ts = b.add_i64_field("ts", INDEXED | FAST);
+    let text_opts = TextOptions::default().set_indexing_options(
+        TextFieldIndexing::default()
+            .set_tokenizer(ANALYZER)
+            .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+    );
+    let text = b.add_text_field("text", text_opts);
+    (
+        b.build(),
+        Fields {
+            room,
+            seq,
+            from,
+            ts,
+            text,
+        },
+    )
+}
+
+/// Progress and health of the index, shared by the indexer, the API and metrics.
+#[derive(Default)]
+pub struct IndexStatus {
+    /// Last `message_log` position searchable (committed and reloaded).
+    pub indexed: AtomicU64,
+    /// When the index last had everything committed in the store (ms).
+    pub caught_up_at: AtomicI64,
+    pub stop: AtomicBool,
+}
+
+/// The open index: searched by API handlers, fed by the [`Indexer`].
+pub struct SearchIndex {
+    index: Index,
+    reader: IndexReader,
+    fields: Fields,
+    tokenizer: ConfabTokenizer,
+    dir: PathBuf,
+    pub status: Arc<IndexStatus>,
+}
+
+/// `GET /api/v1/search` parameters, validated.
+pub struct SearchRequest {
+    pub q: String,
+    pub room: Option<RoomId>,
+    pub from: Option<UserId>,
+    pub after: Option<i64>,
+    pub before: Option<i64>,
+    pub by_time: bool,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+#[derive(Serialize)]
+pub struct Hit {
+    pub room: RoomId,
+    pub seq: u64,
+    pub from: UserId,
+    pub ts: i64,
+    pub text: String,
+    pub snippet: String,
+    /// `[start, end)` character offsets in `snippet` of the matched terms.
+    pub highlights: Vec<[usize; 2]>,
+}
+
+#[derive(Serialize)]
+pub struct SearchResponse {
+    pub hits: Vec<Hit>,
+    pub total: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_offset: Option<usize>,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl SearchIndex {
+    /// Opens `<data_dir>/search`, creating or rebuilding it when needed.
+    /// `store_pos` is the store's last logged position: an index that claims
+    /// more (an older store put back) is rebuilt.
+    pub fn open(data_dir: &Path, store_pos: u64) -> Result<SearchIndex, String> {
+        let dir = data_dir.join("search");
+        match Self::try_open(&dir, store_pos) {
+            Ok(ix) => Ok(ix),
+            Err(why) => {
+                if dir.exists() {
+                    tracing::warn!(reason = %why, "search index unusable; rebuilding it from the store");
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+                }
+                Self::create(&dir)
+            }
+        }
+    }
+
+    /// Deletes the index directory (for `confab reindex`).
+    pub fn remove(data_dir: &Path) -> Result<(), String> {
+        let dir = data_dir.join("search");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    fn try_open(dir: &Path, store_pos: u64) -> Result<SearchIndex, String> {
+        if !dir.join("meta.json").exists() {
+            return Err("no index yet".into());
+        }
+        let index = Index::open_in_dir(dir).map_err(err)?;
+        let (expected, _) = schema();
+        if index.schema() != expected {
+            return Err("schema differs".into());
+        }
+        let metas = index.load_metas().map_err(err)?;
+        let pos = match metas.payload.as_deref().map(parse_payload) {
+            Some(Some(pos)) => pos,
+            None if metas.segments.is_empty() => 0,
+            _ => return Err("missing or foreign commit payload".into()),
+        };
+        if pos > store_pos {
+            return Err(format!("index is ahead of the store ({pos} > {store_pos})"));
+        }
+        let ix = Self::wrap(index, dir)?;
+        // Every segment must be readable.
+        ix.reader.searcher().segment_readers();
+        ix.status.indexed.store(pos, Ordering::Release);
+        Ok(ix)
+    }
+
+    fn create(dir: &Path) -> Result<SearchIndex, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let (schema, _) = schema();
+        let index = Index::create_in_dir(dir, schema).map_err(err)?;
+        Self::wrap(index, dir)
+    }
+
+    fn wrap(index: Index, dir: &Path) -> Result<SearchIndex, String> {
+        let tokenizer = ConfabTokenizer::default();
+        // Tokenizers are not persisted: register on every open.
+        index
+            .tokenizers()
+            .register(ANALYZER, TextAnalyzer::from(tokenizer.clone()));
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(err)?;
+        let (_, fields) = schema();
+        Ok(SearchIndex {
+            index,
+            reader,
+            fields,
+            tokenizer,
+            dir: dir.to_path_buf(),
+            status: Arc::new(IndexStatus::default()),
+        })
+    }
+
+    /// Bytes on disk.
+    pub fn size_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The query for one word or quoted phrase (None: nothing searchable in it).
+    fn clause(&self, text: &str, phrase: bool) -> Option<Box<dyn Query>> {
+        let terms = self.tokenizer.analyze(text, Mode::Query);
+        let f = self.fields.text;
+        match terms.len() {
+            0 => None,
+            1 => Some(Box::new(TermQuery::new(
+                Term::from_field_text(f, &terms[0].text),
+                IndexRecordOption::WithFreqsAndPositions,
+            ))),
+            _ => {
+                let base = terms[0].position;
+                let list = terms
+                    .iter()
+                    .map(|t| (t.position - base, Term::from_field_text(f, &t.text)))
+                    .collect();
+                // Inside a word, bigrams must be adjacent; across the words of
+                // a quoted phrase, allow a Korean particle's extra bigram.
+                let slop = if phrase && text.split_whitespace().count() > 1 {
+                    2
+                } else {
+                    0
+                };
+                Some(Box::new(PhraseQuery::new_with_offset_and_slop(list, slop)))
+            }
+        }
+    }
+
+    /// The text part of a query: every word and every quoted phrase must match.
+    fn text_query(&self, q: &str) -> Option<BooleanQuery> {
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        for (i, part) in q.split('"').enumerate() {
+            let quoted = i % 2 == 1;
+            if quoted {
+                if let Some(c) = self.clause(part, true) {
+                    clauses.push((Occur::Must, c));
+                }
+            } else {
+                for word in part.split_whitespace() {
+                    if let Some(c) = self.clause(word, false) {
+                        clauses.push((Occur::Must, c));
+                    }
+                }
+            }
+        }
+        if clauses.is_empty() {
+            None
+        } else {
+            Some(BooleanQuery::new(clauses))
+        }
+    }
+
+    /// Runs a search over `rooms` (the caller's rooms), reading texts from `store`.
+    pub fn search(
+        &self,
+        store: &Store,
+        req: &SearchRequest,
+        rooms: &[RoomId],
+    ) -> Result<SearchResponse, ApiError> {
+        let started = Instant::now();
+        let Some(text_q) = self.text_query(&req.q) else {
+            return Err(ApiError::bad_request(
+                "bad_request",
+                "the query has no searchable words (only punctuation?)",
+            ));
+        };
+        let rooms: Vec<RoomId> = match req.room {
+            Some(r) if rooms.contains(&r) => vec![r],
+            Some(_) => return Err(ApiError::not_a_member()),
+            None => rooms.to_vec(),
+        };
+        if rooms.is_empty() {
+            return Ok(SearchResponse {
+                hits: Vec::new(),
+                total: 0,
+                next_offset: None,
+            });
+        }
+        let f = self.fields;
+        let room_filter = BooleanQuery::new(
+            rooms
+                .iter()
+                .map(|r| {
+                    let q: Box<dyn Query> = Box::new(TermQuery::new(
+                        Term::from_field_u64(f.room, r.0),
+                        IndexRecordOption::Basic,
+                    ));
+                    (Occur::Should, q)
+                })
+                .collect(),
+        );
+        let mut all: Vec<(Occur, Box<dyn Query>)> = vec![
+            (Occur::Must, Box::new(text_q.clone())),
+            // Authorization filter: adds nothing to the score.
+            (
+                Occur::Must,
+                Box::new(BoostQuery::new(Box::new(room_filter), 0.0)),
+            ),
+        ];
+        if let Some(from) = req.from {
+            let q = TermQuery::new(
+                Term::from_field_u64(f.from, from.0),
+                IndexRecordOption::Basic,
+            );
+            all.push((Occur::Must, Box::new(BoostQuery::new(Box::new(q), 0.0))));
+        }
+        if req.after.is_some() || req.before.is_some() {
+            let lo = req.after.map_or(Bound::Unbounded, |t| {
+                Bound::Included(Term::from_field_i64(f.ts, t))
+            });
+            let hi = req.before.map_or(Bound::Unbounded, |t| {
+                Bound::Excluded(Term::from_field_i64(f.ts, t))
+            });
+            all.push((
+                Occur::Must,
+                Box::new(BoostQuery::new(Box::new(RangeQuery::new(lo, hi)), 0.0)),
+            ));
+        }
+        let query = BooleanQuery::new(all);
+        let searcher = self.reader.searcher();
+        let top = TopDocs::with_limit(req.limit).and_offset(req.offset);
+        let (addrs, total): (Vec<DocAddress>, usize) = if req.by_time {
+            let (docs, total) = searcher
+                .search(
+                    &query,
+                    &(top.order_by_fast_field::<i64>("ts", Order::Desc), Count),
+                )
+                .map_err(ApiError::internal)?;
+            (docs.into_iter().map(|(_, a)| a).collect(), total)
+        } else {
+            // Relevance first; among equal scores the newer message wins.
+            let by_score = top.tweak_score(|seg: &tantivy::SegmentReader| {
+                let ts = seg
+                    .fast_fields()
+                    .i64("ts")
+                    .ok()
+                    .map(|c| c.first_or_default_col(0));
+                move |doc: tantivy::DocId, score: tantivy::Score| {
+                    (score, ts.as_ref().map(|c| c.get_val(doc)).unwrap_or(0))
+                }
+            });
+            let (docs, total) = searcher
+                .search(&query, &(by_score, Count))
+                .map_err(ApiError::internal)?;
+            (docs.into_iter().map(|(_, a)| a).collect(), total)
+        };
+        let mut keys = Vec::with_capacity(addrs.len());
+        for addr in &addrs {
+            let ff = searcher.segment_reader(addr.segment_ord).fast_fields();
+            let room = ff
+                .u64("room")
+                .map_err(ApiError::internal)?
+                .first_or_default_col(0);
+            let seq = ff
+                .u64("seq")
+                .map_err(ApiError::internal)?
+                .first_or_default_col(0);
+            keys.push((RoomId(room.get_val(addr.doc_id)), seq.get_val(addr.doc_id)));
+        }
+        let messages = store.messages_at(&keys)?;
+        let mut snippets =
+            SnippetGenerator::create(&searcher, &text_q, f.text).map_err(ApiError::internal)?;
+        snippets.set_max_num_chars(SNIPPET_CHARS);
+        let hits = messages
+            .into_iter()
+            .map(|m| {
+                let s = snippets.snippet(&m.text);
+                let (snippet, highlights) = char_highlights(s.fragment(), s.highlighted());
+                let (snippet, highlights) = if snippet.is_empty() {
+                    let head: String = m.text.chars().take(SNIPPET_CHARS).collect();
+                    (head, Vec::new())
+                } else {
+                    (snippet, highlights)
+                };
+                Hit {
+                    room: m.room,
+                    seq: m.seq,
+                    from: m.from,
+                    ts: m.ts,
+                    text: m.text,
+                    snippet,
+                    highlights,
+                }
+            })
+            .collect::<Vec<_>>();
+        let next = req.offset + hits.len();
+        let next_offset =
+            (next < total && next < MAX_WINDOW && hits.len() == req.limit).then_some(next);
+        metrics::histogram!("confab_search_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(SearchResponse {
+            hits,
+            total,
+            next_offset,
+        })
+    }
+}
+
+/// Byte ranges in `fragment` → merged `[start, end)` character ranges.
+fn char_highlights(fragment: &str, ranges: &[std::ops::Range<usize>]) -> (String, Vec<[usize; 2]>) {
+    let mut sorted: Vec<std::ops::Range<usize>> = ranges.to_vec();
+    sorted.sort_by_key(|r| r.start);
+    let mut merged: Vec<std::ops::Range<usize>> = Vec::new();
+    for r in sorted {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    let to_char = |b: usize| fragment.get(..b).map(|s| s.chars().count());
+    let out = merged
+        .iter()
+        .filter_map(|r| Some([to_char(r.start)?, to_char(r.end)?]))
+        .collect();
+    (fragment.to_string(), out)
+}
+
+fn parse_payload(p: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(p).ok()?;
+    if v.get("format")?.as_str()? != FORMAT {
+        return None;
+    }
+    v.get("pos")?.as_u64()
+}
+
+fn payload(pos: u64) -> String {
+    serde_json::json!({"format": FORMAT, "pos": pos}).to_string()
+}
+
+/// The thread that keeps the index up with the store.
+pub struct Indexer {
+    index: Arc<SearchIndex>,
+    store: Store,
+    writer: IndexWriter<TantivyDocument>,
+    commit_every: Duration,
+}
+
+impl Indexer {
+    pub fn new(
+        index: Arc<SearchIndex>,
+        store: Store,
+        commit_every: Duration,
+    ) -> Result<Indexer, String> {
+        let writer = index
+            .index
+            .writer_with_num_threads(1, WRITER_BYTES)
+            .map_err(err)?;
+        Ok(Indexer {
+            index,
+            store,
+            writer,
+            commit_every,
+        })
+    }
+
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("confab-indexer".into())
+            .spawn(move || {
+                self.run(|_, _| {});
+            })
+    }
+
+    /// Indexes everything in the store now, reporting `(done, total)`; for
+    /// `confab reindex`. Returns the number of messages indexed.
+    pub fn catch_up(self, progress: impl FnMut(u64, u64)) -> Result<u64, String> {
+        self.index.status.stop.store(true, Ordering::Release);
+        let start = self.index.status.indexed.load(Ordering::Acquire);
+        let end = self.run(progress);
+        Ok(end.saturating_sub(start))
+    }
+
+    /// The loop: read what the store committed, add it, commit on schedule.
+    /// With `stop` set it drains everything committed so far, commits and returns.
+    fn run(mut self, mut progress: impl FnMut(u64, u64)) -> u64 {
+        let status = self.index.status.clone();
+        let mut pos = status.indexed.load(Ordering::Acquire);
+        let mut pending = 0usize;
+        let mut last_commit = Instant::now() - self.commit_every;
+        let mut last_size = Instant::now() - Duration::from_secs(60);
+        loop {
+            let target = self.store.feed.committed();
+            let stopping = status.stop.load(Ordering::Acquire);
+            if target > pos {
+                match self.store.log_after(pos, READ_CHUNK) {
+                    Ok(batch) => {
+                        for (p, m) in &batch {
+                            if let Err(e) = self.writer.add_document(self.doc(m)) {
+                                tracing::error!(error = %e, "indexing a message failed");
+                            }
+                            pos = *p;
+                        }
+                        pending += batch.len();
+                        metrics::counter!("confab_search_indexed_total")
+                            .increment(batch.len() as u64);
+                        if batch.is_empty() {
+                            pos = target;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the message log failed");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+                progress(pos, target);
+            }
+            let caught_up = pos >= self.store.feed.committed();
+            let due = last_commit.elapsed() >= self.commit_every;
+            if pending > 0 && (due || (stopping && caught_up)) {
+                self.commit(pos);
+                pending = 0;
+                last_commit = Instant::now();
+            }
+            if caught_up && pending == 0 {
+                status.caught_up_at.store(now_ms(), Ordering::Release);
+            }
+            let lag = self
+                .store
+                .feed
+                .committed()
+                .saturating_sub(status.indexed.load(Ordering::Acquire));
+            metrics::gauge!("confab_search_index_lag_messages").set(lag as f64);
+            let lag_secs = if lag == 0 {
+                0.0
+            } else {
+                (now_ms() - status.caught_up_at.load(Ordering::Acquire)).max(0) as f64 / 1000.0
+            };
+            metrics::gauge!("confab_search_index_lag_seconds").set(lag_secs);
+            if last_size.elapsed() >= Duration::from_secs(10) {
+                metrics::gauge!("confab_search_index_bytes").set(self.index.size_bytes() as f64);
+                last_size = Instant::now();
+            }
+            if stopping && caught_up && pending == 0 {
+                return pos;
+            }
+            if caught_up {
+                let wait = if pending > 0 {
+                    self.commit_every.saturating_sub(last_commit.elapsed())
+                } else {
+                    Duration::from_secs(1)
+                };
+                self.store
+                    .feed
+                    .wait_beyond(pos, wait.max(Duration::from_millis(1)));
+            }
+        }
+    }
+
+    fn doc(&self, m: &Message) -> TantivyDocument {
+        let f = self.index.fields;
+        let mut d = TantivyDocument::default();
+        d.add_u64(f.room, m.room.0);
+        d.add_u64(f.seq, m.seq);
+        d.add_u64(f.from, m.from.0);
+        d.add_i64(f.ts, m.ts);
+        d.add_text(f.text, &m.text);
+        d
+    }
+
+    fn commit(&mut self, pos: u64) {
+        let started = Instant::now();
+        let result = self.writer.prepare_commit().and_then(|mut c| {
+            c.set_payload(&payload(pos));
+            c.commit()
+        });
+        match result.and_then(|_| self.index.reader.reload()) {
+            Ok(()) => {
+                self.index.status.indexed.store(pos, Ordering::Release);
+                metrics::histogram!("confab_search_commit_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+            }
+            Err(e) => tracing::error!(error = %e, "search index commit failed; will retry"),
+        }
+    }
+}

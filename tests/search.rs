@@ -1,0 +1,627 @@
+//! Message search over HTTP: Korean and English analysis (the labelled
+//! quality set in `tests/data/search_quality.json`, compared with tantivy's
+//! default tokenizer), phrases, filters, sorting, paging, snippets,
+//! authorization, freshness, and recovery of the index.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn search(api: &Api, token: &str, params: &[(&str, &str)]) -> (hyper::StatusCode, Value) {
+    let qs: Vec<String> = params
+        .iter()
+        .map(|(k, v)| format!("{k}={}", enc(v)))
+        .collect();
+    api.get(&format!("/api/v1/search?{}", qs.join("&")), token)
+        .await
+}
+
+/// The texts of the hits for `q` (must be a 200).
+async fn hit_texts(api: &Api, token: &str, params: &[(&str, &str)]) -> Vec<String> {
+    let (status, body) = search(api, token, params).await;
+    assert_eq!(status.as_u16(), 200, "{params:?}: {body}");
+    body["hits"]
+        .as_array()
+        .expect("hits")
+        .iter()
+        .map(|h| h["text"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Polls until `q` returns at least `n` hits (the index commits about once a second).
+async fn wait_hits(
+    api: &Api,
+    token: &str,
+    params: &[(&str, &str)],
+    n: usize,
+    within: Duration,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = search(api, token, params).await;
+        if status.as_u16() == 200 && body["hits"].as_array().map_or(0, Vec::len) >= n {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{params:?}: fewer than {n} hits after {within:?}: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A server with two users in a direct room.
+async fn pair(prefix: &str) -> (Server, User, User, String) {
+    let srv = Server::start(&[]);
+    let api = srv.api();
+    let a = api.new_user(&format!("{prefix}a")).await;
+    let b = api.new_user(&format!("{prefix}b")).await;
+    let room = api.direct_room(&a.token, &b.id).await["id"]
+        .as_str()
+        .expect("room")
+        .to_string();
+    (srv, a, b, room)
+}
+
+/// Posts `n` messages `format!("{text} {i}")` from `from` into `room`.
+async fn post_n(api: &Api, from: &User, room: &str, text: &str, n: usize) {
+    for i in 0..n {
+        let (status, body) = api
+            .post_message(&from.token, room, &cid("p"), &format!("{text} {i}"))
+            .await;
+        assert!(status.is_success(), "{body}");
+    }
+}
+
+struct Quality {
+    messages: BTreeMap<String, String>,
+    queries: Vec<(String, BTreeSet<String>, BTreeSet<String>)>,
+}
+
+fn quality_set() -> Quality {
+    let v: Value =
+        serde_json::from_str(include_str!("data/search_quality.json")).expect("quality set JSON");
+    let messages = v["messages"]
+        .as_object()
+        .expect("messages")
+        .iter()
+        .map(|(k, t)| (k.clone(), t.as_str().expect("text").to_string()))
+        .collect();
+    let ids = |x: &Value| -> BTreeSet<String> {
+        x.as_array()
+            .expect("id list")
+            .iter()
+            .map(|s| s.as_str().expect("id").to_string())
+            .collect()
+    };
+    let queries = v["queries"]
+        .as_array()
+        .expect("queries")
+        .iter()
+        .map(|q| {
+            (
+                q["q"].as_str().expect("q").to_string(),
+                ids(&q["must"]),
+                ids(&q["must_not"]),
+            )
+        })
+        .collect();
+    Quality { messages, queries }
+}
+
+/// Micro-averaged precision and recall of `results` against the `must` sets.
+fn precision_recall(q: &Quality, results: &[BTreeSet<String>]) -> (f64, f64) {
+    let (mut tp, mut retrieved, mut relevant) = (0usize, 0usize, 0usize);
+    for ((_, must, _), got) in q.queries.iter().zip(results) {
+        tp += got.intersection(must).count();
+        retrieved += got.len();
+        relevant += must.len();
+    }
+    (
+        tp as f64 / retrieved.max(1) as f64,
+        tp as f64 / relevant.max(1) as f64,
+    )
+}
+
+/// The same corpus and queries through tantivy's default tokenizer and query parser.
+fn baseline(q: &Quality) -> Vec<BTreeSet<String>> {
+    use tantivy::collector::TopDocs;
+    use tantivy::query::QueryParser;
+    use tantivy::schema::{STORED, STRING, Schema, TEXT, Value as _};
+    use tantivy::{Index, IndexWriter, TantivyDocument};
+    let mut sb = Schema::builder();
+    let id = sb.add_text_field("id", STRING | STORED);
+    let text = sb.add_text_field("text", TEXT);
+    let index = Index::create_in_ram(sb.build());
+    let mut w: IndexWriter<TantivyDocument> = index
+        .writer_with_num_threads(1, 15_000_000)
+        .expect("writer");
+    for (k, t) in &q.messages {
+        let mut d = TantivyDocument::default();
+        d.add_text(id, k);
+        d.add_text(text, t);
+        w.add_document(d).expect("add");
+    }
+    w.commit().expect("commit");
+    let searcher = index.reader().expect("reader").searcher();
+    let mut parser = QueryParser::for_index(&index, vec![text]);
+    parser.set_conjunction_by_default();
+    q.queries
+        .iter()
+        .map(|(query, _, _)| {
+            let Ok(parsed) = parser.parse_query(query) else {
+                return BTreeSet::new();
+            };
+            searcher
+                .search(&parsed, &TopDocs::with_limit(100).order_by_score())
+                .expect("search")
+                .into_iter()
+                .filter_map(|(_, addr)| {
+                    let doc: TantivyDocument = searcher.doc(addr).ok()?;
+                    doc.get_first(id)
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quality_set_korean_and_english_beats_the_default_tokenizer() {
+    let q = quality_set();
+    assert!(q.queries.len() >= 40);
+    let (srv, a, b, room) = pair("sq").await;
+    let api = srv.api();
+    let mut id_of: HashMap<String, String> = HashMap::new();
+    for (k, text) in &q.messages {
+        let (status, body) = api.post_message(&a.token, &room, &cid("q"), text).await;
+        assert!(status.is_success(), "{body}");
+        id_of.insert(text.clone(), k.clone());
+    }
+    // The last message posted is searchable → everything is.
+    let last = q.messages.values().last().expect("corpus");
+    let word = last.split_whitespace().next().expect("word");
+    wait_hits(&api, &b.token, &[("q", word)], 1, Duration::from_secs(5)).await;
+
+    let mut ours = Vec::new();
+    let mut failures = Vec::new();
+    for (query, must, must_not) in &q.queries {
+        let texts = hit_texts(&api, &b.token, &[("q", query), ("limit", "50")]).await;
+        let got: BTreeSet<String> = texts.iter().filter_map(|t| id_of.get(t).cloned()).collect();
+        let missing: Vec<_> = must.difference(&got).collect();
+        let wrong: Vec<_> = must_not.intersection(&got).collect();
+        if !missing.is_empty() || !wrong.is_empty() {
+            failures.push(format!(
+                "{query:?}: missing {missing:?}, must not have {wrong:?}"
+            ));
+        }
+        ours.push(got);
+    }
+    assert!(
+        failures.is_empty(),
+        "quality set failures:\n{}",
+        failures.join("\n")
+    );
+    let (p, r) = precision_recall(&q, &ours);
+    let base = baseline(&q);
+    let (bp, br) = precision_recall(&q, &base);
+    let base_ok = q
+        .queries
+        .iter()
+        .zip(&base)
+        .filter(|((_, must, must_not), got)| must.is_subset(got) && must_not.is_disjoint(got))
+        .count();
+    eprintln!(
+        "search quality over {} queries: confab precision {p:.3} recall {r:.3} (all {} pass); \
+         tantivy default tokenizer precision {bp:.3} recall {br:.3} ({base_ok} pass)",
+        q.queries.len(),
+        q.queries.len()
+    );
+    assert_eq!(r, 1.0);
+    assert!(
+        r > br,
+        "recall must beat the default tokenizer ({r} vs {br})"
+    );
+    assert!(p >= bp, "precision must not be worse ({p} vs {bp})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_sorting_paging_and_snippets() {
+    let srv = Server::start(&[]);
+    let api = srv.api();
+    let a = api.new_user("sfa").await;
+    let b = api.new_user("sfb").await;
+    let c = api.new_user("sfc").await;
+    let direct = api.direct_room(&a.token, &b.id).await["id"]
+        .as_str()
+        .expect("room")
+        .to_string();
+    let group = api
+        .group_room(&a.token, "프로젝트 project", &[&b.id, &c.id])
+        .await["id"]
+        .as_str()
+        .expect("group")
+        .to_string();
+    // Relevance: a message saying "배포" three times beats one saying it once;
+    // among equal scores the newer wins.
+    let msgs = [
+        (&a, &direct, "배포 준비 중"),
+        (&b, &direct, "배포 배포 배포 언제 해요"),
+        (&c, &group, "그룹 배포 일정 공유"),
+        (&a, &group, "배포 준비 중"),
+    ];
+    let mut ts = Vec::new();
+    for (u, room, text) in msgs {
+        let (status, body) = api.post_message(&u.token, room, &cid("f"), text).await;
+        assert!(status.is_success(), "{body}");
+        ts.push(body["ts"].as_i64().expect("ts"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let body = wait_hits(&api, &a.token, &[("q", "배포")], 4, Duration::from_secs(5)).await;
+    assert_eq!(body["total"], 4);
+    let texts: Vec<&str> = body["hits"]
+        .as_array()
+        .expect("hits")
+        .iter()
+        .map(|h| h["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        texts[0], "배포 배포 배포 언제 해요",
+        "most relevant first: {texts:?}"
+    );
+    // Two equal "배포 준비 중" messages: the newer (in the group) comes first.
+    let equal: Vec<&Value> = body["hits"]
+        .as_array()
+        .expect("hits")
+        .iter()
+        .filter(|h| h["text"] == "배포 준비 중")
+        .collect();
+    assert_eq!(equal.len(), 2);
+    assert!(equal[0]["ts"].as_i64() >= equal[1]["ts"].as_i64());
+    assert_eq!(equal[0]["room"], group.as_str());
+
+    // Sort by time: newest first.
+    let by_time = hit_texts(&api, &a.token, &[("q", "배포"), ("sort", "time")]).await;
+    assert_eq!(
+        by_time,
+        [
+            "배포 준비 중",
+            "그룹 배포 일정 공유",
+            "배포 배포 배포 언제 해요",
+            "배포 준비 중"
+        ]
+    );
+    // Room filter, sender filter, date range.
+    assert_eq!(
+        hit_texts(
+            &api,
+            &a.token,
+            &[("q", "배포"), ("room", &direct), ("sort", "time")]
+        )
+        .await,
+        ["배포 배포 배포 언제 해요", "배포 준비 중"]
+    );
+    assert_eq!(
+        hit_texts(&api, &a.token, &[("q", "배포"), ("from", &c.id)]).await,
+        ["그룹 배포 일정 공유"]
+    );
+    let after = ts[2].to_string();
+    let before = (ts[3] + 1).to_string();
+    assert_eq!(
+        hit_texts(
+            &api,
+            &a.token,
+            &[
+                ("q", "배포"),
+                ("after", &after),
+                ("before", &before),
+                ("sort", "time")
+            ]
+        )
+        .await,
+        ["배포 준비 중", "그룹 배포 일정 공유"]
+    );
+    let (_, none) = search(
+        &api,
+        &a.token,
+        &[("q", "배포"), ("before", &ts[0].to_string())],
+    )
+    .await;
+    assert_eq!(none["total"], 0);
+    // Paging: limit + offset, next_offset until the end.
+    let mut seen = Vec::new();
+    let mut offset = Some(0u64);
+    while let Some(off) = offset {
+        let (status, page) = search(
+            &api,
+            &a.token,
+            &[
+                ("q", "배포"),
+                ("sort", "time"),
+                ("limit", "3"),
+                ("offset", &off.to_string()),
+            ],
+        )
+        .await;
+        assert_eq!(status.as_u16(), 200);
+        for h in page["hits"].as_array().expect("hits") {
+            seen.push(h["text"].as_str().unwrap_or("").to_string());
+        }
+        offset = page["next_offset"].as_u64();
+    }
+    assert_eq!(seen, by_time);
+    // Snippets: the matched words are marked by character offsets.
+    let (_, snip) = search(&api, &a.token, &[("q", "일정")]).await;
+    let hit = &snip["hits"][0];
+    assert_eq!(hit["snippet"], "그룹 배포 일정 공유");
+    assert_eq!(hit["highlights"], json!([[6, 8]]));
+    assert_eq!(hit["from"], c.id.as_str());
+    assert!(hit["seq"].as_u64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_members_find_messages_also_after_leaving() {
+    let srv = Server::start(&[]);
+    let api = srv.api();
+    let a = api.new_user("saa").await;
+    let b = api.new_user("sab").await;
+    let outsider = api.new_user("sao").await;
+    let group = api.group_room(&a.token, "secret", &[&b.id]).await["id"]
+        .as_str()
+        .expect("group")
+        .to_string();
+    let (status, _) = api
+        .post_message(&a.token, &group, &cid("s"), "비밀번호는 hunter2 입니다")
+        .await;
+    assert!(status.is_success());
+    wait_hits(
+        &api,
+        &b.token,
+        &[("q", "hunter2")],
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    // Never for someone who is not in the room, whatever they try.
+    for params in [
+        vec![("q", "hunter2")],
+        vec![("q", "비밀번호")],
+        vec![("q", "hunter2"), ("from", a.id.as_str())],
+    ] {
+        let (status, body) = search(&api, &outsider.token, &params).await;
+        assert_eq!(status.as_u16(), 200);
+        assert_eq!(body["total"], 0, "{params:?}: {body}");
+    }
+    let (status, body) = search(&api, &outsider.token, &[("q", "hunter2"), ("room", &group)]).await;
+    assert_err(&(status, body), 403, "not_a_member");
+    // B leaves: from now on B gets nothing from that room.
+    let (status, _) = api
+        .delete(&format!("/api/v1/rooms/{group}/members/{}", b.id), &b.token)
+        .await;
+    assert_eq!(status.as_u16(), 204);
+    let (_, body) = search(&api, &b.token, &[("q", "hunter2")]).await;
+    assert_eq!(body["total"], 0, "{body}");
+    // A still does.
+    assert_eq!(
+        hit_texts(&api, &a.token, &[("q", "hunter2")]).await.len(),
+        1
+    );
+    // Bad input: clear errors.
+    let bad: [(&[(&str, &str)], &str); 7] = [
+        (&[("q", "")], "bad_request"),
+        (&[("q", "?!")], "bad_request"),
+        (&[("q", "x"), ("limit", "0")], "bad_request"),
+        (&[("q", "x"), ("sort", "random")], "bad_request"),
+        (&[("q", "x"), ("room", "nope")], "bad_id"),
+        (&[("q", "x"), ("after", "yesterday")], "bad_request"),
+        (&[("q", "x"), ("offset", "2000")], "bad_request"),
+    ];
+    for (params, code) in bad {
+        assert_err(&search(&api, &a.token, params).await, 400, code);
+    }
+    assert_err(&search(&api, "", &[("q", "x")]).await, 401, "unauthorized");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sent_message_is_found_within_one_and_a_half_seconds() {
+    let (srv, a, b, room) = pair("sn").await;
+    let api = srv.api();
+    let mut ws = Ws::connect_auth(srv.addr, &a.token).await;
+    // Back-to-back sends (the second lands while the index waits to commit).
+    for i in 0..5 {
+        let word = format!("fresh{i}x{}", rand::random::<u32>());
+        let cid = cid("n");
+        ws.send_msg(&room, &cid, &format!("{word} 새 메시지")).await;
+        ws.expect_ack(&cid).await;
+        let acked = Instant::now();
+        wait_hits(
+            &api,
+            &b.token,
+            &[("q", &word)],
+            1,
+            Duration::from_millis(1500),
+        )
+        .await;
+        eprintln!("searchable {:?} after the ack", acked.elapsed());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_is_rebuilt_after_deletion_and_catches_up_after_kill9() {
+    let (mut srv, a, b, room) = pair("sr").await;
+    let api = srv.api();
+    post_n(&api, &a, &room, "recover 복구", 20).await;
+    let all_20 = [("q", "복구"), ("limit", "50")];
+    wait_hits(&api, &b.token, &all_20, 20, Duration::from_secs(5)).await;
+
+    // Deleted while stopped → rebuilt on start; a damaged index (garbage
+    // meta.json) → rebuilt too.
+    let damage: [fn(&std::path::Path); 2] = [
+        |dir| std::fs::remove_dir_all(dir.join("search")).expect("remove index"),
+        |dir| std::fs::write(dir.join("search/meta.json"), b"{ not json").expect("damage"),
+    ];
+    for harm in damage {
+        srv.stop();
+        harm(srv.data_dir());
+        srv.restart();
+        let api = srv.api();
+        wait_hits(&api, &b.token, &all_20, 20, Duration::from_secs(10)).await;
+    }
+
+    // kill -9 in the middle of a stream of sends: every acked message is
+    // searchable after the restart.
+    let mut ws = Ws::connect_auth(srv.addr, &a.token).await;
+    let sender = ws.sender();
+    let room2 = room.clone();
+    let pump = tokio::spawn(async move {
+        for i in 0..100_000u32 {
+            if sender.try_send_json(&json!({"type":"send","room":room2,"client_id":format!("k{i}"),"text":format!("stream 흐름 {i}")})).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    });
+    let mut acked = 0usize;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        if let Some(f) = ws.recv(Duration::from_millis(100)).await
+            && f["type"] == "ack"
+        {
+            acked += 1;
+        }
+    }
+    srv.kill9();
+    pump.abort();
+    assert!(acked > 50, "only {acked} acks before the kill");
+    srv.restart();
+    let api = srv.api();
+    let stored = api.history_all(&b.token, &room).await.len() - 20;
+    assert!(stored >= acked, "acked {acked} but stored {stored}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = search(&api, &b.token, &[("q", "흐름")]).await;
+        if body["total"].as_u64() == Some(stored as u64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "searchable {} of {stored} stored",
+            body["total"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_1_store_is_upgraded_and_its_messages_indexed() {
+    let (mut srv, a, b, room) = pair("su").await;
+    let api = srv.api();
+    for i in 0..10 {
+        let (status, _) = api
+            .post_message(
+                &a.token,
+                &room,
+                &cid("u"),
+                &format!("업그레이드 upgrade {i}"),
+            )
+            .await;
+        assert!(status.is_success());
+    }
+    srv.stop();
+    // Make it look like a version-1 store: no message log, schema_version 1, no index.
+    {
+        let db = redb::Database::open(srv.data_dir().join("confab.redb")).expect("open store");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut meta = txn
+                .open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+                .expect("meta");
+            meta.insert("schema_version", 1).expect("version");
+        }
+        txn.delete_table(redb::TableDefinition::<u64, (u64, u64)>::new("message_log"))
+            .expect("drop log");
+        txn.commit().expect("commit");
+    }
+    std::fs::remove_dir_all(srv.data_dir().join("search")).expect("remove index");
+    srv.restart();
+    let api = srv.api();
+    wait_hits(
+        &api,
+        &b.token,
+        &[("q", "업그레이드")],
+        10,
+        Duration::from_secs(10),
+    )
+    .await;
+    // New messages keep numbering after the back-filled ones.
+    let (status, _) = api
+        .post_message(&a.token, &room, &cid("u"), "업그레이드 after")
+        .await;
+    assert!(status.is_success());
+    wait_hits(
+        &api,
+        &b.token,
+        &[("q", "업그레이드"), ("limit", "50")],
+        11,
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confab_reindex_rebuilds_and_refuses_a_running_server() {
+    let (mut srv, a, b, room) = pair("sx").await;
+    let api = srv.api();
+    post_n(&api, &a, &room, "재색인 reindex", 30).await;
+    let dir = srv.data_dir().to_path_buf();
+    let reindex = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+            .arg("reindex")
+            .arg("--data-dir")
+            .arg(&dir)
+            .env_remove("CONFAB_DATA_DIR")
+            .output()
+            .expect("run confab reindex")
+    };
+    // While the server runs the store is locked: a clear refusal.
+    let out = reindex();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is a server running"),
+        "{out:?}"
+    );
+    srv.stop();
+    let out = reindex();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("indexed 30 messages"), "{err}");
+    assert!(err.contains("30/30"), "progress shown: {err}");
+    srv.restart();
+    let api = srv.api();
+    let body = wait_hits(
+        &api,
+        &b.token,
+        &[("q", "재색인"), ("limit", "50")],
+        30,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(body["total"], 30);
+}
