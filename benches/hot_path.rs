@@ -78,6 +78,8 @@ fn sample_message() -> Message {
         ts: 1_795_600_000_000,
         text: TEXT.to_owned(),
         client_id: "c-7f3a9e10-000042".to_owned(),
+        kind: None,
+        payment: None,
     }
 }
 

@@ -34,6 +34,7 @@ fn fill(dir: &Path, total: u64) {
                     ts: 1_764_000_000_000 + i as i64,
                     client_id: format!("fill-{i}"),
                     text: format!("message {i} — 채팅 메시지 for the start-up benchmark"),
+                    payment: None,
                 };
                 messages
                     .insert((room, seq), store::encode(&rec).as_slice())

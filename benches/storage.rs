@@ -99,6 +99,7 @@ impl Workload {
                 ts: 1_795_600_000_000 + self.next_client_id as i64,
                 client_id: format!("c-{:012}", self.next_client_id),
                 text: TEXT.to_owned(),
+                payment: None,
             },
         }
     }
@@ -281,6 +282,7 @@ impl Engine for Sqlite {
                     ts: r.get(2)?,
                     client_id: r.get(3)?,
                     text: r.get(4)?,
+                    payment: None,
                 },
             ))
         })?;

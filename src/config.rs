@@ -26,6 +26,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub store: StoreConfig,
     pub search: SearchConfig,
+    pub wallet: WalletConfig,
     /// Things worth telling the operator (e.g. an unknown `CONFAB_*`
     /// variable, which may be a typo); logged at start-up.
     #[serde(skip)]
@@ -82,6 +83,14 @@ pub struct StoreConfig {
 pub struct SearchConfig {
     pub search_enabled: bool,
     pub index_commit_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalletConfig {
+    pub wallet_currency: String,
+    pub signup_bonus: u64,
+    pub scheduler_clock_offset_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,11 +216,23 @@ impl Config {
             ("max_group_members", self.limits.max_group_members as u64),
             ("commit_batch_max", self.store.commit_batch_max as u64),
             ("writer_queue", self.store.writer_queue as u64),
+            ("index_commit_ms", self.search.index_commit_ms),
         ];
         for (name, v) in positive {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("`{name}` must be at least 1")));
             }
+        }
+        let c = &self.wallet.wallet_currency;
+        if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError::Invalid(format!(
+                "`wallet_currency` must be an ISO 4217 code such as KRW, got `{c}`"
+            )));
+        }
+        if self.wallet.signup_bonus > crate::wallet::MAX_AMOUNT {
+            return Err(ConfigError::Invalid(
+                "`signup_bonus` is over the balance limit".into(),
+            ));
         }
         Ok(())
     }

@@ -26,6 +26,10 @@ pub enum ServerFrame<'a> {
         ts: i64,
         text: &'a str,
         client_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        kind: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        payment: Option<&'a crate::store::PaymentView>,
     },
     Receipt {
         room: RoomId,
@@ -74,6 +78,8 @@ pub fn message(m: &Message) -> Bytes {
         ts: m.ts,
         text: &m.text,
         client_id: &m.client_id,
+        kind: m.kind,
+        payment: m.payment.as_ref(),
     }
     .to_bytes()
 }

@@ -2,6 +2,7 @@
 //! benchmarks (`benches/`) can drive the real hot-path code directly.
 //! See docs/ARCHITECTURE.md for the map of these modules.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod bench;
@@ -14,3 +15,4 @@ pub mod search;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod wallet;

@@ -32,6 +32,31 @@ enum Command {
     /// Rebuild the message search index from the store (the server must
     /// not be running on this data directory).
     Reindex(ServeArgs),
+    /// Wallet administration: `credit USER AMOUNT`, `verify`. Talks to the
+    /// running server through its admin socket, or opens the store itself.
+    Wallet(WalletArgs),
+}
+
+#[derive(Args)]
+struct WalletArgs {
+    #[command(subcommand)]
+    action: WalletAction,
+}
+
+#[derive(Subcommand)]
+enum WalletAction {
+    /// Add AMOUNT (minor units) to USER's balance: the only way money enters.
+    Credit {
+        user: String,
+        amount: u64,
+        #[command(flatten)]
+        common: ServeArgs,
+    },
+    /// Check the ledger invariants; exits 1 on any breach.
+    Verify {
+        #[command(flatten)]
+        common: ServeArgs,
+    },
 }
 
 #[derive(Args, Default)]
@@ -81,7 +106,15 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(args),
         Command::Bench(args) => bench::run(args),
         Command::Reindex(args) => run_reindex(args),
+        Command::Wallet(args) => run_wallet(args),
     }
+}
+
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("confab: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 fn load_config(args: &ServeArgs) -> Result<config::Config, ExitCode> {
@@ -91,6 +124,83 @@ fn load_config(args: &ServeArgs) -> Result<config::Config, ExitCode> {
             eprintln!("confab: {e}");
             ExitCode::from(2)
         })
+}
+
+/// `confab wallet credit|verify`.
+fn run_wallet(args: WalletArgs) -> ExitCode {
+    let (common, req) = match &args.action {
+        WalletAction::Credit {
+            user,
+            amount,
+            common,
+        } => (
+            common,
+            serde_json::json!({"cmd": "credit", "user": user, "amount": amount}),
+        ),
+        WalletAction::Verify { common } => (common, serde_json::json!({"cmd": "verify"})),
+    };
+    let config = match load_config(common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let dir = config.server.data_dir.clone();
+    let answer = runtime.block_on(async {
+        if let Some(answer) = confab::admin::request(&dir, &req).await {
+            return answer;
+        }
+        // No server: open the store and run the command here.
+        let store = confab::store::Store::open_with_cache(&dir, config.store.cache_mb << 20)?;
+        let wiring = confab::store::writer::WalletWiring {
+            settings: confab::wallet::WalletSettings {
+                currency: config.wallet.wallet_currency.clone(),
+                signup_bonus: config.wallet.signup_bonus,
+            },
+            ..Default::default()
+        };
+        let (writer, join) = confab::store::writer::GroupCommitWriter::spawn_with(
+            store.clone(),
+            std::sync::Arc::new(confab::hub::Hub::default()),
+            config.store.clone(),
+            config.limits.max_group_members,
+            wiring,
+        )
+        .map_err(|e| e.to_string())?;
+        let answer = confab::admin::handle(&store, &writer, &req).await;
+        let _ = writer.submit(confab::store::writer::Op::Stop).await;
+        drop(writer);
+        let _ = join.join();
+        Ok::<_, String>(answer)
+    });
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("confab: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&answer).unwrap_or_default()
+    );
+    if let Some(e) = answer["error"].as_str() {
+        eprintln!("confab: {e}");
+        return ExitCode::FAILURE;
+    }
+    match answer["breaches"].as_array() {
+        Some(b) if !b.is_empty() => {
+            eprintln!("confab: the ledger has {} breach(es)", b.len());
+            ExitCode::FAILURE
+        }
+        Some(_) => {
+            eprintln!("ledger verified: every invariant holds");
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::SUCCESS,
+    }
 }
 
 /// `confab reindex`: drop the search index and index every stored message,
@@ -167,15 +277,9 @@ fn run_serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("confab: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(server::serve(config, handle)) {
         Ok(()) => ExitCode::SUCCESS,

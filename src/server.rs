@@ -21,7 +21,8 @@ use crate::config::Config;
 use crate::hub::{Hub, close};
 use crate::search::{Indexer, SearchIndex};
 use crate::store::Store;
-use crate::store::writer::{GroupCommitWriter, Op};
+use crate::store::writer::{GroupCommitWriter, Op, WalletWiring};
+use crate::wallet::WalletSettings;
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -34,11 +35,20 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         .map_err(|e| format!("cannot load revoked tokens: {e}"))?;
     let auth = Auth::new(&config.auth, &secret, revoked);
     let hub = Arc::new(Hub::default());
-    let (writer, writer_thread) = GroupCommitWriter::spawn(
+    crate::store::set_currency(&config.wallet.wallet_currency);
+    let wallet = WalletWiring {
+        settings: WalletSettings {
+            currency: config.wallet.wallet_currency.clone(),
+            signup_bonus: config.wallet.signup_bonus,
+        },
+        wake: Arc::new(tokio::sync::Notify::new()),
+    };
+    let (writer, writer_thread) = GroupCommitWriter::spawn_with(
         store.clone(),
         hub.clone(),
         config.store.clone(),
         config.limits.max_group_members,
+        wallet.clone(),
     )
     .map_err(|e| format!("cannot start the writer thread: {e}"))?;
 
@@ -79,6 +89,16 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         open_connections: AtomicUsize::new(0),
         search: search.as_ref().map(|(index, _)| index.clone()),
     });
+
+    // Scheduled transfers: runs what is due now (missed while stopped), then
+    // sleeps until the next one.
+    let scheduler = tokio::spawn(crate::wallet::scheduler::run(
+        writer.clone(),
+        wallet.wake.clone(),
+        state.shutdown.clone(),
+        state.config.wallet.scheduler_clock_offset_ms,
+    ));
+    let admin = crate::admin::listen(state.clone(), &data_dir)?;
 
     // The one line tests and scripts wait for.
     println!("confab listening on http://{local}");
@@ -125,6 +145,9 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let _ = scheduler.await;
+    admin.abort();
+    crate::admin::remove_socket(&data_dir);
     let _ = writer.submit(Op::Stop).await;
     drop(writer);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;

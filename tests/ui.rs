@@ -623,3 +623,81 @@ async fn older_history_loads_on_scroll_and_panels_answer() {
     assert!(a.find("link", "Server status").await, "a link to /status");
     assert_clean(&a, "alice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_sent_from_a_direct_chat_shows_on_both_sides_and_in_the_wallet() {
+    let srv = Server::start(&["signup_bonus=50000"]);
+    let browser = Browser::launch().await;
+    let url = base(&srv);
+    let (a, b) = (page(&browser).await, page(&browser).await);
+    let (an, bn) = (uname("uwa"), uname("uwb"));
+    sign_up(&a, &url, &an).await;
+    sign_up(&b, &url, &bn).await;
+    start_direct(&a, &bn).await;
+    send(&a, "커피 살게요").await;
+    b.click("button", &an).await;
+    wait_text(&b, "커피 살게요", WAIT).await;
+
+    a.click("button", "Send money").await;
+    a.wait_for(
+        "document.querySelector('dialog .balance')?.textContent === 'Balance: ₩50,000'",
+        WAIT,
+    )
+    .await;
+    a.fill("textbox", "Amount", "5000").await;
+    a.fill("textbox", "Note (optional)", "커피값").await;
+    a.click("button", "Send money").await;
+    a.wait_for(
+        "document.querySelector('dialog [role=status].ok')?.textContent === 'Sent ₩5,000.'",
+        WAIT,
+    )
+    .await;
+    a.press("Escape").await;
+    // The payment is a bubble in the chat on both sides, live.
+    for p in [&a, &b] {
+        p.wait_for(
+            "[...document.querySelectorAll('.log .payment strong')].some(e => e.textContent === '₩5,000')",
+            WAIT,
+        )
+        .await;
+        p.wait_for(
+            "document.querySelector('.log .payment .payment-note')?.textContent === '커피값'",
+            WAIT,
+        )
+        .await;
+    }
+    b.screenshot(shots().join("payment-light-desktop.png"))
+        .await;
+    // The wallet panel: balance and history.
+    b.click("button", "Wallet").await;
+    b.wait_for(
+        "document.querySelector('dialog .balance')?.textContent === '₩55,000'",
+        WAIT,
+    )
+    .await;
+    b.wait_for(
+        "document.querySelector('dialog .txs .tx strong')?.textContent === '+₩5,000'",
+        WAIT,
+    )
+    .await;
+    b.screenshot(shots().join("wallet-light-desktop.png")).await;
+    b.press("Escape").await;
+    // Bad input is explained, nothing moves.
+    a.click("button", "Send money").await;
+    a.fill("textbox", "Amount", "0").await;
+    a.click("button", "Send money").await;
+    a.wait_for(
+        "document.querySelector('dialog .error')?.textContent === 'Enter an amount greater than zero.'",
+        WAIT,
+    )
+    .await;
+    a.fill("textbox", "Amount", "999999").await;
+    a.click("button", "Send money").await;
+    a.wait_for(
+        "document.querySelector('dialog .error')?.textContent.startsWith('not enough money')",
+        WAIT,
+    )
+    .await;
+    assert_clean(&a, "a");
+    assert_clean(&b, "b");
+}

@@ -8,6 +8,7 @@ mod assets;
 mod messages;
 mod rooms;
 mod search;
+mod wallet;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -143,6 +144,28 @@ async fn route(
             ["me"] => on!("/me", get, accounts::me(state, req)),
             ["users"] => on!("/users", get, accounts::search_users(state, req)),
             ["search"] => on!("/search", get, search::search(state, req)),
+            ["wallet"] => on!("/wallet", get, wallet::get(state, req)),
+            ["wallet", "transactions"] => on!(
+                "/wallet/transactions",
+                get,
+                wallet::transactions(state, req)
+            ),
+            ["wallet", "transfers"] => on!(
+                "/wallet/transfers",
+                m == Method::POST,
+                wallet::create(state, req)
+            ),
+            ["wallet", "transfers", id] => match m {
+                Method::GET => (
+                    "/wallet/transfers/{id}",
+                    wallet::get_transfer(state, req, id).await,
+                ),
+                Method::DELETE => (
+                    "/wallet/transfers/{id}",
+                    wallet::cancel(state, req, id).await,
+                ),
+                _ => ("/wallet/transfers/{id}", Err(method_not_allowed())),
+            },
             ["contacts"] => match m {
                 Method::GET => ("/contacts", accounts::contacts(state, req).await),
                 Method::POST => ("/contacts", accounts::add_contact(state, req).await),

@@ -48,6 +48,21 @@ pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// log position → (room, seq): every stored message in commit order, so a
 /// derived index (search) can say "indexed up to position N" and catch up.
 pub const MESSAGE_LOG: TableDefinition<u64, (u64, u64)> = TableDefinition::new("message_log");
+/// account (user id; 0 = the issuer) → balance in minor units (the issuer's: total issued)
+pub const WALLET_ACCOUNTS: TableDefinition<u64, u64> = TableDefinition::new("wallet_accounts");
+/// (account, n) → `postcard(EntryRecord)`: the account's n-th ledger entry, never changed
+pub const WALLET_ENTRIES: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("wallet_entries");
+/// transfer id → `postcard(TransferRecord)`
+pub const WALLET_TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("wallet_transfers");
+/// (sender, idempotency key) → transfer id
+pub const WALLET_KEYS: TableDefinition<(u64, &str), u64> = TableDefinition::new("wallet_keys");
+/// (user, transfer id) → () : a user's transfers, both directions, in id order
+pub const WALLET_USER_TRANSFERS: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("wallet_user_transfers");
+/// (due at ms, transfer id) → () : scheduled (and recurring) transfers by due time
+pub const WALLET_SCHEDULE: TableDefinition<(i64, u64), ()> =
+    TableDefinition::new("wallet_schedule");
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserRecord {
@@ -84,6 +99,39 @@ pub struct MessageRecord {
     pub ts: i64,
     pub client_id: String,
     pub text: String,
+    /// A payment message: stored after the fields above as an extension
+    /// (`1u8` + `PaymentInfo`), so plain messages keep their format.
+    #[serde(skip)]
+    pub payment: Option<PaymentInfo>,
+}
+
+/// What a payment message refers to (the ledger stays the truth).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentInfo {
+    pub transfer: u64,
+    pub amount: u64,
+    pub to: u64,
+    pub note: Option<String>,
+}
+
+impl MessageRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = encode(self);
+        if let Some(p) = &self.payment {
+            out.extend(encode(&(1u8, p)));
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<MessageRecord, ApiError> {
+        let (mut rec, rest): (MessageRecord, &[u8]) = postcard::take_from_bytes(bytes)
+            .map_err(|e| ApiError::internal(format!("corrupt message record: {e}")))?;
+        if let Some(1) = rest.first() {
+            let (_, p): (u8, PaymentInfo) = decode(rest, "payment")?;
+            rec.payment = Some(p);
+        }
+        Ok(rec)
+    }
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -113,10 +161,43 @@ pub struct Message {
     pub ts: i64,
     pub text: String,
     pub client_id: String,
+    /// "payment" for a wallet transfer; absent for text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment: Option<PaymentView>,
+}
+
+/// The `payment` object of a payment message.
+#[derive(Debug, Clone, Serialize)]
+pub struct PaymentView {
+    pub transfer: String,
+    pub amount: u64,
+    pub currency: &'static str,
+    pub to: UserId,
+    pub note: Option<String>,
+}
+
+/// The wallet's currency, set once at start (payment messages carry it).
+static CURRENCY: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+pub fn set_currency(c: &str) {
+    let _ = CURRENCY.set(Box::leak(c.to_string().into_boxed_str()));
+}
+
+pub fn currency() -> &'static str {
+    CURRENCY.get().copied().unwrap_or("KRW")
 }
 
 impl Message {
     pub fn from_record(room: RoomId, seq: u64, r: MessageRecord) -> Message {
+        let payment = r.payment.map(|p| PaymentView {
+            transfer: format!("{:016x}", p.transfer),
+            amount: p.amount,
+            currency: currency(),
+            to: UserId(p.to),
+            note: p.note,
+        });
         Message {
             room,
             seq,
@@ -124,6 +205,8 @@ impl Message {
             ts: r.ts,
             text: r.text,
             client_id: r.client_id,
+            kind: payment.as_ref().map(|_| "payment"),
+            payment,
         }
     }
 }
@@ -258,6 +341,8 @@ impl Store {
             touch!(CONTACTS, MEMBERS, USER_ROOMS);
             touch!(CLIENT_IDS);
             touch!(LAST_SEEN, MESSAGE_LOG);
+            touch!(WALLET_ACCOUNTS, WALLET_ENTRIES, WALLET_TRANSFERS);
+            touch!(WALLET_KEYS, WALLET_USER_TRANSFERS, WALLET_SCHEDULE);
         }
         txn.commit().map_err(|e| e.to_string())?;
         let feed = Arc::new(CommitFeed::default());
@@ -354,7 +439,7 @@ impl Store {
             let (k, v) = entry?;
             let (room, seq) = v.value();
             if let Some(g) = messages.get((room, seq))? {
-                let rec: MessageRecord = decode(g.value(), "message")?;
+                let rec = MessageRecord::decode(g.value())?;
                 out.push((k.value(), Message::from_record(RoomId(room), seq, rec)));
             }
         }
@@ -368,7 +453,7 @@ impl Store {
         let mut out = Vec::with_capacity(keys.len());
         for &(room, seq) in keys {
             if let Some(g) = messages.get((room.0, seq))? {
-                let rec: MessageRecord = decode(g.value(), "message")?;
+                let rec = MessageRecord::decode(g.value())?;
                 out.push(Message::from_record(room, seq, rec));
             }
         }
@@ -452,7 +537,7 @@ impl Store {
                 out.push(Message::from_record(
                     room,
                     k.value().1,
-                    decode(v.value(), "message")?,
+                    MessageRecord::decode(v.value())?,
                 ));
             }
         } else {
@@ -461,7 +546,7 @@ impl Store {
                 out.push(Message::from_record(
                     room,
                     k.value().1,
-                    decode(v.value(), "message")?,
+                    MessageRecord::decode(v.value())?,
                 ));
             }
             out.reverse();
@@ -578,7 +663,7 @@ pub fn last_message(
             Ok(Some(Message::from_record(
                 room,
                 k.value().1,
-                decode(v.value(), "message")?,
+                MessageRecord::decode(v.value())?,
             )))
         }
         None => Ok(None),

@@ -17,8 +17,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redb::{ReadableTable, Table};
+use redb::{ReadableTable, ReadableTableMetadata, Table};
 use tokio::sync::{mpsc, oneshot};
+
+mod wallet;
+
+pub use wallet::{WalletOp, WalletWiring};
 
 use super::*;
 use crate::config::StoreConfig;
@@ -97,6 +101,8 @@ pub enum Op {
         user: UserId,
         ts: i64,
     },
+    /// A wallet operation (ledger, transfers, schedule).
+    Wallet(WalletOp),
     /// Commit what is queued before this and stop (graceful shutdown).
     Stop,
 }
@@ -163,6 +169,13 @@ struct Tables<'t> {
     revoked: Table<'t, &'static str, i64>,
     last_seen: Table<'t, u64, i64>,
     message_log: Table<'t, u64, (u64, u64)>,
+    meta: Table<'t, &'static str, u64>,
+    wallet_accounts: Table<'t, u64, u64>,
+    wallet_entries: Table<'t, (u64, u64), &'static [u8]>,
+    wallet_transfers: Table<'t, u64, &'static [u8]>,
+    wallet_keys: Table<'t, (u64, &'static str), u64>,
+    wallet_user_transfers: Table<'t, (u64, u64), ()>,
+    wallet_schedule: Table<'t, (i64, u64), ()>,
 }
 
 /// What the writer caches between batches. Only the writer changes the
@@ -195,6 +208,7 @@ pub struct GroupCommitWriter {
     /// interval of them: they only affect unread counts, never messages.
     pending_reads: HashMap<(RoomId, UserId), u64>,
     reads_flushed: Instant,
+    wallet: WalletWiring,
 }
 
 const READ_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -209,6 +223,23 @@ impl GroupCommitWriter {
         config: StoreConfig,
         max_group_members: usize,
     ) -> std::io::Result<(WriterHandle, std::thread::JoinHandle<()>)> {
+        Self::spawn_with(
+            store,
+            hub,
+            config,
+            max_group_members,
+            WalletWiring::default(),
+        )
+    }
+
+    /// [`GroupCommitWriter::spawn`] with the wallet's settings and scheduler wake-up.
+    pub fn spawn_with(
+        store: Store,
+        hub: Arc<Hub>,
+        config: StoreConfig,
+        max_group_members: usize,
+        wallet: WalletWiring,
+    ) -> std::io::Result<(WriterHandle, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(config.writer_queue);
         let mut writer = GroupCommitWriter {
             store,
@@ -218,6 +249,7 @@ impl GroupCommitWriter {
             state: WriterState::default(),
             pending_reads: HashMap::new(),
             reads_flushed: Instant::now(),
+            wallet,
         };
         let join = std::thread::Builder::new()
             .name("confab-writer".into())
@@ -327,6 +359,13 @@ impl GroupCommitWriter {
                 revoked: txn.open_table(REVOKED)?,
                 last_seen: txn.open_table(LAST_SEEN)?,
                 message_log: txn.open_table(MESSAGE_LOG)?,
+                meta: txn.open_table(META)?,
+                wallet_accounts: txn.open_table(WALLET_ACCOUNTS)?,
+                wallet_entries: txn.open_table(WALLET_ENTRIES)?,
+                wallet_transfers: txn.open_table(WALLET_TRANSFERS)?,
+                wallet_keys: txn.open_table(WALLET_KEYS)?,
+                wallet_user_transfers: txn.open_table(WALLET_USER_TRANSFERS)?,
+                wallet_schedule: txn.open_table(WALLET_SCHEDULE)?,
             };
             for op in batch.drain(..) {
                 let effect = self.apply(op, &mut t)?;
@@ -399,8 +438,32 @@ impl GroupCommitWriter {
         Ok(seq)
     }
 
+    /// The direct room of `a` and `b`, created (with both as members) if new.
+    fn ensure_direct(
+        &mut self,
+        t: &mut Tables,
+        a: UserId,
+        b: UserId,
+    ) -> Result<(RoomId, bool), ApiError> {
+        let room = RoomId::direct(a, b);
+        let created = t.rooms.get(room.0)?.is_none();
+        if created {
+            let rec = RoomRecord {
+                kind: RoomKind::Direct,
+                name: None,
+                owner: None,
+                created_at: now_ms(),
+            };
+            t.rooms.insert(room.0, encode(&rec).as_slice())?;
+            self.add_member(t, room, a)?;
+            self.add_member(t, room, b)?;
+        }
+        Ok((room, created))
+    }
+
     fn apply(&mut self, op: Op, t: &mut Tables) -> Result<Effect, ApiError> {
         Ok(match op {
+            Op::Wallet(op) => return self.apply_wallet(op, t),
             Op::Send {
                 room,
                 from,
@@ -427,7 +490,7 @@ impl GroupCommitWriter {
                     .map(|g| g.value());
                 if let Some(seq) = existing {
                     let rec: Option<MessageRecord> = match t.messages.get((room.0, seq))? {
-                        Some(g) => Some(decode(g.value(), "message")?),
+                        Some(g) => Some(MessageRecord::decode(g.value())?),
                         None => None,
                     };
                     let rec = rec.ok_or_else(|| {
@@ -447,8 +510,9 @@ impl GroupCommitWriter {
                     ts: now_ms(),
                     client_id,
                     text,
+                    payment: None,
                 };
-                t.messages.insert((room.0, seq), encode(&rec).as_slice())?;
+                t.messages.insert((room.0, seq), rec.encode().as_slice())?;
                 let pos = self.next_log_pos(t)?;
                 t.message_log.insert(pos, (room.0, seq))?;
                 t.client_ids
@@ -503,6 +567,13 @@ impl GroupCommitWriter {
                     };
                     t.users.insert(id.0, encode(&rec).as_slice())?;
                     t.usernames.insert(key.as_str(), id.0)?;
+                    let bonus = self.wallet.settings.signup_bonus;
+                    if bonus > 0 {
+                        let mut ignored = Default::default();
+                        self.credit(t, id, bonus, &mut ignored)?.map_err(|e| {
+                            ApiError::internal(format!("signup bonus: {}", e.message))
+                        })?;
+                    }
                     Ok(User {
                         id,
                         username: key,
@@ -555,19 +626,7 @@ impl GroupCommitWriter {
                 } else if t.users.get(b.0)?.is_none() {
                     Err(ApiError::user_not_found())
                 } else {
-                    let room = RoomId::direct(a, b);
-                    let created = t.rooms.get(room.0)?.is_none();
-                    if created {
-                        let rec = RoomRecord {
-                            kind: RoomKind::Direct,
-                            name: None,
-                            owner: None,
-                            created_at: now_ms(),
-                        };
-                        t.rooms.insert(room.0, encode(&rec).as_slice())?;
-                        self.add_member(t, room, a)?;
-                        self.add_member(t, room, b)?;
-                    }
+                    let (room, created) = self.ensure_direct(t, a, b)?;
                     let view = room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
                         .ok_or_else(ApiError::room_not_found)?;
                     Ok((view, created))

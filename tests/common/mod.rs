@@ -145,6 +145,12 @@ impl Server {
         self.addr = addr;
     }
 
+    /// Like [`Server::restart`], with other settings.
+    pub fn restart_with(&mut self, settings: &[&str]) {
+        self.settings = settings.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     /// Like [`Server::restart`], on the same address: clients that reconnect
     /// by themselves (the browser UI) find the server again.
     pub fn restart_same_port(&mut self) {

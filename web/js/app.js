@@ -6,7 +6,7 @@ import { Api, ApiError, explain } from './api.js';
 import { ChatView } from './chat.js';
 import { Connection } from './conn.js';
 import { Dialogs } from './dialogs.js';
-import { h, newId, randomId, setChildren } from './dom.js';
+import { fmtMoney, h, newId, randomId, setChildren } from './dom.js';
 import { LANG, t } from './i18n.js';
 import { Model } from './model.js';
 import { Sidebar } from './sidebar.js';
@@ -240,6 +240,9 @@ class App {
       case 'error':
         this.frameError(f);
         break;
+      case 'wallet':
+        this.walletChanged(f.transfer);
+        break;
       default:
         break;
     }
@@ -258,6 +261,16 @@ class App {
     } else if (f.room && (f.code === 'not_a_member' || f.code === 'room_not_found')) {
       this.roomGone(f.room);
     }
+  }
+
+  /** A transfer of mine changed: tell about failures, refresh an open wallet. */
+  walletChanged(tx) {
+    if (!tx) return;
+    if (tx.state === 'failed' && tx.direction === 'out') {
+      const name = tx.counterparty ? tx.counterparty.display_name : '';
+      this.sidebar.notify(t('transfer_failed', { amount: fmtMoney(tx.amount, tx.currency), name, why: tx.failure || '' }));
+    }
+    this.dialogs.walletChanged();
   }
 
   /** Re-reads the room list after a reconnect: rooms made or left while offline. */

@@ -229,6 +229,11 @@ export class Dialogs {
     }
   }
 
+  /** A transfer changed: an open wallet dialog reloads. */
+  walletChanged() {
+    if (this.current && this.current.reloadWallet) this.current.reloadWallet();
+  }
+
   /** Called when a room changed: an open group-info dialog re-renders. */
   roomChanged(roomId) {
     if (this.current && this.current.roomId === roomId && this.current.refresh) this.current.refresh();
@@ -248,7 +253,8 @@ export class Dialogs {
       if (!u) throw new Error(`${t('no_people')} (${name})`);
       return { ...body, to_user_id: u.id };
     }, () => load(), recipient.el);
-    this.open(t('wallet'), h('h3', null, t('balance')), balance, err, h('h3', null, t('send_money')), form, h('h3', null, t('history')), history);
+    const dlg = this.open(t('wallet'), h('h3', null, t('balance')), balance, err, h('h3', null, t('send_money')), form, h('h3', null, t('history')), history);
+    dlg.reloadWallet = () => load();
     const load = async () => {
       try {
         const w = await this.app.api.get('/wallet');
@@ -273,11 +279,13 @@ export class Dialogs {
     setChildren(
       list,
       items.map((tx) => {
-        const who = tx.counterparty ? tx.counterparty.display_name || tx.counterparty.username : '';
+        const who = tx.counterparty ? tx.counterparty.display_name || tx.counterparty.username : t('credit');
         const when = tx.executed_at || tx.execute_at || tx.created_at || tx.ts;
+        const out = tx.direction === 'out';
+        const repeat = tx.repeat ? ` · ${t(`repeat_${tx.repeat}`)}` : '';
         const cancel =
           tx.state === 'scheduled' && tx.id
-            ? h('button', { type: 'button', class: 'secondary', onclick: async () => {
+            ? h('button', { type: 'button', class: 'secondary', 'aria-label': `${t('cancel_transfer')}: ${fmtMoney(tx.amount, tx.currency || this.currency || 'KRW')} → ${who}`, onclick: async () => {
                 try {
                   await this.app.api.del(`/wallet/transfers/${tx.id}`);
                   reload();
@@ -290,9 +298,9 @@ export class Dialogs {
           'li',
           { class: `tx ${tx.state || ''}` },
           h('span', { class: 'tx-who' }, who),
-          h('strong', { class: Number(tx.amount) < 0 ? 'out' : 'in' }, fmtMoney(tx.amount, tx.currency || this.currency || 'KRW')),
+          h('strong', { class: out ? 'out' : 'in' }, `${out ? '−' : '+'}${fmtMoney(tx.amount, tx.currency || this.currency || 'KRW')}`),
           tx.note ? h('span', { class: 'tx-note' }, tx.note) : null,
-          h('small', null, `${tx.state || ''} · ${when ? fmtFull(when) : ''}`),
+          h('small', null, `${t(`state_${tx.state}`)}${repeat} · ${when ? fmtFull(when) : ''}${tx.failure ? ` · ${tx.failure}` : ''}`),
           cancel,
         );
       }),

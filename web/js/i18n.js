@@ -93,6 +93,12 @@ const en = {
   bad_amount: 'Enter an amount greater than zero.',
   unsent_confirm: '{n} unsent message(s) will be discarded. Log out anyway?',
   payment: 'Payment',
+  credit: 'Credit',
+  state_scheduled: 'Scheduled',
+  state_executed: 'Sent',
+  state_failed: 'Failed',
+  state_cancelled: 'Cancelled',
+  transfer_failed: 'A scheduled transfer of {amount} to {name} failed: {why}',
 };
 
 const ko = {
@@ -187,6 +193,12 @@ const ko = {
   bad_amount: '0보다 큰 금액을 입력하세요.',
   unsent_confirm: '보내지 못한 메시지 {n}개가 사라집니다. 그래도 로그아웃할까요?',
   payment: '송금',
+  credit: '충전',
+  state_scheduled: '예약됨',
+  state_executed: '완료',
+  state_failed: '실패',
+  state_cancelled: '취소됨',
+  transfer_failed: '{name}님에게 예약한 {amount} 송금이 실패했습니다: {why}',
 };
 
 function pickLang() {

@@ -15,6 +15,7 @@ export class Sidebar {
     this.search = h('input', { type: 'text', 'aria-label': t('search'), placeholder: t('search_placeholder'), autocomplete: 'off', enterkeyhint: 'search', dir: 'auto' });
     this.results = h('div', { class: 'results', hidden: true, 'aria-label': t('search'), role: 'region' });
     this.list = h('ul', { class: 'rooms', 'aria-label': t('chats') });
+    this.notice = h('p', { class: 'side-notice', role: 'alert', hidden: true });
     this.me = h('div', { class: 'me' });
     const runSearch = debounce(() => this.runSearch(), 300);
     this.search.addEventListener('input', () => (this.search.value.trim() ? runSearch() : this.hideResults()));
@@ -39,6 +40,7 @@ export class Sidebar {
       { class: 'sidebar', 'aria-label': t('chats') },
       h('header', { class: 'side-head' }, this.me, menu),
       this.connState,
+      this.notice,
       h('div', { class: 'search' }, this.search),
       this.results,
       this.list,
@@ -47,6 +49,15 @@ export class Sidebar {
 
   get model() {
     return this.app.model;
+  }
+
+  /** Shows a message at the top of the sidebar until clicked. */
+  notify(text) {
+    this.notice.textContent = text;
+    this.notice.hidden = false;
+    this.notice.onclick = () => {
+      this.notice.hidden = true;
+    };
   }
 
   renderMe() {

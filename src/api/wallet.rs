@@ -1,0 +1,119 @@
+//! `/api/v1/wallet…`: balance, history, transfers (now, scheduled,
+//! recurring) and cancelling. Every change goes through the writer.
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+
+use super::{AppState, Body, caller, json, query, read_json};
+use crate::error::ApiError;
+use crate::store::now_ms;
+use crate::store::writer::{Op, WalletOp};
+use crate::wallet;
+
+fn currency(state: &AppState) -> &str {
+    &state.config.wallet.wallet_currency
+}
+
+/// `GET /api/v1/wallet` → `{balance, currency}`.
+pub async fn get(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let me = caller(state, &req)?;
+    let balance = wallet::balance(&state.store, me.user)?;
+    json(
+        StatusCode::OK,
+        &serde_json::json!({"balance": balance, "currency": currency(state)}),
+    )
+}
+
+/// `GET /api/v1/wallet/transactions?before=ID&limit=N` → newest first.
+pub async fn transactions(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let me = caller(state, &req)?;
+    let mut before = None;
+    let mut limit = 50usize;
+    for (k, v) in query(&req) {
+        match k.as_str() {
+            "before" => {
+                before = Some(wallet::parse_transfer_id(&v).ok_or_else(|| {
+                    ApiError::bad_request("bad_request", "before must be a transfer id")
+                })?)
+            }
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=200).contains(l))
+                    .ok_or_else(|| ApiError::bad_request("bad_request", "limit must be 1–200"))?
+            }
+            _ => {}
+        }
+    }
+    let (items, next) =
+        wallet::transactions(&state.store, me.user, before, limit, currency(state))?;
+    json(
+        StatusCode::OK,
+        &serde_json::json!({"transactions": items, "next_before": next}),
+    )
+}
+
+/// `POST /api/v1/wallet/transfers`.
+pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let me = caller(state, &req)?;
+    let body: serde_json::Value = read_json(state, req).await?;
+    let request = wallet::parse_request(&body, me.user, currency(state), now_ms())?;
+    let (view, replay) = state
+        .writer
+        .call(|reply| {
+            Op::Wallet(WalletOp::Transfer {
+                from: me.user,
+                req: request,
+                reply,
+            })
+        })
+        .await?;
+    json(
+        if replay {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        },
+        &view,
+    )
+}
+
+/// `GET /api/v1/wallet/transfers/{id}`.
+pub async fn get_transfer(
+    state: &AppState,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let me = caller(state, &req)?;
+    let not_found = || ApiError::not_found("transfer_not_found", "no such transfer");
+    let id = wallet::parse_transfer_id(id).ok_or_else(not_found)?;
+    let view =
+        wallet::transfer(&state.store, id, me.user, currency(state))?.ok_or_else(not_found)?;
+    json(StatusCode::OK, &view)
+}
+
+/// `DELETE /api/v1/wallet/transfers/{id}`: cancels a scheduled transfer.
+pub async fn cancel(
+    state: &AppState,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let me = caller(state, &req)?;
+    let id = wallet::parse_transfer_id(id)
+        .ok_or_else(|| ApiError::not_found("transfer_not_found", "no such transfer"))?;
+    let view = state
+        .writer
+        .call(|reply| {
+            Op::Wallet(WalletOp::Cancel {
+                by: me.user,
+                id,
+                reply,
+            })
+        })
+        .await?;
+    json(StatusCode::OK, &view)
+}

@@ -1,0 +1,527 @@
+//! Wallet writes, applied inside the writer's transaction (see
+//! [`crate::wallet`] for the model). A transfer's ledger entries, balances,
+//! state change and payment message commit together or not at all.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::wallet::{
+    self, EntryRecord, ISSUER, MAX_AMOUNT, MAX_CATCH_UP_RUNS, State, TransferRecord,
+    TransferRequest, TransferView,
+};
+
+/// Wallet operations for the writer.
+pub enum WalletOp {
+    /// Pay someone now, or schedule it (`execute_at` in the future or `repeat`).
+    Transfer {
+        from: UserId,
+        req: TransferRequest,
+        /// The transfer, and whether it was a replay of the same idempotency key.
+        reply: Reply<(TransferView, bool)>,
+    },
+    /// Cancel a scheduled (or recurring) transfer of `by`.
+    Cancel {
+        by: UserId,
+        id: u64,
+        reply: Reply<TransferView>,
+    },
+    /// Run everything due at `now`; answers the next due time, if any.
+    RunDue { now: i64, reply: Reply<Option<i64>> },
+    /// Operator credit from the issuer; answers the new balance.
+    Credit {
+        user: UserId,
+        amount: u64,
+        reply: Reply<u64>,
+    },
+}
+
+/// What a committed wallet change tells whom.
+#[derive(Default)]
+pub(super) struct Notices {
+    /// Payment messages to fan out (with the room view if the room is new).
+    messages: Vec<(Message, Option<Room>)>,
+    /// `wallet` frames: (user, their view of the transfer).
+    frames: Vec<(UserId, TransferView)>,
+    /// The schedule changed: wake the scheduler.
+    wake: bool,
+}
+
+fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(hyper::StatusCode::CONFLICT, code, message)
+}
+
+fn count(outcome: &'static str) {
+    metrics::counter!("confab_wallet_transfers_total", "outcome" => outcome).increment(1);
+}
+
+impl GroupCommitWriter {
+    pub(super) fn apply_wallet(
+        &mut self,
+        op: WalletOp,
+        t: &mut Tables,
+    ) -> Result<Effect, ApiError> {
+        let mut notices = Notices::default();
+        Ok(match op {
+            WalletOp::Credit {
+                user,
+                amount,
+                reply,
+            } => {
+                let result = if t.users.get(user.0)?.is_none() {
+                    Err(ApiError::user_not_found())
+                } else {
+                    self.credit(t, user, amount, &mut notices)?
+                };
+                self.announce(notices, reply, result)
+            }
+            WalletOp::Transfer { from, req, reply } => {
+                let result = self.transfer(t, from, req, &mut notices)?;
+                self.announce(notices, reply, result)
+            }
+            WalletOp::Cancel { by, id, reply } => {
+                let result = self.cancel(t, by, id, &mut notices)?;
+                self.announce(notices, reply, result)
+            }
+            WalletOp::RunDue { now, reply } => {
+                self.run_due(t, now, &mut notices)?;
+                let next = t.wallet_schedule.first()?.map(|(k, _)| k.value().0);
+                metrics::gauge!("confab_wallet_scheduled").set(t.wallet_schedule.len()? as f64);
+                self.announce(notices, reply, Ok(next))
+            }
+        })
+    }
+
+    /// After the commit: payment messages, `wallet` frames, the scheduler, the reply.
+    fn announce<T: Send + 'static>(
+        &self,
+        notices: Notices,
+        reply: Reply<T>,
+        result: Result<T, ApiError>,
+    ) -> Effect {
+        let wake = notices.wake.then(|| self.wallet.wake.clone());
+        Effect::Done(Box::new(move |hub| {
+            for (msg, new_room) in notices.messages {
+                if let Some(room) = new_room {
+                    announce_room(hub, &room);
+                }
+                let frame = OutFrame {
+                    bytes: frames::message(&msg),
+                    room_seq: Some((msg.room, msg.seq)),
+                    pong: false,
+                };
+                if let Some(p) = &msg.payment {
+                    hub.send_to_user(msg.from, &frame, None);
+                    hub.send_to_user(p.to, &frame, None);
+                }
+            }
+            for (user, view) in notices.frames {
+                let bytes =
+                    serde_json::to_vec(&serde_json::json!({"type": "wallet", "transfer": view}))
+                        .unwrap_or_default();
+                let frame = OutFrame {
+                    bytes: bytes.into(),
+                    room_seq: None,
+                    pong: false,
+                };
+                hub.send_to_user(user, &frame, None);
+            }
+            if let Some(w) = wake {
+                w.notify_one();
+            }
+            let _ = reply.send(result);
+        }))
+    }
+
+    fn balance(t: &Tables, account: u64) -> Result<u64, ApiError> {
+        Ok(t.wallet_accounts
+            .get(account)?
+            .map(|g| g.value())
+            .unwrap_or(0))
+    }
+
+    fn next_transfer_id(t: &mut Tables) -> Result<u64, ApiError> {
+        let id = t
+            .meta
+            .get("next_transfer_id")?
+            .map(|g| g.value())
+            .unwrap_or(1);
+        t.meta.insert("next_transfer_id", id + 1)?;
+        Ok(id)
+    }
+
+    fn load(t: &Tables, id: u64) -> Result<Option<TransferRecord>, ApiError> {
+        match t.wallet_transfers.get(id)? {
+            Some(g) => Ok(Some(wallet::decode_transfer(g.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn save(t: &mut Tables, id: u64, rec: &TransferRecord) -> Result<(), ApiError> {
+        t.wallet_transfers.insert(id, encode(rec).as_slice())?;
+        Ok(())
+    }
+
+    fn view_for(&self, t: &Tables, id: u64, rec: &TransferRecord, viewer: u64) -> TransferView {
+        wallet::view(id, rec, viewer, &self.wallet.settings.currency, |u| {
+            user_in(&t.users, UserId(u)).ok().flatten()
+        })
+    }
+
+    /// Appends one ledger entry and sets the account's balance.
+    fn entry(
+        t: &mut Tables,
+        account: u64,
+        transfer: u64,
+        delta: i64,
+        balance: u64,
+        ts: i64,
+    ) -> Result<(), ApiError> {
+        let n = t
+            .wallet_entries
+            .range((account, 0)..=(account, u64::MAX))?
+            .next_back()
+            .transpose()?
+            .map(|(k, _)| k.value().1 + 1)
+            .unwrap_or(1);
+        let rec = EntryRecord {
+            transfer,
+            delta,
+            balance_after: balance,
+            ts,
+        };
+        t.wallet_entries
+            .insert((account, n), encode(&rec).as_slice())?;
+        t.wallet_accounts.insert(account, balance)?;
+        Ok(())
+    }
+
+    pub(super) fn credit(
+        &mut self,
+        t: &mut Tables,
+        user: UserId,
+        amount: u64,
+        notices: &mut Notices,
+    ) -> Result<Result<u64, ApiError>, ApiError> {
+        if amount == 0 || amount > MAX_AMOUNT {
+            return Ok(Err(ApiError::bad_request(
+                "invalid_amount",
+                format!("amount must be 1..={MAX_AMOUNT}"),
+            )));
+        }
+        let balance = Self::balance(t, user.0)?;
+        let Some(new_balance) = balance.checked_add(amount).filter(|b| *b <= MAX_AMOUNT) else {
+            return Ok(Err(conflict(
+                "balance_limit",
+                format!("a balance may not exceed {MAX_AMOUNT}"),
+            )));
+        };
+        let issued = Self::balance(t, ISSUER)?
+            .checked_add(amount)
+            .ok_or_else(|| ApiError::internal("issued total overflow"))?;
+        let now = now_ms();
+        let id = Self::next_transfer_id(t)?;
+        let rec = TransferRecord {
+            from: ISSUER,
+            to: user.0,
+            amount,
+            note: Some("credit".into()),
+            key: format!("credit-{id}"),
+            state: State::Executed,
+            created_at: now,
+            execute_at: now,
+            executed_at: Some(now),
+            repeat: None,
+            parent: None,
+            runs: 0,
+            failure: None,
+            requested_at: None,
+        };
+        Self::entry(t, ISSUER, id, -(amount as i64), issued, now)?;
+        Self::entry(t, user.0, id, amount as i64, new_balance, now)?;
+        Self::save(t, id, &rec)?;
+        t.wallet_user_transfers.insert((user.0, id), ())?;
+        notices
+            .frames
+            .push((user, self.view_for(t, id, &rec, user.0)));
+        count("credited");
+        Ok(Ok(new_balance))
+    }
+
+    fn transfer(
+        &mut self,
+        t: &mut Tables,
+        from: UserId,
+        req: TransferRequest,
+        notices: &mut Notices,
+    ) -> Result<Result<(TransferView, bool), ApiError>, ApiError> {
+        if let Some(id) = t
+            .wallet_keys
+            .get((from.0, req.key.as_str()))?
+            .map(|g| g.value())
+        {
+            let rec = Self::load(t, id)?
+                .ok_or_else(|| ApiError::internal("idempotency key without transfer"))?;
+            if !req.same_as(&rec) {
+                count("conflict");
+                return Ok(Err(conflict(
+                    "idempotency_conflict",
+                    "this idempotency_key was already used for a different transfer",
+                )));
+            }
+            count("replayed");
+            return Ok(Ok((self.view_for(t, id, &rec, from.0), true)));
+        }
+        if t.users.get(req.to.0)?.is_none() {
+            count("rejected");
+            return Ok(Err(ApiError::user_not_found()));
+        }
+        let now = now_ms();
+        let scheduled = req.repeat.is_some() || req.execute_at.is_some_and(|at| at > now);
+        let mut rec = TransferRecord {
+            from: from.0,
+            to: req.to.0,
+            amount: req.amount,
+            note: req.note.clone(),
+            key: req.key.clone(),
+            state: State::Scheduled,
+            created_at: now,
+            execute_at: req.execute_at.unwrap_or(now),
+            executed_at: None,
+            repeat: req.repeat,
+            parent: None,
+            runs: 0,
+            failure: None,
+            requested_at: req.execute_at,
+        };
+        let id = Self::next_transfer_id(t)?;
+        if scheduled {
+            t.wallet_schedule.insert((rec.execute_at, id), ())?;
+            notices.wake = true;
+            count("scheduled");
+        } else if let Err(e) = self.execute(t, id, &mut rec, now, notices)? {
+            // Refused now: nothing is stored, the same key may be retried.
+            count("rejected");
+            return Ok(Err(e));
+        }
+        Self::save(t, id, &rec)?;
+        t.wallet_keys.insert((from.0, req.key.as_str()), id)?;
+        t.wallet_user_transfers.insert((from.0, id), ())?;
+        t.wallet_user_transfers.insert((req.to.0, id), ())?;
+        if scheduled {
+            notices
+                .frames
+                .push((from, self.view_for(t, id, &rec, from.0)));
+        }
+        Ok(Ok((self.view_for(t, id, &rec, from.0), false)))
+    }
+
+    /// Moves the money of `rec` now and posts its payment message. A refusal
+    /// (insufficient funds, balance limit) changes nothing.
+    fn execute(
+        &mut self,
+        t: &mut Tables,
+        id: u64,
+        rec: &mut TransferRecord,
+        now: i64,
+        notices: &mut Notices,
+    ) -> Result<Result<(), ApiError>, ApiError> {
+        let from_balance = Self::balance(t, rec.from)?;
+        let Some(from_after) = from_balance.checked_sub(rec.amount) else {
+            return Ok(Err(conflict(
+                "insufficient_funds",
+                format!(
+                    "not enough money: the balance is {}",
+                    wallet::format_amount(from_balance, &self.wallet.settings.currency)
+                ),
+            )));
+        };
+        let to_balance = Self::balance(t, rec.to)?;
+        let Some(to_after) = to_balance
+            .checked_add(rec.amount)
+            .filter(|b| *b <= MAX_AMOUNT)
+        else {
+            return Ok(Err(conflict(
+                "balance_limit",
+                "the recipient's balance would exceed the limit",
+            )));
+        };
+        Self::entry(t, rec.from, id, -(rec.amount as i64), from_after, now)?;
+        Self::entry(t, rec.to, id, rec.amount as i64, to_after, now)?;
+        rec.state = State::Executed;
+        rec.executed_at = Some(now);
+        let msg = self.payment_message(t, id, rec, now)?;
+        notices.messages.push(msg);
+        let (from, to) = (UserId(rec.from), UserId(rec.to));
+        notices
+            .frames
+            .push((from, self.view_for(t, id, rec, rec.from)));
+        notices.frames.push((to, self.view_for(t, id, rec, rec.to)));
+        count("executed");
+        Ok(Ok(()))
+    }
+
+    /// The payment message in the pair's direct chat (created if needed).
+    fn payment_message(
+        &mut self,
+        t: &mut Tables,
+        id: u64,
+        rec: &TransferRecord,
+        now: i64,
+    ) -> Result<(Message, Option<Room>), ApiError> {
+        let (from, to) = (UserId(rec.from), UserId(rec.to));
+        let (room, created) = self.ensure_direct(t, from, to)?;
+        let seq = self.next_seq(t, room)?;
+        let amount = wallet::format_amount(rec.amount, &self.wallet.settings.currency);
+        let text = match &rec.note {
+            Some(n) => format!("💸 {amount} · {n}"),
+            None => format!("💸 {amount}"),
+        };
+        let mrec = MessageRecord {
+            from: rec.from,
+            ts: now,
+            client_id: format!("pay-{}", wallet::transfer_id(id)),
+            text,
+            payment: Some(PaymentInfo {
+                transfer: id,
+                amount: rec.amount,
+                to: rec.to,
+                note: rec.note.clone(),
+            }),
+        };
+        t.messages.insert((room.0, seq), mrec.encode().as_slice())?;
+        let pos = self.next_log_pos(t)?;
+        t.message_log.insert(pos, (room.0, seq))?;
+        let view = if created {
+            room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+        } else {
+            None
+        };
+        Ok((Message::from_record(room, seq, mrec), view))
+    }
+
+    fn cancel(
+        &mut self,
+        t: &mut Tables,
+        by: UserId,
+        id: u64,
+        notices: &mut Notices,
+    ) -> Result<Result<TransferView, ApiError>, ApiError> {
+        let not_found = || ApiError::not_found("transfer_not_found", "no such transfer");
+        let Some(mut rec) = Self::load(t, id)? else {
+            return Ok(Err(not_found()));
+        };
+        if rec.from != by.0 {
+            return Ok(Err(if rec.to == by.0 {
+                ApiError::forbidden("forbidden", "only the sender can cancel a transfer")
+            } else {
+                not_found()
+            }));
+        }
+        match rec.state {
+            State::Cancelled => return Ok(Ok(self.view_for(t, id, &rec, by.0))),
+            State::Scheduled => {}
+            State::Executed | State::Failed => {
+                return Ok(Err(conflict(
+                    "not_cancellable",
+                    format!("the transfer has already {}", rec.state.name()),
+                )));
+            }
+        }
+        t.wallet_schedule.remove((rec.execute_at, id))?;
+        rec.state = State::Cancelled;
+        Self::save(t, id, &rec)?;
+        notices.wake = true;
+        let view = self.view_for(t, id, &rec, by.0);
+        notices.frames.push((by, view.clone()));
+        count("cancelled");
+        Ok(Ok(view))
+    }
+
+    fn run_due(&mut self, t: &mut Tables, now: i64, notices: &mut Notices) -> Result<(), ApiError> {
+        let due: Vec<(i64, u64)> = t
+            .wallet_schedule
+            .range((i64::MIN, 0)..=(now, u64::MAX))?
+            .take(500)
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for (at, id) in due {
+            t.wallet_schedule.remove((at, id))?;
+            let Some(mut rec) = Self::load(t, id)? else {
+                continue;
+            };
+            if rec.state != State::Scheduled {
+                continue;
+            }
+            metrics::histogram!("confab_wallet_scheduler_lag_seconds")
+                .record((now - at).max(0) as f64 / 1000.0);
+            match rec.repeat {
+                None => {
+                    self.run_once(t, id, &mut rec, now, notices)?;
+                }
+                Some(repeat) => {
+                    let first = rec.requested_at.unwrap_or(rec.execute_at);
+                    let mut made = 0;
+                    while made < MAX_CATCH_UP_RUNS {
+                        let k = rec.runs;
+                        let run_at = wallet::run_time(first, repeat, k);
+                        if run_at > now {
+                            break;
+                        }
+                        // One run: its own transfer, keyed by (recurring id, run number).
+                        let child_id = Self::next_transfer_id(t)?;
+                        let mut child = TransferRecord {
+                            key: format!("{}#{k}", rec.key),
+                            state: State::Scheduled,
+                            created_at: now,
+                            execute_at: run_at,
+                            executed_at: None,
+                            repeat: None,
+                            parent: Some((id, k)),
+                            runs: 0,
+                            failure: None,
+                            requested_at: Some(run_at),
+                            ..rec.clone()
+                        };
+                        self.run_once(t, child_id, &mut child, now, notices)?;
+                        t.wallet_user_transfers.insert((rec.from, child_id), ())?;
+                        t.wallet_user_transfers.insert((rec.to, child_id), ())?;
+                        rec.runs += 1;
+                        made += 1;
+                    }
+                    rec.execute_at = wallet::run_time(first, repeat, rec.runs);
+                    t.wallet_schedule.insert((rec.execute_at, id), ())?;
+                    Self::save(t, id, &rec)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Executes a due transfer, or marks it failed (and tells the sender).
+    fn run_once(
+        &mut self,
+        t: &mut Tables,
+        id: u64,
+        rec: &mut TransferRecord,
+        now: i64,
+        notices: &mut Notices,
+    ) -> Result<(), ApiError> {
+        if let Err(e) = self.execute(t, id, rec, now, notices)? {
+            rec.state = State::Failed;
+            rec.executed_at = Some(now);
+            rec.failure = Some(e.message.clone());
+            notices
+                .frames
+                .push((UserId(rec.from), self.view_for(t, id, rec, rec.from)));
+            count("failed");
+        }
+        Self::save(t, id, rec)
+    }
+}
+
+/// The writer's wallet configuration plus the scheduler's wake-up.
+#[derive(Clone, Default)]
+pub struct WalletWiring {
+    pub settings: wallet::WalletSettings,
+    pub wake: Arc<tokio::sync::Notify>,
+}

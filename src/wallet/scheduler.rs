@@ -1,0 +1,49 @@
+//! The scheduler: a task that sleeps until the next scheduled transfer is
+//! due (or until the schedule changes), then asks the writer to run
+//! everything due. Exactly-once comes from the writer: a due transfer's
+//! state change and ledger entries are one transaction, and a transfer that
+//! is no longer `scheduled` is skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use crate::store::now_ms;
+use crate::store::writer::{Op, WalletOp, WriterHandle};
+
+/// Longest sleep between checks (a safety net; changes wake it at once).
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// Runs until shutdown. `offset_ms` shifts the scheduler's clock (drills, tests).
+pub async fn run(
+    writer: WriterHandle,
+    wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+    offset_ms: i64,
+) {
+    let now = || now_ms() + offset_ms;
+    loop {
+        let next = writer
+            .call(|reply| Op::Wallet(WalletOp::RunDue { now: now(), reply }))
+            .await;
+        let sleep = match next {
+            Ok(Some(at)) => {
+                Duration::from_millis((at - now()).clamp(0, MAX_SLEEP.as_millis() as i64) as u64)
+            }
+            Ok(None) => MAX_SLEEP,
+            Err(e) => {
+                tracing::warn!(error = %e.message, "running due transfers failed; retrying");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = wake.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
