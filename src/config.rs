@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     pub shutdown_grace_secs: u64,
     pub log: String,
+    pub log_format: String,
+    pub status_allowed_ips: Vec<String>,
+    pub status_token: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -221,6 +224,20 @@ impl Config {
         for (name, v) in positive {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("`{name}` must be at least 1")));
+            }
+        }
+        if !["text", "json"].contains(&self.server.log_format.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "`log_format` must be \"text\" or \"json\", got `{}`",
+                self.server.log_format
+            )));
+        }
+        for c in &self.server.status_allowed_ips {
+            let ip = c.split('/').next().unwrap_or("");
+            if ip.trim().parse::<std::net::IpAddr>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "`status_allowed_ips` entries are addresses or CIDR ranges, got `{c}`"
+                )));
             }
         }
         let c = &self.wallet.wallet_currency;

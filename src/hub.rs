@@ -90,6 +90,7 @@ impl SessionOutbox {
             if q.len() >= self.capacity {
                 drop(q);
                 metrics::counter!("confab_slow_client_disconnects_total").increment(1);
+                crate::status::LiveStats::add(&crate::status::LIVE.slow_disconnects, 1);
                 self.kick(close::TOO_SLOW);
                 return false;
             }
@@ -138,6 +139,12 @@ impl Hub {
         list.push(s);
         metrics::gauge!("confab_sessions_online").increment(1.0);
         list.len() == 1
+    }
+
+    /// Sessions online now.
+    pub fn online_sessions(&self) -> usize {
+        let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+        map.values().map(Vec::len).sum()
     }
 
     /// Removes a session; returns true if it was the user's last (now offline).

@@ -13,6 +13,7 @@ pub mod hub;
 pub mod ids;
 pub mod search;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod wallet;

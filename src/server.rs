@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::api::{self, AppState, ConnectionSlot};
 use crate::auth::{self, Auth};
@@ -25,6 +26,8 @@ use crate::store::writer::{GroupCommitWriter, Op, WalletWiring};
 use crate::wallet::WalletSettings;
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), String> {
     let data_dir = config.server.data_dir.clone();
@@ -88,7 +91,9 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         next_session: AtomicU64::new(1),
         open_connections: AtomicUsize::new(0),
         search: search.as_ref().map(|(index, _)| index.clone()),
+        status: Default::default(),
     });
+    tokio::spawn(crate::status::sample_every_second(state.clone()));
 
     // Scheduled transfers: runs what is due now (missed while stopped), then
     // sleeps until the next one.
@@ -126,10 +131,16 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
                 };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
-                tokio::spawn(async move {
-                    connection(state, stream, peer).await;
-                    drop(slot);
-                });
+                // Every log line of this connection (and of its WebSocket
+                // session) carries `conn` = this id.
+                let span = tracing::info_span!("conn", id = NEXT_CONN.fetch_add(1, Ordering::Relaxed), %peer);
+                tokio::spawn(
+                    async move {
+                        connection(state, stream, peer).await;
+                        drop(slot);
+                    }
+                    .instrument(span),
+                );
             }
         }
     }

@@ -12,6 +12,186 @@ const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
 ];
 
+/// The git commit this binary was built from (build.rs).
+pub const GIT_HASH: &str = env!("CONFAB_GIT_HASH");
+
+/// HELP texts (and units) for every metric confab records.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "confab_build_info",
+        "Always 1; labels carry the version and git commit."
+    );
+    describe_gauge!(
+        "confab_process_start_time_seconds",
+        Unit::Seconds,
+        "Unix time the server started."
+    );
+    describe_gauge!(
+        "confab_connections_open",
+        "Open TCP connections (HTTP and WebSocket)."
+    );
+    describe_counter!(
+        "confab_connections_refused_total",
+        "Connections refused at max_connections."
+    );
+    describe_gauge!("confab_ws_connections", "Open WebSocket connections.");
+    describe_gauge!(
+        "confab_sessions_online",
+        "Authenticated WebSocket sessions."
+    );
+    describe_counter!(
+        "confab_sessions_authenticated_total",
+        "WebSocket sessions that authenticated."
+    );
+    describe_counter!(
+        "confab_messages_received_total",
+        "Messages accepted from clients (WebSocket and HTTP) for storing; refused ones count in confab_messages_rejected_total."
+    );
+    describe_counter!("confab_messages_stored_total", "Messages durably stored.");
+    describe_counter!(
+        "confab_messages_delivered_total",
+        "Message frames handed to recipients' sessions."
+    );
+    describe_counter!(
+        "confab_messages_deduplicated_total",
+        "Sends answered from an earlier client_id (stored once)."
+    );
+    describe_counter!(
+        "confab_messages_rejected_total",
+        "Messages refused, by reason."
+    );
+    describe_histogram!(
+        "confab_send_ack_seconds",
+        Unit::Seconds,
+        "From a send's arrival to its ack (after the durable commit)."
+    );
+    describe_histogram!(
+        "confab_send_deliver_seconds",
+        Unit::Seconds,
+        "From a send's arrival to its frame in every recipient's outbox."
+    );
+    describe_histogram!("confab_commit_batch_size", "Operations per group commit.");
+    describe_histogram!(
+        "confab_commit_duration_seconds",
+        Unit::Seconds,
+        "Time to apply and durably commit one batch."
+    );
+    describe_counter!(
+        "confab_commit_failures_total",
+        "Group commits that failed (their batch was refused)."
+    );
+    describe_histogram!(
+        "confab_outbox_depth_frames",
+        "Frames waiting in a session's outbox when its writer drains it."
+    );
+    describe_counter!(
+        "confab_slow_client_disconnects_total",
+        "Sessions closed (4008) because their outbox overflowed."
+    );
+    describe_counter!(
+        "confab_http_requests_total",
+        "HTTP requests by route, method and status."
+    );
+    describe_histogram!(
+        "confab_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request handling time by route."
+    );
+    describe_counter!("confab_logins_total", "Login attempts by outcome.");
+    describe_histogram!(
+        "confab_search_duration_seconds",
+        Unit::Seconds,
+        "Search query time in the server."
+    );
+    describe_counter!(
+        "confab_search_indexed_total",
+        "Messages added to the search index."
+    );
+    describe_gauge!(
+        "confab_search_index_lag_messages",
+        "Stored messages not yet searchable."
+    );
+    describe_gauge!(
+        "confab_search_index_lag_seconds",
+        Unit::Seconds,
+        "How long the index has been behind the store."
+    );
+    describe_gauge!(
+        "confab_search_index_bytes",
+        Unit::Bytes,
+        "Size of the search index on disk."
+    );
+    describe_histogram!(
+        "confab_search_commit_duration_seconds",
+        Unit::Seconds,
+        "Time of one search index commit and reload."
+    );
+    describe_counter!(
+        "confab_wallet_transfers_total",
+        "Wallet transfers by outcome."
+    );
+    describe_gauge!(
+        "confab_wallet_scheduled",
+        "Scheduled and recurring transfers waiting to run."
+    );
+    describe_histogram!(
+        "confab_wallet_scheduler_lag_seconds",
+        Unit::Seconds,
+        "How late scheduled transfers ran after their due time."
+    );
+}
+
+/// Registers every family at start, so dashboards and alerts find all of
+/// them from the first scrape (counters at 0, histograms empty).
+fn register_families() {
+    for c in [
+        "confab_connections_refused_total",
+        "confab_sessions_authenticated_total",
+        "confab_messages_received_total",
+        "confab_messages_stored_total",
+        "confab_messages_delivered_total",
+        "confab_messages_deduplicated_total",
+        "confab_commit_failures_total",
+        "confab_slow_client_disconnects_total",
+        "confab_search_indexed_total",
+    ] {
+        metrics::counter!(c).increment(0);
+    }
+    for outcome in ["ok", "invalid_credentials", "rate_limited"] {
+        metrics::counter!("confab_logins_total", "outcome" => outcome).increment(0);
+    }
+    for outcome in ["executed", "failed", "scheduled", "cancelled", "rejected"] {
+        metrics::counter!("confab_wallet_transfers_total", "outcome" => outcome).increment(0);
+    }
+    for reason in ["message_too_long", "rate_limited", "not_a_member"] {
+        metrics::counter!("confab_messages_rejected_total", "reason" => reason).increment(0);
+    }
+    for g in [
+        "confab_connections_open",
+        "confab_ws_connections",
+        "confab_sessions_online",
+        "confab_search_index_lag_messages",
+        "confab_search_index_lag_seconds",
+        "confab_search_index_bytes",
+        "confab_wallet_scheduled",
+    ] {
+        metrics::gauge!(g).increment(0.0);
+    }
+    for h in [
+        "confab_send_ack_seconds",
+        "confab_send_deliver_seconds",
+        "confab_commit_batch_size",
+        "confab_commit_duration_seconds",
+        "confab_outbox_depth_frames",
+        "confab_search_duration_seconds",
+        "confab_search_commit_duration_seconds",
+        "confab_wallet_scheduler_lag_seconds",
+    ] {
+        let _ = metrics::histogram!(h);
+    }
+}
+
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
@@ -21,10 +201,24 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 BATCH_BUCKETS,
             )
         })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("confab_outbox_depth_frames".into()),
+                BATCH_BUCKETS,
+            )
+        })
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
-    metrics::gauge!("confab_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    describe();
+    metrics::gauge!("confab_build_info", "version" => env!("CARGO_PKG_VERSION"), "git" => GIT_HASH)
+        .set(1.0);
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    metrics::gauge!("confab_process_start_time_seconds").set(start);
+    register_families();
     // Histograms are kept in windows; upkeep drains them regularly.
     let upkeep = handle.clone();
     std::thread::Builder::new()
@@ -41,8 +235,30 @@ pub fn install() -> Result<PrometheusHandle, String> {
 
 /// The exporter's text plus process figures read from `/proc/self` at
 /// scrape time (CPU seconds, resident memory, open fds, threads).
-pub fn render(handle: &PrometheusHandle) -> String {
+pub fn render(handle: &PrometheusHandle, data_dir: &std::path::Path) -> String {
     let mut out = handle.render();
+    {
+        use std::fmt::Write;
+        let size = |p: std::path::PathBuf| -> u64 {
+            match std::fs::read_dir(&p) {
+                Ok(rd) => rd
+                    .filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum(),
+                Err(_) => std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0),
+            }
+        };
+        let _ = write!(
+            out,
+            "# HELP confab_data_bytes Size of the data files on disk.\n\
+             # TYPE confab_data_bytes gauge\n\
+             confab_data_bytes{{file=\"store\"}} {}\n\
+             confab_data_bytes{{file=\"search\"}} {}\n",
+            size(data_dir.join("confab.redb")),
+            size(data_dir.join("search"))
+        );
+    }
     if let Some(p) = ProcessStats::of("self") {
         use std::fmt::Write;
         let _ = write!(

@@ -101,6 +101,15 @@ pub async fn login(
         Err(e) => e.code,
     })
     .increment(1);
+    let live = &crate::status::LIVE;
+    crate::status::LiveStats::add(
+        if outcome.is_ok() {
+            &live.logins_ok
+        } else {
+            &live.logins_failed
+        },
+        1,
+    );
     outcome
 }
 

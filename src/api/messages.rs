@@ -83,6 +83,7 @@ pub async fn post(
     let body: PostBody = read_json(state, req).await?;
     validate_send(state, body.client_id.as_deref(), &body.text)?;
     metrics::counter!("confab_messages_received_total").increment(1);
+    crate::status::LiveStats::add(&crate::status::LIVE.received, 1);
     let (msg, duplicate) = state
         .writer
         .call(|reply| Op::Send {

@@ -33,6 +33,8 @@ use crate::store::writer::WriterHandle;
 pub type Body = Full<Bytes>;
 
 /// Everything a request handler or session needs; one per server.
+static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 pub struct AppState {
     pub config: Config,
     pub store: Store,
@@ -48,6 +50,8 @@ pub struct AppState {
     pub open_connections: std::sync::atomic::AtomicUsize,
     /// The message search index (None when `search_enabled` is off).
     pub search: Option<Arc<crate::search::SearchIndex>>,
+    /// The last 15 minutes, one sample a second (`/status`).
+    pub status: crate::status::StatusBoard,
 }
 
 /// Counts one open connection while alive. The HTTP connection task holds
@@ -96,12 +100,18 @@ pub async fn handle(
 ) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
-    let (route, result) = route(&state, req, peer).await;
+    let span = tracing::debug_span!("req", id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed), %method, path = %req.uri().path());
+    let (route, result) = tracing::Instrument::instrument(route(&state, req, peer), span).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
     secure_headers(&mut resp);
+    let live = &crate::status::LIVE;
+    crate::status::LiveStats::add(&live.http_requests, 1);
+    if resp.status().is_server_error() {
+        crate::status::LiveStats::add(&live.http_errors, 1);
+    }
     let status = resp.status().as_u16().to_string();
     metrics::counter!("confab_http_requests_total", "route" => route, "method" => method.to_string(), "status" => status)
         .increment(1);
@@ -203,9 +213,19 @@ async fn route(
                 _ => ("/rooms/{id}/messages", Err(method_not_allowed())),
             },
             ["ws"] => on!("/ws", get, ws::upgrade(state, req)),
+            ["status"] => on!("/status", get, crate::status::get(state, req, peer)),
+            ["status", "ws"] => on!("/status/ws", get, crate::status::stream(state, req, peer)),
             _ => ("other", Err(no_such_endpoint(&path))),
         },
         ["api", ..] => ("other", Err(no_such_endpoint(&path))),
+        ["status"] => on!("/status", get, async {
+            // Without a token only allowed addresses get the page; with one,
+            // the page asks for it and the data checks it.
+            if state.config.server.status_token.is_empty() {
+                crate::status::check_access(state, &req, peer)?;
+            }
+            Ok(assets::serve("status.html"))
+        }),
         _ => on!("/ui", get, async { Ok(assets::serve(&path)) }),
     }
 }
@@ -225,6 +245,7 @@ fn method_not_allowed() -> ApiError {
 fn metrics_page(state: &AppState) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(crate::telemetry::render(
         &state.metrics,
+        &state.config.server.data_dir,
     ))));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

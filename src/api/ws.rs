@@ -63,7 +63,10 @@ pub async fn upgrade(
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
         }
     };
-    tokio::spawn(task);
+    tokio::spawn(tracing::Instrument::instrument(
+        task,
+        tracing::Span::current(),
+    ));
     Ok(resp.map(|_| Full::new(Bytes::new())))
 }
 
@@ -512,6 +515,9 @@ async fn write_loop(
             break outbox.kick_code();
         }
         let mut batch = outbox.take();
+        if !batch.is_empty() {
+            metrics::histogram!("confab_outbox_depth_frames").record(batch.len() as f64);
+        }
         if batch.is_empty() {
             tokio::select! {
                 biased;
@@ -688,6 +694,7 @@ async fn read_loop(
                 ))
                 .await;
                 if let Err(e) = r {
+                    crate::status::LiveStats::add(&crate::status::LIVE.rejected, 1);
                     metrics::counter!("confab_messages_rejected_total", "reason" => e.code)
                         .increment(1);
                     error(e.code, &e.message, client_id.as_deref(), room.parse().ok());
@@ -767,6 +774,7 @@ async fn on_send(
         ));
     }
     metrics::counter!("confab_messages_received_total").increment(1);
+    crate::status::LiveStats::add(&crate::status::LIVE.received, 1);
     state
         .writer
         .submit(Op::Send {

@@ -308,6 +308,10 @@ impl GroupCommitWriter {
         let commit_secs = started.elapsed().as_secs_f64();
         metrics::histogram!("confab_commit_batch_size").record(n as f64);
         metrics::histogram!("confab_commit_duration_seconds").record(commit_secs);
+        let live = &crate::status::LIVE;
+        crate::status::LiveStats::add(&live.commits, 1);
+        crate::status::LiveStats::add(&live.commit_ops, n as u64);
+        crate::status::LiveStats::add(&live.commit_micros, (commit_secs * 1e6) as u64);
         match result {
             Ok(()) => {
                 if let Some(pos) = self.state.log_pos {
@@ -852,6 +856,8 @@ impl GroupCommitWriter {
                         continue;
                     };
                     metrics::counter!("confab_messages_stored_total").increment(1);
+                    let live = &crate::status::LIVE;
+                    crate::status::LiveStats::add(&live.stored, 1);
                     let mut n = 0u64;
                     for &member in members.iter() {
                         let skip = if member == msg.from { skip } else { None };
@@ -864,6 +870,11 @@ impl GroupCommitWriter {
                         }
                     }
                     metrics::counter!("confab_messages_delivered_total").increment(n);
+                    crate::status::LiveStats::add(&live.delivered, n);
+                    // Send → handed to every recipient's outbox.
+                    let took = received.elapsed();
+                    metrics::histogram!("confab_send_deliver_seconds").record(took.as_secs_f64());
+                    live.deliver_latency(took);
                 }
                 Effect::Rejected {
                     origin,
@@ -871,6 +882,7 @@ impl GroupCommitWriter {
                     client_id,
                     room,
                 } => {
+                    crate::status::LiveStats::add(&crate::status::LIVE.rejected, 1);
                     metrics::counter!("confab_messages_rejected_total", "reason" => err.code)
                         .increment(1);
                     fail_origin(origin, &err, &client_id, room);

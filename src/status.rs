@@ -1,0 +1,458 @@
+//! The live status: running totals kept beside the Prometheus metrics, a
+//! one-second sampler that keeps the last 15 minutes, `GET /api/v1/status`
+//! (JSON), `GET /api/v1/status/ws` (the samples, pushed every second) and
+//! the access rule for both and for the `/status` page.
+//!
+//! Prometheus histograms cannot be read back per second, so the hot path
+//! also records into [`LIVE`]: a handful of relaxed atomics and one small
+//! HDR histogram of send→deliver latency that the sampler swaps out.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::api::{AppState, Body, json};
+use crate::error::ApiError;
+use crate::store::now_ms;
+use crate::telemetry::ProcessStats;
+
+/// Samples kept: 15 minutes at one per second.
+pub const HISTORY: usize = 900;
+
+/// Running totals and this second's latencies, fed by the hot path.
+pub struct LiveStats {
+    pub received: AtomicU64,
+    pub stored: AtomicU64,
+    pub delivered: AtomicU64,
+    pub rejected: AtomicU64,
+    pub logins_ok: AtomicU64,
+    pub logins_failed: AtomicU64,
+    pub http_requests: AtomicU64,
+    pub http_errors: AtomicU64,
+    pub commits: AtomicU64,
+    pub commit_ops: AtomicU64,
+    pub commit_micros: AtomicU64,
+    pub slow_disconnects: AtomicU64,
+    /// Send→deliver latencies (µs) since the last sample.
+    latency: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+fn histogram() -> hdrhistogram::Histogram<u64> {
+    // 1 µs .. 60 s, 2 significant digits: a few KB.
+    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
+        .unwrap_or_else(|_| hdrhistogram::Histogram::new(2).expect("a 2-digit histogram"))
+}
+
+pub static LIVE: LazyLock<LiveStats> = LazyLock::new(|| LiveStats {
+    received: AtomicU64::new(0),
+    stored: AtomicU64::new(0),
+    delivered: AtomicU64::new(0),
+    rejected: AtomicU64::new(0),
+    logins_ok: AtomicU64::new(0),
+    logins_failed: AtomicU64::new(0),
+    http_requests: AtomicU64::new(0),
+    http_errors: AtomicU64::new(0),
+    commits: AtomicU64::new(0),
+    commit_ops: AtomicU64::new(0),
+    commit_micros: AtomicU64::new(0),
+    slow_disconnects: AtomicU64::new(0),
+    latency: Mutex::new(histogram()),
+});
+
+impl LiveStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    /// One message's send→deliver latency.
+    pub fn deliver_latency(&self, d: Duration) {
+        if let Ok(mut h) = self.latency.lock() {
+            let _ = h.record((d.as_micros() as u64).clamp(1, 60_000_000));
+        }
+    }
+}
+
+/// One second of the server's life.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct Sample {
+    /// Unix ms at the end of the second.
+    pub t: i64,
+    pub msgs_in: u64,
+    pub msgs_stored: u64,
+    pub msgs_out: u64,
+    /// Send→deliver latency of this second's messages, ms (None: no messages).
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub connections: u64,
+    pub sessions: u64,
+    pub commits: u64,
+    pub batch_avg: f64,
+    pub commit_ms_avg: f64,
+    pub cpu_percent: f64,
+    pub rss_bytes: u64,
+    /// Rejected messages plus HTTP 5xx answers.
+    pub errors: u64,
+    pub http_requests: u64,
+    pub search_lag_messages: u64,
+    pub search_lag_seconds: f64,
+}
+
+/// The sampler's ring of samples plus listeners.
+pub struct StatusBoard {
+    pub started: Instant,
+    pub started_ms: i64,
+    samples: Mutex<VecDeque<Sample>>,
+    /// New samples for `/api/v1/status/ws` listeners.
+    pub updates: tokio::sync::broadcast::Sender<Sample>,
+}
+
+impl Default for StatusBoard {
+    fn default() -> Self {
+        StatusBoard {
+            started: Instant::now(),
+            started_ms: now_ms(),
+            samples: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            updates: tokio::sync::broadcast::channel(16).0,
+        }
+    }
+}
+
+impl StatusBoard {
+    pub fn history(&self) -> Vec<Sample> {
+        self.samples
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn push(&self, s: Sample) {
+        if let Ok(mut q) = self.samples.lock() {
+            if q.len() >= HISTORY {
+                q.pop_front();
+            }
+            q.push_back(s.clone());
+        }
+        let _ = self.updates.send(s);
+    }
+}
+
+/// Takes one sample a second until shutdown.
+pub async fn sample_every_second(state: Arc<AppState>) {
+    let mut shutdown = state.shutdown.clone();
+    let l = &*LIVE;
+    let read = || {
+        [
+            l.received.load(Relaxed),
+            l.stored.load(Relaxed),
+            l.delivered.load(Relaxed),
+            l.commits.load(Relaxed),
+            l.commit_ops.load(Relaxed),
+            l.commit_micros.load(Relaxed),
+            l.rejected.load(Relaxed) + l.http_errors.load(Relaxed),
+            l.http_requests.load(Relaxed),
+        ]
+    };
+    let mut prev = read();
+    let mut prev_cpu = ProcessStats::of("self")
+        .map(|p| p.cpu_seconds)
+        .unwrap_or(0.0);
+    let mut prev_at = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = read();
+        let d = |i: usize| now[i].saturating_sub(prev[i]);
+        let (p50, p99) = match l.latency.lock() {
+            Ok(mut h) => {
+                let r = if h.is_empty() {
+                    (None, None)
+                } else {
+                    (
+                        Some(h.value_at_quantile(0.5) as f64 / 1000.0),
+                        Some(h.value_at_quantile(0.99) as f64 / 1000.0),
+                    )
+                };
+                h.reset();
+                r
+            }
+            Err(_) => (None, None),
+        };
+        let proc_ = ProcessStats::of("self").unwrap_or_default();
+        let secs = prev_at.elapsed().as_secs_f64().max(0.001);
+        let commits = d(3);
+        let (lag_messages, lag_seconds) = match &state.search {
+            Some(ix) => {
+                let indexed = ix.status.indexed.load(Relaxed);
+                let lag = state.store.feed.committed().saturating_sub(indexed);
+                let since = ix.status.caught_up_at.load(Relaxed);
+                let secs = if lag == 0 {
+                    0.0
+                } else {
+                    (now_ms() - since).max(0) as f64 / 1000.0
+                };
+                (lag, secs)
+            }
+            None => (0, 0.0),
+        };
+        state.status.push(Sample {
+            t: now_ms(),
+            msgs_in: d(0),
+            msgs_stored: d(1),
+            msgs_out: d(2),
+            p50_ms: p50,
+            p99_ms: p99,
+            connections: state.open_connections.load(Relaxed) as u64,
+            sessions: state.hub.online_sessions() as u64,
+            commits,
+            batch_avg: if commits == 0 {
+                0.0
+            } else {
+                d(4) as f64 / commits as f64
+            },
+            commit_ms_avg: if commits == 0 {
+                0.0
+            } else {
+                d(5) as f64 / commits as f64 / 1000.0
+            },
+            cpu_percent: ((proc_.cpu_seconds - prev_cpu) / secs * 100.0).max(0.0),
+            rss_bytes: proc_.rss_bytes,
+            errors: d(6),
+            http_requests: d(7),
+            search_lag_messages: lag_messages,
+            search_lag_seconds: lag_seconds,
+        });
+        prev = now;
+        prev_cpu = proc_.cpu_seconds;
+        prev_at = Instant::now();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Access
+// ---------------------------------------------------------------------------
+
+/// Whether `peer` with these headers may see the status (page, JSON, stream):
+/// from an allowed address (`status_allowed_ips`, loopback by default), or
+/// anywhere with `Authorization: Bearer <status_token>` when a token is set.
+pub fn check_access(
+    state: &AppState,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<(), ApiError> {
+    let token = &state.config.server.status_token;
+    if !token.is_empty() {
+        let given = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| {
+                // The page's WebSocket cannot set headers: it sends the token
+                // as the `Sec-WebSocket-Protocol` value "status.<token>".
+                req.headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| {
+                        v.split(',')
+                            .map(str::trim)
+                            .find_map(|p| p.strip_prefix("status."))
+                    })
+            });
+        if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return Ok(());
+        }
+    }
+    if allowed_ip(&state.config.server.status_allowed_ips, peer.ip()) {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(
+        "status_forbidden",
+        "the status is only shown to allowed addresses (status_allowed_ips) or with the status token",
+    ))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `ip` is in one of `cidrs` ("127.0.0.0/8", "::1/128", "10.1.2.3").
+pub fn allowed_ip(cidrs: &[String], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    cidrs.iter().any(|c| {
+        let (net, bits) = match c.split_once('/') {
+            Some((n, b)) => (n, b.parse::<u32>().ok()),
+            None => (c.as_str(), None),
+        };
+        let Ok(net) = net.trim().parse::<IpAddr>() else {
+            return false;
+        };
+        match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => {
+                let bits = bits.unwrap_or(32).min(32);
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                u32::from(n) & mask == u32::from(i) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(i)) => {
+                let bits = bits.unwrap_or(128).min(128);
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
+                u128::from(n) & mask == u128::from(i) & mask
+            }
+            _ => false,
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------
+
+/// Totals since start, for `/api/v1/status`.
+#[derive(Serialize)]
+struct Totals {
+    messages_received: u64,
+    messages_stored: u64,
+    messages_delivered: u64,
+    messages_rejected: u64,
+    logins_ok: u64,
+    logins_failed: u64,
+    http_requests: u64,
+    http_errors: u64,
+    slow_client_disconnects: u64,
+}
+
+/// `GET /api/v1/status[?history=0]`.
+pub async fn get(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    check_access(state, &req, peer)?;
+    let with_history = !crate::api::query(&req)
+        .iter()
+        .any(|(k, v)| k == "history" && v == "0");
+    let l = &*LIVE;
+    let history = state.status.history();
+    let proc_ = ProcessStats::of("self").unwrap_or_default();
+    let body = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "git": crate::telemetry::GIT_HASH,
+        "started_at": state.status.started_ms,
+        "uptime_secs": state.status.started.elapsed().as_secs(),
+        "connections": state.open_connections.load(Relaxed),
+        "sessions": state.hub.online_sessions(),
+        "rss_bytes": proc_.rss_bytes,
+        "open_fds": proc_.open_fds,
+        "threads": proc_.threads,
+        "totals": Totals {
+            messages_received: l.received.load(Relaxed),
+            messages_stored: l.stored.load(Relaxed),
+            messages_delivered: l.delivered.load(Relaxed),
+            messages_rejected: l.rejected.load(Relaxed),
+            logins_ok: l.logins_ok.load(Relaxed),
+            logins_failed: l.logins_failed.load(Relaxed),
+            http_requests: l.http_requests.load(Relaxed),
+            http_errors: l.http_errors.load(Relaxed),
+            slow_client_disconnects: l.slow_disconnects.load(Relaxed),
+        },
+        "search": state.search.as_ref().map(|ix| serde_json::json!({
+            "indexed": ix.status.indexed.load(Relaxed),
+            "lag_messages": state.store.feed.committed().saturating_sub(ix.status.indexed.load(Relaxed)),
+            "index_bytes": ix.size_bytes(),
+        })),
+        "now": history.last(),
+        "history": if with_history { history } else { Vec::new() },
+    });
+    json(StatusCode::OK, &body)
+}
+
+/// `GET /api/v1/status/ws`: the history, then a sample every second.
+pub async fn stream(
+    state: &Arc<AppState>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    check_access(state, &req, peer)?;
+    let protocol = req.headers().get("sec-websocket-protocol").cloned();
+    let (mut resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)
+        .map_err(|e| ApiError::bad_request("bad_request", format!("bad WebSocket upgrade: {e}")))?;
+    if let Some(p) = protocol.and_then(|p| p.to_str().ok().map(str::to_string)) {
+        // Echo the token sub-protocol, or browsers drop the connection.
+        if let Some(chosen) = p
+            .split(',')
+            .map(str::trim)
+            .find(|x| x.starts_with("status."))
+            && let Ok(v) = hyper::header::HeaderValue::from_str(chosen)
+        {
+            resp.headers_mut().insert("sec-websocket-protocol", v);
+        }
+    }
+    let slot = crate::api::ConnectionSlot::take(state);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        let Ok(mut ws) = fut.await else {
+            return;
+        };
+        let mut updates = state.status.updates.subscribe();
+        let mut shutdown = state.shutdown.clone();
+        let first = serde_json::json!({"type": "history", "samples": state.status.history()});
+        if ws.write_frame(text(first)).await.is_err() {
+            return;
+        }
+        loop {
+            let sample = tokio::select! {
+                s = updates.recv() => match s {
+                    Ok(s) => s,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                },
+                _ = shutdown.changed() => {
+                    let _ = ws.write_frame(Frame::close(1001, b"shutting down")).await;
+                    return;
+                }
+            };
+            let msg = serde_json::json!({"type": "sample", "sample": sample});
+            if ws.write_frame(text(msg)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(resp.map(|_| Full::new(Bytes::new())))
+}
+
+fn text(v: serde_json::Value) -> Frame<'static> {
+    Frame::new(
+        true,
+        OpCode::Text,
+        None,
+        Payload::Owned(v.to_string().into_bytes()),
+    )
+}
