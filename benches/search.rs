@@ -168,7 +168,8 @@ const USAGE: &str = "cargo bench --bench search -- [--quick] [flags]
                         or `off` (search_enabled=false, ingest only: the baseline);
                         MS/index-only: no searches or probes; MS/nice: the server's
                         indexing threads at nice 10; MS/writer-prio: its store writer
-                        at nice -5 (1000,500,off; quick: 1000)
+                        at nice -5; MS/search-nice: the threads searches run on at
+                        nice 5 (1000,500,off; quick: 1000)
   --dir D               keep the data directory in D (reused if already seeded)
   --reindex             with --dir: delete D/search first, to measure the catch-up again
   --json FILE           write the results as JSON
@@ -489,6 +490,10 @@ struct RunSpec {
     /// An experiment: the nice value given to the server's store writer
     /// thread (negative = ahead of everything else; needs root).
     writer_nice: i32,
+    /// An experiment: the nice value given to tokio's blocking-pool threads
+    /// in the server, where searches run (re-applied every 100 ms, as the
+    /// pool starts threads on demand).
+    search_nice: i32,
 }
 
 impl RunSpec {
@@ -498,6 +503,7 @@ impl RunSpec {
         queries: false,
         nice: 0,
         writer_nice: 0,
+        search_nice: 0,
     };
 
     fn search(commit_ms: u64) -> RunSpec {
@@ -507,16 +513,18 @@ impl RunSpec {
             queries: true,
             nice: 0,
             writer_nice: 0,
+            search_nice: 0,
         }
     }
 
     /// `off`, `MS`, `MS/nice` (indexing threads at nice 10),
-    /// `MS/writer-prio` (the store writer at nice -5) or `MS/index-only` (no
+    /// `MS/writer-prio` (the store writer at nice -5), `MS/search-nice` (the
+    /// blocking pool, where searches run, at nice 5) or `MS/index-only` (no
     /// searches or probes).
     fn parse(item: &str) -> Result<RunSpec, String> {
         let bad = || {
             format!(
-                "--runs: cannot read `{item}` (off, MS, MS/nice, MS/writer-prio or MS/index-only)"
+                "--runs: cannot read `{item}` (off, MS, MS/nice, MS/writer-prio, MS/search-nice or MS/index-only)"
             )
         };
         let item = item.trim();
@@ -530,6 +538,10 @@ impl RunSpec {
             "nice" => Ok(RunSpec { nice: 10, ..run }),
             "writer-prio" => Ok(RunSpec {
                 writer_nice: -5,
+                ..run
+            }),
+            "search-nice" => Ok(RunSpec {
+                search_nice: 5,
                 ..run
             }),
             "index-only" => Ok(RunSpec {
@@ -555,16 +567,20 @@ impl RunSpec {
         if self.writer_nice != 0 {
             label.push_str(&format!(", store writer nice {}", self.writer_nice));
         }
+        if self.search_nice != 0 {
+            label.push_str(&format!(", search threads nice {}", self.search_nice));
+        }
         label
     }
 }
 
 /// The server's indexing threads (by name).
-const INDEXING_THREADS: [&str; 4] = [
+const INDEXING_THREADS: [&str; 5] = [
     "confab-indexer",
     "segment_updater",
     "merge_thread",
     "thrd-tantivy",
+    "docstore",
 ];
 
 /// Gives the server's threads whose names start with one of `names` the
@@ -595,11 +611,12 @@ fn renice(pid: u32, names: &[&str], nice: i32) -> usize {
 
 /// The server's threads, grouped by what they do.
 fn thread_group(comm: &str) -> &'static str {
-    const GROUPS: [(&str, &str); 6] = [
+    const GROUPS: [(&str, &str); 7] = [
         ("confab-writer", "store writer"),
         ("tokio-rt-worker", "tokio (network, JSON, search queries)"),
         ("confab-indexer", "indexing"),
         ("thrd-tantivy", "indexing"),
+        ("docstore", "indexing"),
         ("merge_thread", "index merges"),
         ("segment_updater", "index merges"),
     ];
@@ -672,6 +689,30 @@ fn rss_kb(pid: u32, field: &str) -> f64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Gives tokio's blocking-pool threads of `pid` the nice value `nice`: the
+/// threads named like the runtime's, except the first `workers` (the async
+/// workers, started first).
+fn renice_blocking_pool(pid: u32, workers: usize, nice: i32) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    let mut tids: Vec<u32> = tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("tokio-rt-worker"))
+        })
+        .filter_map(|t| t.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    tids.sort_unstable();
+    for tid in tids.into_iter().skip(workers) {
+        // SAFETY: setpriority(2) on a thread id of our own child.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+        }
+    }
 }
 
 /// CPU time the whole machine spent busy (not idle or waiting), in seconds.
@@ -1436,7 +1477,9 @@ async fn load(
     let threads_before = thread_stats(server.child.id());
     let machine_before = machine_busy_secs();
     let sh = Arc::new(Shared {
-        run_id: rng.random(),
+        // Not from the seeded RNG: a reused --dir has this run's
+        // predecessors in it.
+        run_id: rand::random(),
         epoch: Instant::now(),
         stop: AtomicBool::new(false),
         searches: Mutex::new(histogram()),
@@ -1540,7 +1583,8 @@ async fn load(
         let user = searchers[0].clone();
         let pool = Pool::new(addr);
         let gate = Arc::new(tokio::sync::Semaphore::new(MAX_PROBES_IN_FLIGHT));
-        let mut rng = StdRng::seed_from_u64(rng.random());
+        // Probe words must be new to the store, also in a reused --dir.
+        let mut rng = StdRng::seed_from_u64(rand::random());
         let every = Duration::from_millis(o.probe_ms);
         tokio::spawn(async move {
             let mut tasks = tokio::task::JoinSet::new();
@@ -1583,6 +1627,18 @@ async fn load(
             Duration::from_millis(o.poll_ms),
             errors.clone(),
         ))
+    });
+
+    // The search-nice experiment: keep the blocking pool reniced.
+    let renicer = (run.search_nice != 0).then(|| {
+        let (sh, pid, nice) = (sh.clone(), server.child.id(), run.search_nice);
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::spawn(async move {
+            while !sh.stop.load(Ordering::Relaxed) {
+                renice_blocking_pool(pid, workers, nice);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
     });
 
     // Lag once a second, and progress.
@@ -1658,7 +1714,7 @@ async fn load(
             let _ = windows[i].add(h);
         }
     }
-    for task in [scheduler, prober].into_iter().flatten() {
+    for task in [scheduler, prober, renicer].into_iter().flatten() {
         task.await.map_err(|e| e.to_string())?;
     }
     let lost = match poller {

@@ -17,10 +17,11 @@
 
 pub mod analyzer;
 
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -101,7 +102,53 @@ pub struct SearchIndex {
     fields: Fields,
     tokenizer: ConfabTokenizer,
     dir: PathBuf,
+    columns: ColumnCache,
     pub status: Arc<IndexStatus>,
+}
+
+/// One segment's fast-field columns. Opening a column reads its whole block
+/// index (thousands of blocks in a large segment), so each segment's are
+/// opened once and shared by every search until the segment goes away.
+struct SegmentColumns {
+    room: Arc<dyn tantivy::columnar::ColumnValues<u64>>,
+    seq: Arc<dyn tantivy::columnar::ColumnValues<u64>>,
+    ts: Arc<dyn tantivy::columnar::ColumnValues<i64>>,
+}
+
+#[derive(Clone, Default)]
+struct ColumnCache(Arc<Mutex<HashMap<tantivy::index::SegmentId, Arc<SegmentColumns>>>>);
+
+impl ColumnCache {
+    fn get(&self, seg: &tantivy::SegmentReader) -> tantivy::Result<Arc<SegmentColumns>> {
+        let id = seg.segment_id();
+        if let Some(c) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            return Ok(c.clone());
+        }
+        let ff = seg.fast_fields();
+        let c = Arc::new(SegmentColumns {
+            room: ff.u64("room")?.first_or_default_col(0),
+            seq: ff.u64("seq")?.first_or_default_col(0),
+            ts: ff.i64("ts")?.first_or_default_col(0),
+        });
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, c.clone());
+        Ok(c)
+    }
+
+    /// Forgets segments the current searcher no longer has (merged away).
+    fn retain(&self, searcher: &tantivy::Searcher) {
+        let live: HashSet<_> = searcher
+            .segment_readers()
+            .iter()
+            .map(|s| s.segment_id())
+            .collect();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| live.contains(id));
+    }
 }
 
 /// `GET /api/v1/search` parameters, validated.
@@ -220,6 +267,7 @@ impl SearchIndex {
             fields,
             tokenizer,
             dir: dir.to_path_buf(),
+            columns: ColumnCache::default(),
             status: Arc::new(IndexStatus::default()),
         })
     }
@@ -367,14 +415,11 @@ impl SearchIndex {
             (docs.into_iter().map(|(_, a)| a).collect(), total)
         } else {
             // Relevance first; among equal scores the newer message wins.
-            let by_score = top.tweak_score(|seg: &tantivy::SegmentReader| {
-                let ts = seg
-                    .fast_fields()
-                    .i64("ts")
-                    .ok()
-                    .map(|c| c.first_or_default_col(0));
+            let columns = self.columns.clone();
+            let by_score = top.tweak_score(move |seg: &tantivy::SegmentReader| {
+                let cols = columns.get(seg).ok();
                 move |doc: tantivy::DocId, score: tantivy::Score| {
-                    (score, ts.as_ref().map(|c| c.get_val(doc)).unwrap_or(0))
+                    (score, cols.as_ref().map(|c| c.ts.get_val(doc)).unwrap_or(0))
                 }
             });
             let (docs, total) = searcher
@@ -384,16 +429,14 @@ impl SearchIndex {
         };
         let mut keys = Vec::with_capacity(addrs.len());
         for addr in &addrs {
-            let ff = searcher.segment_reader(addr.segment_ord).fast_fields();
-            let room = ff
-                .u64("room")
-                .map_err(ApiError::internal)?
-                .first_or_default_col(0);
-            let seq = ff
-                .u64("seq")
-                .map_err(ApiError::internal)?
-                .first_or_default_col(0);
-            keys.push((RoomId(room.get_val(addr.doc_id)), seq.get_val(addr.doc_id)));
+            let cols = self
+                .columns
+                .get(searcher.segment_reader(addr.segment_ord))
+                .map_err(ApiError::internal)?;
+            keys.push((
+                RoomId(cols.room.get_val(addr.doc_id)),
+                cols.seq.get_val(addr.doc_id),
+            ));
         }
         let messages = store.messages_at(&keys)?;
         let mut snippets =
@@ -483,6 +526,15 @@ impl Indexer {
             .index
             .writer_with_num_threads(1, WRITER_BYTES)
             .map_err(err)?;
+        // Before the first catch-up: show the backlog from the first scrape
+        // on, and count its age from this start (`caught_up_at` is 0, i.e.
+        // 1970, until the index first catches up).
+        index.status.caught_up_at.store(now_ms(), Ordering::Release);
+        let lag = store
+            .feed
+            .committed()
+            .saturating_sub(index.status.indexed.load(Ordering::Acquire));
+        metrics::gauge!("confab_search_index_lag_messages").set(lag as f64);
         Ok(Indexer {
             index,
             store,
@@ -603,6 +655,7 @@ impl Indexer {
         });
         match result.and_then(|_| self.index.reader.reload()) {
             Ok(()) => {
+                self.index.columns.retain(&self.index.reader.searcher());
                 self.index.status.indexed.store(pos, Ordering::Release);
                 metrics::histogram!("confab_search_commit_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
