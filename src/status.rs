@@ -195,17 +195,7 @@ pub async fn sample_every_second(state: Arc<AppState>) {
         let secs = prev_at.elapsed().as_secs_f64().max(0.001);
         let commits = d(3);
         let (lag_messages, lag_seconds) = match &state.search {
-            Some(ix) => {
-                let indexed = ix.status.indexed.load(Relaxed);
-                let lag = state.store.feed.committed().saturating_sub(indexed);
-                let since = ix.status.caught_up_at.load(Relaxed);
-                let secs = if lag == 0 {
-                    0.0
-                } else {
-                    (now_ms() - since).max(0) as f64 / 1000.0
-                };
-                (lag, secs)
-            }
+            Some(ix) => ix.status.lag(state.store.feed.committed()),
             None => (0, 0.0),
         };
         state.status.push(Sample {
@@ -384,7 +374,7 @@ pub async fn get(
         },
         "search": state.search.as_ref().map(|ix| serde_json::json!({
             "indexed": ix.status.indexed.load(Relaxed),
-            "lag_messages": state.store.feed.committed().saturating_sub(ix.status.indexed.load(Relaxed)),
+            "lag_messages": ix.status.lag(state.store.feed.committed()).0,
             "index_bytes": ix.size_bytes(),
         })),
         "now": history.last(),

@@ -239,16 +239,7 @@ pub fn render(handle: &PrometheusHandle, data_dir: &std::path::Path) -> String {
     let mut out = handle.render();
     {
         use std::fmt::Write;
-        let size = |p: std::path::PathBuf| -> u64 {
-            match std::fs::read_dir(&p) {
-                Ok(rd) => rd
-                    .filter_map(Result::ok)
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum(),
-                Err(_) => std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0),
-            }
-        };
+        let size = |p: std::path::PathBuf| crate::search::dir_size(&p);
         let _ = write!(
             out,
             "# HELP confab_data_bytes Size of the data files on disk.\n\

@@ -95,6 +95,32 @@ pub struct IndexStatus {
     pub stop: AtomicBool,
 }
 
+impl IndexStatus {
+    /// How far the index is behind a store committed up to `committed`:
+    /// messages, and seconds since it last had everything.
+    pub fn lag(&self, committed: u64) -> (u64, f64) {
+        let lag = committed.saturating_sub(self.indexed.load(Ordering::Acquire));
+        let secs = if lag == 0 {
+            0.0
+        } else {
+            (now_ms() - self.caught_up_at.load(Ordering::Acquire)).max(0) as f64 / 1000.0
+        };
+        (lag, secs)
+    }
+}
+
+/// Bytes of the files directly in `dir` (or of `dir` itself if it is a file).
+pub fn dir_size(dir: &Path) -> u64 {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum(),
+        Err(_) => std::fs::metadata(dir).map(|m| m.len()).unwrap_or(0),
+    }
+}
+
 /// The open index: searched by API handlers, fed by the [`Indexer`].
 pub struct SearchIndex {
     index: Index,
@@ -274,14 +300,7 @@ impl SearchIndex {
 
     /// Bytes on disk.
     pub fn size_bytes(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        dir_size(&self.dir)
     }
 
     /// The query for one word or quoted phrase (None: nothing searchable in it).
@@ -604,17 +623,8 @@ impl Indexer {
             if caught_up && pending == 0 {
                 status.caught_up_at.store(now_ms(), Ordering::Release);
             }
-            let lag = self
-                .store
-                .feed
-                .committed()
-                .saturating_sub(status.indexed.load(Ordering::Acquire));
+            let (lag, lag_secs) = status.lag(self.store.feed.committed());
             metrics::gauge!("confab_search_index_lag_messages").set(lag as f64);
-            let lag_secs = if lag == 0 {
-                0.0
-            } else {
-                (now_ms() - status.caught_up_at.load(Ordering::Acquire)).max(0) as f64 / 1000.0
-            };
             metrics::gauge!("confab_search_index_lag_seconds").set(lag_secs);
             if last_size.elapsed() >= Duration::from_secs(10) {
                 metrics::gauge!("confab_search_index_bytes").set(self.index.size_bytes() as f64);
