@@ -1,7 +1,15 @@
-//! Records the git commit the binary is built from (for `confab_build_info`
-//! and `/api/v1/status`); "unknown" outside a git checkout.
+//! Records the git commit the binary is built from (for `confab --version`,
+//! `confab_build_info` and `/api/v1/status`): `CONFAB_GIT_HASH` when set
+//! (a container build has no .git), else `git rev-parse`, else "unknown".
 
 fn main() {
+    println!("cargo:rerun-if-env-changed=CONFAB_GIT_HASH");
+    if let Ok(hash) = std::env::var("CONFAB_GIT_HASH")
+        && !hash.trim().is_empty()
+    {
+        println!("cargo:rustc-env=CONFAB_GIT_HASH={}", hash.trim());
+        return;
+    }
     let hash = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()

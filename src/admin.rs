@@ -1,10 +1,15 @@
 //! The local admin channel: a unix socket `<data_dir>/admin.sock` (mode
-//! 0600, and the peer's uid must be ours) through which `confab wallet …`
-//! reaches a running server. One JSON request line in, one JSON answer line
-//! out. When no server runs, the same commands open the store themselves.
+//! 0600, and the peer's uid must be ours) through which `confab wallet …`,
+//! `confab backup` and `confab export` reach a running server. One JSON
+//! request line in; out come JSON lines: for `backup`, `{"progress": …}`
+//! lines then the answer; for `export`, the export's own JSON Lines (or one
+//! `{"error": …}` line); otherwise one answer line. When no server runs, the
+//! same commands open the store themselves.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use redb::ReadableDatabase;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -57,6 +62,22 @@ async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> 
     BufReader::new(read).read_line(&mut line).await?;
     let answer = if allowed {
         match serde_json::from_str::<Value>(&line) {
+            Ok(req) if req["cmd"] == "backup" => backup(&state, &req, &mut write).await?,
+            Ok(req) if req["cmd"] == "export" => {
+                match crate::export::scope_of(&req).and_then(|scope| {
+                    let txn = state.store.db.begin_read()?;
+                    crate::export::check(&txn, &scope).map(|_| scope)
+                }) {
+                    Ok(scope) => {
+                        let mut rx = crate::export::spawn(state.store.db.clone(), scope);
+                        while let Some(chunk) = rx.recv().await {
+                            write.write_all(&chunk).await?;
+                        }
+                        return write.shutdown().await;
+                    }
+                    Err(e) => json!({"error": e.message, "code": e.code}),
+                }
+            }
             Ok(req) => handle(&state.store, &state.writer, &req).await,
             Err(e) => json!({"error": format!("bad request: {e}")}),
         }
@@ -65,6 +86,49 @@ async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> 
     };
     write.write_all(format!("{answer}\n").as_bytes()).await?;
     write.shutdown().await
+}
+
+/// Takes a backup from a snapshot while the server keeps serving; sends a
+/// progress line about every 100 ms.
+async fn backup(
+    state: &AppState,
+    req: &Value,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<Value> {
+    let Some(to) = req["to"].as_str().map(PathBuf::from) else {
+        return Ok(json!({"error": "backup needs `to`"}));
+    };
+    if !to.is_absolute() {
+        return Ok(json!({"error": "backup needs an absolute path"}));
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let db = state.store.db.clone();
+    let secret = crate::backup::secret_file(&state.config.server.data_dir);
+    let job = tokio::task::spawn_blocking(move || {
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        let mut last = std::time::Instant::now();
+        crate::backup::write(&txn, secret.as_deref(), &to, |p| {
+            if last.elapsed().as_millis() >= 100 {
+                last = std::time::Instant::now();
+                let _ = tx.send(p);
+            }
+        })
+    });
+    while let Some(p) = rx.recv().await {
+        let line = json!({ "progress": p });
+        write.write_all(format!("{line}\n").as_bytes()).await?;
+    }
+    let result = job
+        .await
+        .unwrap_or_else(|e| Err(format!("backup task failed: {e}")));
+    crate::backup::record(result.as_ref());
+    Ok(match result {
+        Ok(summary) => {
+            tracing::info!(path = %summary.path, bytes = summary.bytes, messages = summary.messages, "backup written");
+            json!({"ok": true, "backup": summary})
+        }
+        Err(e) => json!({ "error": e }),
+    })
 }
 
 /// Runs one admin command against a store and its writer.
@@ -92,7 +156,13 @@ pub async fn handle(store: &Store, writer: &WriterHandle, req: &Value) -> Value 
 }
 
 /// Sends one request to a running server; None when none is listening.
-pub async fn request(data_dir: &Path, req: &Value) -> Option<Result<Value, String>> {
+/// `{"progress": …}` lines go to `on_progress`; the first other line is the
+/// answer.
+pub async fn request(
+    data_dir: &Path,
+    req: &Value,
+    mut on_progress: impl FnMut(&Value),
+) -> Option<Result<Value, String>> {
     let stream = UnixStream::connect(socket_path(data_dir)).await.ok()?;
     let (read, mut write) = stream.into_split();
     let exchange = async {
@@ -101,12 +171,53 @@ pub async fn request(data_dir: &Path, req: &Value) -> Option<Result<Value, Strin
             .await
             .map_err(|e| e.to_string())?;
         write.shutdown().await.map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(read)
-            .read_line(&mut line)
+        let mut lines = BufReader::new(read).lines();
+        while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+            let v = serde_json::from_str::<Value>(&line)
+                .map_err(|e| format!("bad answer from the server: {e}"))?;
+            match v.get("progress") {
+                Some(p) => on_progress(p),
+                None => return Ok(v),
+            }
+        }
+        Err("the server closed the admin connection without an answer".to_string())
+    };
+    Some(exchange.await)
+}
+
+/// Sends an `export` request to a running server and copies its output to
+/// `out`; None when none is listening.
+pub async fn export_to(
+    data_dir: &Path,
+    req: &Value,
+    out: &mut (dyn std::io::Write + Send),
+) -> Option<Result<(), String>> {
+    use tokio::io::AsyncReadExt;
+    let stream = UnixStream::connect(socket_path(data_dir)).await.ok()?;
+    let (mut read, mut write) = stream.into_split();
+    let exchange = async {
+        write
+            .write_all(format!("{req}\n").as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        serde_json::from_str::<Value>(&line).map_err(|e| format!("bad answer from the server: {e}"))
+        write.shutdown().await.map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut first = true;
+        loop {
+            let n = read.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Ok(());
+            }
+            // An export starts with its `{"type":"export",…}` line; anything
+            // else first is the server's error answer.
+            if first && !buf[..n].starts_with(b"{\"type\"") {
+                let v: Value = serde_json::from_slice(buf[..n].trim_ascii_end())
+                    .map_err(|e| format!("bad answer from the server: {e}"))?;
+                return Err(v["error"].as_str().unwrap_or("export failed").to_string());
+            }
+            first = false;
+            out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        }
     };
     Some(exchange.await)
 }

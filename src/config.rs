@@ -27,6 +27,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub search: SearchConfig,
     pub wallet: WalletConfig,
+    pub backup: BackupConfig,
     /// Things worth telling the operator (e.g. an unknown `CONFAB_*`
     /// variable, which may be a typo); logged at start-up.
     #[serde(skip)]
@@ -94,6 +95,14 @@ pub struct WalletConfig {
     pub wallet_currency: String,
     pub signup_bonus: u64,
     pub scheduler_clock_offset_ms: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    pub backup_dir: String,
+    pub backup_interval_secs: u64,
+    pub backup_keep: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +229,8 @@ impl Config {
             ("commit_batch_max", self.store.commit_batch_max as u64),
             ("writer_queue", self.store.writer_queue as u64),
             ("index_commit_ms", self.search.index_commit_ms),
+            ("backup_interval_secs", self.backup.backup_interval_secs),
+            ("backup_keep", self.backup.backup_keep as u64),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -5,9 +5,11 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod frames;
 pub mod hub;
 pub mod ids;

@@ -4,7 +4,7 @@
 //! [`config`]), sets up logging and metrics and runs the chosen subcommand.
 //! Everything else lives in the library crate (`src/lib.rs`).
 
-use confab::{bench, config, server, telemetry};
+use confab::{backup, bench, config, server, telemetry};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "confab",
-    version,
+    version = telemetry::VERSION,
     about = "A self-hosted chat appliance: one binary, durable real-time messaging."
 )]
 struct Cli {
@@ -35,6 +35,55 @@ enum Command {
     /// Wallet administration: `credit USER AMOUNT`, `verify`. Talks to the
     /// running server through its admin socket, or opens the store itself.
     Wallet(WalletArgs),
+    /// Write a consistent backup of the whole store (not the search index)
+    /// to FILE, through the running server's admin socket or, when none
+    /// runs, straight from the store.
+    Backup(BackupArgs),
+    /// Restore a backup into a data directory (empty unless --force); the
+    /// file is fully verified before anything is written.
+    Restore(RestoreArgs),
+    /// Export a user's data (--user) or a room (--room) as JSON Lines.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// The backup file to write (replaced only with --force).
+    #[arg(long, value_name = "FILE")]
+    to: PathBuf,
+    /// Overwrite FILE if it exists.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    common: ServeArgs,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The backup file to restore.
+    #[arg(long, value_name = "FILE")]
+    from: PathBuf,
+    /// Replace the store in a non-empty data directory.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    common: ServeArgs,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("scope").required(true).args(["user", "room"])))]
+struct ExportArgs {
+    /// Export this user's profile, contacts, rooms, messages and wallet.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// Export this room and all its messages.
+    #[arg(long, value_name = "ID")]
+    room: Option<String>,
+    /// Write to FILE instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    common: ServeArgs,
 }
 
 #[derive(Args)]
@@ -100,6 +149,7 @@ impl ServeArgs {
 
 fn main() -> ExitCode {
     telemetry::tune_allocator();
+    abort_if_the_writer_panics();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
     match command {
@@ -107,7 +157,27 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Reindex(args) => run_reindex(args),
         Command::Wallet(args) => run_wallet(args),
+        Command::Backup(args) => run_backup(args),
+        Command::Restore(args) => run_restore(args),
+        Command::Export(args) => run_export(args),
     }
+}
+
+/// A panic unwinds only its own task or request (the release profile keeps
+/// `panic = "unwind"`), except on the store writer thread: without it the
+/// server could not store anything, so the process aborts and its
+/// supervisor restarts it (everything acked is already durable).
+fn abort_if_the_writer_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        if std::thread::current().name() == Some("confab-writer") {
+            eprintln!(
+                "confab: the store writer panicked; aborting so that the server is restarted"
+            );
+            std::process::abort();
+        }
+    }));
 }
 
 fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -149,7 +219,7 @@ fn run_wallet(args: WalletArgs) -> ExitCode {
     };
     let dir = config.server.data_dir.clone();
     let answer = runtime.block_on(async {
-        if let Some(answer) = confab::admin::request(&dir, &req).await {
+        if let Some(answer) = confab::admin::request(&dir, &req, |_| {}).await {
             return answer;
         }
         // No server: open the store and run the command here.
@@ -224,18 +294,7 @@ fn run_reindex(args: ServeArgs) -> ExitCode {
         let n = indexer.catch_up(|done, total| {
             if last.elapsed().as_millis() >= 200 || done == total {
                 last = std::time::Instant::now();
-                let pct = if total == 0 {
-                    100.0
-                } else {
-                    done as f64 * 100.0 / total as f64
-                };
-                let width = 30usize;
-                let filled = ((pct / 100.0) * width as f64) as usize;
-                eprint!(
-                    "\rindexing [{}{}] {done}/{total} messages ({pct:.0}%)",
-                    "#".repeat(filled),
-                    " ".repeat(width - filled.min(width))
-                );
+                progress_bar("indexing", done, total, "");
             }
         })?;
         let secs = started.elapsed().as_secs_f64();
@@ -289,6 +348,255 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("confab: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One `\r`-refreshed progress line on stderr.
+fn progress_bar(label: &str, done: u64, total: u64, extra: &str) {
+    let pct = if total == 0 {
+        100.0
+    } else {
+        (done as f64 * 100.0 / total as f64).min(100.0)
+    };
+    let width = 30usize;
+    let filled = ((pct / 100.0) * width as f64) as usize;
+    eprint!(
+        "\r{label} [{}{}] {done}/{total} messages ({pct:.0}%){extra}   ",
+        "#".repeat(filled),
+        " ".repeat(width - filled.min(width))
+    );
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// `confab backup --to FILE`.
+fn run_backup(args: BackupArgs) -> ExitCode {
+    let config = match load_config(&args.common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let to = match std::path::absolute(&args.to) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("confab: bad backup path {}: {e}", args.to.display());
+            return ExitCode::from(2);
+        }
+    };
+    if to.exists() && !args.force {
+        eprintln!(
+            "confab: {} exists; choose another name or pass --force to replace it",
+            to.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let dir = config.server.data_dir.clone();
+    let show = |p: backup::Progress| {
+        progress_bar(
+            "backing up",
+            p.messages,
+            p.total_messages,
+            &format!(", {}", mb(p.bytes)),
+        )
+    };
+    let req = serde_json::json!({"cmd": "backup", "to": to});
+    let online = runtime.block_on(confab::admin::request(&dir, &req, |p| {
+        if let Ok(p) = serde_json::from_value::<ProgressLine>(p.clone()) {
+            show(backup::Progress {
+                bytes: p.bytes,
+                messages: p.messages,
+                total_messages: p.total_messages,
+            });
+        }
+    }));
+    let by_server = online.is_some();
+    let result = match online {
+        Some(Ok(answer)) => match answer["error"].as_str() {
+            Some(e) => Err(e.to_string()),
+            None => serde_json::from_value::<serde_json::Value>(answer["backup"].clone())
+                .map_err(|e| e.to_string()),
+        },
+        Some(Err(e)) => Err(e),
+        None => backup::offline(&dir, &to, show)
+            .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string())),
+    };
+    eprintln!();
+    match result {
+        Ok(summary) => {
+            let secs = summary["seconds"].as_f64().unwrap_or(0.0).max(1e-9);
+            let messages = summary["messages"].as_u64().unwrap_or(0);
+            let bytes = summary["bytes"].as_u64().unwrap_or(0);
+            eprintln!(
+                "backup written to {}: {messages} messages, {} in {secs:.2} s ({:.0} messages/s, {:.1} MB/s){}",
+                to.display(),
+                mb(bytes),
+                messages as f64 / secs,
+                bytes as f64 / 1e6 / secs,
+                if by_server {
+                    " by the running server"
+                } else {
+                    ""
+                }
+            );
+            print_json(&summary);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("confab: backup failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ProgressLine {
+    bytes: u64,
+    messages: u64,
+    total_messages: u64,
+}
+
+/// `confab restore --from FILE --data-dir DIR [--force]`.
+fn run_restore(args: RestoreArgs) -> ExitCode {
+    let config = match load_config(&args.common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let dir = config.server.data_dir.clone();
+    let mut last = std::time::Instant::now();
+    let mut stage = String::new();
+    let result = backup::restore(&args.from, &dir, args.force, &mut |s, p| {
+        if s != stage {
+            if !stage.is_empty() {
+                eprintln!();
+            }
+            stage = s.to_string();
+        }
+        if last.elapsed().as_millis() >= 200 {
+            last = std::time::Instant::now();
+            progress_bar(
+                s,
+                p.messages,
+                p.total_messages,
+                &format!(", {}", mb(p.bytes)),
+            );
+        }
+    });
+    eprintln!();
+    match result {
+        Ok(r) => {
+            let secs = r.seconds.max(1e-9);
+            eprintln!(
+                "restored {} messages ({}) into {} in {secs:.2} s ({:.0} messages/s)",
+                r.contents.messages,
+                mb(r.contents.bytes),
+                dir.display(),
+                r.contents.messages as f64 / secs
+            );
+            match &r.wallet {
+                Some(v) => eprintln!(
+                    "ledger verified: {} accounts, {} transfers, every invariant holds",
+                    v.accounts, v.transfers
+                ),
+                None => eprintln!(
+                    "the backup holds schema {}; the server migrates it on its first start",
+                    r.contents.schema_version
+                ),
+            }
+            if !r.secret_restored {
+                eprintln!(
+                    "the backup has no jwt_secret (it was configured): keep the same `jwt_secret` in the config for old tokens to stay valid"
+                );
+            }
+            eprintln!("the search index rebuilds itself when the server starts");
+            print_json(&r);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("confab: restore refused: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `confab export --user NAME | --room ID [--out FILE]`.
+fn run_export(args: ExportArgs) -> ExitCode {
+    use std::io::Write;
+    let config = match load_config(&args.common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    confab::store::set_currency(&config.wallet.wallet_currency);
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let dir = config.server.data_dir.clone();
+    let req = match (&args.user, &args.room) {
+        (Some(u), _) => serde_json::json!({"cmd": "export", "user": u}),
+        (_, Some(r)) => serde_json::json!({"cmd": "export", "room": r}),
+        _ => return ExitCode::from(2),
+    };
+    let mut out: Box<dyn Write + Send> = match &args.out {
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(f) => Box::new(std::io::BufWriter::with_capacity(1 << 20, f)),
+                Err(e) => {
+                    eprintln!("confab: cannot create {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => Box::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::io::stdout(),
+        )),
+    };
+    let online = runtime.block_on(confab::admin::export_to(&dir, &req, &mut out));
+    let result = match online {
+        Some(r) => r,
+        None => (|| {
+            let path = dir.join("confab.redb");
+            if !path.exists() {
+                return Err(format!("no confab store at {}", path.display()));
+            }
+            use redb::ReadableDatabase;
+            let txn = match redb::ReadOnlyDatabase::open(&path) {
+                Ok(db) => db.begin_read(),
+                Err(redb::DatabaseError::RepairAborted) => redb::Database::open(&path)
+                    .map_err(|e| e.to_string())?
+                    .begin_read(),
+                Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+            }
+            .map_err(|e| e.to_string())?;
+            let scope = confab::export::scope_of(&req).map_err(|e| e.message)?;
+            confab::export::write(&txn, scope, &mut out)
+                .map(drop)
+                .map_err(|e| e.message)
+        })(),
+    };
+    let result = result.and_then(|_| out.flush().map_err(|e| e.to_string()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("confab: export failed: {e}");
             ExitCode::FAILURE
         }
     }

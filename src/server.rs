@@ -4,6 +4,7 @@
 //! holds, wait for connections up to `shutdown_grace_secs`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -104,9 +105,32 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         state.config.wallet.scheduler_clock_offset_ms,
     ));
     let admin = crate::admin::listen(state.clone(), &data_dir)?;
+    let backups = (!state.config.backup.backup_dir.is_empty()).then(|| {
+        let dir = PathBuf::from(&state.config.backup.backup_dir);
+        tracing::info!(dir = %dir.display(), every_secs = state.config.backup.backup_interval_secs, keep = state.config.backup.backup_keep, "periodic backups on");
+        tokio::spawn(crate::backup::periodic(
+            state.store.db.clone(),
+            data_dir.clone(),
+            dir,
+            Duration::from_secs(state.config.backup.backup_interval_secs),
+            state.config.backup.backup_keep,
+            state.shutdown.clone(),
+        ))
+    });
 
     // The one line tests and scripts wait for.
     println!("confab listening on http://{local}");
+    if state.store.has_no_users().unwrap_or(false) {
+        // First start: say where to go (a wildcard address is reachable
+        // locally on loopback).
+        let mut open = local;
+        if open.ip().is_unspecified() {
+            open.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        println!(
+            "first start: open http://{open}/ in a browser and sign up to create the first user"
+        );
+    }
     tracing::info!(%local, data_dir = %data_dir.display(), "confab ready");
 
     let signal = shutdown_signal();
@@ -157,6 +181,9 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = scheduler.await;
+    if let Some(b) = backups {
+        let _ = b.await;
+    }
     admin.abort();
     crate::admin::remove_socket(&data_dir);
     let _ = writer.submit(Op::Stop).await;

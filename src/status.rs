@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
@@ -435,7 +433,7 @@ pub async fn stream(
             }
         }
     });
-    Ok(resp.map(|_| Full::new(Bytes::new())))
+    Ok(resp.map(|_| Body::empty()))
 }
 
 fn text(v: serde_json::Value) -> Frame<'static> {

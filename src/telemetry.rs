@@ -15,6 +15,18 @@ const BATCH_BUCKETS: &[f64] = &[
 /// The git commit this binary was built from (build.rs).
 pub const GIT_HASH: &str = env!("CONFAB_GIT_HASH");
 
+/// `confab --version`: the package version and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("CONFAB_GIT_HASH"),
+    ")"
+);
+
+pub fn version_string() -> &'static str {
+    VERSION
+}
+
 /// HELP texts (and units) for every metric confab records.
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -49,6 +61,19 @@ fn describe() {
         "Messages accepted from clients (WebSocket and HTTP) for storing; refused ones count in confab_messages_rejected_total."
     );
     describe_counter!("confab_messages_stored_total", "Messages durably stored.");
+    describe_counter!(
+        "confab_backups_total",
+        "Backups taken by the server (admin socket and periodic), by result."
+    );
+    describe_gauge!(
+        "confab_backup_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the last successful backup taken by this server (0 = none yet)."
+    );
+    describe_counter!(
+        "confab_exports_total",
+        "Data exports served over HTTP (/me/export, /rooms/{id}/export)."
+    );
     describe_counter!(
         "confab_messages_delivered_total",
         "Message frames handed to recipients' sessions."
@@ -155,9 +180,14 @@ fn register_families() {
         "confab_commit_failures_total",
         "confab_slow_client_disconnects_total",
         "confab_search_indexed_total",
+        "confab_exports_total",
     ] {
         metrics::counter!(c).increment(0);
     }
+    for result in ["ok", "error"] {
+        metrics::counter!("confab_backups_total", "outcome" => result).increment(0);
+    }
+    metrics::gauge!("confab_backup_last_success_timestamp_seconds").set(0.0);
     for outcome in ["ok", "invalid_credentials", "rate_limited"] {
         metrics::counter!("confab_logins_total", "outcome" => outcome).increment(0);
     }

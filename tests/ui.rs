@@ -621,6 +621,42 @@ async fn older_history_loads_on_scroll_and_panels_answer() {
     a.press("Escape").await;
     a.wait_for("!document.querySelector('dialog')", WAIT).await;
     assert!(a.find("link", "Server status").await, "a link to /status");
+
+    // "Download my data" saves the account's export: all 130 messages, once.
+    let downloads = tempfile::tempdir().expect("download dir");
+    a.allow_downloads(downloads.path()).await;
+    a.click("button", "Download my data").await;
+    let file = downloads
+        .path()
+        .join(format!("confab-{}.jsonl", alice.username));
+    let deadline = Instant::now() + WAIT;
+    let text = loop {
+        if let Ok(text) = std::fs::read_to_string(&file)
+            && text.ends_with('\n')
+            && text.contains("\"type\":\"end\"")
+        {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no download at {}",
+            file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let texts: Vec<&str> = lines
+        .iter()
+        .filter(|v| v["type"] == "message")
+        .filter_map(|v| v["text"].as_str())
+        .collect();
+    assert_eq!(
+        texts, expected,
+        "the download holds every message once, in order"
+    );
     assert_clean(&a, "alice");
 }
 

@@ -1,7 +1,6 @@
 //! The browser UI, embedded in the binary with rust-embed.
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use rust_embed::RustEmbed;
@@ -24,7 +23,7 @@ pub fn serve(path: &str) -> Response<Body> {
         },
         None => return not_found(),
     };
-    let mut resp = Response::new(Full::new(Bytes::from(file.data.into_owned())));
+    let mut resp = Response::new(Body::full(Bytes::from(file.data.into_owned())));
     let mime = match name.rsplit('.').next() {
         Some("html") => "text/html; charset=utf-8",
         Some("js") => "text/javascript; charset=utf-8",
@@ -43,7 +42,7 @@ pub fn serve(path: &str) -> Response<Body> {
 }
 
 fn not_found() -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(b"not found")));
+    let mut resp = Response::new(Body::full(Bytes::from_static(b"not found")));
     *resp.status_mut() = StatusCode::NOT_FOUND;
     resp
 }

@@ -5,6 +5,8 @@
 
 mod accounts;
 mod assets;
+mod body;
+mod export;
 mod messages;
 mod rooms;
 mod search;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -30,7 +32,7 @@ use crate::hub::Hub;
 use crate::store::Store;
 use crate::store::writer::WriterHandle;
 
-pub type Body = Full<Bytes>;
+pub use body::Body;
 
 /// Everything a request handler or session needs; one per server.
 static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -152,6 +154,7 @@ async fn route(
             ),
             ["logout"] => on!("/logout", m == Method::POST, accounts::logout(state, req)),
             ["me"] => on!("/me", get, accounts::me(state, req)),
+            ["me", "export"] => on!("/me/export", get, export::me(state, req)),
             ["users"] => on!("/users", get, accounts::search_users(state, req)),
             ["search"] => on!("/search", get, search::search(state, req)),
             ["wallet"] => on!("/wallet", get, wallet::get(state, req)),
@@ -192,6 +195,7 @@ async fn route(
                 _ => ("/rooms", Err(method_not_allowed())),
             },
             ["rooms", id] => on!("/rooms/{id}", get, rooms::get(state, req, id)),
+            ["rooms", id, "export"] => on!("/rooms/{id}/export", get, export::room(state, req, id)),
             ["rooms", id, "members"] => {
                 on!(
                     "/rooms/{id}/members",
@@ -243,7 +247,7 @@ fn method_not_allowed() -> ApiError {
 }
 
 fn metrics_page(state: &AppState) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(crate::telemetry::render(
+    let mut resp = Response::new(Body::full(Bytes::from(crate::telemetry::render(
         &state.metrics,
         &state.config.server.data_dir,
     ))));
@@ -256,7 +260,7 @@ fn metrics_page(state: &AppState) -> Response<Body> {
 
 pub fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Result<Response<Body>, ApiError> {
     let bytes = serde_json::to_vec(body).map_err(ApiError::internal)?;
-    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    let mut resp = Response::new(Body::full(Bytes::from(bytes)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -266,13 +270,13 @@ pub fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Result<Respons
 }
 
 pub fn no_content() -> Result<Response<Body>, ApiError> {
-    let mut resp = Response::new(Full::new(Bytes::new()));
+    let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::NO_CONTENT;
     Ok(resp)
 }
 
 fn error_response(e: &ApiError) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(e.body().to_string())));
+    let mut resp = Response::new(Body::full(Bytes::from(e.body().to_string())));
     *resp.status_mut() = e.status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
@@ -67,7 +66,7 @@ pub async fn upgrade(
         task,
         tracing::Span::current(),
     ));
-    Ok(resp.map(|_| Full::new(Bytes::new())))
+    Ok(resp.map(|_| Body::empty()))
 }
 
 /// Browsers send `Origin`; it must be the page's own origin or configured.

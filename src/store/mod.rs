@@ -271,6 +271,13 @@ impl CommitFeed {
     }
 }
 
+fn newer_store(path: &Path, v: u64) -> String {
+    format!(
+        "{} was written by a newer confab (store schema {v}; this confab understands schema {SCHEMA_VERSION} and older). Run the newer confab, or restore a backup taken by this version.",
+        path.display()
+    )
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -290,10 +297,59 @@ impl Store {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
         let path = data_dir.join("confab.redb");
+        // A store from a newer confab is refused before anything is written
+        // to it (opening it for writing would already change its header).
+        if path.exists()
+            && let Ok(ro) = redb::ReadOnlyDatabase::open(&path)
+        {
+            let found = ro.begin_read().ok().and_then(|txn| {
+                txn.open_table(META)
+                    .ok()
+                    .and_then(|m| m.get("schema_version").ok().flatten().map(|v| v.value()))
+            });
+            drop(ro);
+            if let Some(v) = found.filter(|&v| v > SCHEMA_VERSION) {
+                return Err(newer_store(&path, v));
+            }
+        }
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(&path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        // An older store is backed up before it is migrated (the migration
+        // itself is one transaction below): `<data_dir>/backups/`.
+        let found = {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            match txn.open_table(META) {
+                Ok(meta) => meta
+                    .get("schema_version")
+                    .map_err(|e| e.to_string())?
+                    .map(|v| v.value()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        if let Some(v) = found {
+            if v > SCHEMA_VERSION {
+                return Err(newer_store(&path, v));
+            }
+            if v < SCHEMA_VERSION {
+                let to = data_dir
+                    .join("backups")
+                    .join(crate::backup::timestamped_name(&format!(
+                        "pre-migration-schema{v}"
+                    )));
+                let txn = db.begin_read().map_err(|e| e.to_string())?;
+                let summary = crate::backup::write(
+                    &txn,
+                    crate::backup::secret_file(data_dir).as_deref(),
+                    &to,
+                    |_| {},
+                )
+                .map_err(|e| format!("cannot back up the store before migrating it: {e}"))?;
+                tracing::info!(path = %summary.path, from = v, to = SCHEMA_VERSION, "store backed up before migration");
+            }
+        }
         let mut txn = db.begin_write().map_err(|e| e.to_string())?;
         // Saves the allocator state, so the next start after a crash is quick.
         txn.set_quick_repair(true);
@@ -328,7 +384,7 @@ impl Store {
                 }
                 Some(v) => {
                     return Err(format!(
-                        "{} has schema version {v}, this confab understands {SCHEMA_VERSION}",
+                        "{} has store schema {v}, which this confab cannot migrate (it understands {SCHEMA_VERSION})",
                         path.display()
                     ));
                 }
@@ -361,6 +417,13 @@ impl Store {
 
     fn read(&self) -> Result<redb::ReadTransaction, ApiError> {
         Ok(self.db.begin_read()?)
+    }
+
+    /// True until the first user signs up.
+    pub fn has_no_users(&self) -> Result<bool, ApiError> {
+        let txn = self.read()?;
+        let users = txn.open_table(USERS)?;
+        Ok(users.first()?.is_none())
     }
 
     pub fn user(&self, id: UserId) -> Result<Option<User>, ApiError> {

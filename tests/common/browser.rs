@@ -561,6 +561,18 @@ impl Page {
         self.conn.call(Some(&self.session), method, params).await
     }
 
+    /// Lets this page's browser context save downloads into `dir`.
+    #[allow(dead_code)]
+    pub async fn allow_downloads(&self, dir: &Path) {
+        self.conn
+            .call(
+                None,
+                "Browser.setDownloadBehavior",
+                json!({"behavior": "allow", "browserContextId": self.context, "downloadPath": dir}),
+            )
+            .await;
+    }
+
     async fn try_cdp(&self, method: &str, params: Value) -> Reply {
         self.conn
             .try_call(Some(&self.session), method, params)

@@ -59,6 +59,26 @@ export class Api {
     return this.call('GET', path);
   }
 
+  /** A file from the API as a Blob (the token still only in the header). */
+  async download(path) {
+    let resp;
+    try {
+      resp = await fetch(`/api/v1${path}`, {
+        headers: { Authorization: `Bearer ${this.token}` },
+        cache: 'no-store',
+        credentials: 'omit',
+      });
+    } catch {
+      throw new ApiError(0, 'network', t('err_network'), null);
+    }
+    if (!resp.ok) {
+      const data = await resp.json().catch(() => null);
+      const err = (data && data.error) || {};
+      throw new ApiError(resp.status, err.code || `http_${resp.status}`, err.message || `HTTP ${resp.status}`, null);
+    }
+    return resp.blob();
+  }
+
   post(path, body) {
     return this.call('POST', path, body ?? {});
   }

@@ -123,6 +123,23 @@ class App {
     }
   }
 
+  /** Saves everything of the user's (GET /me/export, JSON Lines) as a file. */
+  async exportData() {
+    try {
+      const blob = await this.api.download('/me/export');
+      const url = URL.createObjectURL(blob);
+      const a = document.createElement('a');
+      a.href = url;
+      a.download = `confab-${this.model ? this.model.me.username : 'export'}.jsonl`;
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    } catch (e) {
+      this.sidebar.notify(t('export_failed', { reason: explain(e) }));
+    }
+  }
+
   async logout() {
     if (this.model && this.model.outbox.length) {
       if (!window.confirm(t('unsent_confirm', { n: this.model.outbox.length }))) return;

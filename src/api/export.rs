@@ -1,0 +1,57 @@
+//! `GET /api/v1/me/export` and `GET /api/v1/rooms/{id}/export`: the
+//! caller's own data, or a room they are a member of, as JSON Lines
+//! (`application/x-ndjson`), streamed from one consistent snapshot.
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response};
+
+use super::{AppState, Body, caller, parse_id};
+use crate::error::ApiError;
+use crate::export::{self, Scope};
+use crate::ids::RoomId;
+
+pub async fn me(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let c = caller(state, &req)?;
+    let name = state
+        .store
+        .user(c.user)?
+        .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?
+        .username;
+    Ok(stream(
+        state,
+        Scope::User(c.user),
+        &format!("confab-{name}"),
+    ))
+}
+
+pub async fn room(
+    state: &AppState,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let c = caller(state, &req)?;
+    let room: RoomId = parse_id(id)?;
+    state.store.check_member(room, c.user)?;
+    Ok(stream(
+        state,
+        Scope::Room(room),
+        &format!("confab-room-{room}"),
+    ))
+}
+
+fn stream(state: &AppState, scope: Scope, name: &str) -> Response<Body> {
+    metrics::counter!("confab_exports_total").increment(1);
+    let rx = export::spawn(state.store.db.clone(), scope);
+    let mut resp = Response::new(Body::stream(rx));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}.jsonl\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

@@ -1,0 +1,1095 @@
+//! Backups: a consistent logical copy of the whole store, taken from one
+//! redb read transaction (an MVCC snapshot), so it can be taken while the
+//! server keeps writing: everything committed before the snapshot is in it,
+//! nothing committed after is, not even partly.
+//!
+//! The file (format 1, `docs/STORAGE.md`):
+//!
+//! ```text
+//! "CONFABBK" · u32 format · u32 n · n bytes of header JSON
+//! per table:  'T' · u16 n · name · { 0x01 · u32 n · record }* · 0x00 · u64 count
+//! per file:   'F' · u16 n · name · u32 n · bytes          (the JWT secret)
+//! summary:    'S' · u32 n · JSON {"tables": {name: count}, "messages": n}
+//! end:        'E' · SHA-256 of every byte before it (including the 'E')
+//! ```
+//!
+//! Integers are little-endian. A record is its key then its value, each
+//! field encoded by [`Col`]: u64/i64 as 8 bytes, strings and byte strings as
+//! u32 length + bytes, tuples as their fields in order. The search index is
+//! not included: it is derived and rebuilds itself.
+//!
+//! Restore reads the whole file twice: first to check the checksum, the
+//! structure and every record (nothing is written until this passes), then
+//! to load it into a fresh store beside the target, which is checked
+//! (`wallet verify`) before it is moved into place.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+};
+use serde::Serialize;
+use serde_json::{Value as Json, json};
+use sha2::{Digest, Sha256};
+
+use crate::store::{self, SCHEMA_VERSION};
+
+pub const MAGIC: &[u8; 8] = b"CONFABBK";
+pub const FORMAT_VERSION: u32 = 1;
+/// The file name suffix used for automatic and periodic backups.
+pub const SUFFIX: &str = ".cfbk";
+/// Records per write transaction when restoring.
+const RESTORE_BATCH: u64 = 100_000;
+/// Largest single record or header we accept (a record is at most a few KiB).
+const MAX_CHUNK: usize = 64 << 20;
+
+/// How far a backup or restore has got.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Progress {
+    pub bytes: u64,
+    pub messages: u64,
+    /// Messages in the snapshot, when known up front.
+    pub total_messages: u64,
+}
+
+/// What a finished backup holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub path: String,
+    pub bytes: u64,
+    pub messages: u64,
+    pub users: u64,
+    pub rooms: u64,
+    pub schema_version: u64,
+    /// The `message_log` position of the snapshot: every message with a
+    /// position up to this one is in the backup, none after.
+    pub snapshot_pos: u64,
+    pub with_secret: bool,
+    pub seconds: f64,
+}
+
+// ---------------------------------------------------------------------------
+// Field encoding
+// ---------------------------------------------------------------------------
+
+/// How one key or value type of a table is written to and read from a
+/// backup; implemented for exactly the types confab's tables use.
+pub trait Col: redb::Value + 'static {
+    type Owned;
+    fn put(v: &Self::SelfType<'_>, out: &mut Vec<u8>);
+    fn take(r: &mut &[u8]) -> Result<Self::Owned, String>;
+    fn borrow(o: &Self::Owned) -> Self::SelfType<'_>;
+}
+
+fn take_n<'a>(r: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+    if r.len() < n {
+        return Err("record ends early".into());
+    }
+    let (head, rest) = r.split_at(n);
+    *r = rest;
+    Ok(head)
+}
+
+fn take_u64(r: &mut &[u8]) -> Result<u64, String> {
+    let b = take_n(r, 8)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    Ok(u64::from_le_bytes(a))
+}
+
+fn take_len(r: &mut &[u8]) -> Result<usize, String> {
+    let b = take_n(r, 4)?;
+    let mut a = [0u8; 4];
+    a.copy_from_slice(b);
+    Ok(u32::from_le_bytes(a) as usize)
+}
+
+fn put_bytes(b: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+impl Col for u64 {
+    type Owned = u64;
+    fn put(v: &u64, out: &mut Vec<u8>) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    fn take(r: &mut &[u8]) -> Result<u64, String> {
+        take_u64(r)
+    }
+    fn borrow(o: &u64) -> u64 {
+        *o
+    }
+}
+
+impl Col for i64 {
+    type Owned = i64;
+    fn put(v: &i64, out: &mut Vec<u8>) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    fn take(r: &mut &[u8]) -> Result<i64, String> {
+        Ok(take_u64(r)? as i64)
+    }
+    fn borrow(o: &i64) -> i64 {
+        *o
+    }
+}
+
+impl Col for () {
+    type Owned = ();
+    fn put(_: &(), _: &mut Vec<u8>) {}
+    fn take(_: &mut &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn borrow(_: &()) {}
+}
+
+impl Col for &'static str {
+    type Owned = String;
+    fn put(v: &&str, out: &mut Vec<u8>) {
+        put_bytes(v.as_bytes(), out);
+    }
+    fn take(r: &mut &[u8]) -> Result<String, String> {
+        let n = take_len(r)?;
+        String::from_utf8(take_n(r, n)?.to_vec()).map_err(|_| "a string is not UTF-8".into())
+    }
+    fn borrow(o: &String) -> &str {
+        o
+    }
+}
+
+impl Col for &'static [u8] {
+    type Owned = Vec<u8>;
+    fn put(v: &&[u8], out: &mut Vec<u8>) {
+        put_bytes(v, out);
+    }
+    fn take(r: &mut &[u8]) -> Result<Vec<u8>, String> {
+        let n = take_len(r)?;
+        Ok(take_n(r, n)?.to_vec())
+    }
+    fn borrow(o: &Vec<u8>) -> &[u8] {
+        o
+    }
+}
+
+macro_rules! tuple_col {
+    ($($t:ident $i:tt),+) => {
+        impl<$($t: Col),+> Col for ($($t,)+) {
+            type Owned = ($($t::Owned,)+);
+            fn put(v: &Self::SelfType<'_>, out: &mut Vec<u8>) {
+                $( $t::put(&v.$i, out); )+
+            }
+            fn take(r: &mut &[u8]) -> Result<Self::Owned, String> {
+                Ok(($($t::take(r)?,)+))
+            }
+            fn borrow(o: &Self::Owned) -> Self::SelfType<'_> {
+                ($($t::borrow(&o.$i),)+)
+            }
+        }
+    };
+}
+tuple_col!(A 0, B 1);
+tuple_col!(A 0, B 1, C 2);
+
+// ---------------------------------------------------------------------------
+// The tables
+// ---------------------------------------------------------------------------
+
+/// Checks that a stored value decodes as what its table holds (a full read
+/// of the backup, not just its checksum).
+fn check_value(table: &str, v: &[u8]) -> Result<(), String> {
+    let r = match table {
+        "users" => store::decode::<store::UserRecord>(v, "user").map(drop),
+        "rooms" => store::decode::<store::RoomRecord>(v, "room").map(drop),
+        "members" => store::decode::<store::MemberRecord>(v, "member").map(drop),
+        "messages" => store::MessageRecord::decode(v).map(drop),
+        "wallet_entries" => store::decode::<crate::wallet::EntryRecord>(v, "entry").map(drop),
+        "wallet_transfers" => crate::wallet::decode_transfer(v).map(drop),
+        _ => Ok(()),
+    };
+    r.map_err(|e| e.message)
+}
+
+/// Calls `$m!(DEFINITION)` for every table of the store, in file order.
+macro_rules! for_each_table {
+    ($m:ident) => {{
+        $m!(store::META);
+        $m!(store::USERS);
+        $m!(store::USERNAMES);
+        $m!(store::CONTACTS);
+        $m!(store::ROOMS);
+        $m!(store::MEMBERS);
+        $m!(store::USER_ROOMS);
+        $m!(store::MESSAGES);
+        $m!(store::MESSAGE_LOG);
+        $m!(store::CLIENT_IDS);
+        $m!(store::REVOKED);
+        $m!(store::LAST_SEEN);
+        $m!(store::WALLET_ACCOUNTS);
+        $m!(store::WALLET_ENTRIES);
+        $m!(store::WALLET_TRANSFERS);
+        $m!(store::WALLET_KEYS);
+        $m!(store::WALLET_USER_TRANSFERS);
+        $m!(store::WALLET_SCHEDULE);
+    }};
+}
+
+/// The names of every table a backup holds.
+pub fn table_names() -> Vec<String> {
+    let mut out = Vec::new();
+    macro_rules! name {
+        ($t:expr) => {
+            out.push($t.name().to_string())
+        };
+    }
+    for_each_table!(name);
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Writing
+// ---------------------------------------------------------------------------
+
+struct HashWriter {
+    out: BufWriter<File>,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl HashWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.hash.update(b);
+        self.bytes += b.len() as u64;
+        self.out.write_all(b)
+    }
+
+    fn name(&mut self, tag: u8, name: &str) -> std::io::Result<()> {
+        self.write(&[tag])?;
+        self.write(&(name.len() as u16).to_le_bytes())?;
+        self.write(name.as_bytes())
+    }
+}
+
+struct Dump<'a, P: FnMut(Progress)> {
+    w: HashWriter,
+    rec: Vec<u8>,
+    progress: Progress,
+    on_progress: &'a mut P,
+    counts: serde_json::Map<String, Json>,
+}
+
+impl<P: FnMut(Progress)> Dump<'_, P> {
+    fn table<K: Col + redb::Key, V: Col>(
+        &mut self,
+        txn: &ReadTransaction,
+        def: TableDefinition<K, V>,
+    ) -> Result<(), String> {
+        let name = def.name().to_string();
+        let table = match txn.open_table(def) {
+            Ok(t) => Some(t),
+            // An older store may lack a table added later.
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(format!("cannot read table {name}: {e}")),
+        };
+        let io = |e: std::io::Error| format!("cannot write the backup: {e}");
+        self.w.name(b'T', &name).map_err(io)?;
+        let mut count = 0u64;
+        let messages = name == store::MESSAGES.name();
+        if let Some(table) = table {
+            for entry in table.iter().map_err(|e| e.to_string())? {
+                let (k, v) = entry.map_err(|e| e.to_string())?;
+                self.rec.clear();
+                K::put(&k.value(), &mut self.rec);
+                V::put(&v.value(), &mut self.rec);
+                self.w.write(&[1]).map_err(io)?;
+                self.w
+                    .write(&(self.rec.len() as u32).to_le_bytes())
+                    .map_err(io)?;
+                let rec = std::mem::take(&mut self.rec);
+                self.w.write(&rec).map_err(io)?;
+                self.rec = rec;
+                count += 1;
+                if messages {
+                    self.progress.messages += 1;
+                }
+                if count.is_multiple_of(4096) {
+                    self.progress.bytes = self.w.bytes;
+                    (self.on_progress)(self.progress);
+                }
+            }
+        }
+        self.w.write(&[0]).map_err(io)?;
+        self.w.write(&count.to_le_bytes()).map_err(io)?;
+        self.counts.insert(name, count.into());
+        Ok(())
+    }
+}
+
+/// The `message_log` position a snapshot has reached (0 for an empty or
+/// schema-1 store).
+fn snapshot_pos(txn: &ReadTransaction) -> u64 {
+    txn.open_table(store::MESSAGE_LOG)
+        .ok()
+        .and_then(|t| t.last().ok().flatten().map(|(k, _)| k.value()))
+        .unwrap_or(0)
+}
+
+fn schema_of(txn: &ReadTransaction) -> u64 {
+    txn.open_table(store::META)
+        .ok()
+        .and_then(|t| t.get("schema_version").ok().flatten().map(|g| g.value()))
+        .unwrap_or(0)
+}
+
+/// Writes a backup of the snapshot `txn` to `to` (via `to.partial`, renamed
+/// when complete and synced), with the JWT secret when there is one.
+pub fn write(
+    txn: &ReadTransaction,
+    secret: Option<&[u8]>,
+    to: &Path,
+    mut on_progress: impl FnMut(Progress),
+) -> Result<Summary, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let started = std::time::Instant::now();
+    let partial = partial_path(to);
+    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+    let result = (|| {
+        let pos = snapshot_pos(txn);
+        let schema = schema_of(txn);
+        let header = json!({
+            "format": "confab-backup",
+            "version": FORMAT_VERSION,
+            "created_at": store::now_ms(),
+            "confab": crate::telemetry::version_string(),
+            "schema_version": schema,
+            "snapshot_pos": pos,
+            "tables": table_names(),
+        })
+        .to_string();
+        let mut dump = Dump {
+            w: HashWriter {
+                out: BufWriter::with_capacity(1 << 20, file),
+                hash: Sha256::new(),
+                bytes: 0,
+            },
+            rec: Vec::with_capacity(512),
+            progress: Progress {
+                total_messages: pos,
+                ..Default::default()
+            },
+            on_progress: &mut on_progress,
+            counts: serde_json::Map::new(),
+        };
+        let io = |e: std::io::Error| format!("cannot write the backup: {e}");
+        dump.w.write(MAGIC).map_err(io)?;
+        dump.w.write(&FORMAT_VERSION.to_le_bytes()).map_err(io)?;
+        dump.w
+            .write(&(header.len() as u32).to_le_bytes())
+            .map_err(io)?;
+        dump.w.write(header.as_bytes()).map_err(io)?;
+        macro_rules! dump_table {
+            ($t:expr) => {
+                dump.table(txn, $t)?
+            };
+        }
+        for_each_table!(dump_table);
+        if let Some(s) = secret {
+            dump.w.name(b'F', "jwt_secret").map_err(io)?;
+            dump.w.write(&(s.len() as u32).to_le_bytes()).map_err(io)?;
+            dump.w.write(s).map_err(io)?;
+        }
+        let count = |t: &str| dump.counts.get(t).and_then(Json::as_u64).unwrap_or(0);
+        let (messages, users, rooms) = (count("messages"), count("users"), count("rooms"));
+        let summary = json!({"tables": dump.counts, "messages": messages}).to_string();
+        dump.w.write(b"S").map_err(io)?;
+        dump.w
+            .write(&(summary.len() as u32).to_le_bytes())
+            .map_err(io)?;
+        dump.w.write(summary.as_bytes()).map_err(io)?;
+        dump.w.write(b"E").map_err(io)?;
+        let digest = dump.w.hash.clone().finalize();
+        dump.w.out.write_all(&digest).map_err(io)?;
+        let bytes = dump.w.bytes + digest.len() as u64;
+        dump.progress.bytes = bytes;
+        (dump.on_progress)(dump.progress);
+        let file = dump.w.out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok(Summary {
+            path: to.display().to_string(),
+            bytes,
+            messages,
+            users,
+            rooms,
+            schema_version: schema,
+            snapshot_pos: pos,
+            with_secret: secret.is_some(),
+            seconds: 0.0,
+        })
+    })();
+    match result {
+        Ok(mut summary) => {
+            std::fs::rename(&partial, to)
+                .map_err(|e| format!("cannot rename to {}: {e}", to.display()))?;
+            sync_dir(to);
+            summary.seconds = started.elapsed().as_secs_f64();
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
+    }
+}
+
+fn partial_path(to: &Path) -> PathBuf {
+    let mut name = to.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    to.with_file_name(name)
+}
+
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+}
+
+/// The JWT secret kept in the data dir, if any (a configured one is not
+/// backed up: it lives in the config).
+pub fn secret_file(data_dir: &Path) -> Option<Vec<u8>> {
+    std::fs::read(data_dir.join("jwt_secret"))
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// Backs up the store in `data_dir` when no server holds it: opens the
+/// database read-only (or, after an unclean stop, with a repair).
+pub fn offline(
+    data_dir: &Path,
+    to: &Path,
+    on_progress: impl FnMut(Progress),
+) -> Result<Summary, String> {
+    let path = data_dir.join("confab.redb");
+    if !path.exists() {
+        return Err(format!("no confab store at {}", path.display()));
+    }
+    let secret = secret_file(data_dir);
+    let busy = |e: &dyn std::fmt::Display| {
+        format!(
+            "cannot open {}: {e} (a server is running on it but its admin socket does not answer?)",
+            path.display()
+        )
+    };
+    match redb::ReadOnlyDatabase::open(&path) {
+        Ok(db) => {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            write(&txn, secret.as_deref(), to, on_progress)
+        }
+        Err(redb::DatabaseError::RepairAborted) => {
+            let db = Database::open(&path).map_err(|e| busy(&e))?;
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            write(&txn, secret.as_deref(), to, on_progress)
+        }
+        Err(e) => Err(busy(&e)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reading and restoring
+// ---------------------------------------------------------------------------
+
+struct HashReader {
+    inp: BufReader<File>,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl HashReader {
+    fn exact(&mut self, n: usize) -> Result<Vec<u8>, String> {
+        if n > MAX_CHUNK {
+            return Err(format!("corrupt backup: a {n}-byte field"));
+        }
+        let mut buf = vec![0u8; n];
+        self.fill(&mut buf)?;
+        Ok(buf)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        self.inp.read_exact(buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "the backup is truncated (it ends early)".to_string()
+            } else {
+                format!("cannot read the backup: {e}")
+            }
+        })?;
+        self.hash.update(&*buf);
+        self.bytes += buf.len() as u64;
+        Ok(())
+    }
+
+    fn byte(&mut self) -> Result<u8, String> {
+        let mut b = [0u8; 1];
+        self.fill(&mut b)?;
+        Ok(b[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, String> {
+        let mut b = [0u8; 2];
+        self.fill(&mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        let mut b = [0u8; 4];
+        self.fill(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let mut b = [0u8; 8];
+        self.fill(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn name(&mut self) -> Result<String, String> {
+        let n = self.u16()? as usize;
+        String::from_utf8(self.exact(n)?).map_err(|_| "corrupt backup: a name is not UTF-8".into())
+    }
+}
+
+/// What a backup file holds, from a full read.
+#[derive(Debug, Clone, Serialize)]
+pub struct Contents {
+    pub header: Json,
+    pub schema_version: u64,
+    pub tables: std::collections::BTreeMap<String, u64>,
+    pub messages: u64,
+    pub bytes: u64,
+    pub with_secret: bool,
+}
+
+/// Where records go while reading: nowhere (verification) or a database.
+struct Sink<'a> {
+    db: Option<&'a Database>,
+    on_progress: &'a mut dyn FnMut(Progress),
+    progress: Progress,
+}
+
+fn load_table<K: Col + redb::Key, V: Col>(
+    def: TableDefinition<K, V>,
+    r: &mut HashReader,
+    sink: &mut Sink<'_>,
+) -> Result<u64, String> {
+    let name = def.name().to_string();
+    let messages = name == store::MESSAGES.name();
+    let mut txn = None;
+    let mut count = 0u64;
+    let mut batch: Vec<(K::Owned, V::Owned)> = Vec::new();
+    let flush = |batch: &mut Vec<(K::Owned, V::Owned)>,
+                 txn: &mut Option<redb::WriteTransaction>|
+     -> Result<(), String> {
+        let Some(db) = sink.db else {
+            batch.clear();
+            return Ok(());
+        };
+        if txn.is_none() {
+            let mut t = db.begin_write().map_err(|e| e.to_string())?;
+            t.set_durability(redb::Durability::None)
+                .map_err(|e| e.to_string())?;
+            *txn = Some(t);
+        }
+        if let Some(t) = txn.as_ref() {
+            let mut table = t.open_table(def).map_err(|e| e.to_string())?;
+            for (k, v) in batch.drain(..) {
+                table
+                    .insert(K::borrow(&k), V::borrow(&v))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    };
+    loop {
+        match r.byte()? {
+            0 => break,
+            1 => {}
+            b => {
+                return Err(format!(
+                    "corrupt backup: unexpected byte {b:#04x} in {name}"
+                ));
+            }
+        }
+        let n = r.u32()? as usize;
+        let rec = r.exact(n)?;
+        let mut cur = rec.as_slice();
+        let bad = |e: String| format!("corrupt backup: table {name}, record {}: {e}", count + 1);
+        let k = K::take(&mut cur).map_err(bad)?;
+        let value_bytes = cur;
+        let v = V::take(&mut cur).map_err(bad)?;
+        if !cur.is_empty() {
+            return Err(bad("trailing bytes".into()));
+        }
+        if value_bytes.len() >= 4 {
+            check_value(&name, &value_bytes[4..]).map_err(bad)?;
+        }
+        count += 1;
+        if messages {
+            sink.progress.messages += 1;
+        }
+        if sink.db.is_some() {
+            batch.push((k, v));
+            if batch.len() >= 4096 {
+                flush(&mut batch, &mut txn)?;
+            }
+            if count.is_multiple_of(RESTORE_BATCH) {
+                flush(&mut batch, &mut txn)?;
+                if let Some(t) = txn.take() {
+                    t.commit().map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        if count.is_multiple_of(4096) {
+            sink.progress.bytes = r.bytes;
+            (sink.on_progress)(sink.progress);
+        }
+    }
+    flush(&mut batch, &mut txn)?;
+    if let Some(t) = txn.take() {
+        t.commit().map_err(|e| e.to_string())?;
+    }
+    let stated = r.u64()?;
+    if stated != count {
+        return Err(format!(
+            "corrupt backup: table {name} has {count} records but says {stated}"
+        ));
+    }
+    Ok(count)
+}
+
+/// Reads a whole backup: checks its structure, every record and the
+/// checksum; loads the records into `db` when given. Returns what it holds
+/// and the secret file, if any.
+fn read(
+    from: &Path,
+    db: Option<&Database>,
+    on_progress: &mut dyn FnMut(Progress),
+) -> Result<(Contents, Option<Vec<u8>>), String> {
+    let file = File::open(from).map_err(|e| format!("cannot open {}: {e}", from.display()))?;
+    let mut r = HashReader {
+        inp: BufReader::with_capacity(1 << 20, file),
+        hash: Sha256::new(),
+        bytes: 0,
+    };
+    let magic = r
+        .exact(8)
+        .map_err(|_| format!("{} is not a confab backup", from.display()))?;
+    if magic != MAGIC {
+        return Err(format!("{} is not a confab backup", from.display()));
+    }
+    let version = r.u32()?;
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "the backup has format {version}; this confab reads format {FORMAT_VERSION}"
+        ));
+    }
+    let n = r.u32()? as usize;
+    let header: Json = serde_json::from_slice(&r.exact(n)?)
+        .map_err(|e| format!("corrupt backup: bad header: {e}"))?;
+    let schema = header["schema_version"].as_u64().unwrap_or(0);
+    if schema > SCHEMA_VERSION {
+        return Err(format!(
+            "the backup holds a store of schema {schema}, written by a newer confab ({}); this confab understands schema {SCHEMA_VERSION} and older",
+            header["confab"].as_str().unwrap_or("unknown version")
+        ));
+    }
+    let mut sink = Sink {
+        db,
+        on_progress,
+        progress: Progress {
+            total_messages: header["snapshot_pos"].as_u64().unwrap_or(0),
+            ..Default::default()
+        },
+    };
+    let mut tables = std::collections::BTreeMap::new();
+    let mut secret = None;
+    let summary: Json = loop {
+        match r.byte()? {
+            b'T' => {
+                let name = r.name()?;
+                if tables.contains_key(&name) {
+                    return Err(format!("corrupt backup: table {name} twice"));
+                }
+                let mut count = None;
+                macro_rules! load {
+                    ($t:expr) => {
+                        if count.is_none() && name == $t.name() {
+                            count = Some(load_table($t, &mut r, &mut sink)?);
+                        }
+                    };
+                }
+                for_each_table!(load);
+                let Some(count) = count else {
+                    return Err(format!(
+                        "the backup has a table `{name}` this confab does not know (written by a newer confab?)"
+                    ));
+                };
+                tables.insert(name, count);
+            }
+            b'F' => {
+                let name = r.name()?;
+                let n = r.u32()? as usize;
+                let data = r.exact(n)?;
+                if name != "jwt_secret" {
+                    return Err(format!("the backup has an unknown file `{name}`"));
+                }
+                secret = Some(data);
+            }
+            b'S' => {
+                let n = r.u32()? as usize;
+                break serde_json::from_slice(&r.exact(n)?)
+                    .map_err(|e| format!("corrupt backup: bad summary: {e}"))?;
+            }
+            b => return Err(format!("corrupt backup: unexpected section {b:#04x}")),
+        }
+    };
+    if r.byte()? != b'E' {
+        return Err("corrupt backup: no end marker".into());
+    }
+    let computed = r.hash.clone().finalize();
+    let mut stored = [0u8; 32];
+    r.inp
+        .read_exact(&mut stored)
+        .map_err(|_| "the backup is truncated (no checksum)".to_string())?;
+    if computed[..] != stored[..] {
+        return Err("the backup's checksum does not match: the file is damaged".into());
+    }
+    let mut extra = [0u8; 1];
+    if r.inp.read(&mut extra).map_err(|e| e.to_string())? != 0 {
+        return Err("the backup has bytes after its end".into());
+    }
+    for (name, count) in &tables {
+        if summary["tables"][name].as_u64() != Some(*count) {
+            return Err(format!("corrupt backup: the summary disagrees on {name}"));
+        }
+    }
+    let messages = tables.get(store::MESSAGES.name()).copied().unwrap_or(0);
+    sink.progress.bytes = r.bytes + 32;
+    (sink.on_progress)(sink.progress);
+    Ok((
+        Contents {
+            schema_version: schema,
+            header,
+            tables,
+            messages,
+            bytes: r.bytes + 32,
+            with_secret: secret.is_some(),
+        },
+        secret,
+    ))
+}
+
+/// Reads and checks a whole backup without writing anything.
+pub fn verify(from: &Path, on_progress: &mut dyn FnMut(Progress)) -> Result<Contents, String> {
+    read(from, None, on_progress).map(|(c, _)| c)
+}
+
+/// What `confab restore` did.
+#[derive(Debug, Serialize)]
+pub struct Restored {
+    pub contents: Contents,
+    pub wallet: Option<crate::wallet::Verification>,
+    pub secret_restored: bool,
+    pub seconds: f64,
+}
+
+/// The files a data directory holds that a restore replaces.
+const REPLACED: [&str; 3] = ["confab.redb", "search", "jwt_secret"];
+
+/// Restores `from` into `data_dir`. Refuses a non-empty directory unless
+/// `force`; verifies the whole file before creating anything, builds the
+/// store beside the target and checks it (`wallet verify`) before moving it
+/// into place. On any failure the directory is left as it was.
+pub fn restore(
+    from: &Path,
+    data_dir: &Path,
+    force: bool,
+    on_progress: &mut dyn FnMut(&str, Progress),
+) -> Result<Restored, String> {
+    let started = std::time::Instant::now();
+    let existing: Vec<String> = match std::fs::read_dir(data_dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("cannot read {}: {e}", data_dir.display())),
+    };
+    if !existing.is_empty() && !force {
+        return Err(format!(
+            "{} is not empty ({}); restore into an empty directory, or pass --force to replace its store",
+            data_dir.display(),
+            existing.join(", ")
+        ));
+    }
+    if existing.iter().any(|n| n == "admin.sock")
+        && std::os::unix::net::UnixStream::connect(crate::admin::socket_path(data_dir)).is_ok()
+    {
+        return Err(format!(
+            "a confab server is running on {}; stop it before restoring",
+            data_dir.display()
+        ));
+    }
+    // Pass 1: the whole file, nothing written.
+    let contents = verify(from, &mut |p| on_progress("verifying", p))?;
+
+    // Pass 2: load into a fresh store beside the target.
+    let created = !data_dir.exists();
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    let tmp = data_dir.join(format!(".restore-{}", std::process::id()));
+    let cleanup = |tmp: &Path| {
+        let _ = std::fs::remove_dir_all(tmp);
+        if created {
+            let _ = std::fs::remove_dir(data_dir);
+        }
+    };
+    let built = (|| -> Result<(Option<Vec<u8>>, Option<crate::wallet::Verification>), String> {
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        let db = Database::create(tmp.join("confab.redb")).map_err(|e| e.to_string())?;
+        let (again, secret) = read(from, Some(&db), &mut |p| on_progress("restoring", p))?;
+        if again.tables != contents.tables {
+            return Err("the backup changed while it was being restored".into());
+        }
+        // One durable commit at the end makes the whole load durable.
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())?;
+        drop(db);
+        // Same schema: open it as the server would and check the ledger.
+        // An older schema is migrated (and checked) by the server on start.
+        let wallet = if contents.schema_version == SCHEMA_VERSION {
+            let store = store::Store::open(&tmp)?;
+            let v = crate::wallet::verify(&store).map_err(|e| e.message)?;
+            if !v.breaches.is_empty() {
+                return Err(format!(
+                    "the restored ledger fails `wallet verify`: {}",
+                    v.breaches.join("; ")
+                ));
+            }
+            Some(v)
+        } else {
+            None
+        };
+        Ok((secret, wallet))
+    })();
+    let (secret, wallet) = match built {
+        Ok(x) => x,
+        Err(e) => {
+            cleanup(&tmp);
+            return Err(e);
+        }
+    };
+    // Move into place: only now is anything in the directory replaced.
+    for name in REPLACED {
+        if name == "jwt_secret" && secret.is_none() {
+            continue;
+        }
+        let p = data_dir.join(name);
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        if let Err(e) = r
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            cleanup(&tmp);
+            return Err(format!("cannot replace {}: {e}", p.display()));
+        }
+    }
+    std::fs::rename(tmp.join("confab.redb"), data_dir.join("confab.redb"))
+        .map_err(|e| format!("cannot move the restored store into place: {e}"))?;
+    if let Some(s) = &secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(data_dir.join("jwt_secret"))
+            .map_err(|e| format!("cannot write jwt_secret: {e}"))?;
+        f.write_all(s)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| format!("cannot write jwt_secret: {e}"))?;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    sync_dir(&data_dir.join("confab.redb"));
+    Ok(Restored {
+        contents,
+        wallet,
+        secret_restored: secret.is_some(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Periodic backups
+// ---------------------------------------------------------------------------
+
+/// A file name for a backup taken now: `<prefix>-YYYYMMDD-HHMMSS.cfbk`, in
+/// UTC, so names sort by time.
+pub fn timestamped_name(prefix: &str) -> String {
+    let ms = store::now_ms();
+    let (y, m, d) = crate::wallet::civil_from_days(ms.div_euclid(86_400_000));
+    let s = ms.rem_euclid(86_400_000) / 1000;
+    format!(
+        "{prefix}-{y:04}{m:02}{d:02}-{:02}{:02}{:02}{SUFFIX}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// Deletes the oldest `<prefix>-*.cfbk` files in `dir` beyond `keep`.
+pub fn prune(dir: &Path, prefix: &str, keep: usize) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{prefix}-")) && n.ends_with(SUFFIX))
+        })
+        .collect();
+    found.sort();
+    let excess = found.len().saturating_sub(keep);
+    let removed: Vec<PathBuf> = found.into_iter().take(excess).collect();
+    for p in &removed {
+        let _ = std::fs::remove_file(p);
+    }
+    removed
+}
+
+/// Counts a backup taken by the server in the metrics.
+pub fn record(result: Result<&Summary, &String>) {
+    match result {
+        Ok(_) => {
+            metrics::counter!("confab_backups_total", "outcome" => "ok").increment(1);
+            metrics::gauge!("confab_backup_last_success_timestamp_seconds")
+                .set(store::now_ms() as f64 / 1000.0);
+        }
+        Err(_) => metrics::counter!("confab_backups_total", "outcome" => "error").increment(1),
+    }
+}
+
+/// Takes a backup every `every` into `dir`, keeping the newest `keep`.
+pub async fn periodic(
+    db: std::sync::Arc<Database>,
+    data_dir: PathBuf,
+    dir: PathBuf,
+    every: std::time::Duration,
+    keep: usize,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let (db, data_dir, dir) = (db.clone(), data_dir.clone(), dir.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            let to = dir.join(timestamped_name("confab"));
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            let summary = write(&txn, secret_file(&data_dir).as_deref(), &to, |_| {})?;
+            Ok::<_, String>((summary, prune(&dir, "confab", keep)))
+        })
+        .await;
+        match done {
+            Ok(Ok((s, removed))) => {
+                record(Ok(&s));
+                tracing::info!(path = %s.path, bytes = s.bytes, messages = s.messages, seconds = s.seconds, pruned = removed.len(), "periodic backup written");
+            }
+            Ok(Err(e)) => {
+                record(Err(&e));
+                tracing::error!(error = %e, "periodic backup failed");
+            }
+            Err(e) => tracing::error!(error = %e, "periodic backup task failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_of_the_store_is_in_a_backup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store::Store::open(dir.path()).expect("open");
+        let txn = store.db.begin_read().expect("read");
+        let mut in_store: Vec<String> = txn
+            .list_tables()
+            .expect("list")
+            .map(|h| h.name().to_string())
+            .collect();
+        in_store.sort();
+        let mut backed_up = table_names();
+        backed_up.sort();
+        assert_eq!(
+            in_store, backed_up,
+            "a new table must be added to for_each_table!"
+        );
+    }
+
+    #[test]
+    fn fields_round_trip() {
+        let mut out = Vec::new();
+        <(u64, u64, &str)>::put(&(7, 9, "키"), &mut out);
+        <&[u8] as Col>::put(&&b"xyz"[..], &mut out);
+        let mut r = out.as_slice();
+        assert_eq!(
+            <(u64, u64, &str)>::take(&mut r).expect("key"),
+            (7, 9, "키".to_string())
+        );
+        assert_eq!(
+            <&[u8] as Col>::take(&mut r).expect("value"),
+            b"xyz".to_vec()
+        );
+        assert!(r.is_empty());
+        let mut short = &out[..5];
+        assert!(<(u64, u64, &str)>::take(&mut short).is_err());
+    }
+
+    #[test]
+    fn prune_keeps_the_newest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for n in [
+            "confab-20260101-000000",
+            "confab-20260102-000000",
+            "confab-20260103-000000",
+        ] {
+            std::fs::write(dir.path().join(format!("{n}{SUFFIX}")), b"x").expect("write");
+        }
+        std::fs::write(dir.path().join("other.txt"), b"x").expect("write");
+        let removed = prune(dir.path(), "confab", 2);
+        assert_eq!(removed.len(), 1);
+        assert!(removed[0].to_string_lossy().contains("20260101"));
+        assert!(dir.path().join("other.txt").exists());
+    }
+}
