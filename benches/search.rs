@@ -283,6 +283,7 @@ async fn create_users(
                     username: name.clone(),
                     display_name: name,
                     password_hash: hash,
+                    placement: None,
                     reply,
                 })
                 .await;

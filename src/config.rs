@@ -28,6 +28,7 @@ pub struct Config {
     pub search: SearchConfig,
     pub wallet: WalletConfig,
     pub backup: BackupConfig,
+    pub cluster: ClusterConfig,
     /// Things worth telling the operator (e.g. an unknown `CONFAB_*`
     /// variable, which may be a typo); logged at start-up.
     #[serde(skip)]
@@ -103,6 +104,14 @@ pub struct BackupConfig {
     pub backup_dir: String,
     pub backup_interval_secs: u64,
     pub backup_keep: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub cluster_secret: String,
+    pub cluster_nodes: Vec<String>,
+    pub node: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +260,7 @@ impl Config {
                 )));
             }
         }
+        crate::cluster::Cluster::from_config(&self.cluster).map_err(ConfigError::Invalid)?;
         let c = &self.wallet.wallet_currency;
         if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(ConfigError::Invalid(format!(

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod backup;
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod export;

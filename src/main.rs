@@ -119,6 +119,9 @@ struct ServeArgs {
     /// Data directory (env CONFAB_DATA_DIR).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// In a cluster: this node's id from `cluster_nodes` (listens on its address).
+    #[arg(long)]
+    node: Option<String>,
     /// Any config option, as option=value (repeatable), e.g. --set send_burst=200.
     #[arg(long = "set", value_name = "OPTION=VALUE")]
     set: Vec<String>,
@@ -138,6 +141,9 @@ impl ServeArgs {
         }
         if let Some(d) = &self.data_dir {
             cli.push(("data_dir".into(), d.display().to_string()));
+        }
+        if let Some(n) = &self.node {
+            cli.push(("node".into(), n.clone()));
         }
         Ok(config::Overrides {
             file: self.config.clone(),

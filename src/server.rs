@@ -30,7 +30,20 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
-pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), String> {
+pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), String> {
+    let cluster = crate::cluster::Cluster::from_config(&config.cluster)?.map(Arc::new);
+    if let Some(c) = &cluster {
+        // A node listens on its address from the list and signs tokens with
+        // the cluster's secret, so that every node and proxy accepts them.
+        let node = c.this_node().ok_or(
+            "this config has a [cluster] node list: start a node with `--node ID` (or run `confab proxy`)",
+        )?;
+        config.server.listen = node.addr;
+        if !c.secret.is_empty() {
+            config.auth.jwt_secret = c.secret.clone();
+        }
+        tracing::info!(node = %node.id, nodes = c.nodes.len(), "cluster node");
+    }
     let data_dir = config.server.data_dir.clone();
     let store = Store::open_with_cache(&data_dir, config.store.cache_mb.saturating_mul(1 << 20))?;
     let secret = auth::load_secret(&config.auth, &data_dir)?;
@@ -93,6 +106,7 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         open_connections: AtomicUsize::new(0),
         search: search.as_ref().map(|(index, _)| index.clone()),
         status: Default::default(),
+        cluster,
     });
     tokio::spawn(crate::status::sample_every_second(state.clone()));
 

@@ -61,6 +61,19 @@ pub async fn signup(state: &AppState, req: Request<Incoming>) -> Result<Response
             "display names are 1–64 characters without control characters",
         ));
     }
+    if let Some(c) = &state.cluster
+        && !c.owns(crate::cluster::ring::username_key(&body.username))
+    {
+        return Err(ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "wrong_node",
+            format!(
+                "node {} does not own this username (node {} does); sign up through confab proxy",
+                c.me.as_deref().unwrap_or("?"),
+                c.ring.username_owner(&body.username)
+            ),
+        ));
+    }
     if state.store.user_by_name(&body.username)?.is_some() {
         return Err(taken());
     }
@@ -71,6 +84,7 @@ pub async fn signup(state: &AppState, req: Request<Incoming>) -> Result<Response
             username: body.username,
             display_name,
             password_hash,
+            placement: state.cluster.clone(),
             reply,
         })
         .await?;

@@ -54,6 +54,8 @@ pub struct AppState {
     pub search: Option<Arc<crate::search::SearchIndex>>,
     /// The last 15 minutes, one sample a second (`/status`).
     pub status: crate::status::StatusBoard,
+    /// This node's cluster (None for a single node).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Counts one open connection while alive. The HTTP connection task holds

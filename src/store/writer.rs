@@ -57,6 +57,8 @@ pub enum Op {
         username: String,
         display_name: String,
         password_hash: String,
+        /// In a cluster: the new id must be one this node owns.
+        placement: Option<Arc<crate::cluster::Cluster>>,
         reply: Reply<User>,
     },
     AddContact {
@@ -549,6 +551,7 @@ impl GroupCommitWriter {
                 username,
                 display_name,
                 password_hash,
+                placement,
                 reply,
             } => {
                 let key = username.to_lowercase();
@@ -560,7 +563,9 @@ impl GroupCommitWriter {
                     ))
                 } else {
                     let mut id = UserId::random();
-                    while t.users.get(id.0)?.is_some() {
+                    while t.users.get(id.0)?.is_some()
+                        || placement.as_ref().is_some_and(|c| !c.owns(id.0))
+                    {
                         id = UserId::random();
                     }
                     let rec = UserRecord {

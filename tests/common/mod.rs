@@ -213,32 +213,33 @@ fn drain_lines<R: Read + Send + 'static>(
     });
 }
 
+/// `confab ARGS` run in `cwd`, hermetic: no ./config.toml from the
+/// repository (unless `cwd` has one), no CONFAB_* variables from the
+/// caller's environment, no stdin.
+pub fn confab_command(args: &[&str], cwd: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
+    cmd.args(args).current_dir(cwd).stdin(Stdio::null());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CONFAB_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 fn spawn_server(
     data_dir: &Path,
     settings: &[String],
     log: &Arc<Mutex<VecDeque<String>>>,
     listen: &str,
 ) -> (Child, SocketAddr) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
-    cmd.arg("serve")
-        .arg("--listen")
-        .arg(listen)
-        .arg("--data-dir")
-        .arg(data_dir);
+    // Documented defaults plus `settings`.
+    let mut cmd = confab_command(&["serve", "--listen", listen, "--data-dir"], data_dir);
+    cmd.arg(data_dir);
     for s in settings {
         cmd.arg("--set").arg(s);
     }
-    // Hermetic: no ./config.toml from the repository, no CONFAB_* variables
-    // from the caller's environment; documented defaults plus `settings`.
-    cmd.current_dir(data_dir);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("CONFAB_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn confab binary");
     let (tx, rx) = std::sync::mpsc::channel();
     drain_lines(child.stdout.take().expect("stdout"), log.clone(), Some(tx));

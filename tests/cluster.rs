@@ -1,0 +1,194 @@
+//! Scale-out groundwork (docs/SCALEOUT.md): three `confab serve --node`
+//! processes from one cluster config listen on their own addresses, sign
+//! tokens with the shared secret, own the usernames the ring gives them
+//! (others are refused with 421 `wrong_node`) and draw user ids they own;
+//! a bad cluster config is refused with a clear message.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use confab::cluster::Ring;
+use confab::ids::UserId;
+use serde_json::json;
+
+const SECRET: &str = "test-cluster-secret-0123456789abcdef";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running node: the child and the address it said it listens on.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_node(dir: &Path, config: &Path, id: &str) -> Node {
+    let data = dir.join(id);
+    let mut child = confab_command(
+        &[
+            "serve",
+            "--config",
+            config.to_str().expect("path"),
+            "--node",
+            id,
+            "--data-dir",
+        ],
+        dir,
+    )
+    .arg(&data)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn node");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("confab listening on http://") {
+                let _ = tx.send(a.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the node prints its address")
+        .parse()
+        .expect("an address");
+    Node { child, addr }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_listen_on_their_addresses_and_own_what_the_ring_gives_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = ["n1", "n2", "n3"];
+    let addrs: Vec<SocketAddr> = ids
+        .iter()
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr"))
+        .collect();
+    let entries: Vec<String> = ids
+        .iter()
+        .zip(&addrs)
+        .map(|(id, a)| format!("\"{id}={a}\""))
+        .collect();
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\ncluster_secret = \"{SECRET}\"\ncluster_nodes = [{}]\n",
+            entries.join(", ")
+        ),
+    )
+    .expect("write config");
+    let nodes: Vec<Node> = ids
+        .iter()
+        .map(|id| start_node(dir.path(), &config, id))
+        .collect();
+    for (n, want) in nodes.iter().zip(&addrs) {
+        assert_eq!(&n.addr, want, "a node listens on its address from the list");
+    }
+    let ring = Ring::new(&ids.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let index = |id: &str| ids.iter().position(|x| *x == id).expect("a node id");
+
+    let mut per_node = [0usize; 3];
+    let mut tokens = Vec::new();
+    for i in 0..30 {
+        let name = uname("cl");
+        let owner = index(ring.username_owner(&name));
+        let other = (owner + 1 + i % 2) % 3;
+        // The wrong node refuses, saying which one owns the name.
+        let (status, body) = Api(nodes[other].addr)
+            .post(
+                "/api/v1/signup",
+                "",
+                &json!({"username": name, "password": PASSWORD}),
+            )
+            .await;
+        assert_err(&(status, body.clone()), 421, "wrong_node");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("node {} does", ids[owner])),
+            "{body}"
+        );
+        let user = Api(nodes[owner].addr).signup(&name).await;
+        let id: UserId = user.id.parse().expect("user id");
+        assert_eq!(
+            ring.user_owner(id),
+            ids[owner],
+            "the id belongs to its node"
+        );
+        per_node[owner] += 1;
+        tokens.push((owner, user));
+    }
+    assert!(
+        per_node.iter().all(|&n| n >= 3),
+        "users spread over all three nodes: {per_node:?}"
+    );
+    // Tokens carry the cluster's signature: another node accepts the
+    // signature (and then finds that the user is not one of its own).
+    let (owner, user) = &tokens[0];
+    let (status, body) = Api(nodes[(owner + 1) % 3].addr)
+        .get("/api/v1/me", &user.token)
+        .await;
+    assert_eq!(status.as_u16(), 401, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no longer exists"),
+        "the signature verified: {body}"
+    );
+    let (status, _) = Api(nodes[*owner].addr).get("/api/v1/me", &user.token).await;
+    assert_eq!(status.as_u16(), 200);
+}
+
+#[test]
+fn a_bad_cluster_config_is_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("cluster.toml");
+    let write = |nodes: &str, secret: &str| {
+        std::fs::write(
+            &config,
+            format!("[cluster]\ncluster_secret = \"{secret}\"\ncluster_nodes = [{nodes}]\n"),
+        )
+        .expect("write config");
+    };
+    let run = |args: &[&str]| {
+        let mut full = vec!["serve", "--config", config.to_str().expect("path")];
+        full.extend_from_slice(args);
+        let out = confab_command(&full, dir.path())
+            .arg("--data-dir")
+            .arg(dir.path().join("d"))
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    write("\"n1=127.0.0.1:1\", \"n2=127.0.0.1:2\"", SECRET);
+    assert!(run(&["--node", "n9"]).contains("`--node n9` is not in `cluster_nodes` (n1, n2)"));
+    assert!(run(&[]).contains("start a node with `--node ID`"));
+    write("\"n1=127.0.0.1:1\", \"n2=127.0.0.1:2\"", "short");
+    assert!(run(&["--node", "n1"]).contains("at least 32 characters"));
+    write("\"n1=127.0.0.1:1\", \"n1=127.0.0.1:2\"", SECRET);
+    assert!(run(&["--node", "n1"]).contains("listed twice"));
+    write("\"n1 127.0.0.1:1\"", SECRET);
+    assert!(run(&["--node", "n1"]).contains("id=host:port"));
+}
