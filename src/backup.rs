@@ -814,9 +814,6 @@ pub struct Restored {
     pub seconds: f64,
 }
 
-/// The files a data directory holds that a restore replaces.
-const REPLACED: [&str; 3] = ["confab.redb", "search", "jwt_secret"];
-
 /// Restores `from` into `data_dir`. Refuses a non-empty directory unless
 /// `force`; verifies the whole file before creating anything, builds the
 /// store beside the target and checks it (`wallet verify`) before moving it
@@ -903,37 +900,42 @@ pub fn restore(
             return Err(e);
         }
     };
-    // Move into place: only now is anything in the directory replaced.
-    for name in REPLACED {
-        if name == "jwt_secret" && secret.is_none() {
-            continue;
-        }
-        let p = data_dir.join(name);
-        let r = if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        if let Err(e) = r
+    // Move into place: only now is anything in the directory replaced. The
+    // secret is staged beside the store, then each file is renamed over the
+    // old one (atomic), so an interruption leaves either file whole. The
+    // search index goes first: it is derived, and must never describe
+    // another store than the one beside it.
+    let replace = || -> Result<(), String> {
+        let search = data_dir.join("search");
+        if let Err(e) = std::fs::remove_dir_all(&search)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            cleanup(&tmp);
-            return Err(format!("cannot replace {}: {e}", p.display()));
+            return Err(format!("cannot remove {}: {e}", search.display()));
         }
-    }
-    std::fs::rename(tmp.join("confab.redb"), data_dir.join("confab.redb"))
-        .map_err(|e| format!("cannot move the restored store into place: {e}"))?;
-    if let Some(s) = &secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(data_dir.join("jwt_secret"))
-            .map_err(|e| format!("cannot write jwt_secret: {e}"))?;
-        f.write_all(s)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| format!("cannot write jwt_secret: {e}"))?;
+        if let Some(s) = &secret {
+            use std::os::unix::fs::OpenOptionsExt;
+            let staged = tmp.join("jwt_secret");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&staged)
+                .map_err(|e| format!("cannot write jwt_secret: {e}"))?;
+            f.write_all(s)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| format!("cannot write jwt_secret: {e}"))?;
+        }
+        std::fs::rename(tmp.join("confab.redb"), data_dir.join("confab.redb"))
+            .map_err(|e| format!("cannot move the restored store into place: {e}"))?;
+        if secret.is_some() {
+            std::fs::rename(tmp.join("jwt_secret"), data_dir.join("jwt_secret"))
+                .map_err(|e| format!("cannot move jwt_secret into place: {e}"))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = replace() {
+        cleanup(&tmp);
+        return Err(e);
     }
     let _ = std::fs::remove_dir_all(&tmp);
     sync_dir(&data_dir.join("confab.redb"));
