@@ -408,13 +408,17 @@ fn run_backup(args: BackupArgs) -> ExitCode {
         Err(code) => return code,
     };
     let dir = config.server.data_dir.clone();
-    let show = |p: backup::Progress| {
-        progress_bar(
-            "backing up",
-            p.messages,
-            p.total_messages,
-            &format!(", {}", mb(p.bytes)),
-        )
+    let mut last = std::time::Instant::now() - std::time::Duration::from_secs(1);
+    let mut show = move |p: backup::Progress| {
+        if last.elapsed().as_millis() >= 100 || p.messages == p.total_messages {
+            last = std::time::Instant::now();
+            progress_bar(
+                "backing up",
+                p.messages,
+                p.total_messages,
+                &format!(", {}", mb(p.bytes)),
+            )
+        }
     };
     let req = serde_json::json!({"cmd": "backup", "to": to});
     let online = runtime.block_on(confab::admin::request(&dir, &req, |p| {
@@ -434,7 +438,7 @@ fn run_backup(args: BackupArgs) -> ExitCode {
                 .map_err(|e| e.to_string()),
         },
         Some(Err(e)) => Err(e),
-        None => backup::offline(&dir, &to, show)
+        None => backup::offline(&dir, &to, &mut show)
             .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string())),
     };
     eprintln!();
@@ -579,19 +583,8 @@ fn run_export(args: ExportArgs) -> ExitCode {
     let result = match online {
         Some(r) => r,
         None => (|| {
-            let path = dir.join("confab.redb");
-            if !path.exists() {
-                return Err(format!("no confab store at {}", path.display()));
-            }
-            use redb::ReadableDatabase;
-            let txn = match redb::ReadOnlyDatabase::open(&path) {
-                Ok(db) => db.begin_read(),
-                Err(redb::DatabaseError::RepairAborted) => redb::Database::open(&path)
-                    .map_err(|e| e.to_string())?
-                    .begin_read(),
-                Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
-            }
-            .map_err(|e| e.to_string())?;
+            let reader = backup::open_reader(&dir)?;
+            let txn = reader.begin_read()?;
             let scope = confab::export::scope_of(&req).map_err(|e| e.message)?;
             confab::export::write(&txn, scope, &mut out)
                 .map(drop)
