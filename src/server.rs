@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -214,19 +215,49 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
 }
 
 async fn connection(state: Arc<AppState>, stream: tokio::net::TcpStream, peer: SocketAddr) {
-    let mut shutdown = state.shutdown.clone();
+    let shutdown = state.shutdown.clone();
+    let cluster = state.cluster.is_some();
     let service = service_fn(move |req| {
         let state = state.clone();
         async move { Ok::<_, std::convert::Infallible>(api::handle(state, req, peer).await) }
     });
+    let io = TokioIo::new(stream);
     // A client has HEADER_TIMEOUT to send each request's headers, so idle or
     // trickling connections cannot hold connection slots forever.
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    tokio::pin!(conn);
+    if cluster {
+        // A cluster node also speaks HTTP/2 with prior knowledge on the same
+        // port: the proxies' multiplexed links (docs/SCALEOUT.md). The
+        // first bytes tell the two apart.
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT);
+        builder.http2().timer(TokioTimer::new());
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        drive(conn, shutdown, peer, |c| c.graceful_shutdown()).await;
+    } else {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        drive(conn, shutdown, peer, |c| c.graceful_shutdown()).await;
+    }
+}
+
+/// Runs a connection to its end; on shutdown, lets it finish gracefully.
+async fn drive<C, E>(
+    mut conn: std::pin::Pin<&mut C>,
+    mut shutdown: watch::Receiver<bool>,
+    peer: SocketAddr,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+) where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
@@ -234,7 +265,7 @@ async fn connection(state: Arc<AppState>, stream: tokio::net::TcpStream, peer: S
             }
         }
         _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-            conn.as_mut().graceful_shutdown();
+            graceful(conn.as_mut());
             let _ = conn.await;
         }
     }

@@ -2,7 +2,9 @@
 //! processes from one cluster config listen on their own addresses, sign
 //! tokens with the shared secret, own the usernames the ring gives them
 //! (others are refused with 421 `wrong_node`) and draw user ids they own;
-//! a bad cluster config is refused with a clear message.
+//! a bad cluster config is refused with a clear message; a node also speaks
+//! HTTP/2 with prior knowledge on its port (the proxies' multiplexed link),
+//! a single node does not.
 
 mod common;
 
@@ -158,6 +160,79 @@ async fn nodes_listen_on_their_addresses_and_own_what_the_ring_gives_them() {
     );
     let (status, _) = Api(nodes[*owner].addr).get("/api/v1/me", &user.token).await;
     assert_eq!(status.as_u16(), 200);
+    // WebSockets (HTTP/1.1 upgrades) still work beside HTTP/2 on a node.
+    let _ws = Ws::connect_auth(nodes[*owner].addr, &user.token).await;
+
+    // One HTTP/2 connection carries many requests at once: health checks and
+    // the owner's signups, interleaved on one socket.
+    let node = &nodes[0];
+    let mut h2 = h2_connect(node.addr).await.expect("an HTTP/2 connection");
+    let mut calls = Vec::new();
+    let mut names = Vec::new();
+    while names.len() < 10 {
+        let name = uname("h2");
+        if ring.username_owner(&name) == "n1" {
+            names.push(name);
+        }
+    }
+    for i in 0..40 {
+        let req = if i % 4 == 0 {
+            let body = json!({"username": names[i / 4], "password": PASSWORD}).to_string();
+            hyper::Request::post("/api/v1/signup")
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        } else {
+            hyper::Request::get("/healthz").body(http_body_util::Full::new(bytes::Bytes::new()))
+        }
+        .expect("request");
+        h2.ready().await.expect("connection ready");
+        calls.push(h2.send_request(req));
+    }
+    let mut created = 0;
+    for c in calls {
+        let resp = c.await.expect("an HTTP/2 response");
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        let status = resp.status().as_u16();
+        assert!(status == 200 || status == 201, "{status}");
+        created += usize::from(status == 201);
+    }
+    assert_eq!(created, 10, "every signup over HTTP/2 was stored");
+}
+
+async fn h2_connect(
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_speaks_only_http1() {
+    let srv = Server::start(&[]);
+    let result = async {
+        let mut h2 = h2_connect(srv.addr).await?;
+        h2.ready().await.map_err(|e| e.to_string())?;
+        let req = hyper::Request::get("/healthz")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        h2.send_request(req).await.map_err(|e| e.to_string())
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), result)
+        .await
+        .expect("the attempt ends");
+    assert!(
+        answer.is_err(),
+        "HTTP/2 is only for cluster links: {answer:?}"
+    );
 }
 
 #[test]
