@@ -544,6 +544,28 @@ async fn user_search_by_prefix() {
         401,
         "unauthorized",
     );
+
+    // By id: the same public profile; bad and unknown ids are told apart.
+    let someone = &r.1["users"][0];
+    let id = someone["id"].as_str().expect("id");
+    let r = api.get(&format!("/api/v1/users/{id}"), &me.token).await;
+    assert_status(&r, 200);
+    assert_eq!(&r.1, someone, "the profile by id equals the one by name");
+    assert_err(
+        &api.get("/api/v1/users/not-an-id", &me.token).await,
+        400,
+        "bad_id",
+    );
+    assert_err(
+        &api.get("/api/v1/users/0123456789abcdef", &me.token).await,
+        404,
+        "user_not_found",
+    );
+    assert_err(
+        &api.get(&format!("/api/v1/users/{id}"), "").await,
+        401,
+        "unauthorized",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

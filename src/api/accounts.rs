@@ -186,6 +186,19 @@ pub async fn me(state: &AppState, req: Request<Incoming>) -> Result<Response<Bod
     json(StatusCode::OK, &user)
 }
 
+/// `GET /api/v1/users/{id}`: a user's public profile (any signed-in user
+/// may look anyone up by id, as by name in `GET /users`).
+pub async fn get_user(
+    state: &AppState,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Response<Body>, ApiError> {
+    caller(state, &req)?;
+    let id: UserId = parse_id(id)?;
+    let user = state.store.user(id)?.ok_or_else(ApiError::user_not_found)?;
+    json(StatusCode::OK, &user)
+}
+
 pub async fn search_users(
     state: &AppState,
     req: Request<Incoming>,

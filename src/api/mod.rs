@@ -158,6 +158,7 @@ async fn route(
             ["me"] => on!("/me", get, accounts::me(state, req)),
             ["me", "export"] => on!("/me/export", get, export::me(state, req)),
             ["users"] => on!("/users", get, accounts::search_users(state, req)),
+            ["users", id] => on!("/users/{id}", get, accounts::get_user(state, req, id)),
             ["search"] => on!("/search", get, search::search(state, req)),
             ["wallet"] => on!("/wallet", get, wallet::get(state, req)),
             ["wallet", "transactions"] => on!(
