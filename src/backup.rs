@@ -46,7 +46,7 @@ const RESTORE_BATCH: u64 = 100_000;
 const MAX_CHUNK: usize = 64 << 20;
 
 /// How far a backup or restore has got.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub struct Progress {
     pub bytes: u64,
     pub messages: u64,
@@ -395,13 +395,6 @@ fn snapshot_pos(txn: &ReadTransaction) -> u64 {
         .unwrap_or(0)
 }
 
-fn schema_of(txn: &ReadTransaction) -> u64 {
-    txn.open_table(store::META)
-        .ok()
-        .and_then(|t| t.get("schema_version").ok().flatten().map(|g| g.value()))
-        .unwrap_or(0)
-}
-
 /// Writes a backup of the snapshot `txn` to `to` (via `to.partial`, renamed
 /// when complete and synced), with the JWT secret when there is one.
 pub fn write(
@@ -426,12 +419,12 @@ pub fn write(
         .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
     let result = (|| {
         let pos = snapshot_pos(txn);
-        let schema = schema_of(txn);
+        let schema = store::schema_version(txn)?.unwrap_or(0);
         let header = json!({
             "format": "confab-backup",
             "version": FORMAT_VERSION,
             "created_at": store::now_ms(),
-            "confab": crate::telemetry::version_string(),
+            "confab": crate::telemetry::VERSION,
             "schema_version": schema,
             "snapshot_pos": pos,
             "tables": table_names(),

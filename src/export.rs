@@ -66,22 +66,12 @@ fn line<W: Write, T: Serialize>(
 
 /// Writes the export of `scope` from the snapshot `txn` to `w`.
 pub fn write<W: Write>(txn: &ReadTransaction, scope: Scope, w: &mut W) -> Result<Counts, ApiError> {
-    let scope = match scope {
-        Scope::UserNamed(name) => {
-            let names = txn.open_table(USERNAMES)?;
-            match names.get(name.to_lowercase().as_str())? {
-                Some(g) => Scope::User(UserId(g.value())),
-                None => return Err(ApiError::user_not_found()),
-            }
-        }
-        s => s,
-    };
+    let target = resolve(txn, &scope)?;
     let mut buf = Vec::with_capacity(1024);
     let mut counts = Counts::default();
-    let (kind, id) = match &scope {
-        Scope::Room(r) => ("room", r.to_string()),
-        Scope::User(u) => ("user", u.to_string()),
-        Scope::UserNamed(_) => return Err(ApiError::user_not_found()),
+    let (kind, id) = match target {
+        Target::Room(r) => ("room", r.to_string()),
+        Target::User(u) => ("user", u.to_string()),
     };
     line(
         w,
@@ -92,13 +82,13 @@ pub fn write<W: Write>(txn: &ReadTransaction, scope: Scope, w: &mut W) -> Result
             "scope": kind,
             "id": id,
             "created_at": store::now_ms(),
-            "confab": crate::telemetry::version_string(),
+            "confab": crate::telemetry::VERSION,
         }),
         &mut buf,
     )?;
     let users = txn.open_table(USERS)?;
-    match scope {
-        Scope::User(user) => {
+    match target {
+        Target::User(user) => {
             let Some(g) = users.get(user.0)? else {
                 return Err(ApiError::user_not_found());
             };
@@ -135,8 +125,7 @@ pub fn write<W: Write>(txn: &ReadTransaction, scope: Scope, w: &mut W) -> Result
             }
             wallet(txn, user, w, &mut buf, &mut counts)?;
         }
-        Scope::UserNamed(_) => return Err(ApiError::user_not_found()),
-        Scope::Room(room) => {
+        Target::Room(room) => {
             if !room_and_messages(txn, room, None, w, &mut buf, &mut counts)? {
                 return Err(ApiError::room_not_found());
             }
@@ -273,28 +262,42 @@ pub fn scope_of(req: &serde_json::Value) -> Result<Scope, ApiError> {
     ))
 }
 
+/// What a scope names, once looked up.
+#[derive(Clone, Copy)]
+enum Target {
+    User(UserId),
+    Room(RoomId),
+}
+
+/// Looks the scope up in the snapshot: `user_not_found` / `room_not_found`
+/// unless it exists.
+fn resolve(txn: &ReadTransaction, scope: &Scope) -> Result<Target, ApiError> {
+    let target = match scope {
+        Scope::UserNamed(name) => {
+            let names = txn.open_table(USERNAMES)?;
+            match names.get(name.to_lowercase().as_str())? {
+                Some(g) => Target::User(UserId(g.value())),
+                None => return Err(ApiError::user_not_found()),
+            }
+        }
+        Scope::User(u) => Target::User(*u),
+        Scope::Room(r) => Target::Room(*r),
+    };
+    let exists = match target {
+        Target::User(u) => txn.open_table(USERS)?.get(u.0)?.is_some(),
+        Target::Room(r) => txn.open_table(ROOMS)?.get(r.0)?.is_some(),
+    };
+    match (exists, target) {
+        (true, _) => Ok(target),
+        (false, Target::User(_)) => Err(ApiError::user_not_found()),
+        (false, Target::Room(_)) => Err(ApiError::room_not_found()),
+    }
+}
+
 /// Checks that the export can start (the user or room exists), so an error
 /// can be reported before any output.
 pub fn check(txn: &ReadTransaction, scope: &Scope) -> Result<(), ApiError> {
-    match scope {
-        Scope::UserNamed(name) => {
-            let names = txn.open_table(USERNAMES)?;
-            if names.get(name.to_lowercase().as_str())?.is_none() {
-                return Err(ApiError::user_not_found());
-            }
-        }
-        Scope::User(u) => {
-            if txn.open_table(USERS)?.get(u.0)?.is_none() {
-                return Err(ApiError::user_not_found());
-            }
-        }
-        Scope::Room(r) => {
-            if txn.open_table(ROOMS)?.get(r.0)?.is_none() {
-                return Err(ApiError::room_not_found());
-            }
-        }
-    }
-    Ok(())
+    resolve(txn, scope).map(drop)
 }
 
 /// Starts an export on a blocking thread; returns the receiving end of its

@@ -422,12 +422,8 @@ fn run_backup(args: BackupArgs) -> ExitCode {
     };
     let req = serde_json::json!({"cmd": "backup", "to": to});
     let online = runtime.block_on(confab::admin::request(&dir, &req, |p| {
-        if let Ok(p) = serde_json::from_value::<ProgressLine>(p.clone()) {
-            show(backup::Progress {
-                bytes: p.bytes,
-                messages: p.messages,
-                total_messages: p.total_messages,
-            });
+        if let Ok(p) = serde_json::from_value::<backup::Progress>(p.clone()) {
+            show(p);
         }
     }));
     let by_server = online.is_some();
@@ -467,13 +463,6 @@ fn run_backup(args: BackupArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-#[derive(serde::Deserialize)]
-struct ProgressLine {
-    bytes: u64,
-    messages: u64,
-    total_messages: u64,
 }
 
 /// `confab restore --from FILE --data-dir DIR [--force]`.

@@ -295,22 +295,15 @@ pub fn allowed_ip(cidrs: &[String], ip: IpAddr) -> bool {
             return false;
         };
         match (net, ip) {
+            // A /0 mask shifts by the whole width: checked_shl gives 0.
             (IpAddr::V4(n), IpAddr::V4(i)) => {
                 let bits = bits.unwrap_or(32).min(32);
-                let mask = if bits == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - bits)
-                };
+                let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
                 u32::from(n) & mask == u32::from(i) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(i)) => {
                 let bits = bits.unwrap_or(128).min(128);
-                let mask = if bits == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - bits)
-                };
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
                 u128::from(n) & mask == u128::from(i) & mask
             }
             _ => false,
@@ -443,4 +436,23 @@ fn text(v: serde_json::Value) -> Frame<'static> {
         None,
         Payload::Owned(v.to_string().into_bytes()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allowed_ip;
+
+    #[test]
+    fn cidr_masks_cover_their_whole_range() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ip = |s: &str| s.parse().expect("ip");
+        assert!(allowed_ip(&list(&["127.0.0.0/8"]), ip("127.9.8.7")));
+        assert!(!allowed_ip(&list(&["127.0.0.0/8"]), ip("128.0.0.1")));
+        assert!(allowed_ip(&list(&["0.0.0.0/0"]), ip("203.0.113.9")));
+        assert!(allowed_ip(&list(&["10.1.2.3"]), ip("10.1.2.3")));
+        assert!(!allowed_ip(&list(&["10.1.2.3"]), ip("10.1.2.4")));
+        assert!(allowed_ip(&list(&["::/0"]), ip("2001:db8::1")));
+        assert!(allowed_ip(&list(&["::1/128"]), ip("::1")));
+        assert!(!allowed_ip(&list(&["::1/128"]), ip("127.0.0.1")));
+    }
 }

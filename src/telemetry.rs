@@ -23,10 +23,6 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
-pub fn version_string() -> &'static str {
-    VERSION
-}
-
 /// HELP texts (and units) for every metric confab records.
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};

@@ -1,6 +1,6 @@
 //! A minimal HTTP/1.1 keep-alive client for the search benchmark (hyper's
 //! client connection API), a FIFO pool of such connections, and URL
-//! percent-encoding.
+//! percent-encoding; WebSockets come from the `confab bench` client.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -8,10 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -141,65 +139,18 @@ impl Pool {
     }
 }
 
-pub type Ws = WebSocket<TokioIo<Upgraded>>;
+pub use confab::bench::client::Ws;
 
-/// Opens a WebSocket, authenticates with `token` and waits for `ready`.
+/// Opens a WebSocket, authenticates with `token` and waits for `ready`
+/// (the `confab bench` client's handshake).
 pub async fn websocket(addr: SocketAddr, token: &str) -> Result<Ws, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let req = Request::builder()
-        .uri("/api/v1/ws")
-        .header("host", addr.to_string())
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header(
-            "sec-websocket-key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("sec-websocket-version", "13")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let (mut ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream)
-        .await
-        .map_err(|e| format!("WebSocket handshake: {e}"))?;
-    let auth = serde_json::json!({"type": "auth", "token": token}).to_string();
-    ws.write_frame(Frame::text(Payload::Owned(auth.into_bytes())))
-        .await
-        .map_err(|e| format!("auth: {e}"))?;
-    let ready = async {
-        loop {
-            let f = ws.read_frame().await.map_err(|e| format!("auth: {e}"))?;
-            match f.opcode {
-                OpCode::Text if f.payload.starts_with(br#"{"type":"ready""#) => return Ok(()),
-                OpCode::Text if f.payload.starts_with(br#"{"type":"error""#) => {
-                    return Err(format!(
-                        "auth refused: {}",
-                        String::from_utf8_lossy(&f.payload)
-                    ));
-                }
-                OpCode::Close => return Err("closed during auth".to_string()),
-                _ => {}
-            }
-        }
+    let target = confab::bench::client::Target {
+        addr,
+        source_ips: 1,
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, ready)
+    tokio::time::timeout(REQUEST_TIMEOUT, target.ws(0, token))
         .await
-        .map_err(|_| "no ready frame".to_string())??;
-    Ok(ws)
-}
-
-struct SpawnExecutor;
-
-impl<F> hyper::rt::Executor<F> for SpawnExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(fut);
-    }
+        .map_err(|_| "no ready frame".to_string())?
 }
 
 /// Percent-encodes a query-string value (everything but RFC 3986's unreserved).

@@ -11,7 +11,7 @@
 //! once. `--steps seed` runs the seed matrix; `--idle N` measures memory per
 //! idle connection. Results: a terminal table, `--json`, `--html`.
 
-mod client;
+pub mod client;
 mod report;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -271,6 +271,19 @@ impl CommitFeed {
     }
 }
 
+/// The store's `meta.schema_version` in a snapshot (None for a new, empty
+/// file).
+pub fn schema_version(txn: &redb::ReadTransaction) -> Result<Option<u64>, String> {
+    match txn.open_table(META) {
+        Ok(meta) => Ok(meta
+            .get("schema_version")
+            .map_err(|e| e.to_string())?
+            .map(|v| v.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn newer_store(path: &Path, v: u64) -> String {
     format!(
         "{} was written by a newer confab (store schema {v}; this confab understands schema {SCHEMA_VERSION} and older). Run the newer confab, or restore a backup taken by this version.",
@@ -302,11 +315,10 @@ impl Store {
         if path.exists()
             && let Ok(ro) = redb::ReadOnlyDatabase::open(&path)
         {
-            let found = ro.begin_read().ok().and_then(|txn| {
-                txn.open_table(META)
-                    .ok()
-                    .and_then(|m| m.get("schema_version").ok().flatten().map(|v| v.value()))
-            });
+            let found = ro
+                .begin_read()
+                .ok()
+                .and_then(|txn| schema_version(&txn).ok().flatten());
             drop(ro);
             if let Some(v) = found.filter(|&v| v > SCHEMA_VERSION) {
                 return Err(newer_store(&path, v));
@@ -318,18 +330,8 @@ impl Store {
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         // An older store is backed up before it is migrated (the migration
         // itself is one transaction below): `<data_dir>/backups/`.
-        let found = {
-            let txn = db.begin_read().map_err(|e| e.to_string())?;
-            match txn.open_table(META) {
-                Ok(meta) => meta
-                    .get("schema_version")
-                    .map_err(|e| e.to_string())?
-                    .map(|v| v.value()),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(e.to_string()),
-            }
-        };
-        if let Some(v) = found {
+        let snapshot = db.begin_read().map_err(|e| e.to_string())?;
+        if let Some(v) = schema_version(&snapshot)? {
             if v > SCHEMA_VERSION {
                 return Err(newer_store(&path, v));
             }
@@ -339,9 +341,8 @@ impl Store {
                     .join(crate::backup::timestamped_name(&format!(
                         "pre-migration-schema{v}"
                     )));
-                let txn = db.begin_read().map_err(|e| e.to_string())?;
                 let summary = crate::backup::write(
-                    &txn,
+                    &snapshot,
                     crate::backup::secret_file(data_dir).as_deref(),
                     &to,
                     |_| {},
@@ -350,6 +351,7 @@ impl Store {
                 tracing::info!(path = %summary.path, from = v, to = SCHEMA_VERSION, "store backed up before migration");
             }
         }
+        drop(snapshot);
         let mut txn = db.begin_write().map_err(|e| e.to_string())?;
         // Saves the allocator state, so the next start after a crash is quick.
         txn.set_quick_repair(true);
