@@ -282,6 +282,7 @@ async fn seed(dir: &Path, o: &Opts) -> Result<Manifest, String> {
             owner: members_of[g][0],
             name: format!("team {g}"),
             members: members_of[g][1..].to_vec(),
+            placement: None,
             reply,
         },
         |g, room| {
@@ -325,6 +326,7 @@ async fn seed(dir: &Path, o: &Opts) -> Result<Manifest, String> {
             Op::Wallet(WalletOp::Credit {
                 user: users[i],
                 amount: 1_000_000,
+                key: None,
                 reply,
             })
         },

@@ -338,6 +338,7 @@ async fn seed(dir: &Path, o: &Opts, corpus: &Corpus, rng: &mut StdRng) -> Result
                         owner: members[0],
                         name: format!("group {round}.{g}"),
                         members: members[1..].to_vec(),
+                        placement: None,
                         reply,
                     })
                     .await;

@@ -143,7 +143,14 @@ pub async fn handle(store: &Store, writer: &WriterHandle, req: &Value) -> Value 
                 let amount = crate::wallet::parse_amount(req.get("amount"))?;
                 let user = crate::ids::UserId(user.0);
                 let balance = writer
-                    .call(|reply| Op::Wallet(WalletOp::Credit { user, amount, reply }))
+                    .call(|reply| {
+                        Op::Wallet(WalletOp::Credit {
+                            user,
+                            amount,
+                            key: None,
+                            reply,
+                        })
+                    })
                     .await?;
                 Ok(json!({"ok": true, "user": name.to_lowercase(), "credited": amount, "balance": balance}))
             }

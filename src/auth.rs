@@ -160,6 +160,17 @@ impl Auth {
         })
     }
 
+    /// The revoked tokens not yet expired: (token id, expiry).
+    pub fn revoked_list(&self) -> Vec<(String, i64)> {
+        let now = now_secs();
+        let revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        revoked
+            .iter()
+            .filter(|(_, exp)| **exp > now)
+            .map(|(j, &e)| (j.clone(), e))
+            .collect()
+    }
+
     /// Records a durable revocation in memory (after the store committed it).
     pub fn revoke(&self, jti: String, exp: i64) {
         let now = now_secs();

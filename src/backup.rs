@@ -233,6 +233,7 @@ macro_rules! for_each_table {
         $m!(store::WALLET_KEYS);
         $m!(store::WALLET_USER_TRANSFERS);
         $m!(store::WALLET_SCHEDULE);
+        $m!(store::CLUSTER_OUTBOX);
     }};
 }
 

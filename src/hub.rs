@@ -117,6 +117,13 @@ impl SessionOutbox {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     pub fn is_kicked(&self) -> bool {
         self.kicked.load(Ordering::Acquire)
     }
@@ -126,39 +133,168 @@ impl SessionOutbox {
     }
 }
 
+/// Session ids at or above this bit are a proxy's sessions (docs/SCALEOUT.md):
+/// a node's own sessions count up from 1, a proxy's are its random 62-bit ids
+/// with this bit set when they reach a node.
+pub const REMOTE_SESSION: u64 = 1 << 63;
+
+/// What goes down a proxy's event stream.
+pub enum LinkEvent {
+    /// A frame for `to` (the proxy's attached users), minus session `skip`.
+    Frame {
+        frame: OutFrame,
+        to: Vec<UserId>,
+        skip: Option<u64>,
+    },
+    /// A token was revoked (logout): every proxy must refuse it from now on.
+    Revoke { jti: String, exp: i64 },
+}
+
+/// A proxy's event stream on this node: the frames for every user the proxy
+/// has attached. Consecutive pushes of one frame (the same shared buffer) to
+/// several users coalesce into one event, so a message crosses the link once
+/// per proxy however many of its members sit behind that proxy.
+pub struct ProxyLink {
+    pub id: u64,
+    pub proxy: String,
+    queue: Mutex<Vec<LinkEvent>>,
+    capacity: usize,
+    closed: AtomicBool,
+    pub ready: Notify,
+}
+
+impl ProxyLink {
+    pub fn new(id: u64, proxy: String, capacity: usize) -> Arc<ProxyLink> {
+        Arc::new(ProxyLink {
+            id,
+            proxy,
+            queue: Mutex::new(Vec::new()),
+            capacity,
+            closed: AtomicBool::new(false),
+            ready: Notify::new(),
+        })
+    }
+
+    fn push_frame(&self, frame: &OutFrame, user: UserId, skip: Option<u64>) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        let skip = skip
+            .filter(|s| s & REMOTE_SESSION != 0)
+            .map(|s| s & !REMOTE_SESSION);
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(LinkEvent::Frame {
+                frame: last,
+                to,
+                skip: last_skip,
+            }) = q.last_mut()
+                && last.bytes.as_ptr() == frame.bytes.as_ptr()
+                && last.bytes.len() == frame.bytes.len()
+                && last.pong == frame.pong
+            {
+                if !to.contains(&user) {
+                    to.push(user);
+                }
+                if skip.is_some() {
+                    *last_skip = skip;
+                }
+                return true;
+            }
+            if q.len() >= self.capacity {
+                drop(q);
+                // The proxy is not keeping up: end its stream; it reconnects,
+                // re-attaches and catches its sessions up from the store.
+                metrics::counter!("confab_cluster_link_overflows_total").increment(1);
+                self.close();
+                return false;
+            }
+            q.push(LinkEvent::Frame {
+                frame: frame.clone(),
+                to: vec![user],
+                skip,
+            });
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    pub fn push(&self, event: LinkEvent) {
+        if self.is_closed() {
+            return;
+        }
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event);
+        self.ready.notify_one();
+    }
+
+    /// Everything queued so far.
+    pub fn take(&self) -> Vec<LinkEvent> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Where a user is online: sessions on this server, and proxies that have
+/// attached the user (cluster nodes only).
+#[derive(Default)]
+struct Present {
+    local: Vec<Arc<SessionOutbox>>,
+    remote: Vec<Arc<ProxyLink>>,
+}
+
+impl Present {
+    fn is_empty(&self) -> bool {
+        self.local.is_empty() && self.remote.is_empty()
+    }
+}
+
 #[derive(Default)]
 pub struct Hub {
-    sessions: RwLock<HashMap<UserId, Vec<Arc<SessionOutbox>>>>,
+    sessions: RwLock<HashMap<UserId, Present>>,
+    /// The current event stream of each proxy, by proxy name.
+    links: Mutex<HashMap<String, Arc<ProxyLink>>>,
 }
 
 impl Hub {
-    /// Adds a session; returns true if it is the user's first (now online).
+    /// Adds a session; returns true if the user was offline until now.
     pub fn register(&self, s: Arc<SessionOutbox>) -> bool {
         let mut map = self.sessions.write().unwrap_or_else(|e| e.into_inner());
-        let list = map.entry(s.user).or_default();
-        list.push(s);
+        let p = map.entry(s.user).or_default();
+        let first = p.is_empty();
+        p.local.push(s);
         metrics::gauge!("confab_sessions_online").increment(1.0);
-        list.len() == 1
+        first
     }
 
     /// Sessions online now.
     pub fn online_sessions(&self) -> usize {
         let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
-        map.values().map(Vec::len).sum()
+        map.values().map(|p| p.local.len()).sum()
     }
 
-    /// Removes a session; returns true if it was the user's last (now offline).
+    /// Removes a session; returns true if the user is now offline.
     pub fn unregister(&self, s: &SessionOutbox) -> bool {
         let mut map = self.sessions.write().unwrap_or_else(|e| e.into_inner());
-        let Some(list) = map.get_mut(&s.user) else {
+        let Some(p) = map.get_mut(&s.user) else {
             return false;
         };
-        let before = list.len();
-        list.retain(|x| x.id != s.id);
-        if list.len() < before {
+        let before = p.local.len();
+        p.local.retain(|x| x.id != s.id);
+        if p.local.len() < before {
             metrics::gauge!("confab_sessions_online").decrement(1.0);
         }
-        if list.is_empty() {
+        if p.is_empty() {
             map.remove(&s.user);
             true
         } else {
@@ -166,41 +302,141 @@ impl Hub {
         }
     }
 
+    /// A proxy has `user` online; returns true if the user was offline.
+    pub fn attach(&self, user: UserId, link: &Arc<ProxyLink>) -> bool {
+        let mut map = self.sessions.write().unwrap_or_else(|e| e.into_inner());
+        let p = map.entry(user).or_default();
+        let first = p.is_empty();
+        if !p.remote.iter().any(|l| l.id == link.id) {
+            p.remote.push(link.clone());
+        }
+        first
+    }
+
+    /// A proxy no longer has `user` online; returns true if now offline.
+    pub fn detach(&self, user: UserId, link: u64) -> bool {
+        let mut map = self.sessions.write().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = map.get_mut(&user) else {
+            return false;
+        };
+        let before = p.remote.len();
+        p.remote.retain(|l| l.id != link);
+        if before != p.remote.len() && p.is_empty() {
+            map.remove(&user);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Makes `link` its proxy's current event stream; returns the one it
+    /// replaces (closed here; the caller detaches its users).
+    pub fn add_link(&self, link: Arc<ProxyLink>) -> Option<Arc<ProxyLink>> {
+        let old = self
+            .links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(link.proxy.clone(), link);
+        if let Some(o) = &old {
+            o.close();
+        }
+        old
+    }
+
+    /// The proxy's current event stream, if `id` still is it.
+    pub fn link(&self, proxy: &str) -> Option<Arc<ProxyLink>> {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(proxy)
+            .cloned()
+    }
+
+    /// Forgets a closed link; returns the users now offline.
+    pub fn remove_link(&self, link: &ProxyLink) -> Vec<UserId> {
+        link.close();
+        {
+            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            if links.get(&link.proxy).is_some_and(|l| l.id == link.id) {
+                links.remove(&link.proxy);
+            }
+        }
+        let mut map = self.sessions.write().unwrap_or_else(|e| e.into_inner());
+        let mut gone = Vec::new();
+        map.retain(|&user, p| {
+            p.remote.retain(|l| l.id != link.id);
+            if p.is_empty() {
+                gone.push(user);
+                false
+            } else {
+                true
+            }
+        });
+        gone
+    }
+
+    /// Every proxy's current event stream.
+    pub fn links(&self) -> Vec<Arc<ProxyLink>> {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub fn is_online(&self, user: UserId) -> bool {
         let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
         map.contains_key(&user)
     }
 
-    /// Pushes `frame` to every session of `user` except `skip_session`.
-    /// Returns whether at least one session took it.
+    /// Pushes `frame` to every session of `user` except `skip_session`, here
+    /// and behind every proxy that has the user attached. Returns whether at
+    /// least one session or proxy took it.
     pub fn send_to_user(&self, user: UserId, frame: &OutFrame, skip_session: Option<u64>) -> bool {
         let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
         let mut any = false;
-        if let Some(list) = map.get(&user) {
-            for s in list {
+        if let Some(p) = map.get(&user) {
+            for s in &p.local {
                 if Some(s.id) != skip_session && s.push(frame.clone()) {
                     any = true;
                 }
+            }
+            for l in &p.remote {
+                any |= l.push_frame(frame, user, skip_session);
             }
         }
         any
     }
 
-    /// Closes every session authenticated with token `jti` (logout).
-    pub fn close_token(&self, user: UserId, jti: &str) {
-        let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(list) = map.get(&user) {
-            for s in list.iter().filter(|s| s.jti == jti) {
-                s.kick(close::UNAUTHORIZED);
+    /// Closes every session authenticated with token `jti` (logout), and
+    /// tells every proxy that the token is revoked.
+    pub fn close_token(&self, user: UserId, jti: &str, exp: i64) {
+        {
+            let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(p) = map.get(&user) {
+                for s in p.local.iter().filter(|s| s.jti == jti) {
+                    s.kick(close::UNAUTHORIZED);
+                }
             }
+        }
+        for l in self.links() {
+            l.push(LinkEvent::Revoke {
+                jti: jti.to_string(),
+                exp,
+            });
         }
     }
 
-    /// Closes every session (server shutdown).
+    /// Closes every session and proxy stream (server shutdown).
     pub fn close_all(&self, code: u16) {
         let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
-        for s in map.values().flatten() {
+        for s in map.values().flat_map(|p| p.local.iter()) {
             s.kick(code);
+        }
+        drop(map);
+        for l in self.links() {
+            l.close();
         }
     }
 }

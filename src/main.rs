@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Run the chat server (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Run a cluster proxy: serves the UI, the API and WebSockets and sends
+    /// each operation to the node that owns it (`[cluster]` in the config).
+    Proxy(ServeArgs),
     /// Load-test a running server: the seed's stepped test (`--steps seed`),
     /// a single step (`--users N --rate R`), or idle connections (`--idle N`).
     Bench(bench::BenchArgs),
@@ -159,7 +162,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
     match command {
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => run_serve(args, false),
+        Command::Proxy(args) => run_serve(args, true),
         Command::Bench(args) => bench::run(args),
         Command::Reindex(args) => run_reindex(args),
         Command::Wallet(args) => run_wallet(args),
@@ -320,7 +324,7 @@ fn run_reindex(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn run_serve(args: ServeArgs) -> ExitCode {
+fn run_serve(args: ServeArgs, proxy: bool) -> ExitCode {
     let config = match load_config(&args) {
         Ok(c) => c,
         Err(code) => return code,
@@ -350,7 +354,14 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    match runtime.block_on(server::serve(config, handle)) {
+    let run = async {
+        if proxy {
+            confab::proxy::serve(config, handle).await
+        } else {
+            server::serve(config, handle).await
+        }
+    };
+    match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("confab: {e}");

@@ -60,6 +60,8 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
             signup_bonus: config.wallet.signup_bonus,
         },
         wake: Arc::new(tokio::sync::Notify::new()),
+        placement: cluster.clone(),
+        outbox_wake: Arc::new(tokio::sync::Notify::new()),
     };
     let (writer, writer_thread) = GroupCommitWriter::spawn_with(
         store.clone(),
@@ -110,6 +112,10 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         cluster,
     });
     tokio::spawn(crate::status::sample_every_second(state.clone()));
+    let outbox = tokio::spawn(crate::cluster::outbox::run(
+        state.clone(),
+        wallet.outbox_wake.clone(),
+    ));
 
     // Scheduled transfers: runs what is due now (missed while stopped), then
     // sleeps until the next one.
@@ -196,6 +202,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = scheduler.await;
+    let _ = outbox.await;
     if let Some(b) = backups {
         let _ = b.await;
     }
@@ -271,7 +278,7 @@ async fn drive<C, E>(
     }
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -173,7 +173,7 @@ pub async fn logout(state: &AppState, req: Request<Incoming>) -> Result<Response
         })
         .await?;
     state.auth.revoke(c.jti.clone(), c.exp);
-    state.hub.close_token(c.user, &c.jti);
+    state.hub.close_token(c.user, &c.jti, c.exp);
     no_content()
 }
 

@@ -24,6 +24,15 @@ pub fn validate_send(
     client_id: Option<&str>,
     text: &str,
 ) -> Result<(), ApiError> {
+    validate_send_limits(&state.config.limits, client_id, text)
+}
+
+/// [`validate_send`] against `limits` (a proxy checks before forwarding).
+pub fn validate_send_limits(
+    limits: &crate::config::LimitsConfig,
+    client_id: Option<&str>,
+    text: &str,
+) -> Result<(), ApiError> {
     match client_id {
         Some(c) if !c.is_empty() && c.chars().count() <= 64 => {}
         _ => {
@@ -33,7 +42,7 @@ pub fn validate_send(
             ));
         }
     }
-    let max = state.config.limits.max_text_chars;
+    let max = limits.max_text_chars;
     if text.is_empty() || text.chars().count() > max {
         return Err(ApiError::bad_request(
             "message_too_long",

@@ -4,7 +4,7 @@
 //! transactions themselves.
 
 mod accounts;
-mod assets;
+pub(crate) mod assets;
 mod body;
 mod export;
 mod messages;
@@ -33,6 +33,7 @@ use crate::store::Store;
 use crate::store::writer::WriterHandle;
 
 pub use body::Body;
+pub use messages::validate_send_limits;
 
 /// Everything a request handler or session needs; one per server.
 static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -106,16 +107,28 @@ pub async fn handle(
     let method = req.method().clone();
     let span = tracing::debug_span!("req", id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed), %method, path = %req.uri().path());
     let (route, result) = tracing::Instrument::instrument(route(&state, req, peer), span).await;
-    let mut resp = match result {
-        Ok(r) => r,
-        Err(e) => error_response(&e),
-    };
-    secure_headers(&mut resp);
+    let resp = finish(route, &method, started, result);
     let live = &crate::status::LIVE;
     crate::status::LiveStats::add(&live.http_requests, 1);
     if resp.status().is_server_error() {
         crate::status::LiveStats::add(&live.http_errors, 1);
     }
+    resp
+}
+
+/// The response to send for a routed request (errors as JSON, the security
+/// headers), counted in the request metrics. Shared with the proxy.
+pub(crate) fn finish(
+    route: &'static str,
+    method: &Method,
+    started: Instant,
+    result: Result<Response<Body>, ApiError>,
+) -> Response<Body> {
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    secure_headers(&mut resp);
     let status = resp.status().as_u16().to_string();
     metrics::counter!("confab_http_requests_total", "route" => route, "method" => method.to_string(), "status" => status)
         .increment(1);
@@ -225,6 +238,9 @@ async fn route(
             _ => ("other", Err(no_such_endpoint(&path))),
         },
         ["api", ..] => ("other", Err(no_such_endpoint(&path))),
+        ["cluster", "v1", rest @ ..] if state.cluster.is_some() => {
+            crate::cluster::node::route(state, req, rest).await
+        }
         ["status"] => on!("/status", get, async {
             // Without a token only allowed addresses get the page; with one,
             // the page asks for it and the data checks it.
@@ -237,11 +253,11 @@ async fn route(
     }
 }
 
-fn no_such_endpoint(path: &str) -> ApiError {
+pub(crate) fn no_such_endpoint(path: &str) -> ApiError {
     ApiError::not_found("not_found", format!("no such endpoint: {path}"))
 }
 
-fn method_not_allowed() -> ApiError {
+pub(crate) fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
@@ -310,12 +326,30 @@ fn secure_headers(resp: &mut Response<Body>) {
     );
 }
 
-/// The caller, from `Authorization: Bearer <token>`.
+/// The caller, from `Authorization: Bearer <token>`; or, on a cluster node,
+/// from a proxy's link request acting for a user (`x-confab-user`: the proxy
+/// checked that user's token).
 pub fn caller(state: &AppState, req: &Request<Incoming>) -> Result<Caller, ApiError> {
-    let value = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        if state.cluster.is_some()
+            && let Some(user) = req.headers().get(crate::cluster::link::USER_HEADER)
+        {
+            crate::cluster::node::link_proxy(state, req)?;
+            let user = user
+                .to_str()
+                .ok()
+                .and_then(|u| u.parse().ok())
+                .ok_or_else(|| ApiError::unauthorized("x-confab-user is not a user id"))?;
+            return Ok(Caller {
+                user,
+                jti: String::new(),
+                exp: i64::MAX,
+            });
+        }
+        return Err(ApiError::unauthorized(
+            "missing Authorization: Bearer <token>",
+        ));
+    };
     let token = value
         .to_str()
         .ok()

@@ -40,7 +40,7 @@ pub async fn upgrade(
     state: &Arc<AppState>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    check_origin(state, &req)?;
+    check_origin(&state.config.server.allowed_origins, &req)?;
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return Err(ApiError::bad_request(
             "bad_request",
@@ -70,17 +70,11 @@ pub async fn upgrade(
 }
 
 /// Browsers send `Origin`; it must be the page's own origin or configured.
-fn check_origin(state: &AppState, req: &Request<Incoming>) -> Result<(), ApiError> {
+pub(crate) fn check_origin(allowed: &[String], req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(origin) = req.headers().get("origin").and_then(|v| v.to_str().ok()) else {
         return Ok(());
     };
-    if state
-        .config
-        .server
-        .allowed_origins
-        .iter()
-        .any(|o| o == origin)
-    {
+    if allowed.iter().any(|o| o == origin) {
         return Ok(());
     }
     let host = req
@@ -100,7 +94,7 @@ fn check_origin(state: &AppState, req: &Request<Incoming>) -> Result<(), ApiErro
 }
 
 /// A complete client message, after reassembling fragments.
-enum Incoming_ {
+pub(crate) enum Incoming_ {
     Text(Vec<u8>),
     Binary,
     Ping(Vec<u8>),
@@ -111,7 +105,7 @@ enum Incoming_ {
 }
 
 /// Joins fragmented frames and enforces `max_frame_bytes` on the whole.
-struct Reassembler {
+pub(crate) struct Reassembler {
     max: usize,
     buf: Vec<u8>,
     /// Some(is_text) while a fragmented message is being collected.
@@ -119,7 +113,17 @@ struct Reassembler {
 }
 
 impl Reassembler {
-    fn feed(&mut self, frame: Result<Frame<'_>, WebSocketError>) -> Option<Incoming_> {
+    pub(crate) fn new(max: usize) -> Reassembler {
+        Reassembler {
+            max,
+            buf: Vec::new(),
+            open: None,
+        }
+    }
+}
+
+impl Reassembler {
+    pub(crate) fn feed(&mut self, frame: Result<Frame<'_>, WebSocketError>) -> Option<Incoming_> {
         let frame = match frame {
             Ok(f) => f,
             Err(WebSocketError::InvalidUTF8) => return Some(Incoming_::BadUtf8),
@@ -174,10 +178,10 @@ impl Reassembler {
 }
 
 #[derive(Deserialize)]
-struct AuthFrame {
-    token: String,
+pub(crate) struct AuthFrame {
+    pub token: String,
     #[serde(default)]
-    resume: HashMap<String, u64>,
+    pub resume: HashMap<String, u64>,
 }
 
 /// A client → server frame (docs/PROTOCOL.md). Public for the benches.
@@ -207,11 +211,7 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
     ws.set_auto_close(false);
     ws.set_auto_pong(false);
     ws.set_max_message_size(max_frame.saturating_add(1));
-    let mut asm = Reassembler {
-        max: max_frame,
-        buf: Vec::new(),
-        open: None,
-    };
+    let mut asm = Reassembler::new(max_frame);
 
     // 1. The first message must be a valid `auth`.
     let timeout = Duration::from_secs(state.config.limits.auth_timeout_secs);
@@ -312,15 +312,47 @@ fn end_session(state: &AppState, outbox: &SessionOutbox) {
     // No more frames are accepted for this session.
     outbox.kick(close::NORMAL);
     if state.hub.unregister(outbox) {
-        let ts = now_ms();
-        let peers = state.store.direct_peers(outbox.user).unwrap_or_default();
-        announce_presence(state, &peers, outbox.user, false, Some(ts));
-        let writer = state.writer.clone();
-        let user = outbox.user;
-        tokio::spawn(async move {
-            let _ = writer.submit(Op::LastSeen { user, ts }).await;
-        });
+        went_offline(state, outbox.user);
     }
+}
+
+/// A user's last session (here or behind a proxy) ended: tell the peers of
+/// their direct chats on this node and record when.
+pub(crate) fn went_offline(state: &AppState, user: UserId) {
+    let ts = now_ms();
+    let peers = state.store.direct_peers(user).unwrap_or_default();
+    announce_presence(state, &peers, user, false, Some(ts));
+    let writer = state.writer.clone();
+    tokio::spawn(async move {
+        let _ = writer.submit(Op::LastSeen { user, ts }).await;
+    });
+}
+
+/// A user's first session (here or behind a proxy) began.
+pub(crate) fn went_online(state: &AppState, user: UserId) {
+    let peers = state.store.direct_peers(user).unwrap_or_default();
+    announce_presence(state, &peers, user, true, None);
+}
+
+/// The `presence` frames of `peers` as this node sees them.
+pub(crate) fn presence_of(state: &AppState, peers: &[UserId]) -> Vec<Bytes> {
+    peers
+        .iter()
+        .map(|&peer| {
+            let online = state.hub.is_online(peer);
+            let last_seen = if online {
+                None
+            } else {
+                state.store.last_seen(peer).ok().flatten()
+            };
+            ServerFrame::Presence {
+                user: peer,
+                online,
+                last_seen,
+            }
+            .to_bytes()
+        })
+        .collect()
 }
 
 fn authenticate(
@@ -405,21 +437,8 @@ async fn greet(
             );
         }
     }
-    for &peer in peers {
-        let online = state.hub.is_online(peer);
-        let last_seen = if online {
-            None
-        } else {
-            state.store.last_seen(peer).ok().flatten()
-        };
-        tx.push_text(
-            &ServerFrame::Presence {
-                user: peer,
-                online,
-                last_seen,
-            }
-            .to_bytes(),
-        );
+    for frame in presence_of(state, peers) {
+        tx.push_text(&frame);
     }
     tx.flush().await?;
     Ok(high)
@@ -464,9 +483,9 @@ fn send_to_others(state: &AppState, room: RoomId, user: UserId, bytes: Bytes) {
 /// with a single `write_all` per batch (fastwebsockets' own writer does a
 /// syscall per frame). The buffer is dropped after large batches, so an idle
 /// session holds no write buffer at all.
-struct FrameWriter {
-    io: WriteHalf<Io>,
-    buf: Vec<u8>,
+pub(crate) struct FrameWriter {
+    pub(crate) io: WriteHalf<Io>,
+    pub(crate) buf: Vec<u8>,
 }
 
 /// Largest batch buffer kept between batches.
@@ -482,11 +501,11 @@ impl FrameWriter {
         self.buf.extend_from_slice(&frame.payload);
     }
 
-    fn push_text(&mut self, payload: &[u8]) {
+    pub(crate) fn push_text(&mut self, payload: &[u8]) {
         self.push(Frame::text(Payload::Borrowed(payload)));
     }
 
-    async fn flush(&mut self) -> std::io::Result<()> {
+    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
             self.io.write_all(&self.buf).await?;
             self.io.flush().await?;
@@ -500,7 +519,7 @@ impl FrameWriter {
 }
 
 /// The session writer: outbox → socket, batched, one flush per batch.
-async fn write_loop(
+pub(crate) async fn write_loop(
     mut tx: FrameWriter,
     outbox: Arc<SessionOutbox>,
     caught_up: HashMap<RoomId, u64>,
@@ -578,7 +597,7 @@ async fn finish_or_kick(
 }
 
 /// Per-connection token bucket for sends.
-struct SendBudget {
+pub(crate) struct SendBudget {
     tokens: f64,
     rate: f64,
     burst: f64,
@@ -586,7 +605,16 @@ struct SendBudget {
 }
 
 impl SendBudget {
-    fn take(&mut self) -> bool {
+    pub(crate) fn new(limits: &crate::config::LimitsConfig) -> SendBudget {
+        SendBudget {
+            tokens: f64::from(limits.send_burst),
+            rate: f64::from(limits.send_rate_per_sec),
+            burst: f64::from(limits.send_burst),
+            at: Instant::now(),
+        }
+    }
+
+    pub(crate) fn take(&mut self) -> bool {
         let now = Instant::now();
         self.tokens =
             (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
@@ -600,6 +628,43 @@ impl SendBudget {
     }
 }
 
+/// What a session's reader does with a complete client message: Some(Some
+/// (text)) to handle, Some(None) when answered already (ping, a binary or
+/// invalid frame: an error frame), None when the session ends.
+pub(crate) fn text_of(msg: Incoming_, outbox: &SessionOutbox) -> Option<Option<Vec<u8>>> {
+    let error = |code: &str, message: &str| {
+        outbox.push_bytes(frames::error(code, message, None, None));
+    };
+    match msg {
+        Incoming_::Text(t) => Some(Some(t)),
+        Incoming_::Binary => {
+            error("binary_not_supported", "send JSON in text frames");
+            Some(None)
+        }
+        Incoming_::BadUtf8 => {
+            error("invalid_utf8", "text frames must be valid UTF-8");
+            Some(None)
+        }
+        Incoming_::Ping(p) => {
+            outbox.push(OutFrame {
+                bytes: Bytes::from(p),
+                room_seq: None,
+                pong: true,
+            });
+            Some(None)
+        }
+        Incoming_::TooBig => {
+            outbox.kick(close::TOO_BIG);
+            None
+        }
+        Incoming_::Close => {
+            outbox.kick(close::NORMAL);
+            None
+        }
+        Incoming_::Gone => None,
+    }
+}
+
 async fn read_loop(
     state: &AppState,
     mut rx: Reader,
@@ -607,13 +672,7 @@ async fn read_loop(
     outbox: &Arc<SessionOutbox>,
     user: UserId,
 ) {
-    let limits = &state.config.limits;
-    let mut budget = SendBudget {
-        tokens: f64::from(limits.send_burst),
-        rate: f64::from(limits.send_rate_per_sec),
-        burst: f64::from(limits.send_burst),
-        at: Instant::now(),
-    };
+    let mut budget = SendBudget::new(&state.config.limits);
     let error = |code: &str, message: &str, client_id: Option<&str>, room: Option<RoomId>| {
         outbox.push_bytes(frames::error(code, message, client_id, room));
     };
@@ -622,43 +681,10 @@ async fn read_loop(
             .read_frame::<_, WebSocketError>(&mut |_| async { Ok(()) })
             .await;
         let Some(msg) = asm.feed(frame) else { continue };
-        let text = match msg {
-            Incoming_::Text(t) => t,
-            Incoming_::Binary => {
-                error(
-                    "binary_not_supported",
-                    "send JSON in text frames",
-                    None,
-                    None,
-                );
-                continue;
-            }
-            Incoming_::BadUtf8 => {
-                error(
-                    "invalid_utf8",
-                    "text frames must be valid UTF-8",
-                    None,
-                    None,
-                );
-                continue;
-            }
-            Incoming_::Ping(p) => {
-                outbox.push(OutFrame {
-                    bytes: Bytes::from(p),
-                    room_seq: None,
-                    pong: true,
-                });
-                continue;
-            }
-            Incoming_::TooBig => {
-                outbox.kick(close::TOO_BIG);
-                return;
-            }
-            Incoming_::Close => {
-                outbox.kick(close::NORMAL);
-                return;
-            }
-            Incoming_::Gone => return,
+        let text = match text_of(msg, outbox) {
+            Some(Some(t)) => t,
+            Some(None) => continue,
+            None => return,
         };
         // One typed parse on the hot path; a frame that fails it is parsed
         // again, loosely, only to say what is wrong with it.
@@ -670,54 +696,70 @@ async fn read_loop(
                 continue;
             }
         };
-        let result = match frame {
-            ClientFrame::Auth {} => Err(ApiError::bad_request(
-                "already_authenticated",
-                "this connection is already authenticated",
-            )),
-            ClientFrame::Send {
-                room,
-                client_id,
+        // Boxed: the reader future lives as long as the connection, and this
+        // await point would otherwise size it.
+        Box::pin(execute(state, outbox, Some(&mut budget), user, frame)).await;
+    }
+}
+
+/// Runs one client frame of an authenticated session: this node's own, or a
+/// proxy's forwarded to the room's node (`budget` None: the proxy limits
+/// the rate). Acks, pongs and errors go to `outbox`.
+pub(crate) async fn execute(
+    state: &AppState,
+    outbox: &Arc<SessionOutbox>,
+    budget: Option<&mut SendBudget>,
+    user: UserId,
+    frame: ClientFrame,
+) {
+    let error = |code: &str, message: &str, client_id: Option<&str>, room: Option<RoomId>| {
+        outbox.push_bytes(frames::error(code, message, client_id, room));
+    };
+    let result = match frame {
+        ClientFrame::Auth {} => Err(ApiError::bad_request(
+            "already_authenticated",
+            "this connection is already authenticated",
+        )),
+        ClientFrame::Send {
+            room,
+            client_id,
+            text,
+        } => {
+            let r = on_send(
+                state,
+                outbox,
+                budget,
+                user,
+                &room,
+                client_id.as_deref(),
                 text,
-            } => {
-                // Boxed: the reader future lives as long as the connection,
-                // and this await point would otherwise size it.
-                let r = Box::pin(on_send(
-                    state,
-                    outbox,
-                    &mut budget,
-                    user,
-                    &room,
-                    client_id.as_deref(),
-                    text,
-                ))
-                .await;
-                if let Err(e) = r {
-                    crate::status::LiveStats::add(&crate::status::LIVE.rejected, 1);
-                    metrics::counter!("confab_messages_rejected_total", "reason" => e.code)
-                        .increment(1);
-                    error(e.code, &e.message, client_id.as_deref(), room.parse().ok());
-                }
-                continue;
+            )
+            .await;
+            if let Err(e) = r {
+                crate::status::LiveStats::add(&crate::status::LIVE.rejected, 1);
+                metrics::counter!("confab_messages_rejected_total", "reason" => e.code)
+                    .increment(1);
+                error(e.code, &e.message, client_id.as_deref(), room.parse().ok());
             }
-            ClientFrame::Read { room, seq } => match room.parse::<RoomId>() {
-                Ok(room) => Box::pin(state.writer.submit(Op::Read { room, user, seq })).await,
-                Err(_) => Err(ApiError::bad_id()),
-            },
-            ClientFrame::Typing { room } => on_typing(state, user, &room),
-            ClientFrame::Ping {} => {
-                outbox.push_bytes(ServerFrame::Pong.to_bytes());
-                Ok(())
-            }
-        };
-        if let Err(e) = result {
-            error(e.code, &e.message, None, None);
+            return;
         }
+        ClientFrame::Read { room, seq } => match room.parse::<RoomId>() {
+            Ok(room) => state.writer.submit(Op::Read { room, user, seq }).await,
+            Err(_) => Err(ApiError::bad_id()),
+        },
+        ClientFrame::Typing { room } => on_typing(state, user, &room),
+        ClientFrame::Ping {} => {
+            outbox.push_bytes(ServerFrame::Pong.to_bytes());
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        error(e.code, &e.message, None, None);
     }
 }
 
 /// Why a client frame did not parse: (code, message, its client_id if any).
-fn explain_bad_frame(text: &[u8]) -> (&'static str, String, Option<String>) {
+pub(crate) fn explain_bad_frame(text: &[u8]) -> (&'static str, String, Option<String>) {
     let value: serde_json::Value = match serde_json::from_slice(text) {
         Ok(v) => v,
         Err(e) => return ("invalid_json", format!("not JSON: {e}"), None),
@@ -757,7 +799,7 @@ fn explain_bad_frame(text: &[u8]) -> (&'static str, String, Option<String>) {
 async fn on_send(
     state: &AppState,
     outbox: &Arc<SessionOutbox>,
-    budget: &mut SendBudget,
+    budget: Option<&mut SendBudget>,
     user: UserId,
     room: &str,
     client_id: Option<&str>,
@@ -765,7 +807,7 @@ async fn on_send(
 ) -> Result<(), ApiError> {
     let room: RoomId = room.parse().map_err(|_| ApiError::bad_id())?;
     validate_send(state, client_id, &text)?;
-    if !budget.take() {
+    if budget.is_some_and(|b| !b.take()) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",

@@ -2,6 +2,9 @@
 //! this process is) and placement by consistent hashing. The design, and
 //! what of it is built, is in docs/SCALEOUT.md.
 
+pub mod link;
+pub mod node;
+pub mod outbox;
 pub mod ring;
 
 use std::net::SocketAddr;

@@ -199,6 +199,9 @@ pub struct Hit {
     pub snippet: String,
     /// `[start, end)` character offsets in `snippet` of the matched terms.
     pub highlights: Vec<[usize; 2]>,
+    /// The relevance score (absent when sorted by time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
 }
 
 #[derive(Serialize)]
@@ -424,14 +427,16 @@ impl SearchIndex {
         let query = BooleanQuery::new(all);
         let searcher = self.reader.searcher();
         let top = TopDocs::with_limit(req.limit).and_offset(req.offset);
-        let (addrs, total): (Vec<DocAddress>, usize) = if req.by_time {
+        // Each hit's relevance score (None when sorted by time): a proxy
+        // merges the hits of several nodes by it.
+        let (addrs, total): (Vec<(Option<f32>, DocAddress)>, usize) = if req.by_time {
             let (docs, total) = searcher
                 .search(
                     &query,
                     &(top.order_by_fast_field::<i64>("ts", Order::Desc), Count),
                 )
                 .map_err(ApiError::internal)?;
-            (docs.into_iter().map(|(_, a)| a).collect(), total)
+            (docs.into_iter().map(|(_, a)| (None, a)).collect(), total)
         } else {
             // Relevance first; among equal scores the newer message wins.
             let columns = self.columns.clone();
@@ -444,18 +449,26 @@ impl SearchIndex {
             let (docs, total) = searcher
                 .search(&query, &(by_score, Count))
                 .map_err(ApiError::internal)?;
-            (docs.into_iter().map(|(_, a)| a).collect(), total)
+            (
+                docs.into_iter().map(|((s, _), a)| (Some(s), a)).collect(),
+                total,
+            )
         };
         let mut keys = Vec::with_capacity(addrs.len());
-        for addr in &addrs {
+        let mut scores = HashMap::with_capacity(addrs.len());
+        for (score, addr) in &addrs {
             let cols = self
                 .columns
                 .get(searcher.segment_reader(addr.segment_ord))
                 .map_err(ApiError::internal)?;
-            keys.push((
+            let key = (
                 RoomId(cols.room.get_val(addr.doc_id)),
                 cols.seq.get_val(addr.doc_id),
-            ));
+            );
+            if let Some(s) = score {
+                scores.insert(key, *s);
+            }
+            keys.push(key);
         }
         let messages = store.messages_at(&keys)?;
         let mut snippets =
@@ -473,6 +486,7 @@ impl SearchIndex {
                     (snippet, highlights)
                 };
                 Hit {
+                    score: scores.get(&(m.room, m.seq)).copied(),
                     room: m.room,
                     seq: m.seq,
                     from: m.from,

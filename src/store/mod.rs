@@ -63,6 +63,11 @@ pub const WALLET_USER_TRANSFERS: TableDefinition<(u64, u64), ()> =
 /// (due at ms, transfer id) → () : scheduled (and recurring) transfers by due time
 pub const WALLET_SCHEDULE: TableDefinition<(i64, u64), ()> =
     TableDefinition::new("wallet_schedule");
+/// Cluster nodes: operations for another node, written in the transaction
+/// that caused them and deleted once that node confirmed them (payment
+/// messages for chats elsewhere, signup bonuses for the wallet node).
+/// Key: a counter; value: a JSON [`crate::cluster::outbox::OutboxItem`].
+pub const CLUSTER_OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("cluster_outbox");
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserRecord {
@@ -145,7 +150,7 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, 
 }
 
 /// A user as clients see it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct User {
     pub id: UserId,
     pub username: String,
@@ -401,6 +406,7 @@ impl Store {
             touch!(LAST_SEEN, MESSAGE_LOG);
             touch!(WALLET_ACCOUNTS, WALLET_ENTRIES, WALLET_TRANSFERS);
             touch!(WALLET_KEYS, WALLET_USER_TRANSFERS, WALLET_SCHEDULE);
+            touch!(CLUSTER_OUTBOX);
         }
         txn.commit().map_err(|e| e.to_string())?;
         let feed = Arc::new(CommitFeed::default());
@@ -532,6 +538,36 @@ impl Store {
         let mut out = Vec::new();
         for entry in user_rooms.range((user.0, 0)..=(user.0, u64::MAX))? {
             out.push(RoomId(entry?.0.value().1));
+        }
+        Ok(out)
+    }
+
+    /// The oldest `limit` entries of the cluster outbox.
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ApiError> {
+        let txn = self.read()?;
+        let t = txn.open_table(CLUSTER_OUTBOX)?;
+        let mut out = Vec::new();
+        for e in t.iter()?.take(limit) {
+            let (k, v) = e?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Every room of `user` with its highest seq (what a proxy's new session
+    /// counts as already past).
+    pub fn room_heads(&self, user: UserId) -> Result<Vec<(RoomId, u64)>, ApiError> {
+        let txn = self.read()?;
+        let user_rooms = txn.open_table(USER_ROOMS)?;
+        let messages = txn.open_table(MESSAGES)?;
+        let mut out = Vec::new();
+        for entry in user_rooms.range((user.0, 0)..=(user.0, u64::MAX))? {
+            let room = entry?.0.value().1;
+            let head = match messages.range((room, 0)..=(room, u64::MAX))?.next_back() {
+                Some(e) => e?.0.value().1,
+                None => 0,
+            };
+            out.push((RoomId(room), head));
         }
         Ok(out)
     }

@@ -80,7 +80,26 @@ pub enum Op {
         owner: UserId,
         name: String,
         members: Vec<UserId>,
+        /// In a cluster: the new id must be one this node owns.
+        placement: Option<Arc<crate::cluster::Cluster>>,
         reply: Reply<Room>,
+    },
+    /// Cluster nodes: profile-only records of users who live on other nodes
+    /// and are members of rooms here (no password, not in `usernames`).
+    /// Existing records are left as they are.
+    PutProfiles {
+        users: Vec<User>,
+        reply: Reply<()>,
+    },
+    /// Cluster nodes: a payment message from the wallet node's outbox for
+    /// the direct chat of `from` and `to` here. Idempotent by `client_id`.
+    PostPayment {
+        item: crate::cluster::outbox::OutboxItem,
+        reply: Reply<()>,
+    },
+    /// The outbox entry `key` was confirmed by its node.
+    OutboxDone {
+        key: u64,
     },
     AddMember {
         room: RoomId,
@@ -178,6 +197,7 @@ struct Tables<'t> {
     wallet_keys: Table<'t, (u64, &'static str), u64>,
     wallet_user_transfers: Table<'t, (u64, u64), ()>,
     wallet_schedule: Table<'t, (i64, u64), ()>,
+    cluster_outbox: Table<'t, u64, &'static [u8]>,
 }
 
 /// What the writer caches between batches. Only the writer changes the
@@ -211,6 +231,8 @@ pub struct GroupCommitWriter {
     pending_reads: HashMap<(RoomId, UserId), u64>,
     reads_flushed: Instant,
     wallet: WalletWiring,
+    /// This batch queued outbox entries: wake the forwarder after the commit.
+    outbox_woken: bool,
 }
 
 const READ_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -252,6 +274,7 @@ impl GroupCommitWriter {
             pending_reads: HashMap::new(),
             reads_flushed: Instant::now(),
             wallet,
+            outbox_woken: false,
         };
         let join = std::thread::Builder::new()
             .name("confab-writer".into())
@@ -319,10 +342,14 @@ impl GroupCommitWriter {
                 if let Some(pos) = self.state.log_pos {
                     self.store.feed.publish(pos);
                 }
+                if std::mem::take(&mut self.outbox_woken) {
+                    self.wallet.outbox_wake.notify_one();
+                }
                 self.deliver(effects)
             }
             Err(e) => {
                 tracing::error!(error = %e, ops = n, "commit failed; the batch is rejected");
+                self.outbox_woken = false;
                 metrics::counter!("confab_commit_failures_total").increment(1);
                 self.state = WriterState::default();
                 for effect in effects {
@@ -372,6 +399,7 @@ impl GroupCommitWriter {
                 wallet_keys: txn.open_table(WALLET_KEYS)?,
                 wallet_user_transfers: txn.open_table(WALLET_USER_TRANSFERS)?,
                 wallet_schedule: txn.open_table(WALLET_SCHEDULE)?,
+                cluster_outbox: txn.open_table(CLUSTER_OUTBOX)?,
             };
             for op in batch.drain(..) {
                 let effect = self.apply(op, &mut t)?;
@@ -577,11 +605,27 @@ impl GroupCommitWriter {
                     t.users.insert(id.0, encode(&rec).as_slice())?;
                     t.usernames.insert(key.as_str(), id.0)?;
                     let bonus = self.wallet.settings.signup_bonus;
-                    if bonus > 0 {
+                    let wallet_here = placement
+                        .as_ref()
+                        .is_none_or(|c| c.owns(crate::cluster::ring::wallet_key()));
+                    if bonus > 0 && wallet_here {
                         let mut ignored = Default::default();
-                        self.credit(t, id, bonus, &mut ignored)?.map_err(|e| {
-                            ApiError::internal(format!("signup bonus: {}", e.message))
-                        })?;
+                        self.credit(t, id, bonus, None, &mut ignored)?
+                            .map_err(|e| {
+                                ApiError::internal(format!("signup bonus: {}", e.message))
+                            })?;
+                    } else if bonus > 0 {
+                        // The ledger lives on the wallet node: credit there,
+                        // once, through the outbox.
+                        let item = crate::cluster::outbox::OutboxItem::Bonus {
+                            user: User {
+                                id,
+                                username: key.clone(),
+                                display_name: display_name.clone(),
+                            },
+                            amount: bonus,
+                        };
+                        self.outbox_push(t, &item)?;
                     }
                     Ok(User {
                         id,
@@ -657,6 +701,7 @@ impl GroupCommitWriter {
                 owner,
                 name,
                 members,
+                placement,
                 reply,
             } => {
                 // The owner joins first; then the others in id order.
@@ -677,7 +722,9 @@ impl GroupCommitWriter {
                     }
                 }
                 let mut room = RoomId::new_group();
-                while t.rooms.get(room.0)?.is_some() {
+                while t.rooms.get(room.0)?.is_some()
+                    || placement.as_ref().is_some_and(|c| !c.owns(room.0))
+                {
                     room = RoomId::new_group();
                 }
                 let rec = RoomRecord {
@@ -795,6 +842,17 @@ impl GroupCommitWriter {
             Op::Revoke { jti, exp, reply } => {
                 t.revoked.insert(jti.as_str(), exp)?;
                 reply_after_commit(reply, Ok(()))
+            }
+            Op::PutProfiles { users, reply } => {
+                for u in &users {
+                    put_profile(t, u)?;
+                }
+                reply_after_commit(reply, Ok(()))
+            }
+            Op::PostPayment { item, reply } => self.post_payment(t, item, reply)?,
+            Op::OutboxDone { key } => {
+                t.cluster_outbox.remove(key)?;
+                Effect::None
             }
             Op::LastSeen { user, ts } => {
                 t.last_seen.insert(user.0, ts)?;
@@ -931,6 +989,92 @@ impl GroupCommitWriter {
             };
             hub.send_to_user(sender, &frame, None);
         }
+    }
+}
+
+/// Stores a profile-only record of a user from another node, unless known.
+fn put_profile(t: &mut Tables, u: &User) -> Result<(), ApiError> {
+    if t.users.get(u.id.0)?.is_none() {
+        let rec = UserRecord {
+            username: u.username.to_lowercase(),
+            display_name: u.display_name.clone(),
+            password_hash: String::new(),
+            created_at: now_ms(),
+        };
+        t.users.insert(u.id.0, encode(&rec).as_slice())?;
+    }
+    Ok(())
+}
+
+impl GroupCommitWriter {
+    fn post_payment(
+        &mut self,
+        t: &mut Tables,
+        item: crate::cluster::outbox::OutboxItem,
+        reply: Reply<()>,
+    ) -> Result<Effect, ApiError> {
+        let crate::cluster::outbox::OutboxItem::Payment {
+            from,
+            to,
+            client_id,
+            text,
+            transfer,
+            amount,
+            note,
+        } = item
+        else {
+            return Ok(reply_after_commit(
+                reply,
+                Err(ApiError::bad_request("bad_request", "not a payment")),
+            ));
+        };
+        put_profile(t, &from)?;
+        put_profile(t, &to)?;
+        let (room, created) = self.ensure_direct(t, from.id, to.id)?;
+        if t.client_ids
+            .get((room.0, from.id.0, client_id.as_str()))?
+            .is_some()
+        {
+            // Delivered before: the wallet node retried.
+            return Ok(reply_after_commit(reply, Ok(())));
+        }
+        let seq = self.next_seq(t, room)?;
+        let mrec = MessageRecord {
+            from: from.id.0,
+            ts: now_ms(),
+            client_id,
+            text,
+            payment: Some(PaymentInfo {
+                transfer,
+                amount,
+                to: to.id.0,
+                note,
+            }),
+        };
+        t.messages.insert((room.0, seq), mrec.encode().as_slice())?;
+        let pos = self.next_log_pos(t)?;
+        t.message_log.insert(pos, (room.0, seq))?;
+        t.client_ids
+            .insert((room.0, from.id.0, mrec.client_id.as_str()), seq)?;
+        let view = if created {
+            room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+        } else {
+            None
+        };
+        let msg = Message::from_record(room, seq, mrec);
+        Ok(Effect::Done(Box::new(move |hub| {
+            if let Some(r) = view {
+                announce_room(hub, &r);
+            }
+            let frame = OutFrame {
+                bytes: frames::message(&msg),
+                room_seq: Some((msg.room, msg.seq)),
+                pong: false,
+            };
+            hub.send_to_user(from.id, &frame, None);
+            hub.send_to_user(to.id, &frame, None);
+            let _ = reply.send(Ok(()));
+        })))
     }
 }
 

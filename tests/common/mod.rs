@@ -185,7 +185,7 @@ fn push_log(log: &Arc<Mutex<VecDeque<String>>>, line: String) {
     log.push_back(line);
 }
 
-fn drain_lines<R: Read + Send + 'static>(
+pub fn drain_lines<R: Read + Send + 'static>(
     reader: R,
     log: Arc<Mutex<VecDeque<String>>>,
     ready: Option<std::sync::mpsc::Sender<SocketAddr>>,
@@ -202,7 +202,9 @@ fn drain_lines<R: Read + Send + 'static>(
             }
             let line = String::from_utf8_lossy(&buf).trim_end().to_string();
             if let Some(tx) = &ready
-                && let Some(rest) = line.split("confab listening on http://").nth(1)
+                && let Some(rest) = line
+                    .strip_prefix("confab listening on http://")
+                    .or_else(|| line.strip_prefix("confab proxy listening on http://"))
                 && let Ok(addr) = rest.trim().trim_end_matches('/').parse::<SocketAddr>()
             {
                 let _ = tx.send(addr);

@@ -27,10 +27,13 @@ pub enum WalletOp {
     },
     /// Run everything due at `now`; answers the next due time, if any.
     RunDue { now: i64, reply: Reply<Option<i64>> },
-    /// Operator credit from the issuer; answers the new balance.
+    /// Operator credit from the issuer; answers the new balance. With a
+    /// `key` (a cluster's signup bonus), a second credit with the same key
+    /// changes nothing.
     Credit {
         user: UserId,
         amount: u64,
+        key: Option<String>,
         reply: Reply<u64>,
     },
 }
@@ -65,12 +68,19 @@ impl GroupCommitWriter {
             WalletOp::Credit {
                 user,
                 amount,
+                key,
                 reply,
             } => {
+                let replay = match &key {
+                    Some(k) => t.wallet_keys.get((ISSUER, k.as_str()))?.is_some(),
+                    None => false,
+                };
                 let result = if t.users.get(user.0)?.is_none() {
                     Err(ApiError::user_not_found())
+                } else if replay {
+                    Ok(Self::balance(t, user.0)?)
                 } else {
-                    self.credit(t, user, amount, &mut notices)?
+                    self.credit(t, user, amount, key.as_deref(), &mut notices)?
                 };
                 self.announce(notices, reply, result)
             }
@@ -200,6 +210,7 @@ impl GroupCommitWriter {
         t: &mut Tables,
         user: UserId,
         amount: u64,
+        key: Option<&str>,
         notices: &mut Notices,
     ) -> Result<Result<u64, ApiError>, ApiError> {
         if amount == 0 || amount > MAX_AMOUNT {
@@ -225,7 +236,7 @@ impl GroupCommitWriter {
             to: user.0,
             amount,
             note: Some("credit".into()),
-            key: format!("credit-{id}"),
+            key: key.map_or_else(|| format!("credit-{id}"), str::to_string),
             state: State::Executed,
             created_at: now,
             execute_at: now,
@@ -239,6 +250,9 @@ impl GroupCommitWriter {
         Self::entry(t, ISSUER, id, -(amount as i64), issued, now)?;
         Self::entry(t, user.0, id, amount as i64, new_balance, now)?;
         Self::save(t, id, &rec)?;
+        if let Some(k) = key {
+            t.wallet_keys.insert((ISSUER, k), id)?;
+        }
         t.wallet_user_transfers.insert((user.0, id), ())?;
         notices
             .frames
@@ -349,8 +363,9 @@ impl GroupCommitWriter {
         Self::entry(t, rec.to, id, rec.amount as i64, to_after, now)?;
         rec.state = State::Executed;
         rec.executed_at = Some(now);
-        let msg = self.payment_message(t, id, rec, now)?;
-        notices.messages.push(msg);
+        if let Some(msg) = self.payment_message(t, id, rec, now)? {
+            notices.messages.push(msg);
+        }
         let (from, to) = (UserId(rec.from), UserId(rec.to));
         notices
             .frames
@@ -361,21 +376,43 @@ impl GroupCommitWriter {
     }
 
     /// The payment message in the pair's direct chat (created if needed).
+    /// In a cluster, a chat on another node gets it through the outbox
+    /// (None here): it appears there once, when that node confirms it.
     fn payment_message(
         &mut self,
         t: &mut Tables,
         id: u64,
         rec: &TransferRecord,
         now: i64,
-    ) -> Result<(Message, Option<Room>), ApiError> {
+    ) -> Result<Option<(Message, Option<Room>)>, ApiError> {
         let (from, to) = (UserId(rec.from), UserId(rec.to));
-        let (room, created) = self.ensure_direct(t, from, to)?;
-        let seq = self.next_seq(t, room)?;
         let amount = wallet::format_amount(rec.amount, &self.wallet.settings.currency);
         let text = match &rec.note {
             Some(n) => format!("💸 {amount} · {n}"),
             None => format!("💸 {amount}"),
         };
+        if let Some(c) = &self.wallet.placement
+            && !c.owns(RoomId::direct(from, to).0)
+        {
+            let (Some(from_user), Some(to_user)) =
+                (user_in(&t.users, from)?, user_in(&t.users, to)?)
+            else {
+                return Err(ApiError::internal("a payment between unknown users"));
+            };
+            let item = crate::cluster::outbox::OutboxItem::Payment {
+                from: from_user,
+                to: to_user,
+                client_id: format!("pay-{}", wallet::transfer_id(id)),
+                text,
+                transfer: id,
+                amount: rec.amount,
+                note: rec.note.clone(),
+            };
+            self.outbox_push(t, &item)?;
+            return Ok(None);
+        }
+        let (room, created) = self.ensure_direct(t, from, to)?;
+        let seq = self.next_seq(t, room)?;
         let mrec = MessageRecord {
             from: rec.from,
             ts: now,
@@ -396,7 +433,20 @@ impl GroupCommitWriter {
         } else {
             None
         };
-        Ok((Message::from_record(room, seq, mrec), view))
+        Ok(Some((Message::from_record(room, seq, mrec), view)))
+    }
+
+    /// Queues an operation for another node (see [`CLUSTER_OUTBOX`]).
+    pub(super) fn outbox_push(
+        &mut self,
+        t: &mut Tables,
+        item: &crate::cluster::outbox::OutboxItem,
+    ) -> Result<(), ApiError> {
+        let next = t.cluster_outbox.last()?.map_or(1, |(k, _)| k.value() + 1);
+        let bytes = serde_json::to_vec(item).map_err(ApiError::internal)?;
+        t.cluster_outbox.insert(next, bytes.as_slice())?;
+        self.outbox_woken = true;
+        Ok(())
     }
 
     fn cancel(
@@ -524,4 +574,10 @@ impl GroupCommitWriter {
 pub struct WalletWiring {
     pub settings: wallet::WalletSettings,
     pub wake: Arc<tokio::sync::Notify>,
+    /// In a cluster: which node holds what, so that payment messages for
+    /// chats elsewhere and signup bonuses (the ledger lives on one node) go
+    /// through the cluster outbox.
+    pub placement: Option<Arc<crate::cluster::Cluster>>,
+    /// Wakes the outbox forwarder.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
 }

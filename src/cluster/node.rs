@@ -1,0 +1,365 @@
+//! A node's side of the proxy links (docs/SCALEOUT.md, "The proxy").
+//!
+//! Every request here carries a link token (`x-confab-link`):
+//! - `GET /cluster/v1/events`: the proxy's event stream. One line per event:
+//!   a small JSON header, a tab, and the frame exactly as a client gets it
+//!   (`{"to":[users],"skip":session,"room":…,"seq":…}\t{frame}`); or a
+//!   control line (`{"hello":…}`, `{"revoke":…}`, `{"ping":…}`).
+//! - `POST /cluster/v1/attach`: `{"ops":[["a",user],["d",user],…]}` attaches
+//!   (the proxy has a session of the user) or detaches users, in order.
+//!   For each attached user it answers `user\tP\tpresence-frame` lines (the
+//!   peers of their direct chats here) and `user\tH\troom\tseq` lines: each
+//!   of their rooms here with its highest seq, read after the attach, so
+//!   every later message reaches the proxy as an event.
+//! - `POST /cluster/v1/frame`: runs one client frame (`send`, `read`,
+//!   `typing`) for user `x-confab-user`, proxy session `x-confab-session`;
+//!   answers the frames for that session (the ack, or an error), one a line.
+//! - `POST /cluster/v1/profiles`: `{"users":[…]}` stores profile-only
+//!   records of members who live on other nodes.
+//! - `POST /cluster/v1/payment`, `POST /cluster/v1/credit`: another node's
+//!   outbox entries ([`crate::cluster::outbox`]): a payment message for a
+//!   chat here, a signup bonus for the ledger here. Both idempotent.
+//!
+//! Link requests may also use the public API for a user by id
+//! (`x-confab-user` instead of a bearer token; see [`crate::api::caller`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+
+use crate::api::ws::{ClientFrame, execute, explain_bad_frame, presence_of, went_offline};
+use crate::api::{AppState, Body, no_content};
+use crate::cluster::outbox::OutboxItem;
+use crate::error::ApiError;
+use crate::frames;
+use crate::hub::{LinkEvent, ProxyLink, REMOTE_SESSION, SessionOutbox};
+use crate::ids::UserId;
+use crate::store::User;
+use crate::store::writer::Op;
+
+/// Events queued for one proxy before its stream counts as stuck and is
+/// closed (the proxy reconnects and catches its sessions up).
+const LINK_QUEUE: usize = 1 << 17;
+/// An idle event stream carries a ping line this often, so both ends notice
+/// a dead peer.
+pub const PING_EVERY: Duration = Duration::from_secs(5);
+
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
+
+pub async fn route(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    rest: &[&str],
+) -> (&'static str, Result<Response<Body>, ApiError>) {
+    let proxy = match link_proxy(state, &req) {
+        Ok(p) => p,
+        Err(e) => return ("/cluster", Err(e)),
+    };
+    let post = req.method() == Method::POST;
+    match rest {
+        ["events"] if req.method() == Method::GET => {
+            ("/cluster/v1/events", Ok(events(state, proxy)))
+        }
+        ["attach"] if post => ("/cluster/v1/attach", attach(state, &proxy, req).await),
+        ["frame"] if post => ("/cluster/v1/frame", frame(state, req).await),
+        ["profiles"] if post => ("/cluster/v1/profiles", profiles(state, req).await),
+        ["payment"] if post => ("/cluster/v1/payment", payment(state, req).await),
+        ["credit"] if post => ("/cluster/v1/credit", credit(state, req).await),
+        _ => (
+            "/cluster",
+            Err(ApiError::not_found("not_found", "no such cluster endpoint")),
+        ),
+    }
+}
+
+/// The proxy's name, from a valid link token; 401 otherwise.
+pub fn link_proxy(state: &AppState, req: &Request<Incoming>) -> Result<String, ApiError> {
+    let cluster = state
+        .cluster
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("not_found", "this server is not a cluster node"))?;
+    req.headers()
+        .get(crate::cluster::link::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| crate::cluster::link::verify(&cluster.secret, t))
+        .ok_or_else(|| ApiError::unauthorized("not a link request of this cluster"))
+}
+
+fn ndjson(body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
+
+fn events(state: &Arc<AppState>, proxy: String) -> Response<Body> {
+    let link = ProxyLink::new(NEXT_LINK.fetch_add(1, Ordering::Relaxed), proxy, LINK_QUEUE);
+    tracing::info!(proxy = %link.proxy, link = link.id, "proxy event stream opened");
+    if let Some(old) = state.hub.add_link(link.clone()) {
+        drop_link(state, &old);
+    }
+    metrics::gauge!("confab_cluster_proxy_links").increment(1.0);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let hello = serde_json::json!({"hello": {
+        "node": state.cluster.as_ref().and_then(|c| c.me.clone()),
+        "revoked": state.auth.revoked_list(),
+    }});
+    let mut first = serde_json::to_vec(&hello).unwrap_or_default();
+    first.push(b'\n');
+    tokio::spawn(pump(state.clone(), link, tx, first));
+    ndjson(Body::stream(rx))
+}
+
+/// Link queue → event stream, a batch per chunk, until either end goes.
+async fn pump(
+    state: Arc<AppState>,
+    link: Arc<ProxyLink>,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    hello: Vec<u8>,
+) {
+    let mut buf = hello;
+    'stream: loop {
+        if !buf.is_empty() {
+            let chunk = Bytes::from(std::mem::take(&mut buf));
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        let events = link.take();
+        if events.is_empty() {
+            if link.is_closed() {
+                break;
+            }
+            tokio::select! {
+                _ = link.ready.notified() => {}
+                _ = tx.closed() => break 'stream,
+                _ = tokio::time::sleep(PING_EVERY) => buf.extend_from_slice(b"{\"ping\":1}\n"),
+            }
+            continue;
+        }
+        for e in events {
+            encode(&mut buf, &e);
+        }
+        metrics::counter!("confab_cluster_link_bytes_total").increment(buf.len() as u64);
+    }
+    drop_link(&state, &link);
+}
+
+fn encode(buf: &mut Vec<u8>, e: &LinkEvent) {
+    use std::io::Write;
+    match e {
+        LinkEvent::Frame { frame, to, skip } => {
+            buf.extend_from_slice(b"{\"to\":[");
+            for (i, u) in to.iter().enumerate() {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                let _ = write!(buf, "\"{u}\"");
+            }
+            buf.push(b']');
+            if let Some(s) = skip {
+                let _ = write!(buf, ",\"skip\":{s}");
+            }
+            if let Some((room, seq)) = frame.room_seq {
+                let _ = write!(buf, ",\"room\":\"{room}\",\"seq\":{seq}");
+            }
+            buf.extend_from_slice(b"}\t");
+            buf.extend_from_slice(&frame.bytes);
+            buf.push(b'\n');
+        }
+        LinkEvent::Revoke { jti, exp } => {
+            let line = serde_json::json!({"revoke": {"jti": jti, "exp": exp}});
+            let _ = serde_json::to_writer(&mut *buf, &line);
+            buf.push(b'\n');
+        }
+    }
+}
+
+/// A proxy's stream ended: its users are offline here unless another proxy
+/// (or a local session) has them.
+fn drop_link(state: &AppState, link: &ProxyLink) {
+    let gone = state.hub.remove_link(link);
+    metrics::gauge!("confab_cluster_proxy_links").decrement(1.0);
+    tracing::info!(proxy = %link.proxy, link = link.id, offline = gone.len(), "proxy event stream closed");
+    for user in gone {
+        went_offline(state, user);
+    }
+}
+
+async fn body_bytes(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|_| ApiError::bad_request("bad_request", "could not read the request body"))
+}
+
+#[derive(Deserialize)]
+struct AttachBody {
+    ops: Vec<(String, UserId)>,
+}
+
+async fn attach(
+    state: &AppState,
+    proxy: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body: AttachBody = crate::api::read_json(state, req).await?;
+    let link = state.hub.link(proxy).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_link",
+            "open the event stream (/cluster/v1/events) first",
+        )
+    })?;
+    let mut out = Vec::new();
+    for (op, user) in body.ops {
+        match op.as_str() {
+            "a" => {
+                if state.hub.attach(user, &link) {
+                    crate::api::ws::went_online(state, user);
+                }
+                let peers = state.store.direct_peers(user).unwrap_or_default();
+                for f in presence_of(state, &peers) {
+                    out.extend_from_slice(format!("{user}\tP\t").as_bytes());
+                    out.extend_from_slice(&f);
+                    out.push(b'\n');
+                }
+                for (room, seq) in state.store.room_heads(user)? {
+                    out.extend_from_slice(format!("{user}\tH\t{room}\t{seq}\n").as_bytes());
+                }
+            }
+            "d" => {
+                if state.hub.detach(user, link.id) {
+                    went_offline(state, user);
+                }
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "bad_request",
+                    format!("unknown attach op `{other}`"),
+                ));
+            }
+        }
+    }
+    Ok(ndjson(Body::full(out)))
+}
+
+fn header_u64(req: &Request<Incoming>, name: &str) -> Option<u64> {
+    req.headers().get(name)?.to_str().ok()?.parse().ok()
+}
+
+async fn frame(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let user: UserId = req
+        .headers()
+        .get(crate::cluster::link::USER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ApiError::bad_request("bad_request", "x-confab-user is required"))?;
+    let session = header_u64(&req, crate::cluster::link::SESSION_HEADER).unwrap_or(0);
+    let text = body_bytes(
+        req,
+        state.config.limits.max_frame_bytes.saturating_add(1024),
+    )
+    .await?;
+    let outbox = SessionOutbox::new(REMOTE_SESSION | session, user, String::new(), 16);
+    let parsed: Result<ClientFrame, _> = serde_json::from_slice(&text);
+    match parsed {
+        Ok(f) => {
+            let is_send = matches!(f, ClientFrame::Send { .. });
+            execute(state, &outbox, None, user, f).await;
+            if is_send {
+                // The ack (or error) comes once the message is durable.
+                let wait = async {
+                    while outbox.is_empty() {
+                        outbox.ready.notified().await;
+                    }
+                };
+                if tokio::time::timeout(Duration::from_secs(30), wait)
+                    .await
+                    .is_err()
+                {
+                    return Err(ApiError::busy("the store did not answer in time"));
+                }
+            }
+        }
+        Err(_) => {
+            let (code, message, client_id) = explain_bad_frame(&text);
+            outbox.push_bytes(frames::error(code, &message, client_id.as_deref(), None));
+        }
+    }
+    let mut out = Vec::new();
+    for f in outbox.take() {
+        out.extend_from_slice(&f.bytes);
+        out.push(b'\n');
+    }
+    Ok(ndjson(Body::full(out)))
+}
+
+#[derive(Deserialize)]
+struct ProfilesBody {
+    users: Vec<User>,
+}
+
+async fn profiles(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body: ProfilesBody = crate::api::read_json(state, req).await?;
+    if body.users.len() > state.config.limits.max_group_members + 1 {
+        return Err(ApiError::bad_request("bad_request", "too many profiles"));
+    }
+    state
+        .writer
+        .call(|reply| Op::PutProfiles {
+            users: body.users,
+            reply,
+        })
+        .await?;
+    no_content()
+}
+
+async fn payment(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let item: OutboxItem = crate::api::read_json(state, req).await?;
+    if !matches!(item, OutboxItem::Payment { .. }) {
+        return Err(ApiError::bad_request("bad_request", "not a payment"));
+    }
+    state
+        .writer
+        .call(|reply| Op::PostPayment { item, reply })
+        .await?;
+    no_content()
+}
+
+async fn credit(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let item: OutboxItem = crate::api::read_json(state, req).await?;
+    let OutboxItem::Bonus { user, amount } = item else {
+        return Err(ApiError::bad_request("bad_request", "not a signup bonus"));
+    };
+    let id = user.id;
+    state
+        .writer
+        .call(|reply| Op::PutProfiles {
+            users: vec![user],
+            reply,
+        })
+        .await?;
+    state
+        .writer
+        .call(|reply| {
+            Op::Wallet(crate::store::writer::WalletOp::Credit {
+                user: id,
+                amount,
+                key: Some(format!("signup-{id}")),
+                reply,
+            })
+        })
+        .await?;
+    no_content()
+}

@@ -1,0 +1,146 @@
+//! The cluster outbox: operations one node owes another, written in the
+//! same transaction as what caused them and retried until the other node
+//! confirms them (docs/SCALEOUT.md, "Operations that touch several owners").
+//! Both kinds are idempotent on the receiving node, so a retry after a lost
+//! confirmation changes nothing:
+//! - a payment message (wallet node → the chat's node), keyed by its
+//!   `client_id` `pay-<transfer id>` in the room;
+//! - a signup bonus (user's node → wallet node), keyed `signup-<user id>`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+
+use crate::api::AppState;
+use crate::ids::RoomId;
+use crate::store::User;
+use crate::store::writer::Op;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OutboxItem {
+    /// The payment message of a transfer, for the direct chat of `from` and
+    /// `to` on the node that owns it.
+    Payment {
+        from: User,
+        to: User,
+        client_id: String,
+        text: String,
+        transfer: u64,
+        amount: u64,
+        note: Option<String>,
+    },
+    /// A new user's signup bonus, for the wallet node.
+    Bonus { user: User, amount: u64 },
+}
+
+impl OutboxItem {
+    /// The ring key of the node this item is for, and its endpoint there.
+    fn target(&self) -> (u64, &'static str) {
+        match self {
+            OutboxItem::Payment { from, to, .. } => {
+                (RoomId::direct(from.id, to.id).0, "/cluster/v1/payment")
+            }
+            OutboxItem::Bonus { .. } => (crate::cluster::ring::wallet_key(), "/cluster/v1/credit"),
+        }
+    }
+}
+
+/// Sends one link request to another node over a short-lived HTTP/1.1
+/// connection (outbox traffic is rare: payments and signups).
+async fn post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: &str,
+    body: Vec<u8>,
+) -> Result<StatusCode, String> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::post(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(crate::cluster::link::HEADER, token)
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .map_err(|_| "no answer in time".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    Ok(status)
+}
+
+/// Forwards outbox entries to their nodes, oldest first, until confirmed;
+/// a node that is down is retried with back-off (0.5 s doubling to 10 s).
+pub async fn run(state: Arc<AppState>, wake: Arc<tokio::sync::Notify>) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let me = format!("node-{}", cluster.me.as_deref().unwrap_or("?"));
+    let mut backoff = Duration::from_millis(500);
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        let items = state.store.outbox(256).unwrap_or_default();
+        metrics::gauge!("confab_cluster_outbox_pending").set(items.len() as f64);
+        let mut failed = false;
+        for (key, bytes) in &items {
+            let Ok(item) = serde_json::from_slice::<OutboxItem>(bytes) else {
+                tracing::error!(key, "unreadable outbox entry; dropped");
+                let _ = state.writer.submit(Op::OutboxDone { key: *key }).await;
+                continue;
+            };
+            let (ring_key, path) = item.target();
+            let owner = cluster.ring.owner(ring_key);
+            let Some(node) = cluster.nodes.iter().find(|n| n.id == owner) else {
+                continue;
+            };
+            let token = crate::cluster::link::issue(&cluster.secret, &me);
+            match post(node.addr, path, &token, bytes.clone()).await {
+                Ok(s) if s.is_success() => {
+                    let _ = state.writer.submit(Op::OutboxDone { key: *key }).await;
+                    metrics::counter!("confab_cluster_outbox_sent_total").increment(1);
+                }
+                Ok(s) if s.is_client_error() => {
+                    // The other node will never accept it (a bug, not an
+                    // outage): keep it, say so loudly, go on with the rest.
+                    tracing::error!(key, status = %s, node = %node.id, "outbox entry refused");
+                    failed = true;
+                }
+                other => {
+                    tracing::warn!(key, node = %node.id, result = ?other, "outbox: node unavailable; will retry");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let wait = if failed {
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            backoff
+        } else {
+            backoff = Duration::from_millis(500);
+            if items.len() >= 256 {
+                continue;
+            }
+            Duration::from_secs(30)
+        };
+        tokio::select! {
+            _ = wake.notified(), if !failed => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! A proxy's link to one node: one HTTP/2 connection (prior knowledge, on the
+//! node's own port) multiplexing every forwarded request, plus the node's
+//! event stream on it. Reconnects with back-off (100 ms doubling to 5 s);
+//! after each reconnect it re-attaches the proxy's users and catches every
+//! session up on the node's rooms (docs/SCALEOUT.md, "Failures").
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::Proxy;
+use crate::cluster::{Node, link};
+use crate::error::ApiError;
+use crate::ids::{RoomId, UserId};
+
+type Sender = http2::SendRequest<Full<Bytes>>;
+
+/// A user attached (true) or detached (false) on the node, with an answer
+/// channel for what the node says about an attached user.
+pub struct AttachCmd {
+    pub ops: Vec<(bool, UserId)>,
+    pub reply: Option<oneshot::Sender<Vec<(UserId, Attached)>>>,
+}
+
+/// One line of a node's answer to an attach.
+#[derive(Clone)]
+pub enum Attached {
+    /// A presence frame for the user's sessions.
+    Presence(Bytes),
+    /// One of the user's rooms on the node, with its highest seq.
+    Head(RoomId, u64),
+}
+
+pub struct Link {
+    pub index: usize,
+    pub node: Node,
+    sender: RwLock<Option<Sender>>,
+    pub up: AtomicBool,
+    pub in_flight: AtomicUsize,
+    /// Round-trip time of the last request, in microseconds.
+    pub rtt_us: AtomicU64,
+    pub events: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub last_error: Mutex<String>,
+    attach_tx: mpsc::UnboundedSender<AttachCmd>,
+}
+
+/// How long a forwarded request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// An event stream silent for this long (pings come every 5 s) is dead.
+const SILENCE: Duration = Duration::from_secs(15);
+
+pub fn node_unavailable(node: &str) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "node_unavailable",
+        format!("node {node} is unavailable; try again shortly"),
+    );
+    e.retry_after = Some(1);
+    e
+}
+
+impl Link {
+    pub fn new(index: usize, node: Node) -> (Arc<Link>, mpsc::UnboundedReceiver<AttachCmd>) {
+        let (attach_tx, rx) = mpsc::unbounded_channel();
+        let link = Arc::new(Link {
+            index,
+            node,
+            sender: RwLock::new(None),
+            up: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            rtt_us: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            last_error: Mutex::new(String::new()),
+            attach_tx,
+        });
+        (link, rx)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn sender(&self) -> Option<Sender> {
+        if !self.is_up() {
+            return None;
+        }
+        self.sender
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_error(&self, e: &str) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string();
+    }
+
+    pub fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Queues attach/detach operations (applied on the node in order).
+    pub fn attach(&self, cmd: AttachCmd) {
+        let _ = self.attach_tx.send(cmd);
+    }
+
+    /// Sends one request over the link. `user`: act for this user
+    /// (`x-confab-user`); `session`: the proxy session of a forwarded frame.
+    pub async fn request(
+        &self,
+        proxy: &Proxy,
+        method: Method,
+        path: &str,
+        headers: &[(&'static str, String)],
+        body: Bytes,
+    ) -> Result<Response<hyper::body::Incoming>, ApiError> {
+        let mut sender = self
+            .sender()
+            .ok_or_else(|| node_unavailable(&self.node.id))?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.node.addr, path))
+            .header(link::HEADER, proxy.link_token());
+        if !body.is_empty() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, v.as_str());
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| ApiError::bad_request("bad_request", format!("bad request: {e}")))?;
+        let started = Instant::now();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req)).await;
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let took = started.elapsed();
+        self.rtt_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        metrics::histogram!("confab_proxy_upstream_seconds", "node" => self.node.id.clone())
+            .record(took.as_secs_f64());
+        match result {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                self.set_error(&format!("request failed: {e}"));
+                Err(node_unavailable(&self.node.id))
+            }
+            Err(_) => {
+                self.set_error("request timed out");
+                Err(node_unavailable(&self.node.id))
+            }
+        }
+    }
+}
+
+/// A whole upstream body (responses of the API are small; exports stream
+/// through [`super::stream_body`] instead).
+pub async fn read_all(
+    resp: Response<hyper::body::Incoming>,
+) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ApiError> {
+    let (parts, body) = resp.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| ApiError::busy(format!("the node's answer broke off: {e}")))?
+        .to_bytes();
+    Ok((parts.status, parts.headers, bytes))
+}
+
+/// Keeps the link to one node up for the life of the proxy.
+pub async fn run(proxy: Arc<Proxy>, link: Arc<Link>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        if let Err(e) = connect_once(&proxy, &link).await {
+            link.set_error(&e);
+            tracing::warn!(node = %link.node.id, error = %e, "link to node down");
+        }
+        link.up.store(false, Ordering::Release);
+        *link.sender.write().unwrap_or_else(|e| e.into_inner()) = None;
+        metrics::gauge!("confab_proxy_node_up", "node" => link.node.id.clone()).set(0.0);
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn connect_once(proxy: &Arc<Proxy>, link: &Arc<Link>) -> Result<(), String> {
+    let addr = link.node.addr;
+    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connecting to {addr} timed out"))?
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(8 << 20)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake with {addr} failed: {e}"))?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let _abort = AbortOnDrop(driver);
+    let mut events_sender = sender.clone();
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(format!("http://{addr}/cluster/v1/events"))
+        .header(link::HEADER, proxy.link_token())
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), events_sender.send_request(req))
+        .await
+        .map_err(|_| "the event stream did not open in time".to_string())?
+        .map_err(|e| format!("cannot open the event stream: {e}"))?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!("the event stream was refused: {}", resp.status()));
+    }
+    *link.sender.write().unwrap_or_else(|e| e.into_inner()) = Some(sender);
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(SILENCE, body.frame()).await {
+            Err(_) => return Err("the event stream went silent".into()),
+            Ok(None) => return Err("the node ended the event stream".into()),
+            Ok(Some(Err(e))) => return Err(format!("the event stream broke: {e}")),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line = buf.split_to(nl + 1).freeze();
+            on_line(proxy, link, line.slice(..nl));
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[derive(Deserialize)]
+struct Head {
+    to: Vec<UserId>,
+    skip: Option<u64>,
+    room: Option<RoomId>,
+    seq: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Control {
+    hello: Option<Hello>,
+    revoke: Option<Revoke>,
+}
+
+#[derive(Deserialize)]
+struct Hello {
+    #[serde(default)]
+    revoked: Vec<(String, i64)>,
+}
+
+#[derive(Deserialize)]
+struct Revoke {
+    jti: String,
+    exp: i64,
+}
+
+fn on_line(proxy: &Arc<Proxy>, link: &Arc<Link>, line: Bytes) {
+    link.events.fetch_add(1, Ordering::Relaxed);
+    if let Some(tab) = line.iter().position(|&b| b == b'\t') {
+        let Ok(head) = serde_json::from_slice::<Head>(&line[..tab]) else {
+            tracing::warn!(node = %link.node.id, "unreadable event from node");
+            return;
+        };
+        let frame = line.slice(tab + 1..);
+        let room_seq = head.room.zip(head.seq);
+        proxy.fan_out(&head.to, head.skip, frame, room_seq);
+        return;
+    }
+    let Ok(c) = serde_json::from_slice::<Control>(&line) else {
+        return;
+    };
+    if let Some(r) = c.revoke {
+        proxy.revoke(r.jti, r.exp);
+    }
+    if let Some(h) = c.hello {
+        for (jti, exp) in h.revoked {
+            proxy.revoke(jti, exp);
+        }
+        let first = link.reconnects.fetch_add(1, Ordering::Relaxed) == 0;
+        link.up.store(true, Ordering::Release);
+        metrics::gauge!("confab_proxy_node_up", "node" => link.node.id.clone()).set(1.0);
+        tracing::info!(node = %link.node.id, "link to node up");
+        // Re-attach this proxy's users, then catch their sessions up on
+        // what the node committed while the link was down.
+        let users = proxy.attached_users();
+        if !users.is_empty() || !first {
+            let (tx, rx) = oneshot::channel();
+            link.attach(AttachCmd {
+                ops: users.into_iter().map(|u| (true, u)).collect(),
+                reply: Some(tx),
+            });
+            let proxy = proxy.clone();
+            let index = link.index;
+            tokio::spawn(async move {
+                let _ = rx.await;
+                proxy.catch_up_node(index);
+            });
+        }
+    }
+}
+
+/// Applies queued attach/detach operations on the node, in order, batching
+/// whatever queued up meanwhile into one request.
+pub async fn attach_loop(
+    proxy: Arc<Proxy>,
+    link: Arc<Link>,
+    mut rx: mpsc::UnboundedReceiver<AttachCmd>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut cmds = vec![first];
+        while let Ok(c) = rx.try_recv() {
+            cmds.push(c);
+            if cmds.len() >= 256 {
+                break;
+            }
+        }
+        let ops: Vec<(&str, UserId)> = cmds
+            .iter()
+            .flat_map(|c| c.ops.iter().map(|&(a, u)| (if a { "a" } else { "d" }, u)))
+            .collect();
+        let body = serde_json::to_vec(&serde_json::json!({ "ops": ops })).unwrap_or_default();
+        let mut lines: Vec<(UserId, Attached)> = Vec::new();
+        // A link that is down drops the batch: the users are re-attached
+        // when it comes back.
+        if let Ok(resp) = link
+            .request(
+                &proxy,
+                Method::POST,
+                "/cluster/v1/attach",
+                &[],
+                Bytes::from(body),
+            )
+            .await
+            && let Ok((StatusCode::OK, _, bytes)) = read_all(resp).await
+        {
+            for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                if let Some(parsed) = parse_attached(&bytes, line) {
+                    lines.push(parsed);
+                }
+            }
+        }
+        for c in cmds {
+            if let Some(reply) = c.reply {
+                let mine = lines
+                    .iter()
+                    .filter(|(u, _)| c.ops.iter().any(|(a, x)| *a && x == u))
+                    .cloned()
+                    .collect();
+                let _ = reply.send(mine);
+            }
+        }
+    }
+}
+
+/// `user\tP\tframe` or `user\tH\troom\tseq`.
+fn parse_attached(all: &Bytes, line: &[u8]) -> Option<(UserId, Attached)> {
+    let mut parts = line.splitn(3, |&b| b == b'\t');
+    let user: UserId = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let kind = parts.next()?;
+    let rest = parts.next()?;
+    match kind {
+        b"P" => Some((user, Attached::Presence(all.slice_ref(rest)))),
+        b"H" => {
+            let (room, seq) = std::str::from_utf8(rest).ok()?.split_once('\t')?;
+            Some((user, Attached::Head(room.parse().ok()?, seq.parse().ok()?)))
+        }
+        _ => None,
+    }
+}
+
+pub fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}

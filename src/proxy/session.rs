@@ -1,0 +1,661 @@
+//! WebSocket sessions on a proxy. The client sees exactly the protocol of a
+//! single node (docs/PROTOCOL.md); behind it:
+//! - `auth` is checked here (signature and the revoked set every node
+//!   pushes), the profile comes from the user's node, and the user is
+//!   attached on every node (which answers with the presence of their
+//!   direct-chat peers);
+//! - `send`, `read` and `typing` go to the room's node as one HTTP/2 stream
+//!   each; the answer (ack or error) comes back on it;
+//! - room events arrive on the nodes' event streams, once per proxy, and are
+//!   delivered here per session, **in seq order per room with no gaps and
+//!   no duplicates**: a session keeps, per room, the highest seq it has
+//!   delivered; a frame past a gap waits while the gap is fetched from the
+//!   room's node (after `resume`, after a link came back, or after 1 s if
+//!   the missing frame never came).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, Payload, WebSocket, WebSocketError};
+use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+
+use super::Proxy;
+use super::link::{Attached, read_all};
+use crate::api::Body;
+use crate::api::ws::{
+    AuthFrame, ClientFrame, FrameWriter, Incoming_, Reassembler, SendBudget, check_origin,
+    explain_bad_frame, text_of, write_loop,
+};
+use crate::cluster::link::{SESSION_HEADER, USER_HEADER};
+use crate::error::ApiError;
+use crate::frames::{self, ServerFrame};
+use crate::hub::{OutFrame, SessionOutbox, close};
+use crate::ids::{RoomId, UserId};
+
+type Io = TokioIo<Upgraded>;
+
+/// How long a gap may stay open before it is fetched from the store.
+const GAP_WAIT: Duration = Duration::from_secs(1);
+/// Frames one session may hold back behind a gap before it is closed (4008;
+/// it resumes on reconnect).
+const MAX_PENDING: usize = 10_000;
+/// Messages per history request of a catch-up.
+const FETCH: usize = 200;
+
+/// One room's delivery state in a session.
+struct Cursor {
+    /// The highest seq delivered (or acked to this session).
+    high: u64,
+    /// Frames past a gap; None: the session's own message (its ack went out).
+    pending: BTreeMap<u64, Option<Bytes>>,
+    fetching: bool,
+    timer: bool,
+    /// Created by an event while the session was starting: held until the
+    /// nodes say where the room stood when the session attached.
+    held: bool,
+}
+
+impl Cursor {
+    fn at(high: u64) -> Cursor {
+        Cursor {
+            high,
+            pending: BTreeMap::new(),
+            fetching: false,
+            timer: false,
+            held: false,
+        }
+    }
+}
+
+pub struct PSession {
+    pub id: u64,
+    pub user: UserId,
+    pub jti: String,
+    pub outbox: Arc<SessionOutbox>,
+    rooms: Mutex<HashMap<RoomId, Cursor>>,
+    /// Until the attach answers are in (see [`Cursor::held`]).
+    starting: std::sync::atomic::AtomicBool,
+}
+
+impl PSession {
+    fn push(&self, bytes: Bytes, room_seq: Option<(RoomId, u64)>) {
+        self.outbox.push(OutFrame {
+            bytes,
+            room_seq,
+            pong: false,
+        });
+    }
+
+    /// Delivers message `seq` of `room` (None: the session's own, acked).
+    pub fn deliver(
+        self: &Arc<Self>,
+        proxy: &Arc<Proxy>,
+        room: RoomId,
+        seq: u64,
+        frame: Option<Bytes>,
+    ) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let starting = self.starting.load(std::sync::atomic::Ordering::Acquire);
+        let c = rooms.entry(room).or_insert_with(|| {
+            if starting {
+                let mut c = Cursor::at(0);
+                c.fetching = true;
+                c.held = true;
+                c
+            } else {
+                // A room the session did not know (new, or just joined):
+                // live from here.
+                Cursor::at(seq.saturating_sub(1))
+            }
+        });
+        if seq <= c.high || c.pending.contains_key(&seq) {
+            return;
+        }
+        if !c.fetching && seq == c.high + 1 {
+            if let Some(f) = frame {
+                self.push(f, Some((room, seq)));
+            }
+            c.high = seq;
+            self.drain(room, c);
+            return;
+        }
+        c.pending.insert(seq, frame);
+        if c.pending.len() > MAX_PENDING {
+            self.outbox.kick(close::TOO_SLOW);
+            return;
+        }
+        if !c.fetching && !c.timer {
+            c.timer = true;
+            let (s, p) = (self.clone(), proxy.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(GAP_WAIT).await;
+                s.gap_timer(&p, room);
+            });
+        }
+    }
+
+    /// The attach answers are in: each room the user had on a node starts at
+    /// its highest seq then (resumed rooms keep their resume position).
+    fn started(self: &Arc<Self>, proxy: &Arc<Proxy>, heads: &[(RoomId, u64)]) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        for &(room, head) in heads {
+            match rooms.get_mut(&room) {
+                Some(c) if c.held => c.high = c.high.max(head),
+                Some(_) => {}
+                None => {
+                    rooms.insert(room, Cursor::at(head));
+                }
+            }
+        }
+        for (&room, c) in rooms.iter_mut().filter(|(_, c)| c.held) {
+            c.held = false;
+            c.fetching = false;
+            self.drain(room, c);
+            if !c.pending.is_empty() && !c.timer {
+                c.timer = true;
+                let (s, p) = (self.clone(), proxy.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(GAP_WAIT).await;
+                    s.gap_timer(&p, room);
+                });
+            }
+        }
+        self.starting
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Delivers the pending frames that now follow without a gap.
+    fn drain(&self, room: RoomId, c: &mut Cursor) {
+        while let Some(entry) = c.pending.first_entry() {
+            let seq = *entry.key();
+            if seq <= c.high {
+                entry.remove();
+            } else if seq == c.high + 1 {
+                if let Some(f) = entry.remove() {
+                    self.push(f, Some((room, seq)));
+                }
+                c.high = seq;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn gap_timer(self: &Arc<Self>, proxy: &Arc<Proxy>, room: RoomId) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(c) = rooms.get_mut(&room) else {
+            return;
+        };
+        c.timer = false;
+        if !c.fetching && !c.pending.is_empty() {
+            c.fetching = true;
+            tokio::spawn(catch_up(proxy.clone(), self.clone(), room));
+        }
+    }
+
+    /// Fetches what the session missed in every room `node` owns.
+    pub fn catch_up_node(self: &Arc<Self>, proxy: &Arc<Proxy>, node: usize) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        for (&room, c) in rooms.iter_mut() {
+            if proxy.room_node(room) == node && !c.fetching {
+                c.fetching = true;
+                tokio::spawn(catch_up(proxy.clone(), self.clone(), room));
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct History {
+    messages: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Fills the room's gap from its node's store, then delivers what waited.
+async fn catch_up(proxy: Arc<Proxy>, s: Arc<PSession>, room: RoomId) {
+    loop {
+        if s.outbox.is_kicked() {
+            return;
+        }
+        let after = {
+            let rooms = s.rooms.lock().unwrap_or_else(|e| e.into_inner());
+            rooms.get(&room).map(|c| c.high).unwrap_or(0)
+        };
+        let fetched = proxy.history(s.user, room, after).await;
+        let mut rooms = s.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(c) = rooms.get_mut(&room) else {
+            return;
+        };
+        match fetched {
+            Ok(messages) => {
+                let n = messages.len();
+                for (seq, frame) in messages {
+                    if seq <= c.high {
+                        continue;
+                    }
+                    if c.pending.remove(&seq) != Some(None) {
+                        s.push(frame, Some((room, seq)));
+                    }
+                    c.high = seq;
+                }
+                s.drain(room, c);
+                if n < FETCH {
+                    c.fetching = false;
+                    if !c.pending.is_empty() && !c.timer {
+                        c.timer = true;
+                        let (s2, p2) = (s.clone(), proxy.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(GAP_WAIT).await;
+                            s2.gap_timer(&p2, room);
+                        });
+                    }
+                    return;
+                }
+            }
+            Err(e) => {
+                // The room's node is unreachable: say so, deliver what waited
+                // (the client can `resume` the room later).
+                s.push(frames::error(e.code, &e.message, None, Some(room)), None);
+                c.fetching = false;
+                let pending = std::mem::take(&mut c.pending);
+                for (seq, f) in pending {
+                    if seq > c.high {
+                        if let Some(f) = f {
+                            s.push(f, Some((room, seq)));
+                        }
+                        c.high = seq;
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+impl Proxy {
+    /// Messages of `room` after `after`, as `message` frames.
+    async fn history(
+        &self,
+        user: UserId,
+        room: RoomId,
+        after: u64,
+    ) -> Result<Vec<(u64, Bytes)>, ApiError> {
+        let link = &self.links[self.room_node(room)];
+        let resp = link
+            .request(
+                self,
+                Method::GET,
+                &format!("/api/v1/rooms/{room}/messages?after={after}&limit={FETCH}"),
+                &[(USER_HEADER, user.to_string())],
+                Bytes::new(),
+            )
+            .await?;
+        let (status, _, body) = read_all(resp).await?;
+        if status != StatusCode::OK {
+            return Err(ApiError::new(
+                status,
+                "catch_up_failed",
+                format!("could not fetch the room's history ({status})"),
+            ));
+        }
+        let h: History = serde_json::from_slice(&body).map_err(ApiError::internal)?;
+        let mut out = Vec::with_capacity(h.messages.len());
+        for mut m in h.messages {
+            let seq = m.get("seq").and_then(|v| v.as_u64()).unwrap_or(0);
+            let mut obj = serde_json::Map::new();
+            obj.insert("type".into(), "message".into());
+            obj.append(&mut m);
+            out.push((
+                seq,
+                Bytes::from(serde_json::to_vec(&obj).unwrap_or_default()),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+pub async fn upgrade(
+    proxy: &Arc<Proxy>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    check_origin(&proxy.config.server.allowed_origins, &req)?;
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return Err(ApiError::bad_request(
+            "bad_request",
+            "expected a WebSocket upgrade request",
+        ));
+    }
+    let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)
+        .map_err(|e| ApiError::bad_request("bad_request", format!("bad WebSocket upgrade: {e}")))?;
+    let proxy = proxy.clone();
+    tokio::spawn(async move {
+        if let Ok(ws) = fut.await {
+            metrics::gauge!("confab_ws_connections").increment(1.0);
+            session(proxy, ws).await;
+            metrics::gauge!("confab_ws_connections").decrement(1.0);
+        }
+    });
+    Ok(resp.map(|_| Body::empty()))
+}
+
+async fn reject(mut ws: WebSocket<Io>, code: &str, message: &str, close_code: u16) {
+    let err = frames::error(code, message, None, None);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = ws.write_frame(Frame::text(Payload::Borrowed(&err))).await;
+        let _ = ws
+            .write_frame(Frame::close(close_code, code.as_bytes()))
+            .await;
+    })
+    .await;
+}
+
+async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
+    let max_frame = proxy.config.limits.max_frame_bytes;
+    ws.set_auto_close(false);
+    ws.set_auto_pong(false);
+    ws.set_max_message_size(max_frame.saturating_add(1));
+    let mut asm = Reassembler::new(max_frame);
+    let timeout = Duration::from_secs(proxy.config.limits.auth_timeout_secs);
+    let first = Box::pin(tokio::time::timeout(timeout, async {
+        loop {
+            let frame = ws.read_frame().await;
+            match asm.feed(frame) {
+                Some(Incoming_::Ping(p)) => {
+                    let pong = ws.write_frame(Frame::pong(Payload::Owned(p))).await;
+                    if pong.is_err() {
+                        return Incoming_::Gone;
+                    }
+                }
+                Some(m) => return m,
+                None => {}
+            }
+        }
+    }))
+    .await;
+    let auth: AuthFrame = match first {
+        Ok(Incoming_::Text(bytes)) => {
+            let v: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+            match v
+                .filter(|v| v.get("type").and_then(|t| t.as_str()) == Some("auth"))
+                .and_then(|v| serde_json::from_value(v).ok())
+            {
+                Some(a) => a,
+                None => {
+                    return reject(
+                        ws,
+                        "unauthorized",
+                        "the first frame must be a JSON auth frame",
+                        close::UNAUTHORIZED,
+                    )
+                    .await;
+                }
+            }
+        }
+        Ok(Incoming_::Gone | Incoming_::Close) => return,
+        Ok(_) => {
+            return reject(
+                ws,
+                "unauthorized",
+                "the first frame must be a JSON auth frame",
+                close::UNAUTHORIZED,
+            )
+            .await;
+        }
+        Err(_) => {
+            return reject(
+                ws,
+                "unauthorized",
+                "no auth frame in time",
+                close::UNAUTHORIZED,
+            )
+            .await;
+        }
+    };
+    let caller = match proxy.auth.verify(&auth.token) {
+        Ok(c) => c,
+        Err(e) => return reject(ws, "unauthorized", &e.message, close::UNAUTHORIZED).await,
+    };
+    let me = match proxy.profile(caller.user).await {
+        Ok(Some(me)) => me,
+        Ok(None) => {
+            return reject(
+                ws,
+                "unauthorized",
+                "the token's user does not exist",
+                close::UNAUTHORIZED,
+            )
+            .await;
+        }
+        Err(e) => return reject(ws, e.code, &e.message, 1013).await,
+    };
+
+    let raw_write = std::cell::Cell::new(None);
+    let (mut rx, _) = ws.split(|s| {
+        let (r, w) = tokio::io::split(s);
+        raw_write.set(Some(w));
+        (r, tokio::io::sink())
+    });
+    let Some(raw_write) = raw_write.into_inner() else {
+        return;
+    };
+    let mut tx = FrameWriter {
+        io: raw_write,
+        buf: Vec::new(),
+    };
+    let mut ready = b"{\"type\":\"ready\",\"user\":".to_vec();
+    ready.extend_from_slice(&me);
+    ready.push(b'}');
+    tx.push_text(&ready);
+
+    let outbox = SessionOutbox::new(
+        0,
+        caller.user,
+        caller.jti.clone(),
+        proxy.config.limits.outbox_frames,
+    );
+    let s = Arc::new(PSession {
+        id: rand::random::<u64>() >> 2,
+        user: caller.user,
+        jti: caller.jti.clone(),
+        outbox: outbox.clone(),
+        rooms: Mutex::new(HashMap::new()),
+        starting: std::sync::atomic::AtomicBool::new(true),
+    });
+    let mut resumed = Vec::new();
+    {
+        let mut rooms = s.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        for (room, &after) in &auth.resume {
+            match room.parse::<RoomId>() {
+                Ok(r) => {
+                    let mut c = Cursor::at(after);
+                    c.fetching = true;
+                    rooms.insert(r, c);
+                    resumed.push(r);
+                }
+                Err(_) => {
+                    let e = ApiError::bad_id();
+                    tx.push_text(&frames::error(e.code, &e.message, None, None));
+                }
+            }
+        }
+    }
+    // Registered before attaching, so no event is missed; presence of the
+    // peers comes back from every node.
+    proxy.register(&s);
+    let mut heads = Vec::new();
+    for a in proxy.attach_everywhere(caller.user).await {
+        match a {
+            Attached::Presence(frame) => tx.push_text(&frame),
+            Attached::Head(room, seq) => heads.push((room, seq)),
+        }
+    }
+    s.started(&proxy, &heads);
+    if tx.flush().await.is_err() {
+        proxy.unregister(&s);
+        return;
+    }
+    for room in resumed {
+        tokio::spawn(catch_up(proxy.clone(), s.clone(), room));
+    }
+    let mut writer = tokio::spawn(write_loop(tx, outbox.clone(), HashMap::new()));
+    let reader = read_loop(&proxy, &s, &mut rx, asm);
+    tokio::select! {
+        _ = reader => {
+            outbox.kick(close::NORMAL);
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+        }
+        _ = &mut writer => {}
+    }
+    outbox.kick(close::NORMAL);
+    proxy.unregister(&s);
+}
+
+async fn read_loop(
+    proxy: &Arc<Proxy>,
+    s: &Arc<PSession>,
+    rx: &mut fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Io>>,
+    mut asm: Reassembler,
+) {
+    let mut budget = SendBudget::new(&proxy.config.limits);
+    let error = |code: &str, message: &str, client_id: Option<&str>, room: Option<RoomId>| {
+        s.outbox
+            .push_bytes(frames::error(code, message, client_id, room));
+    };
+    loop {
+        let frame = rx
+            .read_frame::<_, WebSocketError>(&mut |_| async { Ok(()) })
+            .await;
+        let Some(msg) = asm.feed(frame) else { continue };
+        let text = match text_of(msg, &s.outbox) {
+            Some(Some(t)) => t,
+            Some(None) => continue,
+            None => return,
+        };
+        let frame: ClientFrame = match serde_json::from_slice(&text) {
+            Ok(f) => f,
+            Err(_) => {
+                let (code, message, client_id) = explain_bad_frame(&text);
+                error(code, &message, client_id.as_deref(), None);
+                continue;
+            }
+        };
+        let (room, client_id) = match &frame {
+            ClientFrame::Auth {} => {
+                error(
+                    "already_authenticated",
+                    "this connection is already authenticated",
+                    None,
+                    None,
+                );
+                continue;
+            }
+            ClientFrame::Ping {} => {
+                s.outbox.push_bytes(ServerFrame::Pong.to_bytes());
+                continue;
+            }
+            ClientFrame::Send {
+                room,
+                client_id,
+                text,
+            } => {
+                if let Err(e) = crate::api::validate_send_limits(
+                    &proxy.config.limits,
+                    client_id.as_deref(),
+                    text,
+                ) {
+                    error(e.code, &e.message, client_id.as_deref(), room.parse().ok());
+                    continue;
+                }
+                if !budget.take() {
+                    error(
+                        "rate_limited",
+                        "too many messages; slow down",
+                        client_id.as_deref(),
+                        room.parse().ok(),
+                    );
+                    continue;
+                }
+                (room.as_str(), client_id.clone())
+            }
+            ClientFrame::Read { room, .. } | ClientFrame::Typing { room } => (room.as_str(), None),
+        };
+        let Ok(room) = room.parse::<RoomId>() else {
+            let e = ApiError::bad_id();
+            error(e.code, &e.message, client_id.as_deref(), None);
+            continue;
+        };
+        Box::pin(forward(proxy, s, room, client_id.as_deref(), text)).await;
+    }
+}
+
+#[derive(Deserialize)]
+struct AckHead {
+    #[serde(rename = "type")]
+    kind: String,
+    room: Option<RoomId>,
+    seq: Option<u64>,
+}
+
+/// Runs a client frame on the room's node; its answer goes to the session.
+async fn forward(
+    proxy: &Arc<Proxy>,
+    s: &Arc<PSession>,
+    room: RoomId,
+    client_id: Option<&str>,
+    text: Vec<u8>,
+) {
+    let link = &proxy.links[proxy.room_node(room)];
+    let answer = async {
+        let resp = link
+            .request(
+                proxy,
+                Method::POST,
+                "/cluster/v1/frame",
+                &[
+                    (USER_HEADER, s.user.to_string()),
+                    (SESSION_HEADER, s.id.to_string()),
+                ],
+                Bytes::from(text),
+            )
+            .await?;
+        let (status, _, body) = read_all(resp).await?;
+        if status != StatusCode::OK {
+            let e: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let message = e["message"]
+                .as_str()
+                .unwrap_or("the node refused the frame");
+            return Err(ApiError::new(status, "node_error", message.to_string()));
+        }
+        Ok(body)
+    }
+    .await;
+    match answer {
+        Ok(body) => {
+            for line in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let line = body.slice_ref(line);
+                if line.starts_with(b"{\"type\":\"ack\"")
+                    && let Ok(AckHead {
+                        kind,
+                        room: Some(r),
+                        seq: Some(seq),
+                    }) = serde_json::from_slice::<AckHead>(&line)
+                    && kind == "ack"
+                {
+                    s.outbox.push_bytes(line);
+                    s.deliver(proxy, r, seq, None);
+                } else {
+                    s.outbox.push_bytes(line);
+                }
+            }
+        }
+        Err(e) => {
+            s.outbox
+                .push_bytes(frames::error(e.code, &e.message, client_id, Some(room)));
+        }
+    }
+}

@@ -1,0 +1,921 @@
+//! Scale-out (docs/SCALEOUT.md): three `confab serve --node` processes and
+//! two `confab proxy` processes on loopback ports. Clients talk only to the
+//! proxies, exactly as to a single server, while users and rooms live on
+//! all three nodes.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use confab::cluster::Ring;
+use confab::ids::{RoomId, UserId};
+use serde_json::{Value, json};
+
+const SECRET: &str = "scaleout-test-secret-0123456789abcdef";
+const IDS: [&str; 3] = ["n1", "n2", "n3"];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One confab process (node or proxy) that can be killed and restarted.
+struct Proc {
+    args: Vec<String>,
+    child: Option<Child>,
+    addr: SocketAddr,
+    log: Arc<Mutex<VecDeque<String>>>,
+    cwd: PathBuf,
+}
+
+impl Proc {
+    fn start(cwd: &std::path::Path, args: Vec<String>) -> Proc {
+        let mut p = Proc {
+            args,
+            child: None,
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            log: Arc::new(Mutex::new(VecDeque::new())),
+            cwd: cwd.to_path_buf(),
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut child = confab_command(&args, &self.cwd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn confab");
+        let (tx, rx) = std::sync::mpsc::channel();
+        drain_lines(
+            child.stdout.take().expect("stdout"),
+            self.log.clone(),
+            Some(tx),
+        );
+        drain_lines(child.stderr.take().expect("stderr"), self.log.clone(), None);
+        self.addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => panic!("{:?} did not start:\n{}", self.args, self.log_tail()),
+        };
+        self.child = Some(child);
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log.lock().expect("log");
+        log.iter()
+            .rev()
+            .take(40)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<Proc>,
+    proxies: Vec<Proc>,
+    ring: Ring,
+}
+
+impl Cluster {
+    async fn start(proxies: usize) -> Cluster {
+        Cluster::start_with(proxies, "").await
+    }
+
+    /// `extra`: more TOML for the shared config file.
+    async fn start_with(proxies: usize, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let entries: Vec<String> = IDS
+            .iter()
+            .map(|id| format!("\"{id}=127.0.0.1:{}\"", free_port()))
+            .collect();
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{extra}\n[cluster]\ncluster_secret = \"{SECRET}\"\ncluster_nodes = [{}]\n",
+                entries.join(", ")
+            ),
+        )
+        .expect("write config");
+        let cfg = config.to_str().expect("path").to_string();
+        let nodes = IDS
+            .iter()
+            .map(|id| {
+                let data = dir.path().join(id).to_str().expect("path").to_string();
+                let args = ["serve", "--config", &cfg, "--node", id, "--data-dir", &data];
+                Proc::start(dir.path(), args.iter().map(|s| s.to_string()).collect())
+            })
+            .collect();
+        let proxies = (0..proxies)
+            .map(|_| {
+                let args = ["proxy", "--config", &cfg, "--listen", "127.0.0.1:0"];
+                Proc::start(dir.path(), args.iter().map(|s| s.to_string()).collect())
+            })
+            .collect();
+        let c = Cluster {
+            dir,
+            nodes,
+            proxies,
+            ring: Ring::new(&IDS.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+        };
+        for p in 0..c.proxies.len() {
+            c.wait_links(p, 3).await;
+        }
+        c
+    }
+
+    fn api(&self, proxy: usize) -> Api {
+        Api(self.proxies[proxy].addr)
+    }
+
+    /// Waits until proxy `p` has `up` links up.
+    async fn wait_links(&self, p: usize, up: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, v) = self.api(p).get("/api/v1/status", "").await;
+            let n = v["nodes"]
+                .as_array()
+                .map(|a| a.iter().filter(|n| n["up"] == true).count())
+                .unwrap_or(0);
+            if n == up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy {p} never had {up} links up: {v}\n{}",
+                self.proxies[p].log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn user_node(&self, id: &str) -> usize {
+        let u: UserId = id.parse().expect("user id");
+        node_index(self.ring.user_owner(u))
+    }
+
+    fn room_node(&self, id: &str) -> usize {
+        let r: RoomId = id.parse().expect("room id");
+        node_index(self.ring.room_owner(r))
+    }
+}
+
+/// Searches until at least `want` hits are indexed (indexing is not instant).
+async fn search_until(api: Api, query: &str, token: &str, want: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = api.get(&format!("/api/v1/search?{query}"), token).await;
+        assert_eq!(status.as_u16(), 200, "{body}");
+        if body["total"].as_u64().unwrap_or(0) >= want as u64 || Instant::now() > deadline {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn node_index(id: &str) -> usize {
+    IDS.iter().position(|x| *x == id).expect("a node id")
+}
+
+/// Every `message` frame a client received, per room: seq → client_id.
+#[derive(Default)]
+struct Seen(HashMap<String, BTreeMap<u64, String>>);
+
+impl Seen {
+    fn note(&mut self, v: &Value) {
+        if v["type"] == "message" {
+            let room = v["room"].as_str().expect("room").to_string();
+            let seq = v["seq"].as_u64().expect("seq");
+            let prev = self
+                .0
+                .entry(room)
+                .or_default()
+                .insert(seq, v["client_id"].as_str().unwrap_or("").to_string());
+            assert!(prev.is_none(), "message seq {seq} delivered twice: {v}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_behind_two_proxies_work_as_one_server() {
+    let c = Cluster::start(2).await;
+
+    // Sign up through alternating proxies; log in through the other one.
+    let mut users = Vec::new();
+    let mut per_node = [0usize; 3];
+    for i in 0..18 {
+        let u = c.api(i % 2).signup(&uname("so")).await;
+        per_node[c.user_node(&u.id)] += 1;
+        let (status, body) = c
+            .api((i + 1) % 2)
+            .post(
+                "/api/v1/login",
+                "",
+                &json!({"username": u.username, "password": PASSWORD}),
+            )
+            .await;
+        assert_eq!(
+            status.as_u16(),
+            200,
+            "login through the other proxy: {body}"
+        );
+        let (status, me) = c.api((i + 1) % 2).get("/api/v1/me", &u.token).await;
+        assert_eq!(status.as_u16(), 200);
+        assert_eq!(me["id"], u.id.as_str());
+        users.push(u);
+    }
+    assert!(
+        per_node.iter().all(|&n| n >= 2),
+        "users live on all three nodes: {per_node:?}"
+    );
+
+    // Direct chats between users of different nodes land on all nodes.
+    let mut rooms_per_node = [0usize; 3];
+    let mut directs = Vec::new();
+    for i in 0..9 {
+        let (a, b) = (&users[2 * i], &users[2 * i + 1]);
+        let room = c.api(i % 2).direct_room(&a.token, &b.id).await;
+        let id = room["id"].as_str().expect("room id").to_string();
+        rooms_per_node[c.room_node(&id)] += 1;
+        // The same pair through the other proxy is the same room.
+        let again = c.api((i + 1) % 2).direct_room(&b.token, &a.id).await;
+        assert_eq!(again["id"], id.as_str());
+        directs.push((i, id));
+    }
+    assert!(
+        rooms_per_node.iter().all(|&n| n >= 1),
+        "direct rooms live on all three nodes: {rooms_per_node:?}"
+    );
+    // An unknown peer: 404, nothing created.
+    let (status, body) = c
+        .api(0)
+        .post(
+            "/api/v1/rooms",
+            &users[0].token,
+            &json!({"kind": "direct", "user_id": "00000000000000aa"}),
+        )
+        .await;
+    assert_err(&(status, body), 404, "user_not_found");
+
+    // Messaging in every direct room: A on proxy 0, B on proxy 1.
+    for (i, room) in &directs {
+        let (a, b) = (&users[2 * i], &users[2 * i + 1]);
+        let mut wa = Ws::connect_auth(c.proxies[0].addr, &a.token).await;
+        let mut wb = Ws::connect_auth(c.proxies[1].addr, &b.token).await;
+        let text = format!("hello zebracorn {i}");
+        let ack = wa.send_and_ack(room, &cid("d"), &text).await;
+        assert_eq!(ack["seq"], 1);
+        let got = wb.expect_type("message").await;
+        assert_eq!(got["text"], text.as_str());
+        assert_eq!(got["from"], a.id.as_str());
+        let reply = wb.send_and_ack(room, &cid("r"), "right back message").await;
+        assert_eq!(reply["seq"], 2);
+        let got = wa.expect_type("message").await;
+        assert_eq!(got["seq"], 2, "{got}");
+    }
+
+    // A group whose members connect through different proxies: every member
+    // sees every message once, gap-free, in the same order.
+    let owner = &users[0];
+    let member_ids: Vec<&str> = users[1..8].iter().map(|u| u.id.as_str()).collect();
+    let group = c
+        .api(1)
+        .group_room(&owner.token, "spread", &member_ids)
+        .await;
+    let gid = group["id"].as_str().expect("group id").to_string();
+    let members: Vec<&User> = users[..8].iter().collect();
+    let mut sockets = Vec::new();
+    for (k, u) in members.iter().enumerate() {
+        sockets.push(Ws::connect_auth(c.proxies[k % 2].addr, &u.token).await);
+    }
+    let senders = 4;
+    let per = 15;
+    let mut tasks = Vec::new();
+    for (k, ws) in sockets.drain(..).enumerate() {
+        let gid = gid.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ws = ws;
+            let mut seen = Seen::default();
+            let mut acked = BTreeMap::new();
+            if k < senders {
+                for j in 0..per {
+                    let id = format!("g{k}-{j}");
+                    ws.send_msg(&gid, &id, &format!("group message {k} {j}"))
+                        .await;
+                }
+            }
+            let mine = if k < senders { per } else { 0 };
+            let total = senders * per;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while seen.0.get(&gid).map_or(0, BTreeMap::len) + acked.len() < total
+                || acked.len() < mine
+            {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Some(v) = ws.recv(left).await else { break };
+                if v["type"] == "ack" {
+                    acked.insert(
+                        v["seq"].as_u64().expect("seq"),
+                        v["client_id"].as_str().unwrap_or("").to_string(),
+                    );
+                }
+                assert!(v["type"] != "error", "member {k}: {v}");
+                seen.note(&v);
+            }
+            let mut all = seen.0.remove(&gid).unwrap_or_default();
+            for (seq, id) in acked {
+                assert!(
+                    all.insert(seq, id).is_none(),
+                    "member {k}: own message also delivered"
+                );
+            }
+            all
+        }));
+    }
+    let mut views = Vec::new();
+    for t in tasks {
+        views.push(t.await.expect("member task"));
+    }
+    let total = (senders * per) as u64;
+    for (k, v) in views.iter().enumerate() {
+        let seqs: Vec<u64> = v.keys().copied().collect();
+        assert_eq!(
+            seqs,
+            (1..=total).collect::<Vec<_>>(),
+            "member {k} saw every seq once, no gaps"
+        );
+        assert_eq!(v, &views[0], "member {k} saw the same order");
+    }
+
+    // My rooms through either proxy: gathered from every node.
+    let a = &users[0];
+    for p in 0..2 {
+        let (status, body) = c.api(p).get("/api/v1/rooms", &a.token).await;
+        assert_eq!(status.as_u16(), 200, "{body}");
+        let ids: Vec<&str> = body["rooms"]
+            .as_array()
+            .expect("rooms")
+            .iter()
+            .filter_map(|r| r["id"].as_str())
+            .collect();
+        assert!(
+            ids.contains(&gid.as_str()) && ids.contains(&directs[0].1.as_str()),
+            "{body}"
+        );
+        assert!(body.get("partial").is_none(), "{body}");
+    }
+
+    // Search: scatter-gather over the rooms each node holds for the user.
+    let searcher = &users[1];
+    let body = search_until(c.api(1), "q=zebracorn", &searcher.token, 1).await;
+    assert_eq!(body["total"], 1, "only the searcher's own room: {body}");
+    assert_eq!(body["hits"][0]["room"], directs[0].1.as_str(), "{body}");
+    // The group's messages and a direct chat's, from two rooms (on two
+    // nodes, usually), merged by time and paged.
+    let total = senders * per + 1;
+    let body = search_until(
+        c.api(0),
+        "q=message&sort=time&limit=50",
+        &users[1].token,
+        total,
+    )
+    .await;
+    assert_eq!(body["total"].as_u64(), Some(total as u64), "{body}");
+    let ts: Vec<i64> = body["hits"]
+        .as_array()
+        .expect("hits")
+        .iter()
+        .map(|h| h["ts"].as_i64().unwrap_or(0))
+        .collect();
+    assert!(ts.windows(2).all(|w| w[0] >= w[1]), "newest first: {ts:?}");
+    let page = c
+        .api(0)
+        .get(
+            "/api/v1/search?q=message&sort=time&limit=20&offset=40",
+            &users[1].token,
+        )
+        .await
+        .1;
+    assert_eq!(page["hits"].as_array().map(Vec::len), Some(20), "{page}");
+    assert_eq!(page["next_offset"], 60, "{page}");
+    assert_eq!(page["hits"][0]["ts"], body["hits"][40]["ts"], "{page}");
+    let last = c
+        .api(1)
+        .get(
+            "/api/v1/search?q=message&sort=time&limit=20&offset=60",
+            &users[1].token,
+        )
+        .await
+        .1;
+    assert_eq!(
+        last["hits"].as_array().map(Vec::len),
+        Some(total - 60),
+        "{last}"
+    );
+    assert!(last.get("next_offset").is_none(), "{last}");
+    let rooms: std::collections::HashSet<&str> = body["hits"]
+        .as_array()
+        .expect("hits")
+        .iter()
+        .chain(last["hits"].as_array().expect("hits"))
+        .filter_map(|h| h["room"].as_str())
+        .collect();
+    assert_eq!(
+        rooms.len(),
+        2,
+        "hits from the group and the direct chat: {rooms:?}"
+    );
+
+    // User lookup by name through the proxy: every node's users.
+    let (status, body) = c.api(0).get("/api/v1/users?q=so_&limit=50", &a.token).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(body["users"].as_array().map(Vec::len), Some(18), "{body}");
+
+    // The proxy's own status and metrics show every node.
+    let (_, st) = c.api(0).get("/api/v1/status", "").await;
+    assert_eq!(st["role"], "proxy");
+    assert_eq!(st["nodes"].as_array().map(Vec::len), Some(3), "{st}");
+    let r = c
+        .api(0)
+        .raw(hyper::Method::GET, "/metrics", "", None, &[])
+        .await;
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    for id in IDS {
+        assert!(
+            text.contains(&format!("confab_proxy_node_link_up{{node=\"{id}\"}} 1")),
+            "{text}"
+        );
+    }
+    // The UI is served by the proxy too.
+    let r = c.api(1).raw(hyper::Method::GET, "/", "", None, &[]).await;
+    assert_eq!(r.status.as_u16(), 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("<html"));
+    drop(c.dir);
+}
+
+/// What one sender saw of its sends: client_id → Ok(seq) or Err(code).
+type Outcomes = Vec<(String, Result<u64, String>, Instant)>;
+
+/// Sends to `room` one message at a time until `stop`, waiting for each
+/// answer (ack or error) before the next.
+async fn send_loop(mut ws: Ws, room: String, tag: String, stop: Instant) -> (Ws, Outcomes) {
+    let mut out = Vec::new();
+    let mut n = 0;
+    while Instant::now() < stop {
+        let id = format!("{tag}-{n}");
+        n += 1;
+        ws.send_msg(&room, &id, &format!("load {tag} {n}")).await;
+        let v = ws
+            .recv_until(
+                |v| {
+                    (v["client_id"] == id.as_str() && (v["type"] == "ack" || v["type"] == "error"))
+                        || is_end(v)
+                },
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|| json!({"type": "error", "code": "no answer"}));
+        assert!(!is_end(&v), "{tag}: the connection ended: {v}");
+        let r = if v["type"] == "ack" {
+            Ok(v["seq"].as_u64().expect("seq"))
+        } else {
+            Err(v["code"].as_str().unwrap_or("?").to_string())
+        };
+        out.push((id, r, Instant::now()));
+        // 40 a second: under the default rate limit (50/s).
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    (ws, out)
+}
+
+/// Reads frames until nothing arrives for `quiet`, noting every message.
+async fn collect(ws: &mut Ws, seen: &mut Seen, quiet: Duration) {
+    while let Some(v) = ws.recv(quiet).await {
+        if is_end(&v) {
+            break;
+        }
+        seen.note(&v);
+    }
+}
+
+/// Every acked client_id is stored exactly once, and the room's seqs run
+/// from 1 without a gap.
+fn check_history(history: &[Value], acked: &[(String, u64)], what: &str) -> u64 {
+    let seqs: Vec<u64> = history
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "{what}: gap-free history"
+    );
+    let mut by_id: HashMap<&str, Vec<u64>> = HashMap::new();
+    for m in history {
+        by_id
+            .entry(m["client_id"].as_str().unwrap_or(""))
+            .or_default()
+            .push(m["seq"].as_u64().unwrap_or(0));
+    }
+    for (id, seq) in acked {
+        assert_eq!(
+            by_id.get(id.as_str()),
+            Some(&vec![*seq]),
+            "{what}: acked {id} stored once at its seq"
+        );
+    }
+    seqs.len() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_takes_down_only_its_rooms_and_loses_nothing() {
+    let mut c = Cluster::start(1).await;
+    let api = c.api(0);
+    // Pairs in direct rooms, until every node holds a room.
+    let mut pairs = Vec::new();
+    let mut per_node = [0usize; 3];
+    while per_node.contains(&0) || pairs.len() < 6 {
+        assert!(
+            pairs.len() < 40,
+            "rooms never reached every node: {per_node:?}"
+        );
+        let (a, b) = (
+            api.signup(&uname("ka")).await,
+            api.signup(&uname("kb")).await,
+        );
+        let room = api.direct_room(&a.token, &b.id).await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        per_node[c.room_node(&room)] += 1;
+        pairs.push((a, b, room));
+    }
+    let victim = c.room_node(&pairs[0].2);
+    let started = Instant::now();
+    let stop = started + Duration::from_secs(5);
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for (i, (a, b, room)) in pairs.iter().enumerate() {
+        let wa = Ws::connect_auth(c.proxies[0].addr, &a.token).await;
+        receivers.push(Ws::connect_auth(c.proxies[0].addr, &b.token).await);
+        senders.push(tokio::spawn(send_loop(
+            wa,
+            room.clone(),
+            format!("s{i}"),
+            stop,
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let killed = Instant::now();
+    c.nodes[victim].kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.nodes[victim].spawn();
+    let restarted = Instant::now();
+    c.wait_links(0, 3).await;
+    let mut outcomes = Vec::new();
+    for s in senders {
+        outcomes.push(s.await.expect("sender").1);
+    }
+    for (i, ((_, b, room), out)) in pairs.iter().zip(&outcomes).enumerate() {
+        let on_victim = c.room_node(room) == victim;
+        let errors: Vec<&String> = out
+            .iter()
+            .filter_map(|(_, r, _)| r.as_ref().err())
+            .collect();
+        let acked: Vec<(String, u64)> = out
+            .iter()
+            .filter_map(|(id, r, _)| r.as_ref().ok().map(|s| (id.clone(), *s)))
+            .collect();
+        if on_victim {
+            assert!(!errors.is_empty(), "room {i} on the killed node saw errors");
+            assert!(
+                errors.iter().all(|e| *e == "node_unavailable"),
+                "room {i}: {errors:?}"
+            );
+            assert!(
+                out.iter().any(|(_, r, t)| r.is_ok() && *t > restarted),
+                "room {i}: sends work again after the restart"
+            );
+        } else {
+            assert!(
+                errors.is_empty(),
+                "room {i} on another node kept working: {errors:?}"
+            );
+            assert!(
+                out.iter()
+                    .filter(|(_, _, t)| *t > killed && *t < restarted)
+                    .count()
+                    > 10,
+                "room {i} kept flowing while the node was down"
+            );
+        }
+        // Nothing acked is lost, nothing is stored twice.
+        let history = api.history_all(&b.token, room).await;
+        let n = check_history(&history, &acked, &format!("room {i}"));
+        // The receiver's session saw every message once, in order, caught
+        // up after the link came back.
+        let mut seen = Seen::default();
+        collect(&mut receivers[i], &mut seen, Duration::from_millis(1500)).await;
+        let got: Vec<u64> = seen
+            .0
+            .get(room.as_str())
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        assert_eq!(
+            got,
+            (1..=n).collect::<Vec<_>>(),
+            "room {i}: the receiver saw every seq once"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_proxy_drops_only_its_clients_who_resume_through_the_other() {
+    let mut c = Cluster::start(2).await;
+    let api = c.api(1);
+    let mut pairs = Vec::new();
+    for _ in 0..4 {
+        let (a, b) = (
+            api.signup(&uname("pa")).await,
+            api.signup(&uname("pb")).await,
+        );
+        let room = api.direct_room(&a.token, &b.id).await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        pairs.push((a, b, room));
+    }
+    let stop = Instant::now() + Duration::from_secs(4);
+    // A on proxy 0 (to be killed), B on proxy 1; both send.
+    let mut a_tasks = Vec::new();
+    let mut b_tasks = Vec::new();
+    for (i, (a, b, room)) in pairs.iter().enumerate() {
+        let wa = Ws::connect_auth(c.proxies[0].addr, &a.token).await;
+        let wb = Ws::connect_auth(c.proxies[1].addr, &b.token).await;
+        b_tasks.push(tokio::spawn(send_loop(
+            wb,
+            room.clone(),
+            format!("b{i}"),
+            stop,
+        )));
+        let (room, token, other) = (room.clone(), a.token.clone(), c.proxies[1].addr);
+        a_tasks.push(tokio::spawn(async move {
+            // A's view of the room: seq → client_id, from messages and acks.
+            let mut view: BTreeMap<u64, String> = BTreeMap::new();
+            let mut acked = Vec::new();
+            let mut ws = wa;
+            let mut n = 0;
+            let mut unacked: Option<String> = None;
+            let mut reconnected = false;
+            while Instant::now() < stop {
+                let id = unacked.clone().unwrap_or_else(|| {
+                    n += 1;
+                    format!("a{i}-{n}")
+                });
+                ws.send_msg(&room, &id, &format!("from a {n}")).await;
+                unacked = Some(id.clone());
+                loop {
+                    let v = ws.recv(Duration::from_secs(10)).await.expect("a frame");
+                    if is_end(&v) {
+                        // The proxy died: reconnect through the other one and
+                        // resume from the last seq seen.
+                        assert!(!reconnected, "only one proxy dies");
+                        reconnected = true;
+                        let last = view.keys().next_back().copied().unwrap_or(0);
+                        ws = Ws::connect(other).await;
+                        ws.auth(&token, json!({ room.clone(): last })).await;
+                        break;
+                    }
+                    if v["type"] == "message" {
+                        let seq = v["seq"].as_u64().expect("seq");
+                        let prev =
+                            view.insert(seq, v["client_id"].as_str().unwrap_or("").to_string());
+                        assert!(prev.is_none(), "a{i}: seq {seq} twice");
+                    }
+                    if v["type"] == "ack" && v["client_id"] == id.as_str() {
+                        let seq = v["seq"].as_u64().expect("seq");
+                        // A resent message that was committed before the
+                        // crash comes back with its original seq.
+                        if let Some(prev) = view.insert(seq, id.clone()) {
+                            assert_eq!(prev, id, "a{i}: seq {seq} is another message");
+                        }
+                        acked.push((id.clone(), seq));
+                        unacked = None;
+                        break;
+                    }
+                    assert!(v["type"] != "error", "a{i}: {v}");
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            let mut seen = Seen::default();
+            collect(&mut ws, &mut seen, Duration::from_millis(1000)).await;
+            for (seq, id) in seen.0.remove(&room).unwrap_or_default() {
+                assert!(view.insert(seq, id).is_none(), "a{i}: seq {seq} twice");
+            }
+            assert!(reconnected, "a{i} was on the killed proxy");
+            (view, acked)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.proxies[0].kill9();
+    for (i, (t, tb)) in a_tasks.into_iter().zip(b_tasks).enumerate() {
+        let (a_view, a_acked) = t.await.expect("a task");
+        let (mut wb, b_out) = tb.await.expect("b task");
+        assert!(
+            b_out.iter().all(|(_, r, _)| r.is_ok()),
+            "b{i} on the live proxy never failed"
+        );
+        let b_acked: Vec<(String, u64)> = b_out
+            .iter()
+            .filter_map(|(id, r, _)| r.as_ref().ok().map(|s| (id.clone(), *s)))
+            .collect();
+        let (a, _, room) = &pairs[i];
+        let history = c.api(1).history_all(&a.token, room).await;
+        let all_acked: Vec<(String, u64)> = a_acked.iter().chain(&b_acked).cloned().collect();
+        let n = check_history(&history, &all_acked, &format!("room {i}"));
+        // A saw the whole room once: its own (acks) and B's (messages).
+        assert_eq!(
+            a_view.keys().copied().collect::<Vec<_>>(),
+            (1..=n).collect::<Vec<_>>(),
+            "a{i} resumed without loss or duplicates"
+        );
+        for m in &history {
+            assert_eq!(
+                a_view
+                    .get(&m["seq"].as_u64().unwrap_or(0))
+                    .map(String::as_str),
+                m["client_id"].as_str(),
+                "a{i}"
+            );
+        }
+        // B (never disconnected) saw all of A's messages once.
+        let mut seen = Seen::default();
+        collect(&mut wb, &mut seen, Duration::from_millis(500)).await;
+        let _ = &mut seen;
+    }
+}
+
+/// `confab wallet verify` on a node's data directory; its report.
+fn wallet_verify(c: &Cluster, node: usize) -> Value {
+    let data = c.dir.path().join(IDS[node]);
+    let out = confab_command(&["wallet", "verify", "--data-dir"], c.dir.path())
+        .arg(&data)
+        .output()
+        .expect("run confab wallet verify");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(
+        out.status.success(),
+        "wallet verify on {}: {report}\n{}",
+        IDS[node],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["breaches"], json!([]), "{}", IDS[node]);
+    report
+}
+
+async fn balance(api: Api, u: &User) -> u64 {
+    let (status, body) = api.get("/api/v1/wallet", &u.token).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    body["balance"].as_u64().unwrap_or(0)
+}
+
+async fn payments_in(api: Api, u: &User, room: &str) -> Vec<Value> {
+    let (status, body) = api
+        .get(
+            &format!("/api/v1/rooms/{room}/messages?limit=200"),
+            &u.token,
+        )
+        .await;
+    if status.as_u16() != 200 {
+        return Vec::new();
+    }
+    body["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter(|m| m["kind"] == "payment")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_between_users_of_different_nodes_moves_once_and_every_ledger_verifies() {
+    let mut c = Cluster::start_with(2, "[wallet]\nsignup_bonus = 10000\n").await;
+    let wallet = node_index(c.ring.wallet_owner());
+    let api = c.api(0);
+    // A payer and a payee on two different nodes, neither the wallet's, and
+    // their chat on a node that is not the wallet's either: the bonus, the
+    // transfer and the payment message all cross nodes.
+    let mut users: Vec<User> = Vec::new();
+    let mut pick = None;
+    for _ in 0..60 {
+        let u = api.signup(&uname("wl")).await;
+        users.push(u);
+        let last = users.len() - 1;
+        pick = (0..last).find_map(|i| {
+            let (a, b) = (&users[i], &users[last]);
+            let (na, nb) = (c.user_node(&a.id), c.user_node(&b.id));
+            let room: RoomId = RoomId::direct(a.id.parse().ok()?, b.id.parse().ok()?);
+            let nr = node_index(c.ring.room_owner(room));
+            (na != nb && na != wallet && nb != wallet && nr != wallet).then_some((i, last, nr))
+        });
+        if pick.is_some() {
+            break;
+        }
+    }
+    let (ia, ib, chat_node) = pick.expect("a pair spread over the nodes");
+    let (a, b) = (users[ia].clone(), users[ib].clone());
+    // The signup bonuses reach the wallet node through the outbox.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while balance(api, &a).await != 10000 || balance(c.api(1), &b).await != 10000 {
+        assert!(Instant::now() < deadline, "the signup bonuses arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut wb = Ws::connect_auth(c.proxies[1].addr, &b.token).await;
+    let key = cid("pay");
+    let req = json!({"to_user_id": b.id, "amount": 2500, "idempotency_key": key, "note": "lunch"});
+    let (status, t1) = api.post("/api/v1/wallet/transfers", &a.token, &req).await;
+    assert_eq!(status.as_u16(), 201, "{t1}");
+    // A retry with the same key is the same transfer, not a second one.
+    let (status, again) = c
+        .api(1)
+        .post("/api/v1/wallet/transfers", &a.token, &req)
+        .await;
+    assert_eq!(status.as_u16(), 200, "{again}");
+    assert_eq!(again["id"], t1["id"]);
+    assert_eq!(balance(api, &a).await, 7500);
+    assert_eq!(balance(api, &b).await, 12500);
+    // The payment message reaches the chat's node and b's session, once.
+    let live = wb
+        .expect("the payment message", |v| {
+            v["type"] == "message" && v["kind"] == "payment"
+        })
+        .await;
+    assert_eq!(live["from"], a.id.as_str());
+    let room = live["room"].as_str().expect("room").to_string();
+    assert_eq!(c.room_node(&room), chat_node);
+    let pays = payments_in(api, &a, &room).await;
+    assert_eq!(pays.len(), 1, "{pays:?}");
+    assert_eq!(
+        pays[0]["client_id"],
+        format!("pay-{}", t1["id"].as_str().unwrap_or("")).as_str()
+    );
+
+    // The chat's node is down: the money still moves (once); the message
+    // waits in the wallet node's outbox and appears once it is back.
+    c.nodes[chat_node].kill9();
+    let req2 = json!({"to_user_id": b.id, "amount": 1000, "idempotency_key": cid("pay")});
+    let (status, t2) = api.post("/api/v1/wallet/transfers", &a.token, &req2).await;
+    assert_eq!(status.as_u16(), 201, "{t2}");
+    assert_eq!(balance(api, &a).await, 6500);
+    c.nodes[chat_node].spawn();
+    c.wait_links(0, 3).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pays = payments_in(api, &a, &room).await;
+        if pays.len() == 2 {
+            assert_eq!(
+                pays[1]["client_id"],
+                format!("pay-{}", t2["id"].as_str().unwrap_or("")).as_str()
+            );
+            break;
+        }
+        assert!(
+            pays.len() < 2 && Instant::now() < deadline,
+            "the late payment message appears once: {pays:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(balance(api, &b).await, 13500);
+    // Every node's ledger verifies (the wallet node's holds it all).
+    for n in 0..3 {
+        wallet_verify(&c, n);
+    }
+}
