@@ -241,7 +241,16 @@ pub fn check_access(
     req: &Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<(), ApiError> {
-    let token = &state.config.server.status_token;
+    check_access_with(&state.config.server, req, peer)
+}
+
+/// [`check_access`] for a server config (a proxy's status uses it too).
+pub fn check_access_with(
+    server: &crate::config::ServerConfig,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<(), ApiError> {
+    let token = &server.status_token;
     if !token.is_empty() {
         let given = req
             .headers()
@@ -264,7 +273,7 @@ pub fn check_access(
             return Ok(());
         }
     }
-    if allowed_ip(&state.config.server.status_allowed_ips, peer.ip()) {
+    if allowed_ip(&server.status_allowed_ips, peer.ip()) {
         return Ok(());
     }
     Err(ApiError::forbidden(

@@ -407,7 +407,7 @@ async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: SocketAddr) -> 
 async fn route(
     p: &Arc<Proxy>,
     req: Request<Incoming>,
-    _peer: SocketAddr,
+    peer: SocketAddr,
 ) -> (&'static str, Result<Response<Body>, ApiError>) {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -431,9 +431,13 @@ async fn route(
             )
         }),
         ["metrics"] => on!("/metrics", get, async { Ok(metrics_page(p)) }),
-        ["status"] => on!("/status", get, async { Ok(status_page(p)) }),
+        ["status"] => on!("/status", get, async {
+            crate::status::check_access_with(&p.config.server, &req, peer)?;
+            Ok(status_page(p))
+        }),
         ["api", "v1", rest @ ..] => match rest {
             ["status"] => on!("/status", get, async {
+                crate::status::check_access_with(&p.config.server, &req, peer)?;
                 json(StatusCode::OK, &status_json(p))
             }),
             ["ws"] => on!("/ws", get, session::upgrade(p, req)),
