@@ -257,21 +257,32 @@ async fn three_nodes_behind_two_proxies_work_as_one_server() {
 
     // Direct chats between users of different nodes land on all nodes.
     let mut rooms_per_node = [0usize; 3];
-    let mut directs = Vec::new();
-    for i in 0..9 {
-        let (a, b) = (&users[2 * i], &users[2 * i + 1]);
+    let mut directs: Vec<(User, User, String)> = Vec::new();
+    let mut extra = 0;
+    while directs.len() < 9 || rooms_per_node.contains(&0) {
+        let i = directs.len();
+        let (a, b) = if i < 9 {
+            (users[2 * i].clone(), users[2 * i + 1].clone())
+        } else {
+            // More pairs until every node holds a room.
+            extra += 1;
+            assert!(
+                extra < 30,
+                "rooms never reached every node: {rooms_per_node:?}"
+            );
+            (
+                c.api(0).signup(&uname("sx")).await,
+                c.api(1).signup(&uname("sx")).await,
+            )
+        };
         let room = c.api(i % 2).direct_room(&a.token, &b.id).await;
         let id = room["id"].as_str().expect("room id").to_string();
         rooms_per_node[c.room_node(&id)] += 1;
         // The same pair through the other proxy is the same room.
         let again = c.api((i + 1) % 2).direct_room(&b.token, &a.id).await;
         assert_eq!(again["id"], id.as_str());
-        directs.push((i, id));
+        directs.push((a, b, id));
     }
-    assert!(
-        rooms_per_node.iter().all(|&n| n >= 1),
-        "direct rooms live on all three nodes: {rooms_per_node:?}"
-    );
     // An unknown peer: 404, nothing created.
     let (status, body) = c
         .api(0)
@@ -284,8 +295,7 @@ async fn three_nodes_behind_two_proxies_work_as_one_server() {
     assert_err(&(status, body), 404, "user_not_found");
 
     // Messaging in every direct room: A on proxy 0, B on proxy 1.
-    for (i, room) in &directs {
-        let (a, b) = (&users[2 * i], &users[2 * i + 1]);
+    for (i, (a, b, room)) in directs.iter().enumerate() {
         let mut wa = Ws::connect_auth(c.proxies[0].addr, &a.token).await;
         let mut wb = Ws::connect_auth(c.proxies[1].addr, &b.token).await;
         let text = format!("hello zebracorn {i}");
@@ -298,7 +308,79 @@ async fn three_nodes_behind_two_proxies_work_as_one_server() {
         assert_eq!(reply["seq"], 2);
         let got = wa.expect_type("message").await;
         assert_eq!(got["seq"], 2, "{got}");
+        // Receipts, typing and presence cross proxies as on one server.
+        let receipt = wb
+            .expect("a delivered receipt", |v| v["type"] == "receipt")
+            .await;
+        assert_eq!(receipt["kind"], "delivered", "{receipt}");
+        wa.send_and_ack(room, &cid("d"), "third").await;
+        wb.expect_type("message").await;
+        wb.send_json(&json!({"type": "read", "room": room, "seq": 3}))
+            .await;
+        let read = wa
+            .expect("a read receipt", |v| {
+                v["type"] == "receipt" && v["kind"] == "read"
+            })
+            .await;
+        assert_eq!(
+            (read["user"].as_str(), read["seq"].as_u64()),
+            (Some(b.id.as_str()), Some(3))
+        );
+        wb.send_json(&json!({"type": "typing", "room": room})).await;
+        let typing = wa.expect_type("typing").await;
+        assert_eq!(typing["user"], b.id.as_str());
+        drop(wb);
+        let gone = wa
+            .expect("b offline", |v| {
+                v["type"] == "presence" && v["online"] == false
+            })
+            .await;
+        assert_eq!(gone["user"], b.id.as_str());
+        assert!(gone["last_seen"].is_i64(), "{gone}");
     }
+
+    // Contacts on other nodes, by name and by id, through either proxy.
+    let other_node = |u: &User| c.user_node(&u.id) != c.user_node(&users[0].id);
+    let far: Vec<&User> = users.iter().filter(|u| other_node(u)).take(2).collect();
+    let (status, added) = c
+        .api(0)
+        .post(
+            "/api/v1/contacts",
+            &users[0].token,
+            &json!({"username": far[0].username.to_uppercase()}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 201, "{added}");
+    assert_eq!(added["id"], far[0].id.as_str());
+    let (status, added) = c
+        .api(1)
+        .post(
+            "/api/v1/contacts",
+            &users[0].token,
+            &json!({"user_id": far[1].id}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 201, "{added}");
+    let (_, list) = c.api(1).get("/api/v1/contacts", &users[0].token).await;
+    let names: Vec<&str> = list["contacts"]
+        .as_array()
+        .expect("contacts")
+        .iter()
+        .filter_map(|u| u["username"].as_str())
+        .collect();
+    assert!(
+        names.contains(&far[0].username.as_str()) && names.contains(&far[1].username.as_str()),
+        "{list}"
+    );
+    let (status, body) = c
+        .api(0)
+        .post(
+            "/api/v1/contacts",
+            &users[0].token,
+            &json!({"username": "nobody_here_at_all"}),
+        )
+        .await;
+    assert_err(&(status, body), 404, "user_not_found");
 
     // A group whose members connect through different proxies: every member
     // sees every message once, gap-free, in the same order.
@@ -384,7 +466,7 @@ async fn three_nodes_behind_two_proxies_work_as_one_server() {
             .filter_map(|r| r["id"].as_str())
             .collect();
         assert!(
-            ids.contains(&gid.as_str()) && ids.contains(&directs[0].1.as_str()),
+            ids.contains(&gid.as_str()) && ids.contains(&directs[0].2.as_str()),
             "{body}"
         );
         assert!(body.get("partial").is_none(), "{body}");
@@ -394,7 +476,7 @@ async fn three_nodes_behind_two_proxies_work_as_one_server() {
     let searcher = &users[1];
     let body = search_until(c.api(1), "q=zebracorn", &searcher.token, 1).await;
     assert_eq!(body["total"], 1, "only the searcher's own room: {body}");
-    assert_eq!(body["hits"][0]["room"], directs[0].1.as_str(), "{body}");
+    assert_eq!(body["hits"][0]["room"], directs[0].2.as_str(), "{body}");
     // The group's messages and a direct chat's, from two rooms (on two
     // nodes, usually), merged by time and paged.
     let total = senders * per + 1;
@@ -471,6 +553,27 @@ async fn three_nodes_behind_two_proxies_work_as_one_server() {
             "{text}"
         );
     }
+    // Logging out through one proxy closes the token's sessions on the other
+    // and makes the other refuse it.
+    let u = &users[17];
+    let mut ws = Ws::connect_auth(c.proxies[1].addr, &u.token).await;
+    let (status, _) = c.api(0).post("/api/v1/logout", &u.token, &json!({})).await;
+    assert_eq!(status.as_u16(), 204);
+    let closed = ws.expect("the close", is_end).await;
+    assert_eq!(closed["code"], 4001, "{closed}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = c.api(1).get("/api/v1/rooms", &u.token).await;
+        if status.as_u16() == 401 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other proxy refuses a revoked token"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // The UI is served by the proxy too.
     let r = c.api(1).raw(hyper::Method::GET, "/", "", None, &[]).await;
     assert_eq!(r.status.as_u16(), 200);
@@ -593,7 +696,22 @@ async fn a_killed_node_takes_down_only_its_rooms_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let killed = Instant::now();
     c.nodes[victim].kill9();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Meanwhile over HTTP: the victim's rooms are 503, lists are partial.
+    let (a0, _, room0) = &pairs[0];
+    let (status, body) = api
+        .get(&format!("/api/v1/rooms/{room0}/messages"), &a0.token)
+        .await;
+    if c.user_node(&a0.id) != victim {
+        assert_err(&(status, body), 503, "node_unavailable");
+        let (status, body) = api.get("/api/v1/rooms", &a0.token).await;
+        assert_eq!(status.as_u16(), 200, "{body}");
+        assert_eq!(body["partial"], true, "{body}");
+        assert_eq!(body["unavailable_nodes"], json!([IDS[victim]]), "{body}");
+    } else {
+        assert_eq!(status.as_u16(), 503, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
     c.nodes[victim].spawn();
     let restarted = Instant::now();
     c.wait_links(0, 3).await;

@@ -24,9 +24,11 @@ struct LoginBody {
     password: String,
 }
 
+/// `{username}` or `{user_id}`.
 #[derive(Deserialize)]
 struct ContactBody {
-    username: String,
+    username: Option<String>,
+    user_id: Option<UserId>,
 }
 
 pub fn valid_username(u: &str) -> bool {
@@ -108,6 +110,19 @@ pub async fn login(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
+    // Through a cluster proxy, the login rate limit counts the client's
+    // address, which the proxy names on its (authenticated) link request.
+    let mut peer = peer;
+    if state.cluster.is_some()
+        && let Some(ip) = req
+            .headers()
+            .get(crate::cluster::link::CLIENT_IP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<std::net::IpAddr>().ok())
+        && crate::cluster::node::link_proxy(state, &req).is_ok()
+    {
+        peer = SocketAddr::new(ip, 0);
+    }
     let body: LoginBody = read_json(state, req).await?;
     let outcome = login_inner(state, body, peer).await;
     metrics::counter!("confab_logins_total", "outcome" => match &outcome {
@@ -243,11 +258,21 @@ pub async fn add_contact(
 ) -> Result<Response<Body>, ApiError> {
     let c = caller(state, &req)?;
     let body: ContactBody = read_json(state, req).await?;
+    let who = match (body.username, body.user_id) {
+        (_, Some(id)) => crate::store::writer::Contact::Id(id),
+        (Some(name), None) => crate::store::writer::Contact::Name(name),
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                "give the contact's `username` or `user_id`",
+            ));
+        }
+    };
     let (user, added) = state
         .writer
         .call(|reply| Op::AddContact {
             owner: c.user,
-            username: body.username,
+            who,
             reply,
         })
         .await?;

@@ -32,6 +32,7 @@ use crate::hub::Hub;
 use crate::store::Store;
 use crate::store::writer::WriterHandle;
 
+pub use accounts::valid_username;
 pub use body::Body;
 pub use messages::validate_send_limits;
 

@@ -14,6 +14,8 @@ pub const HEADER: &str = "x-confab-link";
 pub const USER_HEADER: &str = "x-confab-user";
 /// Header naming the proxy session a forwarded frame comes from.
 pub const SESSION_HEADER: &str = "x-confab-session";
+/// Header naming the client's address on a forwarded login.
+pub const CLIENT_IP_HEADER: &str = "x-confab-client-ip";
 /// How long a link token is valid; proxies renew it well before.
 pub const TTL_SECS: i64 = 300;
 

@@ -119,9 +119,7 @@ impl Proxy {
                 n += 1;
                 match room_seq {
                     Some((room, seq)) => s.deliver(self, room, seq, Some(frame.clone())),
-                    None => {
-                        s.outbox.push_bytes(frame.clone());
-                    }
+                    None => s.push_other(frame.clone()),
                 }
             }
         }
@@ -238,6 +236,36 @@ impl Proxy {
                 format!("the user's node answered {s}"),
             )),
         }
+    }
+
+    /// The id of the user named `name` (any case), from the node that owns
+    /// the name.
+    async fn user_by_name(&self, asker: UserId, name: &str) -> Result<Option<UserId>, ApiError> {
+        if !crate::api::valid_username(name) {
+            return Ok(None);
+        }
+        let node = self.node_index(self.cluster.ring.username_owner(name));
+        let resp = self.links[node]
+            .request(
+                self,
+                Method::GET,
+                &format!("/api/v1/users?q={name}&limit=50"),
+                &[(USER_HEADER, asker.to_string())],
+                Bytes::new(),
+            )
+            .await?;
+        let (status, _, body) = read_all(resp).await?;
+        if !status.is_success() {
+            return Err(upstream_error(status, &body));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(ApiError::internal)?;
+        let lower = name.to_lowercase();
+        Ok(v["users"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|u| u["username"].as_str() == Some(lower.as_str()))
+            .and_then(|u| u["id"].as_str()?.parse().ok()))
     }
 
     /// Makes sure node `target` has the profiles of `users` (members of a
@@ -441,8 +469,8 @@ async fn route(
                 json(StatusCode::OK, &status_json(p))
             }),
             ["ws"] => on!("/ws", get, session::upgrade(p, req)),
-            ["signup"] => on!("/signup", post, by_username(p, req)),
-            ["login"] => on!("/login", post, by_username(p, req)),
+            ["signup"] => on!("/signup", post, by_username(p, req, peer)),
+            ["login"] => on!("/login", post, by_username(p, req, peer)),
             ["users"] => on!("/users", get, gather(p, req, Merge::Users)),
             ["search"] => on!("/search", get, gather(p, req, Merge::Search)),
             ["rooms"] if get => ("/rooms", gather(p, req, Merge::Rooms).await),
@@ -468,6 +496,7 @@ async fn route(
                 },
             ),
             ["wallet", "transfers"] if post => ("/wallet/transfers", transfer(p, req).await),
+            ["contacts"] if post => ("/contacts", add_contact(p, req).await),
             ["wallet", ..] => (
                 "/wallet",
                 forward_checked(p, p.wallet_node(), req, false).await,
@@ -558,6 +587,13 @@ async fn forward_parts(
     {
         headers.push(("authorization", a.to_string()));
     }
+    if let Some(a) = parts
+        .headers
+        .get(crate::cluster::link::CLIENT_IP_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        headers.push((crate::cluster::link::CLIENT_IP_HEADER, a.to_string()));
+    }
     let resp = p.links[node]
         .request(p, parts.method.clone(), path, &headers, body)
         .await?;
@@ -597,8 +633,17 @@ async fn forward_parts(
 }
 
 /// Signup and login go to the node that owns the username.
-async fn by_username(p: &Arc<Proxy>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, incoming) = req.into_parts();
+async fn by_username(
+    p: &Arc<Proxy>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let (mut parts, incoming) = req.into_parts();
+    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+        parts
+            .headers
+            .insert(crate::cluster::link::CLIENT_IP_HEADER, v);
+    }
     let body = read_body(p, incoming).await?;
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
@@ -678,6 +723,41 @@ async fn transfer(p: &Arc<Proxy>, req: Request<Incoming>) -> Result<Response<Bod
         p.put_profiles(target, &users).await?;
     }
     forward_parts(p, target, &parts, body, false).await
+}
+
+/// `POST /contacts`: the contact may live on another node. Their profile
+/// (found by id, or by name on the name's node) is stored on the caller's
+/// node, which then adds the contact by id.
+async fn add_contact(p: &Arc<Proxy>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let caller = p.caller(&req)?;
+    let (parts, incoming) = req.into_parts();
+    let body = read_body(p, incoming).await?;
+    let target = p.user_node(caller.user);
+    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let id = if let Some(id) = v["user_id"].as_str() {
+        Some(
+            id.parse::<UserId>()
+                .map_err(|_| ApiError::bad_request("invalid_json", "user ids are 16 hex digits"))?,
+        )
+    } else if let Some(name) = v["username"].as_str() {
+        Some(
+            p.user_by_name(caller.user, name)
+                .await?
+                .ok_or_else(ApiError::user_not_found)?,
+        )
+    } else {
+        None
+    };
+    let Some(id) = id else {
+        // Neither: the caller's node explains.
+        return forward_parts(p, target, &parts, body, false).await;
+    };
+    if id != caller.user {
+        p.put_profiles(target, &[id]).await?;
+    }
+    let body =
+        serde_json::to_vec(&serde_json::json!({ "user_id": id })).map_err(ApiError::internal)?;
+    forward_parts(p, target, &parts, Bytes::from(body), false).await
 }
 
 /// The next node that is up, in turn (where a new group goes).

@@ -81,9 +81,36 @@ pub struct PSession {
     rooms: Mutex<HashMap<RoomId, Cursor>>,
     /// Until the attach answers are in (see [`Cursor::held`]).
     starting: std::sync::atomic::AtomicBool,
+    /// While a frame of this session is on its way to a node: the other
+    /// frames (receipts, typing, presence) that arrive meanwhile. They go out
+    /// after the answer, so that, as on one server, a receipt never comes
+    /// before the ack of the message it is about.
+    held: Mutex<Option<Vec<Bytes>>>,
 }
 
 impl PSession {
+    /// A frame that is not a room message.
+    pub fn push_other(&self, bytes: Bytes) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match held.as_mut() {
+            Some(h) => h.push(bytes),
+            None => {
+                self.outbox.push_bytes(bytes);
+            }
+        }
+    }
+
+    fn hold(&self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+
+    fn release(&self) {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for f in held.into_iter().flatten() {
+            self.outbox.push_bytes(f);
+        }
+    }
+
     fn push(&self, bytes: Bytes, room_seq: Option<(RoomId, u64)>) {
         self.outbox.push(OutFrame {
             bytes,
@@ -465,6 +492,7 @@ async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
         outbox: outbox.clone(),
         rooms: Mutex::new(HashMap::new()),
         starting: std::sync::atomic::AtomicBool::new(true),
+        held: Mutex::new(None),
     });
     let mut resumed = Vec::new();
     {
@@ -610,6 +638,7 @@ async fn forward(
     text: Vec<u8>,
 ) {
     let link = &proxy.links[proxy.room_node(room)];
+    s.hold();
     let answer = async {
         let resp = link
             .request(
@@ -658,4 +687,5 @@ async fn forward(
                 .push_bytes(frames::error(e.code, &e.message, client_id, Some(room)));
         }
     }
+    s.release();
 }

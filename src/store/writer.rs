@@ -39,6 +39,14 @@ pub enum Origin {
     Session(Arc<SessionOutbox>),
 }
 
+/// Who to add as a contact.
+pub enum Contact {
+    Name(String),
+    /// By id: any user this node has a record of (on a cluster node, also a
+    /// profile from another node).
+    Id(UserId),
+}
+
 pub enum Op {
     Send {
         room: RoomId,
@@ -63,7 +71,7 @@ pub enum Op {
     },
     AddContact {
         owner: UserId,
-        username: String,
+        who: Contact,
         reply: Reply<(User, bool)>,
     },
     RemoveContact {
@@ -635,15 +643,14 @@ impl GroupCommitWriter {
                 };
                 reply_after_commit(reply, result)
             }
-            Op::AddContact {
-                owner,
-                username,
-                reply,
-            } => {
-                let found = t
-                    .usernames
-                    .get(username.to_lowercase().as_str())?
-                    .map(|g| g.value());
+            Op::AddContact { owner, who, reply } => {
+                let found = match who {
+                    Contact::Name(username) => t
+                        .usernames
+                        .get(username.to_lowercase().as_str())?
+                        .map(|g| g.value()),
+                    Contact::Id(id) => t.users.get(id.0)?.map(|_| id.0),
+                };
                 let result = match found {
                     None => Err(ApiError::user_not_found()),
                     Some(id) if id == owner.0 => Err(ApiError::bad_request(

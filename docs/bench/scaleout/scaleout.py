@@ -37,6 +37,21 @@ def rss_mb(pid):
     return kb / 1024
 
 
+def busy_ticks():  # all CPUs: user+nice+system+irq+softirq+steal
+    f = open("/proc/stat").readline().split()[1:]
+    return sum(int(x) for i, x in enumerate(f) if i not in (3, 4, 8, 9))
+
+
+def wait_idle(limit=0.15, timeout=1200):
+    """Wait until the machine is quiet (another session's build would skew the CPU numbers)."""
+    t0, quiet = time.time(), 0
+    while time.time() - t0 < timeout and quiet < 3:  # three quiet 5 s windows in a row
+        b0 = busy_ticks(); time.sleep(5); cores = (busy_ticks() - b0) / TICK / 5
+        quiet = quiet + 1 if cores < limit else 0
+        if not quiet:
+            print(f"machine busy ({cores:.2f} cores), waiting", file=sys.stderr, flush=True)
+
+
 def stored(port):
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
@@ -59,6 +74,7 @@ def start(cmd, cwd, log, core=None):
 
 
 def one_run(setup, users, rate, duration, pin, out, tag):
+    wait_idle()
     d = os.path.join(ROOT, tag)
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
@@ -98,7 +114,7 @@ def one_run(setup, users, rate, duration, pin, out, tag):
     while bench.poll() is None:
         t = time.time()
         try:
-            s = {"t": t, "stored": sum(stored(p) or 0 for p in node_ports),
+            s = {"t": t, "busy": busy_ticks(), "stored": sum(stored(p) or 0 for p in node_ports),
                  "cpu": {r: cpu_ticks(p) for r, p in pids.items()},
                  "rss": {r: rss_mb(p) for r, p in pids.items()}}
             samples.append(s)
@@ -123,10 +139,13 @@ def one_run(setup, users, rate, duration, pin, out, tag):
     secs = s1["t"] - s0["t"]
     us = {r: (s1["cpu"][r] - s0["cpu"][r]) / TICK * 1e6 / msgs for r in pids}
     cores = {r: (s1["cpu"][r] - s0["cpu"][r]) / TICK / secs for r in pids}
+    mine = sum(s1["cpu"][r] - s0["cpu"][r] for r in pids)
+    other = (s1["busy"] - s0["busy"] - mine) / TICK / secs  # CPU of everything else (incl. softirq)
     res = {"tag": tag, "setup": setup, "users": users, "rate": rate, "duration": duration, "pin": pin,
            "bench_row": row, "window_s": round(secs, 1), "window_msgs": msgs,
            "msgs_per_s": round(msgs / secs), "cpu_us_per_msg": {r: round(v, 1) for r, v in us.items()},
            "cores": {r: round(v, 3) for r, v in cores.items()},
+           "other_cores": round(other, 3),
            "rss_mb_end_of_window": {r: round(v, 1) for r, v in s1["rss"].items()},
            "rss_mb_max": {r: round(max(s["rss"][r] for s in samples), 1) for r in pids}}
     with open(os.path.join(out, f"{tag}.samples.json"), "w") as f:
