@@ -206,18 +206,20 @@ pub enum ClientFrame {
 
 const CLIENT_TYPES: [&str; 5] = ["auth", "send", "read", "typing", "ping"];
 
-async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
-    let max_frame = state.config.limits.max_frame_bytes;
+/// Sets a new connection's limits and reads its first complete message
+/// (answering pings meanwhile); Err on timeout. Futures used only once are
+/// boxed by the callers, so that the session task, which lives as long as the
+/// connection, stays small.
+pub(crate) async fn first_message(
+    ws: &mut WebSocket<Io>,
+    max_frame: usize,
+    timeout: Duration,
+) -> (Result<Incoming_, tokio::time::error::Elapsed>, Reassembler) {
     ws.set_auto_close(false);
     ws.set_auto_pong(false);
     ws.set_max_message_size(max_frame.saturating_add(1));
     let mut asm = Reassembler::new(max_frame);
-
-    // 1. The first message must be a valid `auth`.
-    let timeout = Duration::from_secs(state.config.limits.auth_timeout_secs);
-    // Futures used only once (auth, greeting) are boxed, so that the session
-    // task, which lives as long as the connection, stays small.
-    let first = Box::pin(tokio::time::timeout(timeout, async {
+    let first = tokio::time::timeout(timeout, async {
         loop {
             let frame = ws.read_frame().await;
             match asm.feed(frame) {
@@ -231,7 +233,19 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
                 None => {}
             }
         }
-    }))
+    })
+    .await;
+    (first, asm)
+}
+
+async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
+    // 1. The first message must be a valid `auth`.
+    let timeout = Duration::from_secs(state.config.limits.auth_timeout_secs);
+    let (first, asm) = Box::pin(first_message(
+        &mut ws,
+        state.config.limits.max_frame_bytes,
+        timeout,
+    ))
     .await;
     let (caller, resume) = match first {
         Ok(Incoming_::Text(bytes)) => match authenticate(&state, &bytes) {

@@ -30,7 +30,7 @@ use super::link::{Attached, read_all};
 use crate::api::Body;
 use crate::api::ws::{
     AuthFrame, ClientFrame, FrameWriter, Incoming_, Reassembler, SendBudget, check_origin,
-    explain_bad_frame, text_of, write_loop,
+    explain_bad_frame, first_message, text_of, write_loop,
 };
 use crate::cluster::link::{SESSION_HEADER, USER_HEADER};
 use crate::error::ApiError;
@@ -382,27 +382,12 @@ async fn reject(mut ws: WebSocket<Io>, code: &str, message: &str, close_code: u1
 }
 
 async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
-    let max_frame = proxy.config.limits.max_frame_bytes;
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    ws.set_max_message_size(max_frame.saturating_add(1));
-    let mut asm = Reassembler::new(max_frame);
     let timeout = Duration::from_secs(proxy.config.limits.auth_timeout_secs);
-    let first = Box::pin(tokio::time::timeout(timeout, async {
-        loop {
-            let frame = ws.read_frame().await;
-            match asm.feed(frame) {
-                Some(Incoming_::Ping(p)) => {
-                    let pong = ws.write_frame(Frame::pong(Payload::Owned(p))).await;
-                    if pong.is_err() {
-                        return Incoming_::Gone;
-                    }
-                }
-                Some(m) => return m,
-                None => {}
-            }
-        }
-    }))
+    let (first, asm) = Box::pin(first_message(
+        &mut ws,
+        proxy.config.limits.max_frame_bytes,
+        timeout,
+    ))
     .await;
     let auth: AuthFrame = match first {
         Ok(Incoming_::Text(bytes)) => {
