@@ -2,7 +2,8 @@
 //! people sign up in separate browser contexts, chat live, see ticks, typing
 //! and membership changes, survive a server restart without losing or
 //! duplicating a message, type Korean through an IME, and cannot inject
-//! markup. Controls are found by accessible role and name, so every step
+//! markup, and work the same through `confab proxy` in front of three nodes.
+//! Controls are found by accessible role and name, so every step
 //! also proves the control is labelled. Screenshots of the main screens
 //! (light/dark, desktop/phone) are saved in `target/ui-screenshots/`.
 
@@ -734,6 +735,71 @@ async fn money_sent_from_a_direct_chat_shows_on_both_sides_and_in_the_wallet() {
         WAIT,
     )
     .await;
+    assert_clean(&a, "a");
+    assert_clean(&b, "b");
+}
+
+/// The same UI through `confab proxy` in front of three nodes: two people on
+/// different proxies (and, usually, different nodes) find each other, chat
+/// live with ticks to read, send money, and a reload resumes the chat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_works_the_same_through_proxies_of_a_cluster() {
+    let c = common::cluster::Cluster::start_with(2, "[wallet]\nsignup_bonus = 50000\n").await;
+    let browser = Browser::launch().await;
+    let (a, b) = (page(&browser).await, page(&browser).await);
+    let (url_a, url_b) = (
+        format!("http://{}/", c.proxies[0].addr),
+        format!("http://{}/", c.proxies[1].addr),
+    );
+    let (an, bn) = (uname("pxa"), uname("pxb"));
+    sign_up(&a, &url_a, &an).await;
+    sign_up(&b, &url_b, &bn).await;
+    start_direct(&a, &bn).await;
+    send(&a, "hello through the proxy").await;
+    b.wait_for_role("button", &an, WAIT).await;
+    b.click("button", &an).await;
+    wait_text(&b, "hello through the proxy", WAIT).await;
+    wait_tick(&a, "hello through the proxy", "read", WAIT).await;
+    for (from, to, text) in [(&b, &a, "안녕하세요"), (&a, &b, "fine, thanks")] {
+        send(from, text).await;
+        wait_text(to, text, WAIT).await;
+        wait_tick(from, text, "read", WAIT).await;
+    }
+    // Money: the ledger is on one node, the chat perhaps on another.
+    a.click("button", "Send money").await;
+    a.wait_for(
+        "document.querySelector('dialog .balance')?.textContent === 'Balance: ₩50,000'",
+        LONG,
+    )
+    .await;
+    a.fill("textbox", "Amount", "5000").await;
+    a.click("button", "Send money").await;
+    a.wait_for(
+        "document.querySelector('dialog [role=status].ok')?.textContent === 'Sent ₩5,000.'",
+        WAIT,
+    )
+    .await;
+    a.press("Escape").await;
+    for p in [&a, &b] {
+        p.wait_for(
+            "[...document.querySelectorAll('.log .payment strong')].some(e => e.textContent === '₩5,000')",
+            LONG,
+        )
+        .await;
+    }
+    // A reload resumes through the proxy: the chat, once, in order.
+    b.reload().await;
+    wait_online(&b).await;
+    b.click("button", &an).await;
+    wait_text(&b, "fine, thanks", WAIT).await;
+    let texts = log_texts(&b).await;
+    let want = ["hello through the proxy", "안녕하세요", "fine, thanks"];
+    let got: Vec<&str> = texts
+        .iter()
+        .map(String::as_str)
+        .filter(|t| want.contains(t))
+        .collect();
+    assert_eq!(got, want, "{texts:?}");
     assert_clean(&a, "a");
     assert_clean(&b, "b");
 }

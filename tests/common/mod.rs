@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod cluster;
 
 use std::collections::VecDeque;
 use std::future::Future;

@@ -42,7 +42,7 @@ def busy_ticks():  # all CPUs: user+nice+system+irq+softirq+steal
     return sum(int(x) for i, x in enumerate(f) if i not in (3, 4, 8, 9))
 
 
-def wait_idle(limit=0.15, timeout=1200):
+def wait_idle(limit=0.15, timeout=45):
     """Wait until the machine is quiet (another session's build would skew the CPU numbers)."""
     t0, quiet = time.time(), 0
     while time.time() - t0 < timeout and quiet < 3:  # three quiet 5 s windows in a row
