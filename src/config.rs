@@ -112,6 +112,7 @@ pub struct ClusterConfig {
     pub cluster_secret: String,
     pub cluster_nodes: Vec<String>,
     pub node: String,
+    pub proxy_threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -350,7 +350,17 @@ fn run_serve(args: ServeArgs, proxy: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
+    let builder = match config.cluster.proxy_threads {
+        1 if proxy => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if proxy && n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    let runtime = match runtime(builder) {
         Ok(r) => r,
         Err(code) => return code,
     };

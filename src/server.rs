@@ -140,7 +140,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     });
 
     // The one line tests and scripts wait for.
-    println!("confab listening on http://{local}");
+    say(&format!("confab listening on http://{local}"));
     if state.store.has_no_users().unwrap_or(false) {
         // First start: say where to go (a wildcard address is reachable
         // locally on loopback).
@@ -148,9 +148,9 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         if open.ip().is_unspecified() {
             open.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        println!(
+        say(&format!(
             "first start: open http://{open}/ in a browser and sign up to create the first user"
-        );
+        ));
     }
     tracing::info!(%local, data_dir = %data_dir.display(), "confab ready");
 
@@ -276,6 +276,16 @@ async fn drive<C, E>(
             let _ = conn.await;
         }
     }
+}
+
+/// A line on standard output for the operator (and the tests and scripts
+/// that wait for it). A closed stdout is not a reason to stop serving, so
+/// write errors are ignored (`println!` would panic on them).
+pub fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }
 
 pub async fn shutdown_signal() {

@@ -128,6 +128,7 @@ mod tests {
             cluster_secret: secret.into(),
             cluster_nodes: nodes.iter().map(|s| s.to_string()).collect(),
             node: node.into(),
+            proxy_threads: 1,
         }
     }
 

@@ -55,7 +55,10 @@ struct Cursor {
     /// Frames past a gap; None: the session's own message (its ack went out).
     pending: BTreeMap<u64, Option<Bytes>>,
     fetching: bool,
-    timer: bool,
+    /// A gap timer is armed: the `high` it saw. When it fires it fetches only
+    /// if nothing moved since (a gap that keeps closing by itself is not a
+    /// stuck one).
+    timer: Option<u64>,
     /// Created by an event while the session was starting: held until the
     /// nodes say where the room stood when the session attached.
     held: bool,
@@ -67,7 +70,7 @@ impl Cursor {
             high,
             pending: BTreeMap::new(),
             fetching: false,
-            timer: false,
+            timer: None,
             held: false,
         }
     }
@@ -86,6 +89,10 @@ pub struct PSession {
     /// after the answer, so that, as on one server, a receipt never comes
     /// before the ack of the message it is about.
     held: Mutex<Option<Vec<Bytes>>>,
+    /// The `client_id` of this session's send on its way to a node: if a
+    /// catch-up meets the message before its ack arrives, it is the
+    /// session's own and is not delivered as a `message`.
+    inflight: Mutex<Option<String>>,
 }
 
 impl PSession {
@@ -157,8 +164,15 @@ impl PSession {
             self.outbox.kick(close::TOO_SLOW);
             return;
         }
-        if !c.fetching && !c.timer {
-            c.timer = true;
+        if !c.fetching {
+            self.arm(proxy, room, c);
+        }
+    }
+
+    /// Arms the room's gap timer (once).
+    fn arm(self: &Arc<Self>, proxy: &Arc<Proxy>, room: RoomId, c: &mut Cursor) {
+        if c.timer.is_none() {
+            c.timer = Some(c.high);
             let (s, p) = (self.clone(), proxy.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(GAP_WAIT).await;
@@ -184,13 +198,8 @@ impl PSession {
             c.held = false;
             c.fetching = false;
             self.drain(room, c);
-            if !c.pending.is_empty() && !c.timer {
-                c.timer = true;
-                let (s, p) = (self.clone(), proxy.clone());
-                tokio::spawn(async move {
-                    tokio::time::sleep(GAP_WAIT).await;
-                    s.gap_timer(&p, room);
-                });
+            if !c.pending.is_empty() {
+                self.arm(proxy, room, c);
             }
         }
         self.starting
@@ -219,10 +228,17 @@ impl PSession {
         let Some(c) = rooms.get_mut(&room) else {
             return;
         };
-        c.timer = false;
-        if !c.fetching && !c.pending.is_empty() {
+        let armed = c.timer.take();
+        if c.fetching || c.pending.is_empty() {
+            return;
+        }
+        if armed == Some(c.high) {
+            // Stuck for a whole GAP_WAIT: fetch the gap.
             c.fetching = true;
             tokio::spawn(catch_up(proxy.clone(), self.clone(), room));
+        } else {
+            // It moved; a newer gap gets its own full wait.
+            self.arm(proxy, room, c);
         }
     }
 
@@ -261,11 +277,13 @@ async fn catch_up(proxy: Arc<Proxy>, s: Arc<PSession>, room: RoomId) {
         match fetched {
             Ok(messages) => {
                 let n = messages.len();
-                for (seq, frame) in messages {
+                let inflight = s.inflight.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for (seq, own_id, frame) in messages {
                     if seq <= c.high {
                         continue;
                     }
-                    if c.pending.remove(&seq) != Some(None) {
+                    let mine = own_id.is_some() && own_id == inflight;
+                    if c.pending.remove(&seq) != Some(None) && !mine {
                         s.push(frame, Some((room, seq)));
                     }
                     c.high = seq;
@@ -273,13 +291,8 @@ async fn catch_up(proxy: Arc<Proxy>, s: Arc<PSession>, room: RoomId) {
                 s.drain(room, c);
                 if n < FETCH {
                     c.fetching = false;
-                    if !c.pending.is_empty() && !c.timer {
-                        c.timer = true;
-                        let (s2, p2) = (s.clone(), proxy.clone());
-                        tokio::spawn(async move {
-                            tokio::time::sleep(GAP_WAIT).await;
-                            s2.gap_timer(&p2, room);
-                        });
+                    if !c.pending.is_empty() {
+                        s.arm(&proxy, room, c);
                     }
                     return;
                 }
@@ -305,13 +318,14 @@ async fn catch_up(proxy: Arc<Proxy>, s: Arc<PSession>, room: RoomId) {
 }
 
 impl Proxy {
-    /// Messages of `room` after `after`, as `message` frames.
+    /// Messages of `room` after `after`, as `message` frames, each with its
+    /// `client_id` when `user` sent it.
     async fn history(
         &self,
         user: UserId,
         room: RoomId,
         after: u64,
-    ) -> Result<Vec<(u64, Bytes)>, ApiError> {
+    ) -> Result<Vec<(u64, Option<String>, Bytes)>, ApiError> {
         let link = &self.links[self.room_node(room)];
         let resp = link
             .request(
@@ -334,11 +348,20 @@ impl Proxy {
         let mut out = Vec::with_capacity(h.messages.len());
         for mut m in h.messages {
             let seq = m.get("seq").and_then(|v| v.as_u64()).unwrap_or(0);
+            let me = user.to_string();
+            let own = (m.get("from").and_then(|v| v.as_str()) == Some(me.as_str()))
+                .then(|| {
+                    m.get("client_id")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string)
+                })
+                .flatten();
             let mut obj = serde_json::Map::new();
             obj.insert("type".into(), "message".into());
             obj.append(&mut m);
             out.push((
                 seq,
+                own,
                 Bytes::from(serde_json::to_vec(&obj).unwrap_or_default()),
             ));
         }
@@ -478,6 +501,7 @@ async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
         rooms: Mutex::new(HashMap::new()),
         starting: std::sync::atomic::AtomicBool::new(true),
         held: Mutex::new(None),
+        inflight: Mutex::new(None),
     });
     let mut resumed = Vec::new();
     {
@@ -624,6 +648,7 @@ async fn forward(
 ) {
     let link = &proxy.links[proxy.room_node(room)];
     s.hold();
+    *s.inflight.lock().unwrap_or_else(|e| e.into_inner()) = client_id.map(str::to_string);
     let answer = async {
         let resp = link
             .request(
@@ -672,5 +697,6 @@ async fn forward(
                 .push_bytes(frames::error(e.code, &e.message, client_id, Some(room)));
         }
     }
+    *s.inflight.lock().unwrap_or_else(|e| e.into_inner()) = None;
     s.release();
 }
