@@ -62,6 +62,9 @@ pub struct SessionOutbox {
     pub ready: Notify,
     /// Wakes the session writer when the session must close.
     pub kick_notify: Notify,
+    /// A proxy's session on a cluster node: frames go down the proxy's event
+    /// stream, addressed to that session alone.
+    forward: Option<Arc<ProxyLink>>,
 }
 
 impl SessionOutbox {
@@ -76,12 +79,41 @@ impl SessionOutbox {
             kick_code: AtomicU16::new(close::NORMAL),
             ready: Notify::new(),
             kick_notify: Notify::new(),
+            forward: None,
+        })
+    }
+
+    /// The node-side stand-in of a proxy's session `id` (the proxy's own
+    /// number, [`REMOTE_SESSION`] set): what is pushed to it (acks, errors,
+    /// pongs) goes down `link` to that session only, in order with the
+    /// link's other events.
+    pub fn forwarding(id: u64, user: UserId, link: Arc<ProxyLink>) -> Arc<Self> {
+        Arc::new(SessionOutbox {
+            id: REMOTE_SESSION | id,
+            user,
+            jti: String::new(),
+            queue: Mutex::new(VecDeque::new()),
+            capacity: 0,
+            kicked: AtomicBool::new(false),
+            kick_code: AtomicU16::new(close::NORMAL),
+            ready: Notify::new(),
+            kick_notify: Notify::new(),
+            forward: Some(link),
         })
     }
 
     /// Queues a frame without waiting. A full queue kicks the session (4008).
     /// Returns whether the frame was queued.
     pub fn push(&self, frame: OutFrame) -> bool {
+        if let Some(link) = &self.forward {
+            link.push(LinkEvent::Frame {
+                frame,
+                to: vec![self.user],
+                skip: None,
+                only: Some(self.id & !REMOTE_SESSION),
+            });
+            return !link.is_closed();
+        }
         if self.kicked.load(Ordering::Relaxed) {
             return false;
         }
@@ -140,11 +172,13 @@ pub const REMOTE_SESSION: u64 = 1 << 63;
 
 /// What goes down a proxy's event stream.
 pub enum LinkEvent {
-    /// A frame for `to` (the proxy's attached users), minus session `skip`.
+    /// A frame for `to` (the proxy's attached users), minus session `skip`;
+    /// or, with `only`, for that one proxy session of `to` (its ack, error).
     Frame {
         frame: OutFrame,
         to: Vec<UserId>,
         skip: Option<u64>,
+        only: Option<u64>,
     },
     /// A token was revoked (logout): every proxy must refuse it from now on.
     Revoke { jti: String, exp: i64 },
@@ -188,6 +222,7 @@ impl ProxyLink {
                 frame: last,
                 to,
                 skip: last_skip,
+                only: None,
             }) = q.last_mut()
                 && last.bytes.as_ptr() == frame.bytes.as_ptr()
                 && last.bytes.len() == frame.bytes.len()
@@ -213,6 +248,7 @@ impl ProxyLink {
                 frame: frame.clone(),
                 to: vec![user],
                 skip,
+                only: None,
             });
         }
         self.ready.notify_one();

@@ -12,8 +12,6 @@ pub const AUDIENCE: &str = "confab-link";
 pub const HEADER: &str = "x-confab-link";
 /// Header naming the user a link request acts for.
 pub const USER_HEADER: &str = "x-confab-user";
-/// Header naming the proxy session a forwarded frame comes from.
-pub const SESSION_HEADER: &str = "x-confab-session";
 /// Header naming the client's address on a forwarded login.
 pub const CLIENT_IP_HEADER: &str = "x-confab-client-ip";
 /// How long a link token is valid; proxies renew it well before.

@@ -11,9 +11,11 @@
 //!   peers of their direct chats here) and `user\tH\troom\tseq` lines: each
 //!   of their rooms here with its highest seq, read after the attach, so
 //!   every later message reaches the proxy as an event.
-//! - `POST /cluster/v1/frame`: runs one client frame (`send`, `read`,
-//!   `typing`) for user `x-confab-user`, proxy session `x-confab-session`;
-//!   answers the frames for that session (the ack, or an error), one a line.
+//! - `POST /cluster/v1/frames`: the proxy's stream of client frames
+//!   (`send`, `read`, `typing`), one line each: `session\tuser\tframe`. Each
+//!   runs as the node runs its own sessions' frames; the answer (ack, error)
+//!   goes down the event stream with `"only":session`, in order with the
+//!   receipts and messages it precedes on a single node.
 //! - `POST /cluster/v1/profiles`: `{"users":[…]}` stores profile-only
 //!   records of members who live on other nodes.
 //! - `POST /cluster/v1/payment`, `POST /cluster/v1/credit`: another node's
@@ -28,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -39,7 +41,7 @@ use crate::api::{AppState, Body, no_content};
 use crate::cluster::outbox::OutboxItem;
 use crate::error::ApiError;
 use crate::frames;
-use crate::hub::{LinkEvent, ProxyLink, REMOTE_SESSION, SessionOutbox};
+use crate::hub::{LinkEvent, ProxyLink, SessionOutbox};
 use crate::ids::UserId;
 use crate::store::User;
 use crate::store::writer::Op;
@@ -68,7 +70,7 @@ pub async fn route(
             ("/cluster/v1/events", Ok(events(state, proxy)))
         }
         ["attach"] if post => ("/cluster/v1/attach", attach(state, &proxy, req).await),
-        ["frame"] if post => ("/cluster/v1/frame", frame(state, req).await),
+        ["frames"] if post => ("/cluster/v1/frames", frames(state, &proxy, req)),
         ["profiles"] if post => ("/cluster/v1/profiles", profiles(state, req).await),
         ["payment"] if post => ("/cluster/v1/payment", payment(state, req).await),
         ["credit"] if post => ("/cluster/v1/credit", credit(state, req).await),
@@ -157,7 +159,12 @@ async fn pump(
 fn encode(buf: &mut Vec<u8>, e: &LinkEvent) {
     use std::io::Write;
     match e {
-        LinkEvent::Frame { frame, to, skip } => {
+        LinkEvent::Frame {
+            frame,
+            to,
+            skip,
+            only,
+        } => {
             buf.extend_from_slice(b"{\"to\":[");
             for (i, u) in to.iter().enumerate() {
                 if i > 0 {
@@ -168,6 +175,9 @@ fn encode(buf: &mut Vec<u8>, e: &LinkEvent) {
             buf.push(b']');
             if let Some(s) = skip {
                 let _ = write!(buf, ",\"skip\":{s}");
+            }
+            if let Some(s) = only {
+                let _ = write!(buf, ",\"only\":{s}");
             }
             if let Some((room, seq)) = frame.room_seq {
                 let _ = write!(buf, ",\"room\":\"{room}\",\"seq\":{seq}");
@@ -193,14 +203,6 @@ fn drop_link(state: &AppState, link: &ProxyLink) {
     for user in gone {
         went_offline(state, user);
     }
-}
-
-async fn body_bytes(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|_| ApiError::bad_request("bad_request", "could not read the request body"))
 }
 
 #[derive(Deserialize)]
@@ -254,55 +256,67 @@ async fn attach(
     Ok(ndjson(Body::full(out)))
 }
 
-fn header_u64(req: &Request<Incoming>, name: &str) -> Option<u64> {
-    req.headers().get(name)?.to_str().ok()?.parse().ok()
-}
-
-async fn frame(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let user: UserId = req
-        .headers()
-        .get(crate::cluster::link::USER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| ApiError::bad_request("bad_request", "x-confab-user is required"))?;
-    let session = header_u64(&req, crate::cluster::link::SESSION_HEADER).unwrap_or(0);
-    let text = body_bytes(
-        req,
-        state.config.limits.max_frame_bytes.saturating_add(1024),
-    )
-    .await?;
-    let outbox = SessionOutbox::new(REMOTE_SESSION | session, user, String::new(), 16);
-    let parsed: Result<ClientFrame, _> = serde_json::from_slice(&text);
-    match parsed {
-        Ok(f) => {
-            let is_send = matches!(f, ClientFrame::Send { .. });
-            execute(state, &outbox, None, user, f).await;
-            if is_send {
-                // The ack (or error) comes once the message is durable.
-                let wait = async {
-                    while outbox.is_empty() {
-                        outbox.ready.notified().await;
-                    }
-                };
-                if tokio::time::timeout(Duration::from_secs(30), wait)
-                    .await
-                    .is_err()
-                {
-                    return Err(ApiError::busy("the store did not answer in time"));
-                }
+/// The proxy's stream of client frames: one line per frame,
+/// `session\tuser\tframe`, run in order as the node runs its own sessions'
+/// frames; what each answers (ack, error, pong) goes down the proxy's event
+/// stream to that session. The response stays open (and empty) as long as
+/// the stream.
+fn frames(
+    state: &Arc<AppState>,
+    proxy: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let link = state.hub.link(proxy).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_link",
+            "open the event stream (/cluster/v1/events) first",
+        )
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let state = state.clone();
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        let _open = tx;
+        let max = state.config.limits.max_frame_bytes.saturating_add(1024);
+        let mut buf = bytes::BytesMut::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line = buf.split_to(nl + 1);
+                run_line(&state, &link, &line[..nl]).await;
+            }
+            if buf.len() > max || link.is_closed() {
+                break;
             }
         }
+    });
+    Ok(ndjson(Body::stream(rx)))
+}
+
+async fn run_line(state: &AppState, link: &Arc<ProxyLink>, line: &[u8]) {
+    let mut parts = line.splitn(3, |&b| b == b'\t');
+    let (Some(session), Some(user), Some(text)) = (parts.next(), parts.next(), parts.next()) else {
+        return;
+    };
+    let parse = |b: &[u8]| std::str::from_utf8(b).ok().map(str::to_string);
+    let (Some(session), Some(user)) = (
+        parse(session).and_then(|s| s.parse::<u64>().ok()),
+        parse(user).and_then(|u| u.parse::<UserId>().ok()),
+    ) else {
+        return;
+    };
+    let outbox = SessionOutbox::forwarding(session, user, link.clone());
+    match serde_json::from_slice::<ClientFrame>(text) {
+        Ok(f) => execute(state, &outbox, None, user, f).await,
         Err(_) => {
-            let (code, message, client_id) = explain_bad_frame(&text);
+            let (code, message, client_id) = explain_bad_frame(text);
             outbox.push_bytes(frames::error(code, &message, client_id.as_deref(), None));
         }
     }
-    let mut out = Vec::new();
-    for f in outbox.take() {
-        out.extend_from_slice(&f.bytes);
-        out.push(b'\n');
-    }
-    Ok(ndjson(Body::full(out)))
 }
 
 #[derive(Deserialize)]

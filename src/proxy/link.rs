@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::client::conn::http2;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -22,7 +22,7 @@ use crate::cluster::{Node, link};
 use crate::error::ApiError;
 use crate::ids::{RoomId, UserId};
 
-type Sender = http2::SendRequest<Full<Bytes>>;
+type Sender = http2::SendRequest<crate::api::Body>;
 
 /// A user attached (true) or detached (false) on the node, with an answer
 /// channel for what the node says about an attached user.
@@ -52,6 +52,9 @@ pub struct Link {
     pub reconnects: AtomicU64,
     pub last_error: Mutex<String>,
     attach_tx: mpsc::UnboundedSender<AttachCmd>,
+    /// The open stream of client frames to the node (see
+    /// [`crate::cluster::node`], `/cluster/v1/frames`).
+    frames: Mutex<Option<mpsc::Sender<Bytes>>>,
 }
 
 /// How long a forwarded request may take before it counts as failed.
@@ -85,6 +88,7 @@ impl Link {
             reconnects: AtomicU64::new(0),
             last_error: Mutex::new(String::new()),
             attach_tx,
+            frames: Mutex::new(None),
         });
         (link, rx)
     }
@@ -112,6 +116,21 @@ impl Link {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Queues one client frame line for the node's frame stream; its answer
+    /// comes back on the event stream.
+    pub fn send_frame(&self, line: Bytes) -> Result<(), ApiError> {
+        let frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        match frames.as_ref() {
+            Some(tx) if self.is_up() => tx.try_send(line).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    ApiError::busy("the link to the node is full; try again")
+                }
+                mpsc::error::TrySendError::Closed(_) => node_unavailable(&self.node.id),
+            }),
+            _ => Err(node_unavailable(&self.node.id)),
+        }
     }
 
     /// Queues attach/detach operations (applied on the node in order).
@@ -143,7 +162,7 @@ impl Link {
             req = req.header(*k, v.as_str());
         }
         let req = req
-            .body(Full::new(body))
+            .body(crate::api::Body::full(body))
             .map_err(|e| ApiError::bad_request("bad_request", format!("bad request: {e}")))?;
         let started = Instant::now();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -193,6 +212,9 @@ pub async fn run(proxy: Arc<Proxy>, link: Arc<Link>) {
         }
         link.up.store(false, Ordering::Release);
         *link.sender.write().unwrap_or_else(|e| e.into_inner()) = None;
+        *link.frames.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Sends on their way to the node will get no answer: say so.
+        proxy.fail_inflight(link.index);
         metrics::gauge!("confab_proxy_node_up", "node" => link.node.id.clone()).set(0.0);
         if started.elapsed() > Duration::from_secs(10) {
             backoff = BACKOFF_MIN;
@@ -227,7 +249,7 @@ async fn connect_once(proxy: &Arc<Proxy>, link: &Arc<Link>) -> Result<(), String
         .method(Method::GET)
         .uri(format!("http://{addr}/cluster/v1/events"))
         .header(link::HEADER, proxy.link_token())
-        .body(Full::new(Bytes::new()))
+        .body(crate::api::Body::empty())
         .map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(Duration::from_secs(5), events_sender.send_request(req))
         .await
@@ -236,6 +258,28 @@ async fn connect_once(proxy: &Arc<Proxy>, link: &Arc<Link>) -> Result<(), String
     if resp.status() != StatusCode::OK {
         return Err(format!("the event stream was refused: {}", resp.status()));
     }
+    // The stream of client frames, one request body for the link's life
+    // (opened after the event stream, which the node needs first).
+    let (frames_tx, frames_rx) = mpsc::channel::<Bytes>(8192);
+    let mut frames_sender = sender.clone();
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{addr}/cluster/v1/frames"))
+        .header(link::HEADER, proxy.link_token())
+        .body(crate::api::Body::stream(frames_rx))
+        .map_err(|e| e.to_string())?;
+    let frames_resp = tokio::time::timeout(Duration::from_secs(5), frames_sender.send_request(req))
+        .await
+        .map_err(|_| "the frame stream did not open in time".to_string())?
+        .map_err(|e| format!("cannot open the frame stream: {e}"))?;
+    if frames_resp.status() != StatusCode::OK {
+        return Err(format!(
+            "the frame stream was refused: {}",
+            frames_resp.status()
+        ));
+    }
+    let _frames_open = frames_resp;
+    *link.frames.lock().unwrap_or_else(|e| e.into_inner()) = Some(frames_tx);
     *link.sender.write().unwrap_or_else(|e| e.into_inner()) = Some(sender);
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
@@ -269,6 +313,7 @@ impl Drop for AbortOnDrop {
 struct Head {
     to: Vec<UserId>,
     skip: Option<u64>,
+    only: Option<u64>,
     room: Option<RoomId>,
     seq: Option<u64>,
 }
@@ -299,6 +344,10 @@ fn on_line(proxy: &Arc<Proxy>, link: &Arc<Link>, line: Bytes) {
             return;
         };
         let frame = line.slice(tab + 1..);
+        if let Some(session) = head.only {
+            proxy.answer(&head.to, session, frame);
+            return;
+        }
         let room_seq = head.room.zip(head.seq);
         proxy.fan_out(&head.to, head.skip, frame, room_seq);
         return;

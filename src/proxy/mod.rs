@@ -126,6 +126,35 @@ impl Proxy {
         metrics::counter!("confab_proxy_frames_delivered_total").increment(n);
     }
 
+    /// A node's answer to the frame of one session (`session`, a user of `to`).
+    pub fn answer(self: &Arc<Self>, to: &[UserId], session: u64, frame: Bytes) {
+        let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+        for u in to {
+            if let Some(s) = sessions
+                .get(u)
+                .into_iter()
+                .flatten()
+                .find(|s| s.id == session)
+            {
+                s.answer(self, frame);
+                return;
+            }
+        }
+    }
+
+    /// The link to node `node` went down: every send on its way there is
+    /// answered `node_unavailable` (it may have been stored: a resend with
+    /// the same client_id answers its seq).
+    pub fn fail_inflight(&self, node: usize) {
+        let sessions: Vec<Arc<PSession>> = {
+            let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+            map.values().flatten().cloned().collect()
+        };
+        for s in sessions {
+            s.fail_inflight(self, node);
+        }
+    }
+
     fn register(&self, s: &Arc<PSession>) {
         let mut map = self.sessions.write().unwrap_or_else(|e| e.into_inner());
         map.entry(s.user).or_default().push(s.clone());

@@ -32,7 +32,7 @@ use crate::api::ws::{
     AuthFrame, ClientFrame, FrameWriter, Incoming_, Reassembler, SendBudget, check_origin,
     explain_bad_frame, first_message, text_of, write_loop,
 };
-use crate::cluster::link::{SESSION_HEADER, USER_HEADER};
+use crate::cluster::link::USER_HEADER;
 use crate::error::ApiError;
 use crate::frames::{self, ServerFrame};
 use crate::hub::{OutFrame, SessionOutbox, close};
@@ -84,37 +84,53 @@ pub struct PSession {
     rooms: Mutex<HashMap<RoomId, Cursor>>,
     /// Until the attach answers are in (see [`Cursor::held`]).
     starting: std::sync::atomic::AtomicBool,
-    /// While a frame of this session is on its way to a node: the other
-    /// frames (receipts, typing, presence) that arrive meanwhile. They go out
-    /// after the answer, so that, as on one server, a receipt never comes
-    /// before the ack of the message it is about.
-    held: Mutex<Option<Vec<Bytes>>>,
-    /// The `client_id` of this session's send on its way to a node: if a
-    /// catch-up meets the message before its ack arrives, it is the
-    /// session's own and is not delivered as a `message`.
-    inflight: Mutex<Option<String>>,
+    /// This session's sends on their way to a node: client_id → room. A
+    /// catch-up that meets one before its ack does not deliver it as a
+    /// `message`; a link that goes down answers them `node_unavailable`.
+    inflight: Mutex<HashMap<String, RoomId>>,
 }
 
 impl PSession {
     /// A frame that is not a room message.
     pub fn push_other(&self, bytes: Bytes) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        match held.as_mut() {
-            Some(h) => h.push(bytes),
-            None => {
-                self.outbox.push_bytes(bytes);
-            }
+        self.outbox.push_bytes(bytes);
+    }
+
+    /// The node's answer to one of this session's frames (an ack, an
+    /// error, a pong), in order with the room's other events.
+    pub fn answer(self: &Arc<Self>, proxy: &Arc<Proxy>, frame: Bytes) {
+        let a: Answer = serde_json::from_slice(&frame).unwrap_or_default();
+        if let Some(c) = &a.client_id {
+            self.inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(c);
+        }
+        self.outbox.push_bytes(frame);
+        if a.kind == "ack"
+            && let (Some(room), Some(seq)) = (a.room, a.seq)
+        {
+            self.deliver(proxy, room, seq, None);
         }
     }
 
-    fn hold(&self) {
-        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
-    }
-
-    fn release(&self) {
-        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
-        for f in held.into_iter().flatten() {
-            self.outbox.push_bytes(f);
+    /// The link to `node` went down: its sends in flight get no ack.
+    pub fn fail_inflight(&self, proxy: &Proxy, node: usize) {
+        let failed: Vec<(String, RoomId)> = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<String> = inflight
+                .iter()
+                .filter(|(_, r)| proxy.room_node(**r) == node)
+                .map(|(c, _)| c.clone())
+                .collect();
+            gone.into_iter()
+                .filter_map(|c| inflight.remove(&c).map(|r| (c, r)))
+                .collect()
+        };
+        let e = super::link::node_unavailable(&proxy.links[node].node.id);
+        for (c, room) in failed {
+            self.outbox
+                .push_bytes(frames::error(e.code, &e.message, Some(&c), Some(room)));
         }
     }
 
@@ -282,7 +298,7 @@ async fn catch_up(proxy: Arc<Proxy>, s: Arc<PSession>, room: RoomId) {
                     if seq <= c.high {
                         continue;
                     }
-                    let mine = own_id.is_some() && own_id == inflight;
+                    let mine = own_id.as_ref().is_some_and(|c| inflight.contains_key(c));
                     if c.pending.remove(&seq) != Some(None) && !mine {
                         s.push(frame, Some((room, seq)));
                     }
@@ -500,8 +516,7 @@ async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
         outbox: outbox.clone(),
         rooms: Mutex::new(HashMap::new()),
         starting: std::sync::atomic::AtomicBool::new(true),
-        held: Mutex::new(None),
-        inflight: Mutex::new(None),
+        inflight: Mutex::new(HashMap::new()),
     });
     let mut resumed = Vec::new();
     {
@@ -626,77 +641,49 @@ async fn read_loop(
             error(e.code, &e.message, client_id.as_deref(), None);
             continue;
         };
-        Box::pin(forward(proxy, s, room, client_id.as_deref(), text)).await;
+        forward(proxy, s, room, client_id.as_deref(), text);
     }
 }
 
-#[derive(Deserialize)]
-struct AckHead {
-    #[serde(rename = "type")]
+/// The parts of a node's answer a session looks at.
+#[derive(Deserialize, Default)]
+struct Answer {
+    #[serde(rename = "type", default)]
     kind: String,
     room: Option<RoomId>,
     seq: Option<u64>,
+    client_id: Option<String>,
 }
 
-/// Runs a client frame on the room's node; its answer goes to the session.
-async fn forward(
+/// Sends a client frame to the room's node, on the link's frame stream; the
+/// answer comes back as an event ([`PSession::answer`]).
+fn forward(
     proxy: &Arc<Proxy>,
     s: &Arc<PSession>,
     room: RoomId,
     client_id: Option<&str>,
     text: Vec<u8>,
 ) {
+    use std::io::Write;
     let link = &proxy.links[proxy.room_node(room)];
-    s.hold();
-    *s.inflight.lock().unwrap_or_else(|e| e.into_inner()) = client_id.map(str::to_string);
-    let answer = async {
-        let resp = link
-            .request(
-                proxy,
-                Method::POST,
-                "/cluster/v1/frame",
-                &[
-                    (USER_HEADER, s.user.to_string()),
-                    (SESSION_HEADER, s.id.to_string()),
-                ],
-                Bytes::from(text),
-            )
-            .await?;
-        let (status, _, body) = read_all(resp).await?;
-        if status != StatusCode::OK {
-            let e: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let message = e["message"]
-                .as_str()
-                .unwrap_or("the node refused the frame");
-            return Err(ApiError::new(status, "node_error", message.to_string()));
-        }
-        Ok(body)
+    let mut line = Vec::with_capacity(text.len() + 48);
+    let _ = write!(line, "{}\t{}\t", s.id, s.user);
+    line.extend_from_slice(&text);
+    line.push(b'\n');
+    if let Some(c) = client_id {
+        s.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(c.to_string(), room);
     }
-    .await;
-    match answer {
-        Ok(body) => {
-            for line in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                let line = body.slice_ref(line);
-                if line.starts_with(b"{\"type\":\"ack\"")
-                    && let Ok(AckHead {
-                        kind,
-                        room: Some(r),
-                        seq: Some(seq),
-                    }) = serde_json::from_slice::<AckHead>(&line)
-                    && kind == "ack"
-                {
-                    s.outbox.push_bytes(line);
-                    s.deliver(proxy, r, seq, None);
-                } else {
-                    s.outbox.push_bytes(line);
-                }
-            }
+    if let Err(e) = link.send_frame(Bytes::from(line)) {
+        if let Some(c) = client_id {
+            s.inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(c);
         }
-        Err(e) => {
-            s.outbox
-                .push_bytes(frames::error(e.code, &e.message, client_id, Some(room)));
-        }
+        s.outbox
+            .push_bytes(frames::error(e.code, &e.message, client_id, Some(room)));
     }
-    *s.inflight.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    s.release();
 }
