@@ -205,6 +205,17 @@ fn drop_link(state: &AppState, link: &ProxyLink) {
     }
 }
 
+/// The proxy's current event stream (attach and frames need it).
+fn current_link(state: &AppState, proxy: &str) -> Result<Arc<ProxyLink>, ApiError> {
+    state.hub.link(proxy).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_link",
+            "open the event stream (/cluster/v1/events) first",
+        )
+    })
+}
+
 #[derive(Deserialize)]
 struct AttachBody {
     ops: Vec<(String, UserId)>,
@@ -216,13 +227,7 @@ async fn attach(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let body: AttachBody = crate::api::read_json(state, req).await?;
-    let link = state.hub.link(proxy).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "no_link",
-            "open the event stream (/cluster/v1/events) first",
-        )
-    })?;
+    let link = current_link(state, proxy)?;
     let mut out = Vec::new();
     for (op, user) in body.ops {
         match op.as_str() {
@@ -266,13 +271,7 @@ fn frames(
     proxy: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let link = state.hub.link(proxy).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "no_link",
-            "open the event stream (/cluster/v1/events) first",
-        )
-    })?;
+    let link = current_link(state, proxy)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
     let state = state.clone();
     let mut body = req.into_body();
