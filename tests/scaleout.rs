@@ -467,7 +467,7 @@ fn check_history(history: &[Value], acked: &[(String, u64)], what: &str) -> u64 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_takes_down_only_its_rooms_and_loses_nothing() {
-    let mut c = Cluster::start(1).await;
+    let mut c = Cluster::start(2).await;
     let api = c.api(0);
     // Pairs in direct rooms, until every node holds a room.
     let mut pairs = Vec::new();
@@ -494,8 +494,9 @@ async fn a_killed_node_takes_down_only_its_rooms_and_loses_nothing() {
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for (i, (a, b, room)) in pairs.iter().enumerate() {
+        // Senders on one proxy, receivers on the other.
         let wa = Ws::connect_auth(c.proxies[0].addr, &a.token).await;
-        receivers.push(Ws::connect_auth(c.proxies[0].addr, &b.token).await);
+        receivers.push(Ws::connect_auth(c.proxies[1].addr, &b.token).await);
         senders.push(tokio::spawn(send_loop(
             wa,
             room.clone(),
@@ -525,6 +526,7 @@ async fn a_killed_node_takes_down_only_its_rooms_and_loses_nothing() {
     c.nodes[victim].spawn();
     let restarted = Instant::now();
     c.wait_links(0, 3).await;
+    c.wait_links(1, 3).await;
     let mut outcomes = Vec::new();
     for s in senders {
         outcomes.push(s.await.expect("sender").1);
