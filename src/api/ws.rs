@@ -36,11 +36,14 @@ use crate::store::writer::{Op, Origin};
 type Io = TokioIo<Upgraded>;
 type Reader = WebSocketRead<ReadHalf<Io>>;
 
-pub async fn upgrade(
-    state: &Arc<AppState>,
+/// Checks a WebSocket upgrade request (origin, headers); answers the
+/// 101 response and the future of the upgraded connection. Shared with the
+/// proxy.
+pub(crate) fn accept(
+    allowed_origins: &[String],
     mut req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    check_origin(&state.config.server.allowed_origins, &req)?;
+) -> Result<(Response<Body>, fastwebsockets::upgrade::UpgradeFut), ApiError> {
+    check_origin(allowed_origins, &req)?;
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return Err(ApiError::bad_request(
             "bad_request",
@@ -49,6 +52,14 @@ pub async fn upgrade(
     }
     let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| ApiError::bad_request("bad_request", format!("bad WebSocket upgrade: {e}")))?;
+    Ok((resp.map(|_| Body::empty()), fut))
+}
+
+pub async fn upgrade(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let (resp, fut) = accept(&state.config.server.allowed_origins, req)?;
     let slot = super::ConnectionSlot::take(state);
     let state = state.clone();
     let task = async move {
@@ -66,11 +77,11 @@ pub async fn upgrade(
         task,
         tracing::Span::current(),
     ));
-    Ok(resp.map(|_| Body::empty()))
+    Ok(resp)
 }
 
 /// Browsers send `Origin`; it must be the page's own origin or configured.
-pub(crate) fn check_origin(allowed: &[String], req: &Request<Incoming>) -> Result<(), ApiError> {
+fn check_origin(allowed: &[String], req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(origin) = req.headers().get("origin").and_then(|v| v.to_str().ok()) else {
         return Ok(());
     };
@@ -178,10 +189,10 @@ impl Reassembler {
 }
 
 #[derive(Deserialize)]
-pub(crate) struct AuthFrame {
-    pub token: String,
+struct AuthFrame {
+    token: String,
     #[serde(default)]
-    pub resume: HashMap<String, u64>,
+    resume: HashMap<String, u64>,
 }
 
 /// A client → server frame (docs/PROTOCOL.md). Public for the benches.
@@ -207,10 +218,8 @@ pub enum ClientFrame {
 const CLIENT_TYPES: [&str; 5] = ["auth", "send", "read", "typing", "ping"];
 
 /// Sets a new connection's limits and reads its first complete message
-/// (answering pings meanwhile); Err on timeout. Futures used only once are
-/// boxed by the callers, so that the session task, which lives as long as the
-/// connection, stays small.
-pub(crate) async fn first_message(
+/// (answering pings meanwhile); Err on timeout.
+async fn first_message(
     ws: &mut WebSocket<Io>,
     max_frame: usize,
     timeout: Duration,
@@ -240,31 +249,22 @@ pub(crate) async fn first_message(
 
 async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
     // 1. The first message must be a valid `auth`.
-    let timeout = Duration::from_secs(state.config.limits.auth_timeout_secs);
-    let (first, asm) = Box::pin(first_message(
-        &mut ws,
-        state.config.limits.max_frame_bytes,
-        timeout,
-    ))
-    .await;
-    let (caller, resume) = match first {
-        Ok(Incoming_::Text(bytes)) => match authenticate(&state, &bytes) {
-            Ok(ok) => ok,
-            Err(e) => return reject(ws, &e.message).await,
-        },
-        Ok(Incoming_::TooBig) => {
-            let _ = ws
-                .write_frame(Frame::close(close::TOO_BIG, b"frame too large"))
-                .await;
-            return;
-        }
-        Ok(Incoming_::Gone | Incoming_::Close) => return,
-        Ok(_) => return reject(ws, "the first frame must be a JSON auth frame").await,
-        Err(_) => return reject(ws, "no auth frame in time").await,
+    let Some((caller, resume, asm)) =
+        Box::pin(auth_first(&mut ws, &state.auth, &state.config.limits)).await
+    else {
+        return;
     };
     let user = match state.store.user(caller.user) {
         Ok(Some(u)) => u,
-        _ => return reject(ws, "the token's user does not exist").await,
+        _ => {
+            return reject(
+                &mut ws,
+                "unauthorized",
+                "the token's user does not exist",
+                close::UNAUTHORIZED,
+            )
+            .await;
+        }
     };
     metrics::counter!("confab_sessions_authenticated_total").increment(1);
 
@@ -369,8 +369,38 @@ pub(crate) fn presence_of(state: &AppState, peers: &[UserId]) -> Vec<Bytes> {
         .collect()
 }
 
+/// Reads a new connection's first message, which must be a valid `auth`.
+/// None: the connection was answered (refused with 4001, or closed) and
+/// ends. Boxed by the callers: the session task lives as long as the
+/// connection, and this future is used once. Shared with the proxy.
+pub(crate) async fn auth_first(
+    ws: &mut WebSocket<Io>,
+    auth: &crate::auth::Auth,
+    limits: &crate::config::LimitsConfig,
+) -> Option<(Caller, HashMap<String, u64>, Reassembler)> {
+    let timeout = Duration::from_secs(limits.auth_timeout_secs);
+    let (first, asm) = first_message(ws, limits.max_frame_bytes, timeout).await;
+    let refused = match first {
+        Ok(Incoming_::Text(bytes)) => match authenticate(auth, &bytes) {
+            Ok((caller, resume)) => return Some((caller, resume, asm)),
+            Err(e) => e.message,
+        },
+        Ok(Incoming_::TooBig) => {
+            let _ = ws
+                .write_frame(Frame::close(close::TOO_BIG, b"frame too large"))
+                .await;
+            return None;
+        }
+        Ok(Incoming_::Gone | Incoming_::Close) => return None,
+        Ok(_) => "the first frame must be a JSON auth frame".into(),
+        Err(_) => "no auth frame in time".into(),
+    };
+    reject(ws, "unauthorized", &refused, close::UNAUTHORIZED).await;
+    None
+}
+
 fn authenticate(
-    state: &AppState,
+    auth: &crate::auth::Auth,
     bytes: &[u8],
 ) -> Result<(Caller, HashMap<String, u64>), ApiError> {
     let v: serde_json::Value = serde_json::from_slice(bytes)
@@ -380,18 +410,20 @@ fn authenticate(
             "the first frame must be {\"type\":\"auth\",…}",
         ));
     }
-    let auth: AuthFrame = serde_json::from_value(v)
+    let frame: AuthFrame = serde_json::from_value(v)
         .map_err(|e| ApiError::unauthorized(format!("bad auth frame: {e}")))?;
-    let caller = state.auth.verify(&auth.token)?;
-    Ok((caller, auth.resume))
+    let caller = auth.verify(&frame.token)?;
+    Ok((caller, frame.resume))
 }
 
-async fn reject(mut ws: WebSocket<Io>, message: &str) {
-    let err = frames::error("unauthorized", message, None, None);
+/// Refuses a connection before its session starts: an `error` frame with
+/// `code`, then a close with `close_code` (reason: the code).
+pub(crate) async fn reject(ws: &mut WebSocket<Io>, code: &str, message: &str, close_code: u16) {
+    let err = frames::error(code, message, None, None);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = ws.write_frame(Frame::text(Payload::Borrowed(&err))).await;
         let _ = ws
-            .write_frame(Frame::close(close::UNAUTHORIZED, b"unauthorized"))
+            .write_frame(Frame::close(close_code, code.as_bytes()))
             .await;
     })
     .await;

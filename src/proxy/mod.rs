@@ -535,7 +535,7 @@ async fn route(
                 (
                     "/me",
                     match p.caller(&req) {
-                        Ok(c) => forward(p, p.user_node(c.user), req, None, stream).await,
+                        Ok(c) => forward(p, p.user_node(c.user), req, stream).await,
                         Err(e) => Err(e),
                     },
                 )
@@ -568,6 +568,26 @@ async fn read_body(p: &Proxy, body: Incoming) -> Result<Bytes, ApiError> {
         })
 }
 
+/// A request with its whole body (within `max_body_bytes`).
+async fn whole_request(
+    p: &Proxy,
+    req: Request<Incoming>,
+) -> Result<(hyper::http::request::Parts, Bytes), ApiError> {
+    let (parts, incoming) = req.into_parts();
+    Ok((parts, read_body(p, incoming).await?))
+}
+
+/// [`whole_request`] whose body must be JSON (400 `invalid_json`).
+async fn json_request(
+    p: &Proxy,
+    req: Request<Incoming>,
+) -> Result<(hyper::http::request::Parts, Bytes, Value), ApiError> {
+    let (parts, body) = whole_request(p, req).await?;
+    let v = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
+    Ok((parts, body, v))
+}
+
 /// Forwards after checking the caller's token here (the nodes trust the
 /// proxy's check of revocations).
 async fn forward_checked(
@@ -577,7 +597,7 @@ async fn forward_checked(
     stream: bool,
 ) -> Result<Response<Body>, ApiError> {
     p.caller(&req)?;
-    forward(p, node, req, None, stream).await
+    forward(p, node, req, stream).await
 }
 
 /// Sends the request to node `node` as it is and answers with its answer.
@@ -585,14 +605,9 @@ async fn forward(
     p: &Arc<Proxy>,
     node: usize,
     req: Request<Incoming>,
-    body: Option<Bytes>,
     stream: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, incoming) = req.into_parts();
-    let body = match body {
-        Some(b) => b,
-        None => read_body(p, incoming).await?,
-    };
+    let (parts, body) = whole_request(p, req).await?;
     forward_parts(p, node, &parts, body, stream).await
 }
 
@@ -667,15 +682,12 @@ async fn by_username(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
-    let (mut parts, incoming) = req.into_parts();
-    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+    let (mut parts, body, v) = json_request(p, req).await?;
+    if let Ok(ip) = HeaderValue::from_str(&peer.ip().to_string()) {
         parts
             .headers
-            .insert(crate::cluster::link::CLIENT_IP_HEADER, v);
+            .insert(crate::cluster::link::CLIENT_IP_HEADER, ip);
     }
-    let body = read_body(p, incoming).await?;
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
     let name = v["username"].as_str().unwrap_or("");
     let node = p.node_index(p.cluster.ring.username_owner(name));
     forward_parts(p, node, &parts, body, false).await
@@ -699,10 +711,7 @@ fn parse_user(v: &Value) -> Result<UserId, ApiError> {
 /// owns); that node first gets the members' profiles.
 async fn create_room(p: &Arc<Proxy>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let caller = p.caller(&req)?;
-    let (parts, incoming) = req.into_parts();
-    let body = read_body(p, incoming).await?;
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
+    let (parts, body, v) = json_request(p, req).await?;
     let (target, mut members) = match v["kind"].as_str() {
         Some("direct") => {
             let peer = parse_user(&v["user_id"])?;
@@ -737,8 +746,7 @@ async fn create_room(p: &Arc<Proxy>, req: Request<Incoming>) -> Result<Response<
 /// first gets both users' profiles.
 async fn transfer(p: &Arc<Proxy>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let caller = p.caller(&req)?;
-    let (parts, incoming) = req.into_parts();
-    let body = read_body(p, incoming).await?;
+    let (parts, body) = whole_request(p, req).await?;
     let target = p.wallet_node();
     let to = serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
         v["to_user_id"]
@@ -759,8 +767,7 @@ async fn transfer(p: &Arc<Proxy>, req: Request<Incoming>) -> Result<Response<Bod
 /// node, which then adds the contact by id.
 async fn add_contact(p: &Arc<Proxy>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let caller = p.caller(&req)?;
-    let (parts, incoming) = req.into_parts();
-    let body = read_body(p, incoming).await?;
+    let (parts, body) = whole_request(p, req).await?;
     let target = p.user_node(caller.user);
     let v: Value = serde_json::from_slice(&body).unwrap_or_default();
     let id = if let Some(id) = v["user_id"].as_str() {
@@ -808,10 +815,7 @@ async fn add_member(
 ) -> Result<Response<Body>, ApiError> {
     p.caller(&req)?;
     let room: RoomId = id.parse().map_err(|_| ApiError::bad_id())?;
-    let (parts, incoming) = req.into_parts();
-    let body = read_body(p, incoming).await?;
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
+    let (parts, body, v) = json_request(p, req).await?;
     let user = parse_user(&v["user_id"])?;
     let target = p.room_node(room);
     p.put_profiles(target, &[user]).await?;

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, Payload, WebSocket, WebSocketError};
+use fastwebsockets::{WebSocket, WebSocketError};
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode};
@@ -29,8 +29,8 @@ use super::Proxy;
 use super::link::{Attached, read_all};
 use crate::api::Body;
 use crate::api::ws::{
-    AuthFrame, ClientFrame, FrameWriter, Incoming_, Reassembler, SendBudget, check_origin,
-    explain_bad_frame, first_message, text_of, write_loop,
+    ClientFrame, FrameWriter, Reassembler, SendBudget, accept, auth_first, explain_bad_frame,
+    reject, text_of, write_loop,
 };
 use crate::cluster::link::USER_HEADER;
 use crate::error::ApiError;
@@ -116,17 +116,12 @@ impl PSession {
 
     /// The link to `node` went down: its sends in flight get no ack.
     pub fn fail_inflight(&self, proxy: &Proxy, node: usize) {
-        let failed: Vec<(String, RoomId)> = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            let gone: Vec<String> = inflight
-                .iter()
-                .filter(|(_, r)| proxy.room_node(**r) == node)
-                .map(|(c, _)| c.clone())
-                .collect();
-            gone.into_iter()
-                .filter_map(|c| inflight.remove(&c).map(|r| (c, r)))
-                .collect()
-        };
+        let failed: Vec<(String, RoomId)> = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extract_if(|_, r| proxy.room_node(*r) == node)
+            .collect();
         let e = super::link::node_unavailable(&proxy.links[node].node.id);
         for (c, room) in failed {
             self.outbox
@@ -361,10 +356,10 @@ impl Proxy {
             ));
         }
         let h: History = serde_json::from_slice(&body).map_err(ApiError::internal)?;
+        let me = user.to_string();
         let mut out = Vec::with_capacity(h.messages.len());
         for mut m in h.messages {
             let seq = m.get("seq").and_then(|v| v.as_u64()).unwrap_or(0);
-            let me = user.to_string();
             let own = (m.get("from").and_then(|v| v.as_str()) == Some(me.as_str()))
                 .then(|| {
                     m.get("client_id")
@@ -387,17 +382,9 @@ impl Proxy {
 
 pub async fn upgrade(
     proxy: &Arc<Proxy>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    check_origin(&proxy.config.server.allowed_origins, &req)?;
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return Err(ApiError::bad_request(
-            "bad_request",
-            "expected a WebSocket upgrade request",
-        ));
-    }
-    let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)
-        .map_err(|e| ApiError::bad_request("bad_request", format!("bad WebSocket upgrade: {e}")))?;
+    let (resp, fut) = accept(&proxy.config.server.allowed_origins, req)?;
     let proxy = proxy.clone();
     tokio::spawn(async move {
         if let Ok(ws) = fut.await {
@@ -406,83 +393,27 @@ pub async fn upgrade(
             metrics::gauge!("confab_ws_connections").decrement(1.0);
         }
     });
-    Ok(resp.map(|_| Body::empty()))
-}
-
-async fn reject(mut ws: WebSocket<Io>, code: &str, message: &str, close_code: u16) {
-    let err = frames::error(code, message, None, None);
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = ws.write_frame(Frame::text(Payload::Borrowed(&err))).await;
-        let _ = ws
-            .write_frame(Frame::close(close_code, code.as_bytes()))
-            .await;
-    })
-    .await;
+    Ok(resp)
 }
 
 async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
-    let timeout = Duration::from_secs(proxy.config.limits.auth_timeout_secs);
-    let (first, asm) = Box::pin(first_message(
-        &mut ws,
-        proxy.config.limits.max_frame_bytes,
-        timeout,
-    ))
-    .await;
-    let auth: AuthFrame = match first {
-        Ok(Incoming_::Text(bytes)) => {
-            let v: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
-            match v
-                .filter(|v| v.get("type").and_then(|t| t.as_str()) == Some("auth"))
-                .and_then(|v| serde_json::from_value(v).ok())
-            {
-                Some(a) => a,
-                None => {
-                    return reject(
-                        ws,
-                        "unauthorized",
-                        "the first frame must be a JSON auth frame",
-                        close::UNAUTHORIZED,
-                    )
-                    .await;
-                }
-            }
-        }
-        Ok(Incoming_::Gone | Incoming_::Close) => return,
-        Ok(_) => {
-            return reject(
-                ws,
-                "unauthorized",
-                "the first frame must be a JSON auth frame",
-                close::UNAUTHORIZED,
-            )
-            .await;
-        }
-        Err(_) => {
-            return reject(
-                ws,
-                "unauthorized",
-                "no auth frame in time",
-                close::UNAUTHORIZED,
-            )
-            .await;
-        }
-    };
-    let caller = match proxy.auth.verify(&auth.token) {
-        Ok(c) => c,
-        Err(e) => return reject(ws, "unauthorized", &e.message, close::UNAUTHORIZED).await,
+    let Some((caller, resume, asm)) =
+        Box::pin(auth_first(&mut ws, &proxy.auth, &proxy.config.limits)).await
+    else {
+        return;
     };
     let me = match proxy.profile(caller.user).await {
         Ok(Some(me)) => me,
         Ok(None) => {
             return reject(
-                ws,
+                &mut ws,
                 "unauthorized",
                 "the token's user does not exist",
                 close::UNAUTHORIZED,
             )
             .await;
         }
-        Err(e) => return reject(ws, e.code, &e.message, 1013).await,
+        Err(e) => return reject(&mut ws, e.code, &e.message, 1013).await,
     };
 
     let raw_write = std::cell::Cell::new(None);
@@ -521,7 +452,7 @@ async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
     let mut resumed = Vec::new();
     {
         let mut rooms = s.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        for (room, &after) in &auth.resume {
+        for (room, &after) in &resume {
             match room.parse::<RoomId>() {
                 Ok(r) => {
                     let mut c = Cursor::at(after);
