@@ -18,6 +18,41 @@ use toml::{Table, Value};
 /// The embedded defaults: the repository's own `config.toml`.
 pub const DEFAULTS: &str = include_str!("../config.toml");
 
+/// `CONFAB_*` environment variables that are not settings, and who reads
+/// them. Every other `CONFAB_*` name is a setting (`CONFAB_<OPTION>`), or a
+/// typo of one, which is warned about at start-up.
+pub const NOT_SETTINGS: &[(&str, &str)] = &[
+    ("CONFAB_CONFIG", "the config file, the same as `--config`"),
+    (
+        "CONFAB_GIT_HASH",
+        "build time: the commit `confab --version` names (`cargo run` also \
+         hands it to the program it runs)",
+    ),
+    ("CONFAB_CHROMIUM", "the test suite: the Chromium to drive"),
+    ("CONFAB_TEST_LOG", "the test suite: echo the servers' logs"),
+    ("CONFAB_BIN", "benches: the confab binary to start"),
+    (
+        "CONFAB_STARTUP_",
+        "benches/startup.rs: its store size and directory",
+    ),
+    (
+        "CONFAB_STORAGE_BENCH_",
+        "benches/storage.rs: its engines and sizes",
+    ),
+];
+
+/// Whether `name` is one of [`NOT_SETTINGS`] (a name ending in `_` there
+/// stands for every name it begins).
+fn not_a_setting(name: &str) -> bool {
+    NOT_SETTINGS.iter().any(|(n, _)| {
+        if n.ends_with('_') {
+            name.starts_with(n)
+        } else {
+            name == *n
+        }
+    })
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -188,10 +223,10 @@ impl Config {
             let Some(key) = name.strip_prefix("CONFAB_") else {
                 continue;
             };
-            let key = key.to_ascii_lowercase();
-            if key == "config" {
+            if not_a_setting(name) {
                 continue;
             }
+            let key = key.to_ascii_lowercase();
             let Some(section) = sections.get(&key) else {
                 warnings.push(format!("ignoring {name}: no such config option"));
                 continue;
@@ -347,13 +382,21 @@ mod tests {
                 ("CONFAB_DATA_DIR".into(), "/tmp/x".into()),
                 ("PATH".into(), "/bin".into()),
                 ("CONFAB_LISTN".into(), "typo".into()),
+                ("CONFAB_GIT_HASH".into(), "0123456789ab".into()),
+                ("CONFAB_CONFIG".into(), "".into()),
+                ("CONFAB_STARTUP_MESSAGES".into(), "1000".into()),
             ],
             cli: vec![("listen".into(), "127.0.0.1:9001".into())],
         };
         let c = Config::load(&ov).expect("load");
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:9001");
         assert_eq!(c.server.data_dir, PathBuf::from("/tmp/x"));
-        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        // Only the typo is warned about: build-time and tool variables are
+        // not settings.
+        assert_eq!(
+            c.warnings,
+            vec!["ignoring CONFAB_LISTN: no such config option".to_string()]
+        );
     }
 
     #[test]

@@ -28,13 +28,13 @@ enum Command {
     Serve(ServeArgs),
     /// Run a cluster proxy: serves the UI, the API and WebSockets and sends
     /// each operation to the node that owns it (`[cluster]` in the config).
-    Proxy(ServeArgs),
+    Proxy(ProxyArgs),
     /// Load-test a running server: the seed's stepped test (`--steps seed`),
     /// a single step (`--users N --rate R`), or idle connections (`--idle N`).
     Bench(bench::BenchArgs),
     /// Rebuild the message search index from the store (the server must
     /// not be running on this data directory).
-    Reindex(ServeArgs),
+    Reindex(StoreArgs),
     /// Wallet administration: `credit USER AMOUNT`, `verify`. Talks to the
     /// running server through its admin socket, or opens the store itself.
     Wallet(WalletArgs),
@@ -58,7 +58,7 @@ struct BackupArgs {
     #[arg(long)]
     force: bool,
     #[command(flatten)]
-    common: ServeArgs,
+    common: StoreArgs,
 }
 
 #[derive(Args)]
@@ -70,7 +70,7 @@ struct RestoreArgs {
     #[arg(long)]
     force: bool,
     #[command(flatten)]
-    common: ServeArgs,
+    common: StoreArgs,
 }
 
 #[derive(Args)]
@@ -86,7 +86,7 @@ struct ExportArgs {
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     #[command(flatten)]
-    common: ServeArgs,
+    common: StoreArgs,
 }
 
 #[derive(Args)]
@@ -99,39 +99,69 @@ struct WalletArgs {
 enum WalletAction {
     /// Add AMOUNT (minor units) to USER's balance: the only way money enters.
     Credit {
+        /// The username of the account to credit (any case).
         user: String,
+        /// How much, in minor units of `wallet_currency` (for KRW, won:
+        /// 50000 is ₩50,000); at most the balance limit, 10^15.
         amount: u64,
         #[command(flatten)]
-        common: ServeArgs,
+        common: StoreArgs,
     },
     /// Check the ledger invariants; exits 1 on any breach.
     Verify {
         #[command(flatten)]
-        common: ServeArgs,
+        common: StoreArgs,
     },
 }
 
+/// The options every subcommand that reads the configuration takes.
 #[derive(Args, Default)]
-struct ServeArgs {
+struct ConfigArgs {
     /// Config file (default: ./config.toml if present, else the built-in defaults).
-    #[arg(long, env = "CONFAB_CONFIG")]
+    #[arg(long, env = "CONFAB_CONFIG", hide_env_values = true)]
     config: Option<PathBuf>,
-    /// Address to listen on, e.g. 127.0.0.1:8080 (env CONFAB_LISTEN).
-    #[arg(long)]
-    listen: Option<String>,
-    /// Data directory (env CONFAB_DATA_DIR).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// In a cluster: this node's id from `cluster_nodes` (listens on its address).
-    #[arg(long)]
-    node: Option<String>,
     /// Any config option, as option=value (repeatable), e.g. --set send_burst=200.
     #[arg(long = "set", value_name = "OPTION=VALUE")]
     set: Vec<String>,
 }
 
-impl ServeArgs {
-    fn overrides(&self) -> Result<config::Overrides, String> {
+/// The options of the subcommands that work on a data directory.
+#[derive(Args, Default)]
+struct StoreArgs {
+    /// Data directory (env CONFAB_DATA_DIR; default ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+/// `confab serve`: a data directory and an address to listen on.
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// Address to listen on, e.g. 127.0.0.1:8080 (env CONFAB_LISTEN).
+    #[arg(long)]
+    listen: Option<String>,
+    /// In a cluster: this node's id from `cluster_nodes` (listens on its address).
+    #[arg(long)]
+    node: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// `confab proxy`: an address to listen on; it keeps no data.
+#[derive(Args, Default)]
+struct ProxyArgs {
+    /// Address to listen on, e.g. 0.0.0.0:8080 (env CONFAB_LISTEN).
+    #[arg(long)]
+    listen: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+impl ConfigArgs {
+    /// The configuration layers: this file, the environment, then `--set`
+    /// and the subcommand's own flags (`flags`, applied last).
+    fn overrides(&self, flags: Vec<(String, String)>) -> Result<config::Overrides, String> {
         let mut cli = Vec::new();
         for s in &self.set {
             let (k, v) = s
@@ -139,20 +169,52 @@ impl ServeArgs {
                 .ok_or_else(|| format!("--set expects option=value, got `{s}`"))?;
             cli.push((k.trim().to_string(), v.to_string()));
         }
-        if let Some(l) = &self.listen {
-            cli.push(("listen".into(), l.clone()));
-        }
-        if let Some(d) = &self.data_dir {
-            cli.push(("data_dir".into(), d.display().to_string()));
-        }
-        if let Some(n) = &self.node {
-            cli.push(("node".into(), n.clone()));
-        }
+        cli.extend(flags);
         Ok(config::Overrides {
             file: self.config.clone(),
             env: std::env::vars().collect(),
             cli,
         })
+    }
+}
+
+/// A subcommand's arguments as configuration layers.
+trait ConfigLayers {
+    fn overrides(&self) -> Result<config::Overrides, String>;
+}
+
+impl ConfigLayers for StoreArgs {
+    fn overrides(&self) -> Result<config::Overrides, String> {
+        let flags = self
+            .data_dir
+            .iter()
+            .map(|d| ("data_dir".to_string(), d.display().to_string()))
+            .collect();
+        self.config.overrides(flags)
+    }
+}
+
+impl ConfigLayers for ServeArgs {
+    fn overrides(&self) -> Result<config::Overrides, String> {
+        let mut ov = self.store.overrides()?;
+        if let Some(l) = &self.listen {
+            ov.cli.push(("listen".into(), l.clone()));
+        }
+        if let Some(n) = &self.node {
+            ov.cli.push(("node".into(), n.clone()));
+        }
+        Ok(ov)
+    }
+}
+
+impl ConfigLayers for ProxyArgs {
+    fn overrides(&self) -> Result<config::Overrides, String> {
+        let flags = self
+            .listen
+            .iter()
+            .map(|l| ("listen".to_string(), l.clone()))
+            .collect();
+        self.config.overrides(flags)
     }
 }
 
@@ -162,8 +224,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
     match command {
-        Command::Serve(args) => run_serve(args, false),
-        Command::Proxy(args) => run_serve(args, true),
+        Command::Serve(args) => run_serve(&args, false),
+        Command::Proxy(args) => run_serve(&args, true),
         Command::Bench(args) => bench::run(args),
         Command::Reindex(args) => run_reindex(args),
         Command::Wallet(args) => run_wallet(args),
@@ -197,7 +259,7 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runti
     })
 }
 
-fn load_config(args: &ServeArgs) -> Result<config::Config, ExitCode> {
+fn load_config(args: &impl ConfigLayers) -> Result<config::Config, ExitCode> {
     args.overrides()
         .and_then(|ov| config::Config::load(&ov).map_err(|e| e.to_string()))
         .map_err(|e| {
@@ -285,7 +347,7 @@ fn run_wallet(args: WalletArgs) -> ExitCode {
 
 /// `confab reindex`: drop the search index and index every stored message,
 /// with a progress line on stderr.
-fn run_reindex(args: ServeArgs) -> ExitCode {
+fn run_reindex(args: StoreArgs) -> ExitCode {
     let config = match load_config(&args) {
         Ok(c) => c,
         Err(code) => return code,
@@ -324,8 +386,8 @@ fn run_reindex(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn run_serve(args: ServeArgs, proxy: bool) -> ExitCode {
-    let config = match load_config(&args) {
+fn run_serve(args: &impl ConfigLayers, proxy: bool) -> ExitCode {
+    let config = match load_config(args) {
         Ok(c) => c,
         Err(code) => return code,
     };

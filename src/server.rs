@@ -139,6 +139,8 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         ))
     });
 
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
     // The one line tests and scripts wait for.
     say(&format!("confab listening on http://{local}"));
     if state.store.has_no_users().unwrap_or(false) {
@@ -154,8 +156,6 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     }
     tracing::info!(%local, data_dir = %data_dir.display(), "confab ready");
 
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
     loop {
         tokio::select! {
             _ = &mut signal => break,
@@ -288,23 +288,24 @@ pub fn say(line: &str) {
     let _ = out.flush();
 }
 
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+/// SIGTERM or Ctrl-C. The handlers are installed when this is called (not
+/// when the future is first polled), so a signal that arrives right after
+/// the "listening" line is a graceful stop, not the default kill.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -21,20 +21,108 @@ fn confab() -> Command {
     cmd
 }
 
-#[test]
-fn help_lists_the_subcommands() {
-    let out = confab().arg("--help").output().expect("run confab --help");
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("serve"), "{text}");
+fn help(args: &[&str]) -> String {
     let out = confab()
-        .args(["serve", "--help"])
+        .args(args)
+        .arg("--help")
         .output()
-        .expect("run confab serve --help");
-    let text = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--listen", "--data-dir", "--config", "--set"] {
+        .expect("run confab --help");
+    assert!(out.status.success(), "{args:?} --help: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn help_lists_the_subcommands_and_only_their_own_options() {
+    let text = help(&[]);
+    for sub in [
+        "serve", "proxy", "bench", "reindex", "wallet", "backup", "restore", "export",
+    ] {
+        assert!(text.contains(sub), "--help lacks {sub}: {text}");
+    }
+    let text = help(&["serve"]);
+    for flag in ["--listen", "--data-dir", "--node", "--config", "--set"] {
         assert!(text.contains(flag), "serve --help lacks {flag}: {text}");
     }
+    // An empty `[env: CONFAB_CONFIG=]` looked like a setting with no value.
+    assert!(text.contains("[env: CONFAB_CONFIG]"), "{text}");
+    let text = help(&["proxy"]);
+    assert!(text.contains("--listen"), "{text}");
+    for flag in ["--data-dir", "--node"] {
+        assert!(!text.contains(flag), "proxy keeps no data: {flag}: {text}");
+    }
+    // The subcommands that work on a data directory neither listen nor
+    // join a cluster.
+    for sub in [
+        &["backup"][..],
+        &["restore"],
+        &["export"],
+        &["reindex"],
+        &["wallet", "credit"],
+        &["wallet", "verify"],
+    ] {
+        let text = help(sub);
+        for flag in ["--data-dir", "--config", "--set"] {
+            assert!(text.contains(flag), "{sub:?} --help lacks {flag}: {text}");
+        }
+        for flag in ["--listen", "--node"] {
+            assert!(!text.contains(flag), "{sub:?} --help lists {flag}: {text}");
+        }
+    }
+    // Every argument is described: no line is a bare argument name.
+    let text = help(&["wallet", "credit"]);
+    for arg in ["<USER>", "<AMOUNT>"] {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(arg))
+            .unwrap_or_else(|| panic!("{arg} not listed: {text}"));
+        assert!(line.trim() != arg, "{arg} has no description: {text}");
+    }
+    assert!(text.contains("minor units"), "{text}");
+}
+
+/// Starts `confab` with `env` added, waits for it to listen, stops it with
+/// SIGTERM and returns what it logged.
+fn log_of_a_clean_start(env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = confab();
+    cmd.current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn confab");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the listening line");
+    assert!(line.starts_with("confab listening on"), "{line}");
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_clean_start_warns_of_nothing_but_a_misspelt_setting() {
+    // `cargo run` hands the build-time CONFAB_GIT_HASH to the server too.
+    let log = log_of_a_clean_start(&[("CONFAB_GIT_HASH", "0123456789ab")]);
+    assert!(!log.contains("WARN"), "a clean start warned:\n{log}");
+    assert!(
+        !log.contains("ERROR"),
+        "a clean start logged an error:\n{log}"
+    );
+    let log = log_of_a_clean_start(&[("CONFAB_SEND_BRUST", "5")]);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("CONFAB_SEND_BRUST")),
+        "a misspelt setting must be warned about:\n{log}"
+    );
 }
 
 #[tokio::test]

@@ -403,10 +403,10 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         tokio::spawn(link::run(proxy.clone(), l.clone()));
         tokio::spawn(link::attach_loop(proxy.clone(), l.clone(), rx));
     }
-    crate::server::say(&format!("confab proxy listening on http://{local}"));
-    tracing::info!(%local, nodes = proxy.links.len(), name = %proxy.name, "confab proxy ready");
     let signal = crate::server::shutdown_signal();
     tokio::pin!(signal);
+    crate::server::say(&format!("confab proxy listening on http://{local}"));
+    tracing::info!(%local, nodes = proxy.links.len(), name = %proxy.name, "confab proxy ready");
     loop {
         tokio::select! {
             _ = &mut signal => break,

@@ -906,45 +906,51 @@ impl GroupCommitWriter {
                         Origin::Session(s) => Some(s.id),
                         Origin::Http(_) => None,
                     };
-                    let message_frame = (!duplicate).then(|| OutFrame {
-                        bytes: frames::message(&msg),
-                        room_seq: Some((msg.room, msg.seq)),
-                        pong: false,
-                    });
+                    // The fan-out and its figures come before the answer:
+                    // a sender holding an ack knows every online member's
+                    // outbox already has the message, and every counter
+                    // already counts it.
+                    if duplicate {
+                        metrics::counter!("confab_messages_deduplicated_total").increment(1);
+                    } else {
+                        let frame = OutFrame {
+                            bytes: frames::message(&msg),
+                            room_seq: Some((msg.room, msg.seq)),
+                            pong: false,
+                        };
+                        metrics::counter!("confab_messages_stored_total").increment(1);
+                        let live = &crate::status::LIVE;
+                        crate::status::LiveStats::add(&live.stored, 1);
+                        let mut n = 0u64;
+                        for &member in members.iter() {
+                            let skip = if member == msg.from { skip } else { None };
+                            if hub.send_to_user(member, &frame, skip) {
+                                n += 1;
+                                if member != msg.from {
+                                    let e =
+                                        delivered.entry((msg.room, member, msg.from)).or_default();
+                                    *e = (*e).max(msg.seq);
+                                }
+                            }
+                        }
+                        metrics::counter!("confab_messages_delivered_total").increment(n);
+                        crate::status::LiveStats::add(&live.delivered, n);
+                        // Send → handed to every recipient's outbox.
+                        let took = received.elapsed();
+                        metrics::histogram!("confab_send_deliver_seconds")
+                            .record(took.as_secs_f64());
+                        live.deliver_latency(took);
+                    }
+                    metrics::histogram!("confab_send_ack_seconds")
+                        .record(received.elapsed().as_secs_f64());
                     match origin {
                         Origin::Session(s) => {
                             s.push_bytes(frames::ack(&msg));
                         }
                         Origin::Http(tx) => {
-                            let _ = tx.send(Ok((msg.clone(), duplicate)));
+                            let _ = tx.send(Ok((msg, duplicate)));
                         }
                     }
-                    metrics::histogram!("confab_send_ack_seconds")
-                        .record(received.elapsed().as_secs_f64());
-                    let Some(frame) = message_frame else {
-                        metrics::counter!("confab_messages_deduplicated_total").increment(1);
-                        continue;
-                    };
-                    metrics::counter!("confab_messages_stored_total").increment(1);
-                    let live = &crate::status::LIVE;
-                    crate::status::LiveStats::add(&live.stored, 1);
-                    let mut n = 0u64;
-                    for &member in members.iter() {
-                        let skip = if member == msg.from { skip } else { None };
-                        if hub.send_to_user(member, &frame, skip) {
-                            n += 1;
-                            if member != msg.from {
-                                let e = delivered.entry((msg.room, member, msg.from)).or_default();
-                                *e = (*e).max(msg.seq);
-                            }
-                        }
-                    }
-                    metrics::counter!("confab_messages_delivered_total").increment(n);
-                    crate::status::LiveStats::add(&live.delivered, n);
-                    // Send → handed to every recipient's outbox.
-                    let took = received.elapsed();
-                    metrics::histogram!("confab_send_deliver_seconds").record(took.as_secs_f64());
-                    live.deliver_latency(took);
                 }
                 Effect::Rejected {
                     origin,
