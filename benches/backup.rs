@@ -674,6 +674,14 @@ impl Server {
                 "send_rate_per_sec=100000",
                 "--set",
                 "send_burst=100000",
+                "--set",
+                "user_send_rate_per_sec=100000",
+                "--set",
+                "user_send_burst=100000",
+                "--set",
+                "frame_rate_per_sec=100000",
+                "--set",
+                "frame_burst=100000",
             ])
             .stdout(Stdio::piped())
             .spawn()

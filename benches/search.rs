@@ -763,6 +763,14 @@ impl Server {
                 "send_rate_per_sec=100000",
                 "--set",
                 "send_burst=100000",
+                "--set",
+                "user_send_rate_per_sec=100000",
+                "--set",
+                "user_send_burst=100000",
+                "--set",
+                "frame_rate_per_sec=100000",
+                "--set",
+                "frame_burst=100000",
             ])
             .args(["--set", &format!("index_commit_ms={}", run.commit_ms)])
             .args(["--set", &format!("search_enabled={}", run.search)])

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -28,6 +28,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::AuthConfig;
 use crate::error::ApiError;
 use crate::ids::UserId;
+use crate::limits::{InFlight, WindowCounter, ip_key};
+
+/// Most keys a login or signup counter remembers (about 100 bytes each).
+const COUNTER_KEYS: usize = 100_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -53,10 +57,18 @@ pub struct Auth {
     /// Revoked token ids → expiry (unix seconds); entries drop after expiry.
     revoked: Mutex<HashMap<String, i64>>,
     hash_jobs: mpsc::Sender<HashJob>,
-    /// (lower-case username, client IP) → (window start, attempts in window)
-    login_attempts: Mutex<HashMap<(String, IpAddr), (Instant, u32)>>,
-    login_max_attempts: u32,
-    login_window: Duration,
+    /// Failed logins per (lower-case username, client address):
+    /// `login_max_attempts` per `login_window_secs`. Only well-formed
+    /// usernames (at most 32 bytes) are ever keys.
+    login_failures: WindowCounter<(String, IpAddr)>,
+    /// Failed logins per client address, whatever the username
+    /// (`login_ip_max_failures`): guessing across many accounts.
+    ip_failures: WindowCounter<IpAddr>,
+    /// Password hashes queued or running per client address (`hash_per_ip`):
+    /// one client cannot fill the hash queue and starve everyone's logins.
+    hashing: std::sync::Arc<InFlight<IpAddr>>,
+    /// Accounts created per client address per hour.
+    signups: WindowCounter<IpAddr>,
     /// A real hash verified against when the username does not exist, so that
     /// unknown users cost the same time as wrong passwords.
     dummy_hash: String,
@@ -115,9 +127,22 @@ impl Auth {
             ttl_secs: cfg.token_ttl_secs.min(i64::MAX as u64 / 2) as i64,
             revoked: Mutex::new(revoked.into_iter().collect()),
             hash_jobs: spawn_hash_threads(cfg.hash_concurrency, cfg.hash_queue),
-            login_attempts: Mutex::new(HashMap::new()),
-            login_max_attempts: cfg.login_max_attempts,
-            login_window: Duration::from_secs(cfg.login_window_secs),
+            login_failures: WindowCounter::new(
+                cfg.login_max_attempts,
+                Duration::from_secs(cfg.login_window_secs),
+                COUNTER_KEYS,
+            ),
+            ip_failures: WindowCounter::new(
+                cfg.login_ip_max_failures,
+                Duration::from_secs(cfg.login_window_secs),
+                COUNTER_KEYS,
+            ),
+            hashing: InFlight::new(cfg.hash_per_ip),
+            signups: WindowCounter::new(
+                cfg.signups_per_ip_per_hour,
+                Duration::from_secs(3600),
+                COUNTER_KEYS,
+            ),
             dummy_hash,
         }
     }
@@ -179,42 +204,78 @@ impl Auth {
         revoked.insert(jti, exp);
     }
 
-    /// Counts a login attempt for (username, ip); Err(429) past the limit.
-    pub fn login_attempt(&self, username: &str, ip: IpAddr) -> Result<(), ApiError> {
-        let now = Instant::now();
-        let mut map = self
-            .login_attempts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if map.len() > 100_000 {
-            let window = self.login_window;
-            map.retain(|_, (start, _)| now.duration_since(*start) < window);
-        }
-        let entry = map.entry((username.to_lowercase(), ip)).or_insert((now, 0));
-        if now.duration_since(entry.0) >= self.login_window {
-            *entry = (now, 0);
-        }
-        if entry.1 >= self.login_max_attempts {
-            let retry = self
-                .login_window
-                .saturating_sub(now.duration_since(entry.0));
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many login attempts; try again later",
-            );
-            e.retry_after = Some(retry.as_secs().max(1));
-            return Err(e);
-        }
-        entry.1 += 1;
-        Ok(())
+    /// Whether a login for `username` (well-formed) from `ip` may be tried:
+    /// 429 while that pair, or that address, has used up its failures.
+    pub fn check_login(&self, username: &str, ip: IpAddr) -> Result<(), ApiError> {
+        let ip = ip_key(ip);
+        self.ip_failures
+            .check(&ip)
+            .and_then(|()| self.login_failures.check(&(username.to_lowercase(), ip)))
+            .map_err(|wait| {
+                rate_limited(
+                    "too many failed logins; try again later",
+                    wait.as_secs().max(1),
+                )
+            })
     }
 
-    /// Runs a hashing job on the blocking pool, bounded (see module docs).
+    /// Whether another login may be tried from `ip` at all (before a
+    /// malformed username is refused).
+    pub fn check_login_ip(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.ip_failures.check(&ip_key(ip)).map_err(|wait| {
+            rate_limited(
+                "too many failed logins; try again later",
+                wait.as_secs().max(1),
+            )
+        })
+    }
+
+    /// Counts a failed login (wrong password or unknown user). `username`
+    /// None: a malformed one, which is counted for the address only.
+    pub fn login_failed(&self, username: Option<&str>, ip: IpAddr) {
+        let ip = ip_key(ip);
+        self.ip_failures.add(&ip);
+        if let Some(name) = username {
+            self.login_failures.add(&(name.to_lowercase(), ip));
+        }
+    }
+
+    /// A successful login forgets that pair's failures.
+    pub fn login_succeeded(&self, username: &str, ip: IpAddr) {
+        self.login_failures
+            .clear(&(username.to_lowercase(), ip_key(ip)));
+    }
+
+    /// Whether `ip` may create another account (`signups_per_ip_per_hour`).
+    pub fn check_signup(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.signups.check(&ip_key(ip)).map_err(|wait| {
+            rate_limited(
+                "too many accounts created from your address; try again later",
+                wait.as_secs().max(1),
+            )
+        })
+    }
+
+    /// Counts an account created from `ip`.
+    pub fn signed_up(&self, ip: IpAddr) {
+        self.signups.add(&ip_key(ip));
+    }
+
+    /// Runs a hashing job on the hash threads for a client at `ip`: at most
+    /// `hash_per_ip` of one address at once (429 beyond), and at most
+    /// `hash_queue` waiting in all (503 beyond). Neither refusal is a failed
+    /// login: it says nothing about the password.
     async fn bounded<T: Send + 'static>(
         &self,
+        ip: IpAddr,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
+        let Some(_admitted) = self.hashing.try_enter(ip_key(ip)) else {
+            return Err(rate_limited(
+                "too many sign-ins from your address at once; try again in a moment",
+                1,
+            ));
+        };
         let (tx, rx) = oneshot::channel();
         let job: HashJob = Box::new(move || {
             let _ = tx.send(job());
@@ -229,20 +290,21 @@ impl Auth {
             .map_err(|_| ApiError::internal("a hash job was dropped"))
     }
 
-    pub async fn hash_password(&self, password: String) -> Result<String, ApiError> {
-        self.bounded(move || hash_now(&password)).await?
+    pub async fn hash_password(&self, ip: IpAddr, password: String) -> Result<String, ApiError> {
+        self.bounded(ip, move || hash_now(&password)).await?
     }
 
     /// Checks a password; `hash` None (unknown user) still costs one verify.
     pub async fn verify_password(
         &self,
+        ip: IpAddr,
         hash: Option<String>,
         password: String,
     ) -> Result<bool, ApiError> {
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
         let ok = self
-            .bounded(move || {
+            .bounded(ip, move || {
                 PasswordHash::new(&hash)
                     .map(|parsed| {
                         Argon2::default()
@@ -255,6 +317,92 @@ impl Auth {
         Ok(known && ok)
     }
 }
+
+fn rate_limited(message: &str, retry_after_secs: u64) -> ApiError {
+    let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+    e.retry_after = Some(retry_after_secs);
+    e
+}
+
+/// The password rules (docs/PROTOCOL.md): 8 to 256 bytes with at least 8
+/// characters, no control characters, not only spaces, at least 4
+/// different characters, not the username, and not one of the passwords
+/// every guessing list starts with.
+pub fn check_password(username: &str, password: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| {
+        Err(ApiError::bad_request(
+            "invalid_password",
+            format!("passwords are 8–256 bytes: {why}"),
+        ))
+    };
+    if password.len() > 256 {
+        return bad("this one is too long");
+    }
+    if password.chars().count() < 8 {
+        return bad("at least 8 characters");
+    }
+    if password.chars().any(char::is_control) {
+        return bad("no control characters");
+    }
+    if password.trim().is_empty() {
+        return bad("not only spaces");
+    }
+    let mut distinct: Vec<char> = password.chars().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() < 4 {
+        return bad("at least 4 different characters");
+    }
+    let lower = password.to_lowercase();
+    if lower == username.to_lowercase() {
+        return bad("not your username");
+    }
+    if COMMON_PASSWORDS.contains(&lower.as_str()) {
+        return bad("this one is among the first any attacker tries");
+    }
+    Ok(())
+}
+
+/// The passwords at the top of every published list of leaked passwords
+/// (8 characters and more, lower-case).
+const COMMON_PASSWORDS: &[&str] = &[
+    "password",
+    "password1",
+    "password123",
+    "12345678",
+    "123456789",
+    "1234567890",
+    "qwertyuiop",
+    "qwerty123",
+    "iloveyou",
+    "11111111",
+    "sunshine",
+    "princess",
+    "football",
+    "baseball",
+    "welcome1",
+    "abcd1234",
+    "1q2w3e4r",
+    "1qaz2wsx",
+    "qwer1234",
+    "asdfghjkl",
+    "zaq12wsx",
+    "passw0rd",
+    "p@ssw0rd",
+    "letmein1",
+    "trustno1",
+    "starwars",
+    "dragon12",
+    "monkey12",
+    "superman",
+    "whatever",
+    "87654321",
+    "00000000",
+    "12341234",
+    "q1w2e3r4",
+    "changeme",
+    "admin123",
+];
 
 type HashJob = Box<dyn FnOnce() + Send>;
 

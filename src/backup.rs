@@ -207,6 +207,7 @@ fn check_value(table: &str, v: &[u8]) -> Result<(), String> {
         "messages" => store::MessageRecord::decode(v).map(drop),
         "wallet_entries" => store::decode::<crate::wallet::EntryRecord>(v, "entry").map(drop),
         "wallet_transfers" => crate::wallet::decode_transfer(v).map(drop),
+        "privacy" => store::decode::<store::Privacy>(v, "privacy").map(drop),
         _ => Ok(()),
     };
     r.map_err(|e| e.message)
@@ -234,6 +235,7 @@ macro_rules! for_each_table {
         $m!(store::WALLET_USER_TRANSFERS);
         $m!(store::WALLET_SCHEDULE);
         $m!(store::CLUSTER_OUTBOX);
+        $m!(store::PRIVACY);
     }};
 }
 

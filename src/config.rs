@@ -76,13 +76,17 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub max_body_bytes: usize,
+    pub request_body_timeout_secs: u64,
     pub allowed_origins: Vec<String>,
     pub shutdown_grace_secs: u64,
     pub log: String,
     pub log_format: String,
     pub status_allowed_ips: Vec<String>,
     pub status_token: String,
+    pub metrics_allowed_ips: Vec<String>,
+    pub metrics_token: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +96,9 @@ pub struct AuthConfig {
     pub token_ttl_secs: u64,
     pub login_max_attempts: u32,
     pub login_window_secs: u64,
+    pub login_ip_max_failures: u32,
+    pub hash_per_ip: u32,
+    pub signups_per_ip_per_hour: u32,
     pub hash_concurrency: usize,
     pub hash_queue: usize,
 }
@@ -103,6 +110,12 @@ pub struct LimitsConfig {
     pub max_frame_bytes: usize,
     pub send_rate_per_sec: u32,
     pub send_burst: u32,
+    pub user_send_rate_per_sec: u32,
+    pub user_send_burst: u32,
+    pub frame_rate_per_sec: u32,
+    pub frame_burst: u32,
+    pub typing_interval_ms: u64,
+    pub max_sessions_per_user: usize,
     pub outbox_frames: usize,
     pub auth_timeout_secs: u64,
     pub max_group_members: usize,
@@ -254,6 +267,37 @@ impl Config {
         let positive = [
             ("max_connections", self.server.max_connections as u64),
             ("max_body_bytes", self.server.max_body_bytes as u64),
+            (
+                "max_connections_per_ip",
+                self.server.max_connections_per_ip as u64,
+            ),
+            (
+                "request_body_timeout_secs",
+                self.server.request_body_timeout_secs,
+            ),
+            (
+                "login_ip_max_failures",
+                u64::from(self.auth.login_ip_max_failures),
+            ),
+            ("hash_per_ip", u64::from(self.auth.hash_per_ip)),
+            (
+                "signups_per_ip_per_hour",
+                u64::from(self.auth.signups_per_ip_per_hour),
+            ),
+            (
+                "user_send_rate_per_sec",
+                u64::from(self.limits.user_send_rate_per_sec),
+            ),
+            ("user_send_burst", u64::from(self.limits.user_send_burst)),
+            (
+                "frame_rate_per_sec",
+                u64::from(self.limits.frame_rate_per_sec),
+            ),
+            ("frame_burst", u64::from(self.limits.frame_burst)),
+            (
+                "max_sessions_per_user",
+                self.limits.max_sessions_per_user as u64,
+            ),
             ("token_ttl_secs", self.auth.token_ttl_secs),
             (
                 "login_max_attempts",
@@ -288,12 +332,17 @@ impl Config {
                 self.server.log_format
             )));
         }
-        for c in &self.server.status_allowed_ips {
-            let ip = c.split('/').next().unwrap_or("");
-            if ip.trim().parse::<std::net::IpAddr>().is_err() {
-                return Err(ConfigError::Invalid(format!(
-                    "`status_allowed_ips` entries are addresses or CIDR ranges, got `{c}`"
-                )));
+        for (name, list) in [
+            ("status_allowed_ips", &self.server.status_allowed_ips),
+            ("metrics_allowed_ips", &self.server.metrics_allowed_ips),
+        ] {
+            for c in list {
+                let ip = c.split('/').next().unwrap_or("");
+                if ip.trim().parse::<std::net::IpAddr>().is_err() {
+                    return Err(ConfigError::Invalid(format!(
+                        "`{name}` entries are addresses or CIDR ranges, got `{c}`"
+                    )));
+                }
             }
         }
         crate::cluster::Cluster::from_config(&self.cluster).map_err(ConfigError::Invalid)?;

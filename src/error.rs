@@ -44,12 +44,14 @@ impl ApiError {
         ApiError::bad_request("bad_id", "ids are 16 hexadecimal digits")
     }
 
+    /// A room that does not exist and one the caller is not in get the same
+    /// answer, so that nobody learns which rooms exist (a direct room's id
+    /// is computed from its two members' public ids).
     pub fn room_not_found() -> ApiError {
-        ApiError::not_found("room_not_found", "no such room")
-    }
-
-    pub fn not_a_member() -> ApiError {
-        ApiError::forbidden("not_a_member", "you are not a member of this room")
+        ApiError::not_found(
+            "room_not_found",
+            "no such room, or you are not a member of it",
+        )
     }
 
     pub fn user_not_found() -> ApiError {

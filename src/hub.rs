@@ -23,6 +23,7 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     pub const UNAUTHORIZED: u16 = 4001;
     pub const TOO_SLOW: u16 = 4008;
+    pub const TOO_MANY_SESSIONS: u16 = 4029;
 }
 
 /// One frame queued for a session: the serialized JSON, shared between all
@@ -311,6 +312,12 @@ impl Hub {
         p.local.push(s);
         metrics::gauge!("confab_sessions_online").increment(1.0);
         first
+    }
+
+    /// `user`'s sessions on this server now.
+    pub fn sessions_of(&self, user: UserId) -> usize {
+        let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&user).map_or(0, |p| p.local.len())
     }
 
     /// Sessions online now.

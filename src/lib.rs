@@ -14,6 +14,7 @@ pub mod export;
 pub mod frames;
 pub mod hub;
 pub mod ids;
+pub mod limits;
 pub mod proxy;
 pub mod search;
 pub mod server;

@@ -219,6 +219,13 @@ impl ConfigLayers for ProxyArgs {
 }
 
 fn main() -> ExitCode {
+    // Everything confab creates (the store, the index, backups, exports,
+    // the admin socket) is for its own user only: messages and password
+    // hashes are not for other local accounts to read.
+    // SAFETY: umask(2) only sets the process's file mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     telemetry::tune_allocator();
     abort_if_the_writer_panics();
     let cli = Cli::parse();

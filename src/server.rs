@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::api::{self, AppState, ConnectionSlot};
+use crate::api::{self, AppState};
 use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::hub::{Hub, close};
@@ -97,6 +97,12 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let config_max = (
+        config.server.max_connections,
+        config.server.max_connections_per_ip,
+    );
+    let reads = Arc::new(api::reads::ReadMerger::default());
+    let budgets = api::UserBudgets::new(&config.limits, reads.clone());
     let state = Arc::new(AppState {
         config,
         store,
@@ -106,11 +112,13 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         metrics,
         shutdown: shutdown_rx,
         next_session: AtomicU64::new(1),
-        open_connections: AtomicUsize::new(0),
+        connections: crate::limits::Connections::new(config_max.0, config_max.1),
         search: search.as_ref().map(|(index, _)| index.clone()),
         status: Default::default(),
         cluster,
+        budgets,
     });
+    let reads_task = tokio::spawn(reads.run(writer.clone(), state.shutdown.clone()));
     tokio::spawn(crate::status::sample_every_second(state.clone()));
     let outbox = tokio::spawn(crate::cluster::outbox::run(
         state.clone(),
@@ -169,8 +177,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
                         continue;
                     }
                 };
-                let Some(slot) = ConnectionSlot::try_take(&state) else {
-                    metrics::counter!("confab_connections_refused_total").increment(1);
+                let Some(slot) = state.connections.try_take(peer.ip()) else {
                     drop(stream);
                     continue;
                 };
@@ -196,13 +203,12 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     hub.close_all(close::GOING_AWAY);
     // Wait for connections to finish, up to the grace period.
     let deadline = tokio::time::Instant::now() + grace;
-    while state.open_connections.load(Ordering::Acquire) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    while state.connections.open() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = scheduler.await;
     let _ = outbox.await;
+    let _ = reads_task.await;
     if let Some(b) = backups {
         let _ = b.await;
     }

@@ -203,7 +203,7 @@ pub async fn sample_every_second(state: Arc<AppState>) {
             msgs_out: d(2),
             p50_ms: p50,
             p99_ms: p99,
-            connections: state.open_connections.load(Relaxed) as u64,
+            connections: state.connections.open() as u64,
             sessions: state.hub.online_sessions() as u64,
             commits,
             batch_avg: if commits == 0 {
@@ -250,7 +250,46 @@ pub fn check_access_with(
     req: &Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<(), ApiError> {
-    let token = &server.status_token;
+    if token_or_address(&server.status_token, &server.status_allowed_ips, req, peer) {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(
+        "status_forbidden",
+        "the status is only shown to allowed addresses (status_allowed_ips) or with the status token",
+    ))
+}
+
+/// `/metrics` (node and proxy): from `metrics_allowed_ips`, or anywhere with
+/// `Authorization: Bearer <metrics_token>` when a token is set. Its own
+/// rule, not the status page's: a Prometheus server is usually elsewhere
+/// than the people who watch `/status`.
+pub fn check_metrics_access(
+    server: &crate::config::ServerConfig,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<(), ApiError> {
+    if token_or_address(
+        &server.metrics_token,
+        &server.metrics_allowed_ips,
+        req,
+        peer,
+    ) {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(
+        "metrics_forbidden",
+        "metrics are only served to allowed addresses (metrics_allowed_ips) or with the metrics token",
+    ))
+}
+
+/// Whether the request presents `token` (when one is set) or comes from an
+/// address in `allowed`.
+fn token_or_address(
+    token: &str,
+    allowed: &[String],
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> bool {
     if !token.is_empty() {
         let given = req
             .headers()
@@ -270,16 +309,10 @@ pub fn check_access_with(
                     })
             });
         if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            return Ok(());
+            return true;
         }
     }
-    if allowed_ip(&server.status_allowed_ips, peer.ip()) {
-        return Ok(());
-    }
-    Err(ApiError::forbidden(
-        "status_forbidden",
-        "the status is only shown to allowed addresses (status_allowed_ips) or with the status token",
-    ))
+    allowed_ip(allowed, peer.ip())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -356,7 +389,7 @@ pub async fn get(
         "git": crate::telemetry::GIT_HASH,
         "started_at": state.status.started_ms,
         "uptime_secs": state.status.started.elapsed().as_secs(),
-        "connections": state.open_connections.load(Relaxed),
+        "connections": state.connections.open(),
         "sessions": state.hub.online_sessions(),
         "rss_bytes": proc_.rss_bytes,
         "open_fds": proc_.open_fds,
@@ -390,6 +423,7 @@ pub async fn stream(
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     check_access(state, &req, peer)?;
+    crate::api::ws::check_origin(&state.config.server.allowed_origins, &req)?;
     let protocol = req.headers().get("sec-websocket-protocol").cloned();
     let (mut resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| ApiError::bad_request("bad_request", format!("bad WebSocket upgrade: {e}")))?;
@@ -404,7 +438,7 @@ pub async fn stream(
             resp.headers_mut().insert("sec-websocket-protocol", v);
         }
     }
-    let slot = crate::api::ConnectionSlot::take(state);
+    let slot = state.connections.take();
     let state = state.clone();
     tokio::spawn(async move {
         let _slot = slot;

@@ -190,7 +190,7 @@ fn register_families() {
     for outcome in ["executed", "failed", "scheduled", "cancelled", "rejected"] {
         metrics::counter!("confab_wallet_transfers_total", "outcome" => outcome).increment(0);
     }
-    for reason in ["message_too_long", "rate_limited", "not_a_member"] {
+    for reason in ["message_too_long", "rate_limited", "room_not_found"] {
         metrics::counter!("confab_messages_rejected_total", "reason" => reason).increment(0);
     }
     for g in [

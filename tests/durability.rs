@@ -141,7 +141,7 @@ async fn sigkill_under_load_loses_no_acked_message() {
     const CLIENTS: usize = 4;
     const ROOMS: usize = 3;
     const WINDOW: usize = 16;
-    let mut srv = Server::start(&["send_rate_per_sec=100000", "send_burst=100000"]);
+    let mut srv = Server::start(&UNLIMITED);
     let api = srv.api();
     let mut users = Vec::new();
     for _ in 0..CLIENTS {

@@ -43,18 +43,18 @@ async fn non_member_cannot_read_post_or_listen() {
     assert_err(
         &api.get(&format!("/api/v1/rooms/{rid}/messages"), &c.token)
             .await,
-        403,
-        "not_a_member",
+        404,
+        "room_not_found",
     );
     assert_err(
         &api.get(&format!("/api/v1/rooms/{rid}"), &c.token).await,
-        403,
-        "not_a_member",
+        404,
+        "room_not_found",
     );
     assert_err(
         &api.post_message(&c.token, &rid, "n-c", "intrusion").await,
-        403,
-        "not_a_member",
+        404,
+        "room_not_found",
     );
     assert_err(
         &api.post(
@@ -63,8 +63,8 @@ async fn non_member_cannot_read_post_or_listen() {
             &json!({"user_id": c.id}),
         )
         .await,
-        403,
-        "not_a_member",
+        404,
+        "room_not_found",
     );
     let (_, rooms) = api.get("/api/v1/rooms", &c.token).await;
     assert_eq!(rooms["rooms"], json!([]), "C's room list: {rooms}");
@@ -91,7 +91,7 @@ async fn non_member_cannot_read_post_or_listen() {
     // WS: resume on that room → error frame (with room), C still connected.
     let mut wc = Ws::connect(srv.addr).await;
     wc.auth(&c.token, json!({ rid.as_str(): 0 })).await;
-    let e = wc.expect_error("not_a_member").await;
+    let e = wc.expect_error("room_not_found").await;
     assert_eq!(e["room"], rid.as_str(), "resume error names the room: {e}");
     let mut wc2 = Ws::connect(srv.addr).await;
     wc2.auth(&c.token, json!({ ghost: 0 })).await;
@@ -99,9 +99,9 @@ async fn non_member_cannot_read_post_or_listen() {
     assert_eq!(e["room"], ghost, "{e}");
     wc2.ping().await;
 
-    // WS send → error not_a_member, nothing stored.
+    // WS send → error room_not_found, nothing stored.
     wc.send_msg(&rid, "n-c2", "intrusion").await;
-    let e = wc.expect_error("not_a_member").await;
+    let e = wc.expect_error("room_not_found").await;
     assert!(
         e.get("client_id").is_none_or(|x| x == "n-c2"),
         "error client_id must match the send: {e}"
@@ -236,17 +236,17 @@ async fn group_membership_changes() {
     assert_err(
         &api.get(&format!("/api/v1/rooms/{gid}/messages"), &m1.token)
             .await,
-        403,
-        "not_a_member",
+        404,
+        "room_not_found",
     );
     assert_err(
         &api.post_message(&m1.token, &gid, "m1-2", "still here?")
             .await,
-        403,
-        "not_a_member",
+        404,
+        "room_not_found",
     );
     w1.send_msg(&gid, "m1-3", "ws after removal").await;
-    w1.expect_error("not_a_member").await;
+    w1.expect_error("room_not_found").await;
 
     // Any member may add: m2 adds m3, who gets a `room` push and can read.
     let (st, r) = api
@@ -287,8 +287,8 @@ async fn group_membership_changes() {
     assert_err(
         &api.get(&format!("/api/v1/rooms/{gid}/messages"), &m2.token)
             .await,
-        403,
-        "not_a_member",
+        404,
+        "room_not_found",
     );
 
     // The owner leaves: the longest-standing remaining member (m3, the only
@@ -304,8 +304,8 @@ async fn group_membership_changes() {
     assert_eq!(member_ids(&r), sorted(&[&m3.id]));
     assert_err(
         &api.get(&format!("/api/v1/rooms/{gid}"), &o.token).await,
-        403,
-        "not_a_member",
+        404,
+        "room_not_found",
     );
 }
 

@@ -232,7 +232,7 @@ async fn concurrent_senders_see_one_gap_free_sequence() {
     const MEMBERS: usize = 5;
     const PER: usize = 100;
     const TOTAL: usize = MEMBERS * PER;
-    let srv = Server::start(&["send_rate_per_sec=100000", "send_burst=100000"]);
+    let srv = Server::start(&UNLIMITED);
     let api = srv.api();
     let mut users = Vec::new();
     for _ in 0..MEMBERS {

@@ -89,6 +89,10 @@ async fn an_online_backup_holds_exactly_the_acked_prefix_and_restores_into_a_wor
         "signup_bonus=100000",
         "send_rate_per_sec=100000",
         "send_burst=100000",
+        "user_send_rate_per_sec=100000",
+        "user_send_burst=100000",
+        "frame_rate_per_sec=100000",
+        "frame_burst=100000",
     ];
     let srv = Server::start(&settings);
     let api = srv.api();
@@ -587,7 +591,7 @@ async fn exports_stream_every_message_once_in_order_and_only_to_members() {
     // A room export: members only.
     let path = format!("/api/v1/rooms/{direct}/export");
     let (st, body) = api.get(&path, &c.token).await;
-    assert_err(&(st, body), 403, "not_a_member");
+    assert_err(&(st, body), 404, "room_not_found");
     let (st, _) = api.get(&path, "").await;
     assert_eq!(st.as_u16(), 401);
     let (st, body) = api.get("/api/v1/rooms/zz/export", &a.token).await;

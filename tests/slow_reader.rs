@@ -30,6 +30,10 @@ async fn slow_reader_is_cut_off_and_fast_reader_is_not_slowed() {
         "outbox_frames=16",
         "send_rate_per_sec=100000",
         "send_burst=100000",
+        "user_send_rate_per_sec=100000",
+        "user_send_burst=100000",
+        "frame_rate_per_sec=100000",
+        "frame_burst=100000",
     ]);
     let api = srv.api();
     let s = api.new_user("sl_s").await;

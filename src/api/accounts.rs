@@ -37,12 +37,77 @@ pub fn valid_username(u: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-fn valid_display_name(d: &str) -> bool {
-    let n = d.chars().count();
-    (1..=64).contains(&n) && !d.chars().any(char::is_control) && !d.trim().is_empty()
+/// A display name as it is stored: Unicode NFC, runs of white space made
+/// one space, trimmed; 1–64 characters, no control or invisible formatting
+/// characters (bidi overrides, zero-width spaces, …) except the joiner
+/// inside an emoji sequence. So a name looks like what it is: it cannot
+/// reorder the text around it or hide characters.
+pub fn display_name(raw: &str) -> Result<String, ApiError> {
+    use unicode_normalization::UnicodeNormalization;
+    let bad = |why: &str| {
+        Err(ApiError::bad_request(
+            "invalid_display_name",
+            format!("display names are 1–64 characters: {why}"),
+        ))
+    };
+    let nfc: String = raw.nfc().collect();
+    let chars: Vec<char> = nfc.chars().collect();
+    let mut out = String::with_capacity(nfc.len());
+    for (i, &c) in chars.iter().enumerate() {
+        if c.is_whitespace() {
+            if !out.is_empty() && !out.ends_with(' ') {
+                out.push(' ');
+            }
+            continue;
+        }
+        if c.is_control() {
+            return bad("no control characters");
+        }
+        if c == '\u{200d}' {
+            let emoji = |c: Option<&char>| c.is_some_and(|&c| is_emoji(c));
+            if emoji(i.checked_sub(1).and_then(|j| chars.get(j))) && emoji(chars.get(i + 1)) {
+                out.push(c);
+                continue;
+            }
+            return bad("no invisible characters");
+        }
+        if is_invisible(c) {
+            return bad("no invisible or text-direction characters");
+        }
+        out.push(c);
+    }
+    let out = out.trim_end().to_string();
+    let n = out.chars().count();
+    if n == 0 {
+        return bad("not only spaces");
+    }
+    if n > 64 {
+        return bad("this one is too long");
+    }
+    Ok(out)
 }
 
-pub async fn signup(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+/// Format characters that change how text around them shows, or do not
+/// show themselves.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00ad}' | '\u{034f}' | '\u{061c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}'
+        | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{206f}' | '\u{3164}' | '\u{feff}' | '\u{ffa0}' | '\u{fff0}'..='\u{fffb}'
+        | '\u{1d173}'..='\u{1d17a}' | '\u{e0000}'..='\u{e007f}')
+}
+
+/// Pictographs that may be joined into one emoji by U+200D.
+fn is_emoji(c: char) -> bool {
+    matches!(c, '\u{2600}'..='\u{27bf}' | '\u{1f000}'..='\u{1faff}' | '\u{fe0f}')
+}
+
+pub async fn signup(
+    state: &AppState,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let ip = client_ip(state, &req, peer);
     let body: SignupBody = read_json(state, req).await?;
     if !valid_username(&body.username) {
         return Err(ApiError::bad_request(
@@ -50,19 +115,8 @@ pub async fn signup(state: &AppState, req: Request<Incoming>) -> Result<Response
             "usernames are 3–32 characters: letters, digits, _ . -",
         ));
     }
-    if !(8..=256).contains(&body.password.len()) {
-        return Err(ApiError::bad_request(
-            "invalid_password",
-            "passwords are 8–256 bytes long",
-        ));
-    }
-    let display_name = body.display_name.unwrap_or_else(|| body.username.clone());
-    if !valid_display_name(&display_name) {
-        return Err(ApiError::bad_request(
-            "invalid_display_name",
-            "display names are 1–64 characters without control characters",
-        ));
-    }
+    crate::auth::check_password(&body.username, &body.password)?;
+    let display_name = display_name(body.display_name.as_deref().unwrap_or(&body.username))?;
     if let Some(c) = &state.cluster
         && !c.owns(crate::cluster::ring::username_key(&body.username))
     {
@@ -79,7 +133,16 @@ pub async fn signup(state: &AppState, req: Request<Incoming>) -> Result<Response
     if state.store.user_by_name(&body.username)?.is_some() {
         return Err(taken());
     }
-    let password_hash = state.auth.hash_password(body.password).await?;
+    if !display_name.eq_ignore_ascii_case(&body.username)
+        && state.store.user_by_name(&display_name)?.is_some()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_display_name",
+            "that display name is another user's username",
+        ));
+    }
+    state.auth.check_signup(ip)?;
+    let password_hash = state.auth.hash_password(ip, body.password).await?;
     let user = state
         .writer
         .call(|reply| Op::CreateUser {
@@ -90,11 +153,29 @@ pub async fn signup(state: &AppState, req: Request<Incoming>) -> Result<Response
             reply,
         })
         .await?;
+    state.auth.signed_up(ip);
     let token = state.auth.issue(user.id)?;
     json(
         StatusCode::CREATED,
         &serde_json::json!({"token": token, "user": user}),
     )
+}
+
+/// The client's address: the connection's, or through a cluster proxy the
+/// one the proxy names on its (authenticated) link request — what the login
+/// and signup limits count.
+fn client_ip(state: &AppState, req: &Request<Incoming>, peer: SocketAddr) -> std::net::IpAddr {
+    if state.cluster.is_some()
+        && let Some(ip) = req
+            .headers()
+            .get(crate::cluster::link::CLIENT_IP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<std::net::IpAddr>().ok())
+        && crate::cluster::node::link_proxy(state, req).is_ok()
+    {
+        return ip;
+    }
+    peer.ip()
 }
 
 fn taken() -> ApiError {
@@ -110,21 +191,9 @@ pub async fn login(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
-    // Through a cluster proxy, the login rate limit counts the client's
-    // address, which the proxy names on its (authenticated) link request.
-    let mut peer = peer;
-    if state.cluster.is_some()
-        && let Some(ip) = req
-            .headers()
-            .get(crate::cluster::link::CLIENT_IP_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<std::net::IpAddr>().ok())
-        && crate::cluster::node::link_proxy(state, &req).is_ok()
-    {
-        peer = SocketAddr::new(ip, 0);
-    }
+    let ip = client_ip(state, &req, peer);
     let body: LoginBody = read_json(state, req).await?;
-    let outcome = login_inner(state, body, peer).await;
+    let outcome = login_inner(state, body, ip).await;
     metrics::counter!("confab_logins_total", "outcome" => match &outcome {
         Ok(_) => "ok",
         Err(e) => e.code,
@@ -145,22 +214,30 @@ pub async fn login(
 async fn login_inner(
     state: &AppState,
     body: LoginBody,
-    peer: SocketAddr,
+    ip: std::net::IpAddr,
 ) -> Result<Response<Body>, ApiError> {
-    state.auth.login_attempt(&body.username, peer.ip())?;
-    let found = if valid_username(&body.username) {
-        state.store.user_by_name(&body.username)?
-    } else {
-        None
-    };
-    let hash = found.as_ref().map(|(_, r)| r.password_hash.clone());
-    if !state.auth.verify_password(hash, body.password).await? {
-        return Err(ApiError::new(
+    let wrong = || {
+        ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_credentials",
             "wrong username or password",
-        ));
+        )
+    };
+    // A malformed username cannot be anyone's: refused at once, and nothing
+    // about it is kept but a failure of the address.
+    if !valid_username(&body.username) {
+        state.auth.check_login_ip(ip)?;
+        state.auth.login_failed(None, ip);
+        return Err(wrong());
     }
+    state.auth.check_login(&body.username, ip)?;
+    let found = state.store.user_by_name(&body.username)?;
+    let hash = found.as_ref().map(|(_, r)| r.password_hash.clone());
+    if !state.auth.verify_password(ip, hash, body.password).await? {
+        state.auth.login_failed(Some(&body.username), ip);
+        return Err(wrong());
+    }
+    state.auth.login_succeeded(&body.username, ip);
     let Some((id, rec)) = found else {
         return Err(ApiError::internal("verified a password without a user"));
     };
@@ -199,6 +276,44 @@ pub async fn me(state: &AppState, req: Request<Incoming>) -> Result<Response<Bod
         .user(c.user)?
         .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?;
     json(StatusCode::OK, &user)
+}
+
+/// `GET /api/v1/me/privacy`: who sees the caller's presence and who may add
+/// them to groups.
+pub async fn privacy(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let c = caller(state, &req)?;
+    json(StatusCode::OK, &state.store.privacy(c.user)?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrivacyBody {
+    presence: Option<crate::store::Audience>,
+    group_adds: Option<crate::store::Audience>,
+}
+
+/// `PUT /api/v1/me/privacy` `{presence?, group_adds?}`: changes what is
+/// given. Peers who no longer see the caller's presence are told it is
+/// unknown (offline, no last seen) at once.
+pub async fn set_privacy(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let c = caller(state, &req)?;
+    let body: PrivacyBody = read_json(state, req).await?;
+    let (before, after) = state
+        .writer
+        .call(|reply| Op::SetPrivacy {
+            user: c.user,
+            presence: body.presence,
+            group_adds: body.group_adds,
+            reply,
+        })
+        .await?;
+    if before.presence != after.presence {
+        super::ws::privacy_changed(state, c.user);
+    }
+    json(StatusCode::OK, &after)
 }
 
 /// `GET /api/v1/users/{id}`: a user's public profile (any signed-in user

@@ -91,6 +91,7 @@ pub async fn post(
     let room: RoomId = parse_id(id)?;
     let body: PostBody = read_json(state, req).await?;
     validate_send(state, body.client_id.as_deref(), &body.text)?;
+    state.budgets.take_send(c.user)?;
     metrics::counter!("confab_messages_received_total").increment(1);
     crate::status::LiveStats::add(&crate::status::LIVE.received, 1);
     let (msg, duplicate) = state

@@ -8,6 +8,7 @@ pub(crate) mod assets;
 mod body;
 mod export;
 mod messages;
+pub mod reads;
 mod rooms;
 mod search;
 mod wallet;
@@ -36,9 +37,9 @@ pub use accounts::valid_username;
 pub use body::Body;
 pub use messages::validate_send_limits;
 
-/// Everything a request handler or session needs; one per server.
 static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+/// Everything a request handler or session needs; one per server.
 pub struct AppState {
     pub config: Config,
     pub store: Store,
@@ -49,52 +50,56 @@ pub struct AppState {
     /// Flips to true on shutdown; sessions watch it.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub next_session: std::sync::atomic::AtomicU64,
-    /// Open TCP connections, HTTP and upgraded WebSocket alike (see
-    /// [`ConnectionSlot`]); bounded by `max_connections`.
-    pub open_connections: std::sync::atomic::AtomicUsize,
+    /// Open TCP connections, HTTP and upgraded WebSocket alike, bounded by
+    /// `max_connections` in all and `max_connections_per_ip` per address.
+    pub connections: Arc<crate::limits::Connections>,
     /// The message search index (None when `search_enabled` is off).
     pub search: Option<Arc<crate::search::SearchIndex>>,
     /// The last 15 minutes, one sample a second (`/status`).
     pub status: crate::status::StatusBoard,
     /// This node's cluster (None for a single node).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// What one user may do to the others through this node, over all of
+    /// their sessions (docs/ARCHITECTURE.md, "Limits").
+    pub budgets: UserBudgets,
 }
 
-/// Counts one open connection while alive. The HTTP connection task holds
-/// one; an upgraded WebSocket takes its own before the HTTP side lets go, so
-/// sessions count against `max_connections` too.
-pub struct ConnectionSlot(Arc<AppState>);
+/// Per-user budgets, shared by all of a user's sessions (here and behind
+/// proxies) and their HTTP requests.
+pub struct UserBudgets {
+    /// `user_send_rate_per_sec` / `user_send_burst`: messages a user stores.
+    pub sends: crate::limits::KeyedBuckets<crate::ids::UserId>,
+    /// `typing_interval_ms`: typing events a user's rooms get.
+    pub typing: crate::limits::TypingGate,
+    /// Read positions, merged before they reach the writer.
+    pub reads: Arc<reads::ReadMerger>,
+}
 
-impl ConnectionSlot {
-    /// Takes a slot, or None when `max_connections` are open.
-    pub fn try_take(state: &Arc<AppState>) -> Option<ConnectionSlot> {
-        use std::sync::atomic::Ordering;
-        let max = state.config.server.max_connections;
-        let prev = state.open_connections.fetch_add(1, Ordering::AcqRel);
-        if prev >= max {
-            state.open_connections.fetch_sub(1, Ordering::AcqRel);
-            return None;
+impl UserBudgets {
+    pub fn new(limits: &crate::config::LimitsConfig, reads: Arc<reads::ReadMerger>) -> UserBudgets {
+        UserBudgets {
+            sends: crate::limits::KeyedBuckets::new(
+                f64::from(limits.user_send_rate_per_sec),
+                f64::from(limits.user_send_burst),
+            ),
+            typing: crate::limits::TypingGate::new(std::time::Duration::from_millis(
+                limits.typing_interval_ms,
+            )),
+            reads,
         }
-        metrics::gauge!("confab_connections_open").increment(1.0);
-        Some(ConnectionSlot(state.clone()))
     }
 
-    /// Takes a slot even past the limit (the upgrade of a counted connection).
-    pub fn take(state: &Arc<AppState>) -> ConnectionSlot {
-        state
-            .open_connections
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        metrics::gauge!("confab_connections_open").increment(1.0);
-        ConnectionSlot(state.clone())
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0
-            .open_connections
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        metrics::gauge!("confab_connections_open").decrement(1.0);
+    /// Takes one of `user`'s sends; 429 `rate_limited` past the budget.
+    pub fn take_send(&self, user: crate::ids::UserId) -> Result<(), ApiError> {
+        self.sends.take(&user).map_err(|wait| {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many messages from your account; slow down",
+            );
+            e.retry_after = Some(wait.as_secs().max(1));
+            e
+        })
     }
 }
 
@@ -160,9 +165,16 @@ async fn route(
         ["healthz"] => on!("/healthz", get, async {
             json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
         }),
-        ["metrics"] => on!("/metrics", get, async { Ok(metrics_page(state)) }),
+        ["metrics"] => on!("/metrics", get, async {
+            crate::status::check_metrics_access(&state.config.server, &req, peer)?;
+            Ok(metrics_page(state))
+        }),
         ["api", "v1", rest @ ..] => match rest {
-            ["signup"] => on!("/signup", m == Method::POST, accounts::signup(state, req)),
+            ["signup"] => on!(
+                "/signup",
+                m == Method::POST,
+                accounts::signup(state, req, peer)
+            ),
             ["login"] => on!(
                 "/login",
                 m == Method::POST,
@@ -171,6 +183,11 @@ async fn route(
             ["logout"] => on!("/logout", m == Method::POST, accounts::logout(state, req)),
             ["me"] => on!("/me", get, accounts::me(state, req)),
             ["me", "export"] => on!("/me/export", get, export::me(state, req)),
+            ["me", "privacy"] => match m {
+                Method::GET => ("/me/privacy", accounts::privacy(state, req).await),
+                Method::PUT => ("/me/privacy", accounts::set_privacy(state, req).await),
+                _ => ("/me/privacy", Err(method_not_allowed())),
+            },
             ["users"] => on!("/users", get, accounts::search_users(state, req)),
             ["users", id] => on!("/users/{id}", get, accounts::get_user(state, req, id)),
             ["search"] => on!("/search", get, search::search(state, req)),
@@ -307,6 +324,11 @@ fn error_response(e: &ApiError) -> Response<Body> {
     {
         resp.headers_mut().insert(header::RETRY_AFTER, v);
     }
+    if e.status == StatusCode::REQUEST_TIMEOUT || e.status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body is not read: this connection is done.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
 }
 
@@ -358,32 +380,59 @@ pub fn caller(state: &AppState, req: &Request<Incoming>) -> Result<Caller, ApiEr
         .ok_or_else(|| {
             ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
         })?;
-    state.auth.verify(token.trim())
+    let caller = state.auth.verify(token.trim())?;
+    // A correctly signed token of a user this store does not have (a store
+    // restored from an older backup, a token of another server with the
+    // same secret) is not a login.
+    if state.store.user(caller.user)?.is_none() {
+        return Err(ApiError::unauthorized("the token's user no longer exists"));
+    }
+    Ok(caller)
 }
 
-/// Reads a JSON body of at most `max_body_bytes`.
+/// Reads a whole request body: at most `max_body_bytes` (413 above), within
+/// `request_body_timeout_secs` of the headers (408 and the connection is
+/// closed after, so a client that sends one byte a minute holds nothing for
+/// long). Shared with the proxy.
+pub(crate) async fn read_body(
+    server: &crate::config::ServerConfig,
+    body: Incoming,
+) -> Result<Bytes, ApiError> {
+    let limit = server.max_body_bytes;
+    let deadline = std::time::Duration::from_secs(server.request_body_timeout_secs);
+    let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    deadline.as_secs()
+                ),
+            )
+        })?;
+    collected.map(|c| c.to_bytes()).map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request bodies are limited to {limit} bytes"),
+            )
+        } else {
+            ApiError::bad_request("bad_request", "could not read the request body")
+        }
+    })
+}
+
+/// Reads a JSON body (see [`read_body`]).
 pub async fn read_json<T: DeserializeOwned>(
     state: &AppState,
     req: Request<Incoming>,
 ) -> Result<T, ApiError> {
-    let limit = state.config.server.max_body_bytes;
-    let body = Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("request bodies are limited to {limit} bytes"),
-                )
-            } else {
-                ApiError::bad_request("bad_request", "could not read the request body")
-            }
-        })?
-        .to_bytes();
+    let body = read_body(&state.config.server, req.into_body()).await?;
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
 }

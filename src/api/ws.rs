@@ -30,6 +30,7 @@ use crate::error::ApiError;
 use crate::frames::{self, ServerFrame};
 use crate::hub::{OutFrame, SessionOutbox, close};
 use crate::ids::{RoomId, UserId};
+use crate::limits::TokenBucket;
 use crate::store::now_ms;
 use crate::store::writer::{Op, Origin};
 
@@ -60,7 +61,7 @@ pub async fn upgrade(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let (resp, fut) = accept(&state.config.server.allowed_origins, req)?;
-    let slot = super::ConnectionSlot::take(state);
+    let slot = state.connections.take();
     let state = state.clone();
     let task = async move {
         let _slot = slot;
@@ -81,7 +82,8 @@ pub async fn upgrade(
 }
 
 /// Browsers send `Origin`; it must be the page's own origin or configured.
-fn check_origin(allowed: &[String], req: &Request<Incoming>) -> Result<(), ApiError> {
+/// (Also for the status page's WebSocket.)
+pub(crate) fn check_origin(allowed: &[String], req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(origin) = req.headers().get("origin").and_then(|v| v.to_str().ok()) else {
         return Ok(());
     };
@@ -266,6 +268,15 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
             .await;
         }
     };
+    if state.hub.sessions_of(user.id) >= state.config.limits.max_sessions_per_user {
+        return reject(
+            &mut ws,
+            "too_many_sessions",
+            "you have too many connections open; close some",
+            close::TOO_MANY_SESSIONS,
+        )
+        .await;
+    }
     metrics::counter!("confab_sessions_authenticated_total").increment(1);
 
     // The reader keeps fastwebsockets' read half; the write half is taken
@@ -307,7 +318,9 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
     }
     drop(peers);
 
-    // 3. Run the reader here and the session writer beside it.
+    // 3. Run the reader here and the session writer beside it, until the
+    //    token expires at the latest.
+    let expiry = close_at_expiry(&outbox, caller.exp);
     let mut writer = tokio::spawn(write_loop(tx, outbox.clone(), caught_up));
     let reader = read_loop(&state, rx, asm, &outbox, user.id);
     tokio::select! {
@@ -319,7 +332,26 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
         }
         _ = &mut writer => {}
     }
+    expiry.abort();
     end_session(&state, &outbox);
+}
+
+/// Closes the session (4001) when its token expires: a token is a login for
+/// its lifetime only, also on a connection opened before the end.
+pub(crate) fn close_at_expiry(
+    outbox: &Arc<SessionOutbox>,
+    exp_secs: i64,
+) -> tokio::task::JoinHandle<()> {
+    let outbox = outbox.clone();
+    let left = u64::try_from(exp_secs.saturating_sub(crate::auth::now_secs())).unwrap_or(0);
+    tokio::spawn(async move {
+        // A link session's caller never expires (i64::MAX): no timer.
+        if left > 10 * 365 * 24 * 3600 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(left)).await;
+        outbox.kick(close::UNAUTHORIZED);
+    })
 }
 
 fn end_session(state: &AppState, outbox: &SessionOutbox) {
@@ -348,9 +380,14 @@ pub(crate) fn went_online(state: &AppState, user: UserId) {
     announce_presence(state, &peers, user, true, None);
 }
 
-/// The `presence` frames of `peers` as this node sees them.
-pub(crate) fn presence_of(state: &AppState, peers: &[UserId]) -> Vec<Bytes> {
-    peers
+/// The `presence` frames of `peers` as this node sees them, for `viewer`:
+/// only of the peers whose privacy settings let `viewer` see it.
+pub(crate) fn presence_of(state: &AppState, viewer: UserId, peers: &[UserId]) -> Vec<Bytes> {
+    let visible = state
+        .store
+        .presences_seen_by(viewer, peers)
+        .unwrap_or_default();
+    visible
         .iter()
         .map(|&peer| {
             let online = state.hub.is_online(peer);
@@ -367,6 +404,39 @@ pub(crate) fn presence_of(state: &AppState, peers: &[UserId]) -> Vec<Bytes> {
             .to_bytes()
         })
         .collect()
+}
+
+/// `user` changed who sees their presence: the peers who see it get it
+/// again, the others get "offline, last seen unknown" (the frame a peer
+/// who never saw it would have had nothing of).
+pub(crate) fn privacy_changed(state: &AppState, user: UserId) {
+    let peers = state.store.direct_peers(user).unwrap_or_default();
+    let seeing = state
+        .store
+        .presence_audience(user, &peers)
+        .unwrap_or_default();
+    let online = state.hub.is_online(user);
+    let last_seen = if online {
+        None
+    } else {
+        state.store.last_seen(user).ok().flatten()
+    };
+    for &peer in &peers {
+        let (online, last_seen) = if seeing.contains(&peer) {
+            (online, last_seen)
+        } else {
+            (false, None)
+        };
+        let frame = OutFrame::text(
+            ServerFrame::Presence {
+                user,
+                online,
+                last_seen,
+            }
+            .to_bytes(),
+        );
+        state.hub.send_to_user(peer, &frame, None);
+    }
 }
 
 /// Reads a new connection's first message, which must be a valid `auth`.
@@ -483,13 +553,15 @@ async fn greet(
             );
         }
     }
-    for frame in presence_of(state, peers) {
+    for frame in presence_of(state, user.id, peers) {
         tx.push_text(&frame);
     }
     tx.flush().await?;
     Ok(high)
 }
 
+/// Tells those of `peers` whom `user`'s privacy settings let see it that
+/// `user` went online or offline.
 fn announce_presence(
     state: &AppState,
     peers: &[UserId],
@@ -507,7 +579,11 @@ fn announce_presence(
         room_seq: None,
         pong: false,
     };
-    for &peer in peers {
+    for peer in state
+        .store
+        .presence_audience(user, peers)
+        .unwrap_or_default()
+    {
         state.hub.send_to_user(peer, &frame, None);
     }
 }
@@ -612,7 +688,7 @@ pub(crate) async fn write_loop(
     };
     let reason: &[u8] = match code {
         close::TOO_SLOW => b"too slow: resume from your last seq",
-        close::UNAUTHORIZED => b"logged out",
+        close::UNAUTHORIZED => b"log in again (logged out or token expired)",
         close::GOING_AWAY => b"server shutting down",
         close::TOO_BIG => b"frame too large",
         _ => b"",
@@ -642,35 +718,39 @@ async fn finish_or_kick(
     }
 }
 
-/// Per-connection token bucket for sends.
-pub(crate) struct SendBudget {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    at: Instant,
+/// Per-connection token bucket for sends (`send_rate_per_sec`,
+/// `send_burst`): past it a send is answered `rate_limited`.
+pub(crate) fn send_budget(limits: &crate::config::LimitsConfig) -> TokenBucket {
+    TokenBucket::new(
+        f64::from(limits.send_rate_per_sec),
+        f64::from(limits.send_burst),
+    )
 }
 
-impl SendBudget {
-    pub(crate) fn new(limits: &crate::config::LimitsConfig) -> SendBudget {
-        SendBudget {
-            tokens: f64::from(limits.send_burst),
-            rate: f64::from(limits.send_rate_per_sec),
-            burst: f64::from(limits.send_burst),
-            at: Instant::now(),
-        }
+/// A connection's budget for client frames of every kind
+/// (`frame_rate_per_sec`, `frame_burst`). Past it, the reader waits before
+/// it reads on: the client's frames back up in its own socket and nobody
+/// else notices. And after every frame the reader gives its worker thread
+/// up when tokio's cooperative budget is spent: frames already in the read
+/// buffer never make the socket wait, so without it one flooding session
+/// could hold a worker thread and delay other sessions' acks.
+pub(crate) struct FramePacer(TokenBucket);
+
+impl FramePacer {
+    pub(crate) fn new(limits: &crate::config::LimitsConfig) -> FramePacer {
+        FramePacer(TokenBucket::new(
+            f64::from(limits.frame_rate_per_sec),
+            f64::from(limits.frame_burst),
+        ))
     }
 
-    pub(crate) fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+    /// Called once per complete client message, before it is handled.
+    pub(crate) async fn pace(&mut self) {
+        let wait = self.0.take_or_wait();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
+        tokio::task::coop::consume_budget().await;
     }
 }
 
@@ -718,7 +798,8 @@ async fn read_loop(
     outbox: &Arc<SessionOutbox>,
     user: UserId,
 ) {
-    let mut budget = SendBudget::new(&state.config.limits);
+    let mut budget = send_budget(&state.config.limits);
+    let mut pacer = FramePacer::new(&state.config.limits);
     let error = |code: &str, message: &str, client_id: Option<&str>, room: Option<RoomId>| {
         outbox.push_bytes(frames::error(code, message, client_id, room));
     };
@@ -727,6 +808,7 @@ async fn read_loop(
             .read_frame::<_, WebSocketError>(&mut |_| async { Ok(()) })
             .await;
         let Some(msg) = asm.feed(frame) else { continue };
+        pacer.pace().await;
         let text = match text_of(msg, outbox) {
             Some(Some(t)) => t,
             Some(None) => continue,
@@ -754,7 +836,7 @@ async fn read_loop(
 pub(crate) async fn execute(
     state: &AppState,
     outbox: &Arc<SessionOutbox>,
-    budget: Option<&mut SendBudget>,
+    budget: Option<&mut TokenBucket>,
     user: UserId,
     frame: ClientFrame,
 ) {
@@ -790,7 +872,10 @@ pub(crate) async fn execute(
             return;
         }
         ClientFrame::Read { room, seq } => match room.parse::<RoomId>() {
-            Ok(room) => state.writer.submit(Op::Read { room, user, seq }).await,
+            Ok(room) => {
+                state.budgets.reads.add(user, room, seq);
+                Ok(())
+            }
             Err(_) => Err(ApiError::bad_id()),
         },
         ClientFrame::Typing { room } => on_typing(state, user, &room),
@@ -845,7 +930,7 @@ pub(crate) fn explain_bad_frame(text: &[u8]) -> (&'static str, String, Option<St
 async fn on_send(
     state: &AppState,
     outbox: &Arc<SessionOutbox>,
-    budget: Option<&mut SendBudget>,
+    budget: Option<&mut TokenBucket>,
     user: UserId,
     room: &str,
     client_id: Option<&str>,
@@ -853,13 +938,14 @@ async fn on_send(
 ) -> Result<(), ApiError> {
     let room: RoomId = room.parse().map_err(|_| ApiError::bad_id())?;
     validate_send(state, client_id, &text)?;
-    if budget.is_some_and(|b| !b.take()) {
+    if budget.is_some_and(|b| b.take().is_err()) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             "too many messages; slow down",
         ));
     }
+    state.budgets.take_send(user)?;
     metrics::counter!("confab_messages_received_total").increment(1);
     crate::status::LiveStats::add(&crate::status::LIVE.received, 1);
     state
@@ -877,6 +963,11 @@ async fn on_send(
 
 fn on_typing(state: &AppState, user: UserId, room: &str) -> Result<(), ApiError> {
     let room: RoomId = room.parse().map_err(|_| ApiError::bad_id())?;
+    if !state.budgets.typing.allow(user, room) {
+        // Within `typing_interval_ms` of the last one passed on: the
+        // members' indicators are still showing it.
+        return Ok(());
+    }
     state.store.check_member(room, user)?;
     send_to_others(
         state,

@@ -20,8 +20,11 @@ pub type Ws = WebSocket<TokioIo<Upgraded>>;
 pub struct Target {
     pub addr: SocketAddr,
     /// Spread connections over 127.0.0.1..=127.0.0.N (loopback IPv4 only),
-    /// so more than one ephemeral port range's worth of sockets fit.
+    /// so more than one ephemeral port range's worth of sockets fit (and
+    /// the server's per-address limits see N clients, not one).
     pub source_ips: u8,
+    /// Turns of the HTTP requests over the source addresses.
+    http_turn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Target {
@@ -43,6 +46,7 @@ impl Target {
         Ok(Target {
             addr,
             source_ips: source_ips.max(1),
+            http_turn: Default::default(),
         })
     }
 
@@ -71,7 +75,13 @@ impl Target {
         token: Option<&str>,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value), String> {
-        let stream = self.connect(0).await.map_err(|e| format!("connect: {e}"))?;
+        let turn = self
+            .http_turn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stream = self
+            .connect(turn)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("http handshake: {e}"))?;

@@ -238,15 +238,28 @@ impl Seed {
 
 async fn sign_up_or_in(target: &Target, name: &str) -> Result<BenchUser, String> {
     let body = json!({"username": name, "password": PASSWORD});
-    let (status, v) = target
-        .http(Method::POST, "/api/v1/signup", None, Some(&body))
-        .await?;
-    let (status, v) = if status == StatusCode::CONFLICT {
-        target
-            .http(Method::POST, "/api/v1/login", None, Some(&body))
-            .await?
-    } else {
-        (status, v)
+    // The server's admission limits (hashes per address, the hash queue)
+    // answer 429/503 when the seeding runs ahead of its password hasher:
+    // wait and try again, for up to a minute.
+    let mut tries = 0;
+    let (status, v) = loop {
+        let (status, v) = target
+            .http(Method::POST, "/api/v1/signup", None, Some(&body))
+            .await?;
+        let (status, v) = if status == StatusCode::CONFLICT {
+            target
+                .http(Method::POST, "/api/v1/login", None, Some(&body))
+                .await?
+        } else {
+            (status, v)
+        };
+        let busy =
+            status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE;
+        tries += 1;
+        if !busy || tries >= 600 {
+            break (status, v);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     match (v["token"].as_str(), v["user"]["id"].as_str()) {
         (Some(token), Some(id)) if status.is_success() => Ok(BenchUser {

@@ -236,7 +236,7 @@ async fn attach(
                     crate::api::ws::went_online(state, user);
                 }
                 let peers = state.store.direct_peers(user).unwrap_or_default();
-                for f in presence_of(state, &peers) {
+                for f in presence_of(state, user, &peers) {
                     out.extend_from_slice(format!("{user}\tP\t").as_bytes());
                     out.extend_from_slice(&f);
                     out.push(b'\n');

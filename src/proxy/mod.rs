@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -52,7 +52,8 @@ pub struct Proxy {
     metrics: PrometheusHandle,
     started: Instant,
     next_group_node: AtomicUsize,
-    open_connections: AtomicUsize,
+    /// Open client connections (`max_connections`, `max_connections_per_ip`).
+    pub(crate) connections: Arc<crate::limits::Connections>,
 }
 
 impl Proxy {
@@ -153,6 +154,12 @@ impl Proxy {
         for s in sessions {
             s.fail_inflight(self, node);
         }
+    }
+
+    /// `user`'s sessions on this proxy now.
+    fn sessions_of(&self, user: UserId) -> usize {
+        let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&user).map_or(0, Vec::len)
     }
 
     fn register(&self, s: &Arc<PSession>) {
@@ -348,7 +355,6 @@ fn upstream_error(status: StatusCode, body: &[u8]) -> ApiError {
     let code = match v["error"].as_str().or(v["code"].as_str()) {
         Some("user_not_found") => "user_not_found",
         Some("room_not_found") => "room_not_found",
-        Some("not_a_member") => "not_a_member",
         Some("forbidden") => "forbidden",
         Some("bad_request") => "bad_request",
         _ => "node_error",
@@ -382,6 +388,10 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         attach_rxs.push(rx);
     }
     let name = format!("proxy-{local}-{:08x}", rand::random::<u32>());
+    let config_max = (
+        config.server.max_connections,
+        config.server.max_connections_per_ip,
+    );
     let proxy = Arc::new(Proxy {
         link_token: RwLock::new((
             crate::cluster::link::issue(&cluster.secret, &name),
@@ -397,7 +407,7 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         metrics,
         started: Instant::now(),
         next_group_node: AtomicUsize::new(0),
-        open_connections: AtomicUsize::new(0),
+        connections: crate::limits::Connections::new(config_max.0, config_max.1),
     });
     for (l, rx) in proxy.links.iter().zip(attach_rxs) {
         tokio::spawn(link::run(proxy.clone(), l.clone()));
@@ -419,14 +429,12 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
                         continue;
                     }
                 };
-                if proxy.open_connections.load(Ordering::Acquire) >= proxy.config.server.max_connections {
-                    metrics::counter!("confab_connections_refused_total").increment(1);
+                let Some(slot) = proxy.connections.try_take(peer.ip()) else {
                     continue;
-                }
+                };
                 let _ = stream.set_nodelay(true);
                 let proxy = proxy.clone();
                 tokio::spawn(async move {
-                    proxy.open_connections.fetch_add(1, Ordering::AcqRel);
                     let p2 = proxy.clone();
                     let service = service_fn(move |req| {
                         let p = p2.clone();
@@ -438,7 +446,7 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades();
                     let _ = conn.await;
-                    proxy.open_connections.fetch_sub(1, Ordering::AcqRel);
+                    drop(slot);
                 });
             }
         }
@@ -487,7 +495,10 @@ async fn route(
                 &serde_json::json!({"status": "ok", "role": "proxy"}),
             )
         }),
-        ["metrics"] => on!("/metrics", get, async { Ok(metrics_page(p)) }),
+        ["metrics"] => on!("/metrics", get, async {
+            crate::status::check_metrics_access(&p.config.server, &req, peer)?;
+            Ok(metrics_page(p))
+        }),
         ["status"] => on!("/status", get, async {
             crate::status::check_access_with(&p.config.server, &req, peer)?;
             Ok(status_page(p))
@@ -530,7 +541,7 @@ async fn route(
                 "/wallet",
                 forward_checked(p, p.wallet_node(), req, false).await,
             ),
-            ["logout"] | ["me"] | ["me", "export"] | ["contacts", ..] => {
+            ["logout"] | ["me"] | ["me", "export" | "privacy"] | ["contacts", ..] => {
                 let stream = rest == ["me", "export"];
                 (
                     "/me",
@@ -547,34 +558,16 @@ async fn route(
     }
 }
 
-async fn read_body(p: &Proxy, body: Incoming) -> Result<Bytes, ApiError> {
-    let limit = p.config.server.max_body_bytes;
-    Limited::new(body, limit)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("request bodies are limited to {limit} bytes"),
-                )
-            } else {
-                ApiError::bad_request("bad_request", "could not read the request body")
-            }
-        })
-}
-
 /// A request with its whole body (within `max_body_bytes`).
 async fn whole_request(
     p: &Proxy,
     req: Request<Incoming>,
 ) -> Result<(hyper::http::request::Parts, Bytes), ApiError> {
     let (parts, incoming) = req.into_parts();
-    Ok((parts, read_body(p, incoming).await?))
+    Ok((
+        parts,
+        crate::api::read_body(&p.config.server, incoming).await?,
+    ))
 }
 
 /// [`whole_request`] whose body must be JSON (400 `invalid_json`).
@@ -1071,7 +1064,7 @@ fn status_json(p: &Proxy) -> Value {
         "uptime_secs": p.started.elapsed().as_secs(),
         "sessions": sessions.values().map(Vec::len).sum::<usize>(),
         "users_online_here": sessions.len(),
-        "connections": p.open_connections.load(Ordering::Relaxed),
+        "connections": p.connections.open(),
         "nodes": nodes,
     })
 }

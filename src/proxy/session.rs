@@ -29,8 +29,8 @@ use super::Proxy;
 use super::link::{Attached, read_all};
 use crate::api::Body;
 use crate::api::ws::{
-    ClientFrame, FrameWriter, Reassembler, SendBudget, accept, auth_first, explain_bad_frame,
-    reject, text_of, write_loop,
+    ClientFrame, FramePacer, FrameWriter, Reassembler, accept, auth_first, explain_bad_frame,
+    reject, send_budget, text_of, write_loop,
 };
 use crate::cluster::link::USER_HEADER;
 use crate::error::ApiError;
@@ -385,8 +385,10 @@ pub async fn upgrade(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let (resp, fut) = accept(&proxy.config.server.allowed_origins, req)?;
+    let slot = proxy.connections.take();
     let proxy = proxy.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         if let Ok(ws) = fut.await {
             metrics::gauge!("confab_ws_connections").increment(1.0);
             session(proxy, ws).await;
@@ -415,6 +417,15 @@ async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
         }
         Err(e) => return reject(&mut ws, e.code, &e.message, 1013).await,
     };
+    if proxy.sessions_of(caller.user) >= proxy.config.limits.max_sessions_per_user {
+        return reject(
+            &mut ws,
+            "too_many_sessions",
+            "you have too many connections open; close some",
+            close::TOO_MANY_SESSIONS,
+        )
+        .await;
+    }
 
     let raw_write = std::cell::Cell::new(None);
     let (mut rx, _) = ws.split(|s| {
@@ -485,6 +496,7 @@ async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
     for room in resumed {
         tokio::spawn(catch_up(proxy.clone(), s.clone(), room));
     }
+    let expiry = crate::api::ws::close_at_expiry(&outbox, caller.exp);
     let mut writer = tokio::spawn(write_loop(tx, outbox.clone(), HashMap::new()));
     let reader = read_loop(&proxy, &s, &mut rx, asm);
     tokio::select! {
@@ -494,6 +506,7 @@ async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
         }
         _ = &mut writer => {}
     }
+    expiry.abort();
     outbox.kick(close::NORMAL);
     proxy.unregister(&s);
 }
@@ -504,7 +517,8 @@ async fn read_loop(
     rx: &mut fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Io>>,
     mut asm: Reassembler,
 ) {
-    let mut budget = SendBudget::new(&proxy.config.limits);
+    let mut budget = send_budget(&proxy.config.limits);
+    let mut pacer = FramePacer::new(&proxy.config.limits);
     let error = |code: &str, message: &str, client_id: Option<&str>, room: Option<RoomId>| {
         s.outbox
             .push_bytes(frames::error(code, message, client_id, room));
@@ -514,6 +528,7 @@ async fn read_loop(
             .read_frame::<_, WebSocketError>(&mut |_| async { Ok(()) })
             .await;
         let Some(msg) = asm.feed(frame) else { continue };
+        pacer.pace().await;
         let text = match text_of(msg, &s.outbox) {
             Some(Some(t)) => t,
             Some(None) => continue,
@@ -554,7 +569,7 @@ async fn read_loop(
                     error(e.code, &e.message, client_id.as_deref(), room.parse().ok());
                     continue;
                 }
-                if !budget.take() {
+                if budget.take().is_err() {
                     error(
                         "rate_limited",
                         "too many messages; slow down",

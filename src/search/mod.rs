@@ -374,7 +374,7 @@ impl SearchIndex {
         };
         let rooms: Vec<RoomId> = match req.room {
             Some(r) if rooms.contains(&r) => vec![r],
-            Some(_) => return Err(ApiError::not_a_member()),
+            Some(_) => return Err(ApiError::room_not_found()),
             None => rooms.to_vec(),
         };
         if rooms.is_empty() {

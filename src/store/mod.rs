@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::ids::{RoomId, UserId};
 
 /// 1: first release. 2: adds `message_log` (filled from `messages` on upgrade).
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// redb's page cache when no size is configured (see `cache_mb`).
 pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
@@ -68,6 +68,57 @@ pub const WALLET_SCHEDULE: TableDefinition<(i64, u64), ()> =
 /// messages for chats elsewhere, signup bonuses for the wallet node).
 /// Key: a counter; value: a JSON [`crate::cluster::outbox::OutboxItem`].
 pub const CLUSTER_OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("cluster_outbox");
+/// user id → [`Privacy`] (postcard); no row: the defaults (schema 3).
+pub const PRIVACY: TableDefinition<u64, &[u8]> = TableDefinition::new("privacy");
+
+/// Who may see something of a user, or do something to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Audience {
+    #[default]
+    Everyone,
+    /// The users in their contacts.
+    Contacts,
+    Nobody,
+}
+
+/// A user's privacy settings (`GET|PUT /api/v1/me/privacy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Privacy {
+    /// Who sees them online and their last seen (presence frames).
+    pub presence: Audience,
+    /// Who may add them to a group.
+    pub group_adds: Audience,
+}
+
+impl Audience {
+    /// Whether `viewer` is in `owner`'s audience, `owner`'s contacts being
+    /// `contacts`.
+    pub fn admits(
+        self,
+        contacts: &impl ReadableTable<(u64, u64), i64>,
+        owner: UserId,
+        viewer: UserId,
+    ) -> Result<bool, ApiError> {
+        Ok(owner == viewer
+            || match self {
+                Audience::Everyone => true,
+                Audience::Contacts => contacts.get((owner.0, viewer.0))?.is_some(),
+                Audience::Nobody => false,
+            })
+    }
+}
+
+/// `user`'s privacy settings in a snapshot or the writer's transaction.
+pub fn privacy_in(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    user: UserId,
+) -> Result<Privacy, ApiError> {
+    match table.get(user.0)? {
+        Some(g) => decode(g.value(), "privacy"),
+        None => Ok(Privacy::default()),
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserRecord {
@@ -315,6 +366,8 @@ impl Store {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
         let path = data_dir.join("confab.redb");
+        private(data_dir, 0o700);
+        private(&path, 0o600);
         // A store from a newer confab is refused before anything is written
         // to it (opening it for writing would already change its header).
         if path.exists()
@@ -387,7 +440,13 @@ impl Store {
                     }
                     meta.insert("schema_version", SCHEMA_VERSION)
                         .map_err(|e| e.to_string())?;
-                    tracing::info!(messages = pos, "store upgraded from schema 1 to 2");
+                    tracing::info!(messages = pos, "store upgraded from schema 1 to 3");
+                }
+                Some(2) => {
+                    // 2 → 3: the `privacy` table (created below), empty.
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(|e| e.to_string())?;
+                    tracing::info!("store upgraded from schema 2 to 3");
                 }
                 Some(v) => {
                     return Err(format!(
@@ -406,7 +465,7 @@ impl Store {
             touch!(LAST_SEEN, MESSAGE_LOG);
             touch!(WALLET_ACCOUNTS, WALLET_ENTRIES, WALLET_TRANSFERS);
             touch!(WALLET_KEYS, WALLET_USER_TRANSFERS, WALLET_SCHEDULE);
-            touch!(CLUSTER_OUTBOX);
+            touch!(CLUSTER_OUTBOX, PRIVACY);
         }
         txn.commit().map_err(|e| e.to_string())?;
         let feed = Arc::new(CommitFeed::default());
@@ -655,7 +714,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Fails with `room_not_found` / `not_a_member` unless `user` is in `room`.
+    /// Fails with `room_not_found` unless `user` is in `room` (whether or not
+    /// the room exists).
     pub fn check_member(&self, room: RoomId, user: UserId) -> Result<(), ApiError> {
         let txn = self.read()?;
         check_member(&txn, room, user)
@@ -682,6 +742,51 @@ impl Store {
                         .into_iter()
                         .filter(|&u| u != user),
                 );
+            }
+        }
+        Ok(out)
+    }
+
+    /// `user`'s privacy settings.
+    pub fn privacy(&self, user: UserId) -> Result<Privacy, ApiError> {
+        let txn = self.read()?;
+        privacy_in(&txn.open_table(PRIVACY)?, user)
+    }
+
+    /// Of `viewers`, those who may see `owner`'s presence.
+    pub fn presence_audience(
+        &self,
+        owner: UserId,
+        viewers: &[UserId],
+    ) -> Result<Vec<UserId>, ApiError> {
+        let txn = self.read()?;
+        let audience = privacy_in(&txn.open_table(PRIVACY)?, owner)?.presence;
+        let contacts = txn.open_table(CONTACTS)?;
+        let mut out = Vec::with_capacity(viewers.len());
+        for &v in viewers {
+            if audience.admits(&contacts, owner, v)? {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Of `owners`, those whose presence `viewer` may see.
+    pub fn presences_seen_by(
+        &self,
+        viewer: UserId,
+        owners: &[UserId],
+    ) -> Result<Vec<UserId>, ApiError> {
+        let txn = self.read()?;
+        let privacy = txn.open_table(PRIVACY)?;
+        let contacts = txn.open_table(CONTACTS)?;
+        let mut out = Vec::with_capacity(owners.len());
+        for &o in owners {
+            if privacy_in(&privacy, o)?
+                .presence
+                .admits(&contacts, o, viewer)?
+            {
+                out.push(o);
             }
         }
         Ok(out)
@@ -771,17 +876,31 @@ pub fn last_message(
     }
 }
 
+/// Takes away group and other permissions from `path` (the store holds
+/// password hashes and every message): a data directory made by an older
+/// version, or under a loose umask, is tightened on open. Files created
+/// later are private by the process umask (`main` sets 077).
+pub fn private(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        let mode = meta.permissions().mode() & mode;
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), mode = format!("{mode:o}"), "made private")
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot make private"),
+        }
+    }
+}
+
 fn check_member(txn: &redb::ReadTransaction, room: RoomId, user: UserId) -> Result<(), ApiError> {
     let members = txn.open_table(MEMBERS)?;
     if members.get((room.0, user.0))?.is_some() {
         return Ok(());
     }
-    let rooms = txn.open_table(ROOMS)?;
-    if rooms.get(room.0)?.is_some() {
-        Err(ApiError::not_a_member())
-    } else {
-        Err(ApiError::room_not_found())
-    }
+    Err(ApiError::room_not_found())
 }
 
 fn room_in(txn: &redb::ReadTransaction, room: RoomId) -> Result<Option<Room>, ApiError> {

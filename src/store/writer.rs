@@ -130,6 +130,13 @@ pub enum Op {
         user: UserId,
         ts: i64,
     },
+    /// Changes what of `user`'s settings is Some; answers (before, after).
+    SetPrivacy {
+        user: UserId,
+        presence: Option<Audience>,
+        group_adds: Option<Audience>,
+        reply: Reply<(Privacy, Privacy)>,
+    },
     /// A wallet operation (ledger, transfers, schedule).
     Wallet(WalletOp),
     /// Commit what is queued before this and stop (graceful shutdown).
@@ -206,6 +213,7 @@ struct Tables<'t> {
     wallet_user_transfers: Table<'t, (u64, u64), ()>,
     wallet_schedule: Table<'t, (i64, u64), ()>,
     cluster_outbox: Table<'t, u64, &'static [u8]>,
+    privacy: Table<'t, u64, &'static [u8]>,
 }
 
 /// What the writer caches between batches. Only the writer changes the
@@ -408,6 +416,7 @@ impl GroupCommitWriter {
                 wallet_user_transfers: txn.open_table(WALLET_USER_TRANSFERS)?,
                 wallet_schedule: txn.open_table(WALLET_SCHEDULE)?,
                 cluster_outbox: txn.open_table(CLUSTER_OUTBOX)?,
+                privacy: txn.open_table(PRIVACY)?,
             };
             for op in batch.drain(..) {
                 let effect = self.apply(op, &mut t)?;
@@ -446,11 +455,7 @@ impl GroupCommitWriter {
         if members.binary_search(&user).is_ok() {
             return Ok(members);
         }
-        if t.rooms.get(room.0)?.is_some() {
-            Err(ApiError::not_a_member())
-        } else {
-            Err(ApiError::room_not_found())
-        }
+        Err(ApiError::room_not_found())
     }
 
     fn last_seq(&mut self, t: &Tables, room: RoomId) -> Result<u64, ApiError> {
@@ -727,6 +732,9 @@ impl GroupCommitWriter {
                     if t.users.get(id.0)?.is_none() {
                         return Ok(reply_after_commit(reply, Err(ApiError::user_not_found())));
                     }
+                    if let Err(e) = Self::may_add(t, owner, *id)? {
+                        return Ok(reply_after_commit(reply, Err(e)));
+                    }
                 }
                 let mut room = RoomId::new_group();
                 while t.rooms.get(room.0)?.is_some()
@@ -766,6 +774,7 @@ impl GroupCommitWriter {
                         if members.len() >= self.max_group_members {
                             return Err(too_many_members(self.max_group_members));
                         }
+                        Self::may_add(t, by, user)??;
                         self.add_member(t, room, user)?;
                     }
                     room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
@@ -861,6 +870,22 @@ impl GroupCommitWriter {
                 t.cluster_outbox.remove(key)?;
                 Effect::None
             }
+            Op::SetPrivacy {
+                user,
+                presence,
+                group_adds,
+                reply,
+            } => {
+                let before = privacy_in(&t.privacy, user)?;
+                let after = Privacy {
+                    presence: presence.unwrap_or(before.presence),
+                    group_adds: group_adds.unwrap_or(before.group_adds),
+                };
+                if after != before {
+                    t.privacy.insert(user.0, encode(&after).as_slice())?;
+                }
+                reply_after_commit(reply, Ok((before, after)))
+            }
             Op::LastSeen { user, ts } => {
                 t.last_seen.insert(user.0, ts)?;
                 Effect::None
@@ -886,6 +911,25 @@ impl GroupCommitWriter {
         t.user_rooms.insert((user.0, room.0), now)?;
         self.state.members.remove(&room);
         Ok(())
+    }
+
+    /// Whether `by` may add `user` to a group, by `user`'s `group_adds`
+    /// setting: Ok(Err(403 `not_allowed`)) when not.
+    fn may_add(t: &Tables, by: UserId, user: UserId) -> Result<Result<(), ApiError>, ApiError> {
+        if privacy_in(&t.privacy, user)?
+            .group_adds
+            .admits(&t.contacts, user, by)?
+        {
+            return Ok(Ok(()));
+        }
+        let name = match t.users.get(user.0)? {
+            Some(g) => decode::<UserRecord>(g.value(), "user")?.username,
+            None => user.to_string(),
+        };
+        Ok(Err(ApiError::forbidden(
+            "not_allowed",
+            format!("{name} does not let you add them to groups (their privacy settings)"),
+        )))
     }
 
     /// After a successful commit: ack, answer, fan out, send receipts.

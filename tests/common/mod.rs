@@ -216,6 +216,17 @@ pub fn drain_lines<R: Read + Send + 'static>(
     });
 }
 
+/// Settings that lift the send and frame budgets, for tests that load the
+/// server on purpose.
+pub const UNLIMITED: [&str; 6] = [
+    "send_rate_per_sec=100000",
+    "send_burst=100000",
+    "user_send_rate_per_sec=100000",
+    "user_send_burst=100000",
+    "frame_rate_per_sec=100000",
+    "frame_burst=100000",
+];
+
 /// `confab ARGS` run in `cwd`, hermetic: no ./config.toml from the
 /// repository (unless `cwd` has one), no CONFAB_* variables from the
 /// caller's environment, no stdin.

@@ -275,7 +275,7 @@ class App {
       } else {
         m.failPending(f.room, f.client_id, f.message || f.code);
       }
-    } else if (f.room && (f.code === 'not_a_member' || f.code === 'room_not_found')) {
+    } else if (f.room && f.code === 'room_not_found') {
       this.roomGone(f.room);
     }
   }
@@ -316,7 +316,7 @@ class App {
     for (const p of m.outbox) {
       if (p.state !== 'queued') continue;
       if (!m.rooms.has(p.room)) {
-        m.failPending(p.room, p.client_id, 'not_a_member');
+        m.failPending(p.room, p.client_id, 'room_not_found');
         continue;
       }
       if (budget === 0) {

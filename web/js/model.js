@@ -96,7 +96,7 @@ export class Model {
     for (const p of this.outbox) {
       if (p.room === id && p.state !== 'failed') {
         p.state = 'failed';
-        p.error = 'not_a_member';
+        p.error = 'room_not_found';
       }
     }
     this.saveOutbox();
