@@ -97,6 +97,10 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let exports = crate::export::Exports::new(
+        config.limits.export_concurrency,
+        Duration::from_secs(config.limits.export_stall_secs),
+    );
     let state = Arc::new(AppState {
         config,
         store,
@@ -110,6 +114,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         search: search.as_ref().map(|(index, _)| index.clone()),
         status: Default::default(),
         cluster,
+        exports,
     });
     tokio::spawn(crate::status::sample_every_second(state.clone()));
     let outbox = tokio::spawn(crate::cluster::outbox::run(
@@ -207,6 +212,15 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         let _ = b.await;
     }
     admin.abort();
+    // An operator's online backup runs on its own thread: let it finish
+    // (as the runtime used to wait for it on its blocking pool), so a
+    // shutdown does not leave its file half-written.
+    if crate::backup::BackupSlot::taken() {
+        tracing::info!("waiting for the running backup to finish");
+        while crate::backup::BackupSlot::taken() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     crate::admin::remove_socket(&data_dir);
     let _ = writer.submit(Op::Stop).await;
     drop(writer);

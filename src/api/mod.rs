@@ -58,6 +58,9 @@ pub struct AppState {
     pub status: crate::status::StatusBoard,
     /// This node's cluster (None for a single node).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The exports running now, within `export_concurrency` and one per
+    /// user (HTTP).
+    pub exports: Arc<crate::export::Exports>,
 }
 
 /// Counts one open connection while alive. The HTTP connection task holds
