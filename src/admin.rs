@@ -64,12 +64,19 @@ async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> 
         match serde_json::from_str::<Value>(&line) {
             Ok(req) if req["cmd"] == "backup" => backup(&state, &req, &mut write).await?,
             Ok(req) if req["cmd"] == "export" => {
-                match crate::export::scope_of(&req).and_then(|scope| {
-                    let txn = state.store.db.begin_read()?;
-                    crate::export::check(&txn, &scope).map(|_| scope)
-                }) {
-                    Ok(scope) => {
-                        let mut rx = crate::export::spawn(state.store.db.clone(), scope);
+                // The operator's exports count against `export_concurrency`
+                // (each is a thread and a snapshot too), not per user.
+                match crate::export::scope_of(&req)
+                    .and_then(|scope| {
+                        let txn = state.store.db.begin_read()?;
+                        crate::export::check(&txn, &scope).map(|_| scope)
+                    })
+                    .and_then(|scope| {
+                        let slot = state.exports.admit(None)?;
+                        crate::export::spawn(state.store.db.clone(), scope, slot)
+                    }) {
+                    Ok(mut rx) => {
+                        metrics::counter!("confab_exports_total").increment(1);
                         while let Some(chunk) = rx.recv().await {
                             write.write_all(&chunk).await?;
                         }
@@ -89,7 +96,9 @@ async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> 
 }
 
 /// Takes a backup from a snapshot while the server keeps serving; sends a
-/// progress line about every 100 ms.
+/// progress line about every 100 ms. The backup runs on its own thread
+/// (see [`crate::backup::run_on_thread`]); while one runs, another is
+/// refused.
 async fn backup(
     state: &AppState,
     req: &Value,
@@ -101,10 +110,16 @@ async fn backup(
     if !to.is_absolute() {
         return Ok(json!({"error": "backup needs an absolute path"}));
     }
+    let Some(slot) = crate::backup::BackupSlot::try_take() else {
+        return Ok(json!({
+            "error": "a backup is already running; try again when it has finished",
+            "code": "busy",
+        }));
+    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let db = state.store.db.clone();
     let secret = crate::backup::secret_file(&state.config.server.data_dir);
-    let job = tokio::task::spawn_blocking(move || {
+    let job = crate::backup::run_on_thread(slot, move || {
         let txn = db.begin_read().map_err(|e| e.to_string())?;
         let mut last = std::time::Instant::now();
         crate::backup::write(&txn, secret.as_deref(), &to, |p| {
@@ -118,9 +133,7 @@ async fn backup(
         let line = json!({ "progress": p });
         write.write_all(format!("{line}\n").as_bytes()).await?;
     }
-    let result = job
-        .await
-        .unwrap_or_else(|e| Err(format!("backup task failed: {e}")));
+    let result = job.await;
     crate::backup::record(result.as_ref());
     Ok(match result {
         Ok(summary) => {

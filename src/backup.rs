@@ -1095,6 +1095,63 @@ pub fn record(result: Result<&Summary, &String>) {
     }
 }
 
+/// Whether a backup is being taken by this process (see [`BackupSlot`]).
+static RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The right to take the server's one backup at a time. Two at once would
+/// only compete for the same disk (and a second snapshot): an operator's
+/// `confab backup` while another runs is refused, and a periodic backup
+/// that comes due during one waits for it.
+pub struct BackupSlot(());
+
+impl BackupSlot {
+    /// The slot, unless a backup is running.
+    pub fn try_take() -> Option<BackupSlot> {
+        use std::sync::atomic::Ordering;
+        RUNNING
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| BackupSlot(()))
+    }
+
+    /// Whether a backup is running now.
+    pub fn taken() -> bool {
+        RUNNING.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for BackupSlot {
+    fn drop(&mut self) {
+        RUNNING.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Runs a backup `job` on its own named OS thread, holding `slot` until it
+/// ends; the returned future gives its result. Not on tokio's blocking
+/// pool: a backup of a large store takes minutes, and the pool is what
+/// every search runs on, so a backup must not take one of its threads (nor
+/// wait behind searches for one).
+pub fn run_on_thread<T: Send + 'static>(
+    slot: BackupSlot,
+    job: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, String>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("confab-backup".into())
+        .spawn(move || {
+            let result = job();
+            // Free before answering: whoever sees the result may start the
+            // next backup at once.
+            drop(slot);
+            let _ = tx.send(result);
+        });
+    async move {
+        spawned.map_err(|e| format!("cannot start a backup thread: {e}"))?;
+        rx.await
+            .map_err(|_| "the backup thread failed".to_string())?
+    }
+}
+
 /// Takes a backup every `every` into `dir`, keeping the newest `keep`.
 pub async fn periodic(
     db: std::sync::Arc<Database>,
@@ -1109,24 +1166,34 @@ pub async fn periodic(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        // An operator's backup may be running: this one waits for it.
+        let slot = loop {
+            if let Some(slot) = BackupSlot::try_take() {
+                break slot;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        };
         let (db, data_dir, dir) = (db.clone(), data_dir.clone(), dir.clone());
-        let done = tokio::task::spawn_blocking(move || {
+        let done = run_on_thread(slot, move || {
             let to = dir.join(timestamped_name("confab"));
             let txn = db.begin_read().map_err(|e| e.to_string())?;
             let summary = write(&txn, secret_file(&data_dir).as_deref(), &to, |_| {})?;
-            Ok::<_, String>((summary, prune(&dir, "confab", keep)))
+            drop(txn);
+            Ok((summary, prune(&dir, "confab", keep)))
         })
         .await;
         match done {
-            Ok(Ok((s, removed))) => {
+            Ok((s, removed)) => {
                 record(Ok(&s));
                 tracing::info!(path = %s.path, bytes = s.bytes, messages = s.messages, seconds = s.seconds, pruned = removed.len(), "periodic backup written");
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 record(Err(&e));
                 tracing::error!(error = %e, "periodic backup failed");
             }
-            Err(e) => tracing::error!(error = %e, "periodic backup task failed"),
         }
     }
 }
@@ -1171,6 +1238,32 @@ mod tests {
         assert!(r.is_empty());
         let mut short = &out[..5];
         assert!(<(u64, u64, &str)>::take(&mut short).is_err());
+    }
+
+    #[test]
+    fn one_backup_at_a_time_and_the_slot_is_free_when_the_result_arrives() {
+        let slot = BackupSlot::try_take().expect("free at first");
+        assert!(
+            BackupSlot::try_take().is_none(),
+            "a second backup is refused"
+        );
+        assert!(BackupSlot::taken());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let name = rt
+            .block_on(run_on_thread(slot, || {
+                Ok(std::thread::current().name().map(str::to_string))
+            }))
+            .expect("job");
+        assert_eq!(name.as_deref(), Some("confab-backup"));
+        assert!(!BackupSlot::taken());
+        let slot = BackupSlot::try_take().expect("free again");
+        let failed = rt.block_on(run_on_thread(slot, || -> Result<(), String> {
+            panic!("a bug in a backup")
+        }));
+        assert!(failed.is_err());
+        assert!(BackupSlot::try_take().is_some(), "a panic frees the slot");
     }
 
     #[test]

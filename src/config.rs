@@ -119,6 +119,8 @@ pub struct LimitsConfig {
     pub outbox_frames: usize,
     pub auth_timeout_secs: u64,
     pub max_group_members: usize,
+    pub export_concurrency: usize,
+    pub export_stall_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -315,6 +317,8 @@ impl Config {
             ("outbox_frames", self.limits.outbox_frames as u64),
             ("auth_timeout_secs", self.limits.auth_timeout_secs),
             ("max_group_members", self.limits.max_group_members as u64),
+            ("export_concurrency", self.limits.export_concurrency as u64),
+            ("export_stall_secs", self.limits.export_stall_secs),
             ("commit_batch_max", self.store.commit_batch_max as u64),
             ("writer_queue", self.store.writer_queue as u64),
             ("index_commit_ms", self.search.index_commit_ms),

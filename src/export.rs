@@ -40,8 +40,15 @@ pub struct Counts {
     pub transfers: u64,
 }
 
+/// A failed write: the reader went away or stalled, or the output failed.
+/// Not logged here (as `ApiError::internal` would, as an error): whoever
+/// runs the export knows why and logs it at the right level.
 fn io(e: std::io::Error) -> ApiError {
-    ApiError::internal(format!("export interrupted: {e}"))
+    ApiError::new(
+        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("export interrupted: {e}"),
+    )
 }
 
 /// Writes `{"type": kind, ...fields of v}` and a newline.
@@ -203,22 +210,47 @@ fn wallet<W: Write>(
 }
 
 /// An `io::Write` that hands 64 KiB chunks to an async consumer (an HTTP
-/// body, the admin socket) through a bounded channel, so a blocking export
-/// thread streams at the pace of the reader. Writing fails once the
-/// receiver is gone (the client went away), which stops the export.
+/// body, the admin socket) through a bounded channel, so an export thread
+/// streams at the pace of the reader. Writing fails once the receiver is
+/// gone (the client went away), or when the reader has taken nothing for
+/// the stall time (a client that stopped reading): either stops the export.
 pub struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
     buf: Vec<u8>,
+    stall: std::time::Duration,
+    /// Why the last send failed, once one has.
+    stopped: Option<Stopped>,
+}
+
+/// Why a [`ChannelWriter`] stopped taking data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The receiver was dropped: the client disconnected.
+    Gone,
+    /// The reader took no chunk for the whole stall time.
+    Stalled,
 }
 
 const CHUNK: usize = 64 << 10;
 
 impl ChannelWriter {
-    pub fn new(tx: tokio::sync::mpsc::Sender<bytes::Bytes>) -> ChannelWriter {
+    /// A writer whose every send gives up after `stall` without room in
+    /// the channel (the reader took nothing in that time).
+    pub fn new(
+        tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+        stall: std::time::Duration,
+    ) -> ChannelWriter {
         ChannelWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
+            stall,
+            stopped: None,
         }
+    }
+
+    /// Why writing stopped, if it has.
+    pub fn stopped(&self) -> Option<Stopped> {
+        self.stopped
     }
 
     fn send(&mut self) -> std::io::Result<()> {
@@ -226,9 +258,71 @@ impl ChannelWriter {
             return Ok(());
         }
         let chunk = bytes::Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx
-            .blocking_send(chunk)
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reader went away"))
+        match send_within(&self.tx, chunk, self.stall) {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                self.stopped = Some(why);
+                Err(match why {
+                    Stopped::Gone => {
+                        std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the reader went away")
+                    }
+                    Stopped::Stalled => std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the reader took nothing for {} s", self.stall.as_secs_f64()),
+                    ),
+                })
+            }
+        }
+    }
+}
+
+/// Wakes the thread that is waiting in [`send_within`].
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Sends `chunk` into the async channel from a plain thread, waiting at
+/// most `limit` for room. `blocking_send` would wait for ever (a client that
+/// stops reading held its export thread, and with it a snapshot, until it
+/// disconnected). This polls the channel's own `reserve` future and parks
+/// the thread until the channel wakes it or the time is up: no tokio runtime
+/// or timer is involved, so it works the same on any thread, during the
+/// runtime's shutdown, and in tests without a runtime; and a dropped
+/// receiver wakes it at once (`reserve` then fails), so a client that
+/// disconnects frees its export promptly. (std's `SyncSender` has no timed
+/// send, and the HTTP body needs an async receiver anyway.)
+fn send_within(
+    tx: &tokio::sync::mpsc::Sender<bytes::Bytes>,
+    chunk: bytes::Bytes,
+    limit: std::time::Duration,
+) -> Result<(), Stopped> {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let deadline = std::time::Instant::now() + limit;
+    let waker = Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let reserve = tx.reserve();
+    let mut reserve = std::pin::pin!(reserve);
+    loop {
+        match reserve.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(permit)) => {
+                permit.send(chunk);
+                return Ok(());
+            }
+            Poll::Ready(Err(_)) => return Err(Stopped::Gone),
+            Poll::Pending => {
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    return Err(Stopped::Stalled);
+                }
+                // Spurious wake-ups only cost another poll.
+                std::thread::park_timeout(deadline - now);
+            }
+        }
     }
 }
 
@@ -300,24 +394,233 @@ pub fn check(txn: &ReadTransaction, scope: &Scope) -> Result<(), ApiError> {
     resolve(txn, scope).map(drop)
 }
 
-/// Starts an export on a blocking thread; returns the receiving end of its
-/// chunks. A failure after the first bytes ends the stream early: the
-/// missing `end` line tells the reader it is incomplete.
+/// Seconds a refused export is told to wait (`Retry-After`) when the
+/// server-wide bound is full.
+pub const RETRY_AFTER_SECS: u64 = 5;
+
+/// The bounds on exports running at once: `export_concurrency` server-wide
+/// and, for HTTP, one per user. An export holds an OS thread and a redb
+/// snapshot for as long as it runs — as long as its reader lets it — so
+/// without a bound, clients that ask and never read could hold any number
+/// of both.
+pub struct Exports {
+    max: usize,
+    stall: std::time::Duration,
+    running: std::sync::Mutex<Running>,
+}
+
+#[derive(Default)]
+struct Running {
+    total: usize,
+    users: std::collections::HashSet<UserId>,
+}
+
+/// One admitted export; dropping it (when the export's thread ends) frees
+/// its place.
+pub struct Slot {
+    exports: std::sync::Arc<Exports>,
+    user: Option<UserId>,
+}
+
+impl Exports {
+    pub fn new(max: usize, stall: std::time::Duration) -> std::sync::Arc<Exports> {
+        std::sync::Arc::new(Exports {
+            max,
+            stall,
+            running: std::sync::Mutex::new(Running::default()),
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Running> {
+        // The counts stay consistent even if a holder panicked (every
+        // change is one statement).
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Exports running now.
+    pub fn running_now(&self) -> usize {
+        self.running().total
+    }
+
+    /// Admits one export for `user` (None: the operator's, through the
+    /// admin socket, bound only server-wide): 429 `rate_limited` while the
+    /// user has one running, 503 `busy` with `Retry-After` when
+    /// `export_concurrency` are running.
+    pub fn admit(self: &std::sync::Arc<Self>, user: Option<UserId>) -> Result<Slot, ApiError> {
+        let mut r = self.running();
+        if let Some(u) = user
+            && r.users.contains(&u)
+        {
+            return Err(ApiError::new(
+                hyper::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "an export of yours is already running; wait for it to finish",
+            ));
+        }
+        if r.total >= self.max {
+            let mut e = ApiError::busy(format!(
+                "the server is running as many exports as it allows ({}); try again shortly",
+                self.max
+            ));
+            e.retry_after = Some(RETRY_AFTER_SECS);
+            return Err(e);
+        }
+        r.total += 1;
+        if let Some(u) = user {
+            r.users.insert(u);
+        }
+        Ok(Slot {
+            exports: self.clone(),
+            user,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut r = self.exports.running();
+        r.total = r.total.saturating_sub(1);
+        if let Some(u) = self.user {
+            r.users.remove(&u);
+        }
+    }
+}
+
+/// Starts an admitted export on its own OS thread; returns the receiving
+/// end of its chunks. A dedicated thread, not tokio's blocking pool: an
+/// export lives as long as its reader takes, and the pool is shared with
+/// search (and was with backups), so stalled exports once filled it and
+/// everyone's searches queued behind them. The thread ends, freeing the
+/// slot, when the export is written, when the reader goes away, or when
+/// the reader takes nothing for `export_stall_secs` (then the stream ends
+/// without its `end` line, which tells the reader it is incomplete; a
+/// failure after the first bytes ends it the same way).
 pub fn spawn(
     db: std::sync::Arc<redb::Database>,
     scope: Scope,
-) -> tokio::sync::mpsc::Receiver<bytes::Bytes> {
+    slot: Slot,
+) -> Result<tokio::sync::mpsc::Receiver<bytes::Bytes>, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tokio::task::spawn_blocking(move || {
-        use redb::ReadableDatabase;
-        let mut w = ChannelWriter::new(tx);
-        let result = db
-            .begin_read()
-            .map_err(ApiError::from)
-            .and_then(|txn| write(&txn, scope.clone(), &mut w));
-        if let Err(e) = result {
-            tracing::warn!(error = %e.message, ?scope, "export ended early");
+    let stall = slot.exports.stall;
+    std::thread::Builder::new()
+        .name("confab-export".into())
+        .spawn(move || {
+            use redb::ReadableDatabase;
+            let mut w = ChannelWriter::new(tx, stall);
+            let result = db.begin_read().map_err(ApiError::from).and_then(|txn| {
+                let r = write(&txn, scope.clone(), &mut w);
+                drop(txn);
+                r
+            });
+            match (result, w.stopped()) {
+                (Ok(_), _) => {}
+                (Err(_), Some(Stopped::Stalled)) => tracing::warn!(
+                    ?scope,
+                    stall_secs = stall.as_secs_f64(),
+                    "export abandoned: its reader took nothing for export_stall_secs"
+                ),
+                (Err(_), Some(Stopped::Gone)) => {
+                    tracing::info!(?scope, "export stopped: its reader went away")
+                }
+                (Err(e), None) => tracing::warn!(error = %e.message, ?scope, "export ended early"),
+            }
+            // The read transaction is gone; only now is the place freed.
+            drop(slot);
+        })
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot start an export thread");
+            let mut e = ApiError::busy("cannot start an export now; try again shortly");
+            e.retry_after = Some(RETRY_AFTER_SECS);
+            e
+        })?;
+    Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_reader_that_takes_nothing_stops_the_writer_after_the_stall_time() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let mut w = ChannelWriter::new(tx, Duration::from_millis(200));
+        // The first chunk fits in the channel; the second waits for room.
+        w.write_all(&[b'x'; CHUNK]).expect("first chunk");
+        let started = Instant::now();
+        let e = w.write_all(&[b'y'; CHUNK]).expect_err("nobody reads");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(w.stopped(), Some(Stopped::Stalled));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(190) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        // What was sent is still there for the reader.
+        assert_eq!(rx.try_recv().expect("first chunk").len(), CHUNK);
+    }
+
+    #[test]
+    fn a_reader_that_takes_a_chunk_in_time_keeps_the_export_going() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let reader = std::thread::spawn(move || {
+            let mut got = 0;
+            while let Some(c) = rx.blocking_recv() {
+                got += c.len();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            got
+        });
+        let mut w = ChannelWriter::new(tx, Duration::from_secs(5));
+        for _ in 0..6 {
+            w.write_all(&[b'z'; CHUNK]).expect("the reader keeps up");
         }
-    });
-    rx
+        w.flush().expect("flush");
+        drop(w);
+        assert_eq!(reader.join().expect("reader"), 6 * CHUNK);
+    }
+
+    #[test]
+    fn a_reader_that_goes_away_stops_a_waiting_writer_at_once() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut w = ChannelWriter::new(tx, Duration::from_secs(60));
+        w.write_all(&[b'x'; CHUNK]).expect("first chunk");
+        let dropper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(rx);
+        });
+        let started = Instant::now();
+        let e = w.write_all(&[b'y'; CHUNK]).expect_err("the reader is gone");
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+        assert_eq!(w.stopped(), Some(Stopped::Gone));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        dropper.join().expect("dropper");
+    }
+
+    #[test]
+    fn exports_are_bounded_per_user_and_server_wide() {
+        let exports = Exports::new(2, Duration::from_secs(30));
+        let (a, b, c) = (UserId(1), UserId(2), UserId(3));
+        let first = exports.admit(Some(a)).expect("a's first");
+        let again = exports.admit(Some(a)).err().expect("a's second");
+        assert_eq!((again.status.as_u16(), again.code), (429, "rate_limited"));
+        let second = exports.admit(Some(b)).expect("b's");
+        let full = exports.admit(Some(c)).err().expect("full");
+        assert_eq!((full.status.as_u16(), full.code), (503, "busy"));
+        assert_eq!(full.retry_after, Some(RETRY_AFTER_SECS));
+        // The operator's export counts server-wide too.
+        assert!(exports.admit(None).is_err());
+        assert_eq!(exports.running_now(), 2);
+        drop(first);
+        assert_eq!(exports.running_now(), 1);
+        let a_again = exports.admit(Some(a)).expect("a's place is free again");
+        drop((second, a_again));
+        assert_eq!(exports.running_now(), 0);
+        let ops = exports.admit(None).expect("operator");
+        let _c = exports.admit(Some(c)).expect("c");
+        drop(ops);
+        assert_eq!(exports.running_now(), 1);
+    }
 }

@@ -103,6 +103,10 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     );
     let reads = Arc::new(api::reads::ReadMerger::default());
     let budgets = api::UserBudgets::new(&config.limits, reads.clone());
+    let exports = crate::export::Exports::new(
+        config.limits.export_concurrency,
+        Duration::from_secs(config.limits.export_stall_secs),
+    );
     let state = Arc::new(AppState {
         config,
         store,
@@ -117,6 +121,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         status: Default::default(),
         cluster,
         budgets,
+        exports,
     });
     let reads_task = tokio::spawn(reads.run(writer.clone(), state.shutdown.clone()));
     tokio::spawn(crate::status::sample_every_second(state.clone()));
@@ -213,6 +218,15 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         let _ = b.await;
     }
     admin.abort();
+    // An operator's online backup runs on its own thread: let it finish
+    // (as the runtime used to wait for it on its blocking pool), so a
+    // shutdown does not leave its file half-written.
+    if crate::backup::BackupSlot::taken() {
+        tracing::info!("waiting for the running backup to finish");
+        while crate::backup::BackupSlot::taken() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     crate::admin::remove_socket(&data_dir);
     let _ = writer.submit(Op::Stop).await;
     drop(writer);

@@ -1,6 +1,8 @@
 //! `GET /api/v1/me/export` and `GET /api/v1/rooms/{id}/export`: the
 //! caller's own data, or a room they are a member of, as JSON Lines
-//! (`application/x-ndjson`), streamed from one consistent snapshot.
+//! (`application/x-ndjson`), streamed from one consistent snapshot. Each
+//! export is admitted by the bounds of [`export::Exports`] (one per user,
+//! `export_concurrency` server-wide) before anything is sent.
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -9,7 +11,7 @@ use hyper::{Request, Response};
 use super::{AppState, Body, caller, parse_id};
 use crate::error::ApiError;
 use crate::export::{self, Scope};
-use crate::ids::RoomId;
+use crate::ids::{RoomId, UserId};
 
 pub async fn me(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let c = caller(state, &req)?;
@@ -18,11 +20,12 @@ pub async fn me(state: &AppState, req: Request<Incoming>) -> Result<Response<Bod
         .user(c.user)?
         .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?
         .username;
-    Ok(stream(
+    stream(
         state,
+        c.user,
         Scope::User(c.user),
         &format!("confab-{name}"),
-    ))
+    )
 }
 
 pub async fn room(
@@ -33,16 +36,25 @@ pub async fn room(
     let c = caller(state, &req)?;
     let room: RoomId = parse_id(id)?;
     state.store.check_member(room, c.user)?;
-    Ok(stream(
+    stream(
         state,
+        c.user,
         Scope::Room(room),
         &format!("confab-room-{room}"),
-    ))
+    )
 }
 
-fn stream(state: &AppState, scope: Scope, name: &str) -> Response<Body> {
+/// Starts the export for `user` if its bounds admit it (429 / 503
+/// otherwise, before any byte of the body).
+fn stream(
+    state: &AppState,
+    user: UserId,
+    scope: Scope,
+    name: &str,
+) -> Result<Response<Body>, ApiError> {
+    let slot = state.exports.admit(Some(user))?;
+    let rx = export::spawn(state.store.db.clone(), scope, slot)?;
     metrics::counter!("confab_exports_total").increment(1);
-    let rx = export::spawn(state.store.db.clone(), scope);
     let mut resp = Response::new(Body::stream(rx));
     let h = resp.headers_mut();
     h.insert(
@@ -53,5 +65,5 @@ fn stream(state: &AppState, scope: Scope, name: &str) -> Response<Body> {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    Ok(resp)
 }

@@ -62,6 +62,9 @@ pub struct AppState {
     /// What one user may do to the others through this node, over all of
     /// their sessions (docs/ARCHITECTURE.md, "Limits").
     pub budgets: UserBudgets,
+    /// The exports running now, within `export_concurrency` and one per
+    /// user (HTTP).
+    pub exports: Arc<crate::export::Exports>,
 }
 
 /// Per-user budgets, shared by all of a user's sessions (here and behind
