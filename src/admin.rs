@@ -69,7 +69,11 @@ async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> 
                     crate::export::check(&txn, &scope).map(|_| scope)
                 }) {
                     Ok(scope) => {
-                        let mut rx = crate::export::spawn(state.store.db.clone(), scope);
+                        let mut rx = crate::export::spawn(
+                            state.store.db.clone(),
+                            scope,
+                            state.store.transfer_ids.clone(),
+                        );
                         while let Some(chunk) = rx.recv().await {
                             write.write_all(&chunk).await?;
                         }

@@ -637,6 +637,10 @@ async fn exports_stream_every_message_once_in_order_and_only_to_members() {
     let offline = lines(&std::fs::read(&file).expect("read export"));
     assert_eq!(offline.len(), mine.len());
     assert_eq!(messages_by_room(&offline), by_room);
+    // Transfer ids too are the server's (the key comes from its secret).
+    let offline_transfers: Vec<&Value> =
+        offline.iter().filter(|v| v["type"] == "transfer").collect();
+    assert_eq!(offline_transfers, transfers);
     let out = confab(
         &[
             "export",

@@ -42,7 +42,11 @@ pub async fn room(
 
 fn stream(state: &AppState, scope: Scope, name: &str) -> Response<Body> {
     metrics::counter!("confab_exports_total").increment(1);
-    let rx = export::spawn(state.store.db.clone(), scope);
+    let rx = export::spawn(
+        state.store.db.clone(),
+        scope,
+        state.store.transfer_ids.clone(),
+    );
     let mut resp = Response::new(Body::stream(rx));
     let h = resp.headers_mut();
     h.insert(
