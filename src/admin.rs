@@ -73,7 +73,12 @@ async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> 
                     })
                     .and_then(|scope| {
                         let slot = state.exports.admit(None)?;
-                        crate::export::spawn(state.store.db.clone(), scope, slot)
+                        crate::export::spawn(
+                            state.store.db.clone(),
+                            scope,
+                            state.store.transfer_ids.clone(),
+                            slot,
+                        )
                     }) {
                     Ok(mut rx) => {
                         metrics::counter!("confab_exports_total").increment(1);

@@ -84,21 +84,10 @@ pub fn now_secs() -> i64 {
 /// Loads the secret: configured, or `<data_dir>/jwt_secret`, created with
 /// 32 random bytes (hex) and mode 0600 on first start.
 pub fn load_secret(cfg: &AuthConfig, data_dir: &Path) -> Result<Vec<u8>, String> {
-    if !cfg.jwt_secret.is_empty() {
-        return Ok(cfg.jwt_secret.as_bytes().to_vec());
+    if let Some(secret) = existing_secret(cfg, data_dir)? {
+        return Ok(secret);
     }
     let path = data_dir.join("jwt_secret");
-    match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().as_bytes().to_vec()),
-        Ok(_) => {
-            return Err(format!(
-                "{} is empty; delete it to generate a new secret",
-                path.display()
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    }
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let secret = hex::encode(rand::random::<[u8; 32]>());
@@ -112,6 +101,26 @@ pub fn load_secret(cfg: &AuthConfig, data_dir: &Path) -> Result<Vec<u8>, String>
         .and_then(|_| f.sync_all())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(secret.into_bytes())
+}
+
+/// The secret [`load_secret`] would give, without creating one: for tools
+/// that run beside (or instead of) the server, e.g. an offline export,
+/// which must show transfer ids as the server does but must not leave a
+/// new `jwt_secret` behind (perhaps owned by another user).
+pub fn existing_secret(cfg: &AuthConfig, data_dir: &Path) -> Result<Option<Vec<u8>>, String> {
+    if !cfg.jwt_secret.is_empty() {
+        return Ok(Some(cfg.jwt_secret.as_bytes().to_vec()));
+    }
+    let path = data_dir.join("jwt_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().as_bytes().to_vec())),
+        Ok(_) => Err(format!(
+            "{} is empty; delete it to generate a new secret",
+            path.display()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
 }
 
 impl Auth {

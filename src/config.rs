@@ -146,7 +146,13 @@ pub struct WalletConfig {
     pub wallet_currency: String,
     pub signup_bonus: u64,
     pub scheduler_clock_offset_ms: i64,
+    /// Pending scheduled (and recurring) transfers per sender.
+    pub max_scheduled_transfers: usize,
 }
+
+/// The largest `max_scheduled_transfers`: the writer counts a sender's
+/// pending transfers (up to the limit) each time they schedule one.
+pub const MAX_SCHEDULED_TRANSFERS_LIMIT: usize = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -356,12 +362,32 @@ impl Config {
                 "`wallet_currency` must be an ISO 4217 code such as KRW, got `{c}`"
             )));
         }
+        if !(1..=MAX_SCHEDULED_TRANSFERS_LIMIT).contains(&self.wallet.max_scheduled_transfers) {
+            return Err(ConfigError::Invalid(format!(
+                "`max_scheduled_transfers` must be 1 to {MAX_SCHEDULED_TRANSFERS_LIMIT}, got {}",
+                self.wallet.max_scheduled_transfers
+            )));
+        }
         if self.wallet.signup_bonus > crate::wallet::MAX_AMOUNT {
             return Err(ConfigError::Invalid(
                 "`signup_bonus` is over the balance limit".into(),
             ));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The token secret as configured for this process: on a cluster node
+    /// the cluster's (every node and proxy accepts every token, and transfer
+    /// ids look the same on every node), else `jwt_secret`. Empty: the data
+    /// directory's `jwt_secret` file (see `auth::load_secret`).
+    pub fn token_secret(&self) -> &str {
+        if !self.cluster.cluster_nodes.is_empty() && !self.cluster.cluster_secret.is_empty() {
+            &self.cluster.cluster_secret
+        } else {
+            &self.auth.jwt_secret
+        }
     }
 }
 
@@ -472,5 +498,18 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(Config::load(&ov), Err(ConfigError::Invalid(_))));
+        for bad in ["0", "10001"] {
+            let ov = Overrides {
+                cli: vec![("max_scheduled_transfers".into(), bad.into())],
+                ..Default::default()
+            };
+            assert!(matches!(Config::load(&ov), Err(ConfigError::Invalid(_))));
+        }
+    }
+
+    #[test]
+    fn max_scheduled_transfers_defaults_to_50() {
+        let c = Config::load(&Overrides::default()).expect("defaults load");
+        assert_eq!(c.wallet.max_scheduled_transfers, 50);
     }
 }

@@ -16,6 +16,7 @@ use crate::store::{
     self, CONTACTS, MEMBERS, MESSAGES, Message, MessageRecord, ROOMS, USER_ROOMS, USERNAMES, USERS,
     WALLET_ACCOUNTS, WALLET_TRANSFERS, WALLET_USER_TRANSFERS,
 };
+use crate::wallet::TransferIds;
 
 pub const FORMAT: &str = "confab-export";
 pub const FORMAT_VERSION: u32 = 1;
@@ -71,8 +72,14 @@ fn line<W: Write, T: Serialize>(
     w.write_all(b"\n").map_err(io)
 }
 
-/// Writes the export of `scope` from the snapshot `txn` to `w`.
-pub fn write<W: Write>(txn: &ReadTransaction, scope: Scope, w: &mut W) -> Result<Counts, ApiError> {
+/// Writes the export of `scope` from the snapshot `txn` to `w`, transfer
+/// ids shown under `ids` (the server's, so they match the API's).
+pub fn write<W: Write>(
+    txn: &ReadTransaction,
+    scope: Scope,
+    ids: &TransferIds,
+    w: &mut W,
+) -> Result<Counts, ApiError> {
     let target = resolve(txn, &scope)?;
     let mut buf = Vec::with_capacity(1024);
     let mut counts = Counts::default();
@@ -128,12 +135,20 @@ pub fn write<W: Write>(txn: &ReadTransaction, scope: Scope, w: &mut W) -> Result
             for entry in user_rooms.range((user.0, 0)..=(user.0, u64::MAX))? {
                 let (k, joined) = entry?;
                 let room = RoomId(k.value().1);
-                room_and_messages(txn, room, Some(joined.value()), w, &mut buf, &mut counts)?;
+                room_and_messages(
+                    txn,
+                    room,
+                    Some(joined.value()),
+                    ids,
+                    w,
+                    &mut buf,
+                    &mut counts,
+                )?;
             }
-            wallet(txn, user, w, &mut buf, &mut counts)?;
+            wallet(txn, user, ids, w, &mut buf, &mut counts)?;
         }
         Target::Room(room) => {
-            if !room_and_messages(txn, room, None, w, &mut buf, &mut counts)? {
+            if !room_and_messages(txn, room, None, ids, w, &mut buf, &mut counts)? {
                 return Err(ApiError::room_not_found());
             }
         }
@@ -149,6 +164,7 @@ fn room_and_messages<W: Write>(
     txn: &ReadTransaction,
     room: RoomId,
     joined_at: Option<i64>,
+    ids: &TransferIds,
     w: &mut W,
     buf: &mut Vec<u8>,
     counts: &mut Counts,
@@ -168,17 +184,19 @@ fn room_and_messages<W: Write>(
     counts.rooms += 1;
     for entry in messages.range((room.0, 0)..=(room.0, u64::MAX))? {
         let (k, val) = entry?;
-        let m = Message::from_record(room, k.value().1, MessageRecord::decode(val.value())?);
+        let m = Message::from_record(room, k.value().1, MessageRecord::decode(val.value())?, ids);
         line(w, "message", &m, buf)?;
         counts.messages += 1;
     }
     Ok(true)
 }
 
-/// The user's balance and every transfer they are part of, oldest first.
+/// The user's balance and every transfer they see (as in their history),
+/// oldest first.
 fn wallet<W: Write>(
     txn: &ReadTransaction,
     user: UserId,
+    ids: &TransferIds,
     w: &mut W,
     buf: &mut Vec<u8>,
     counts: &mut Counts,
@@ -199,7 +217,10 @@ fn wallet<W: Write>(
         let id = entry?.0.value().1;
         if let Some(g) = transfers.get(id)? {
             let rec = crate::wallet::decode_transfer(g.value())?;
-            let view = crate::wallet::view(id, &rec, user.0, currency, |u| {
+            if !rec.visible_to(user.0) {
+                continue;
+            }
+            let view = crate::wallet::view(id, &rec, user.0, currency, ids, |u| {
                 store::user_in(&users, UserId(u)).ok().flatten()
             });
             line(w, "transfer", &view, buf)?;
@@ -500,6 +521,7 @@ impl Drop for Slot {
 pub fn spawn(
     db: std::sync::Arc<redb::Database>,
     scope: Scope,
+    ids: TransferIds,
     slot: Slot,
 ) -> Result<tokio::sync::mpsc::Receiver<bytes::Bytes>, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -510,7 +532,7 @@ pub fn spawn(
             use redb::ReadableDatabase;
             let mut w = ChannelWriter::new(tx, stall);
             let result = db.begin_read().map_err(ApiError::from).and_then(|txn| {
-                let r = write(&txn, scope.clone(), &mut w);
+                let r = write(&txn, scope.clone(), &ids, &mut w);
                 drop(txn);
                 r
             });

@@ -307,6 +307,7 @@ fn run_wallet(args: WalletArgs) -> ExitCode {
             settings: confab::wallet::WalletSettings {
                 currency: config.wallet.wallet_currency.clone(),
                 signup_bonus: config.wallet.signup_bonus,
+                max_scheduled: config.wallet.max_scheduled_transfers,
             },
             ..Default::default()
         };
@@ -618,6 +619,26 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
     }
 }
 
+/// Transfer ids for an export made without the server: under the key the
+/// server uses (its token secret), so that they match the API's. With no
+/// secret at all, no server has shown an id yet (it would create the file
+/// first); the export then uses a one-off key and says so.
+fn export_transfer_ids(
+    config: &confab::config::Config,
+) -> Result<confab::wallet::TransferIds, String> {
+    let mut auth = config.auth.clone();
+    auth.jwt_secret = config.token_secret().to_string();
+    match confab::auth::existing_secret(&auth, &config.server.data_dir)? {
+        Some(secret) => Ok(confab::wallet::TransferIds::new(&secret)),
+        None => {
+            eprintln!(
+                "confab: no token secret in the config or the data directory: transfer ids in this export are not the ones a server would show"
+            );
+            Ok(confab::wallet::TransferIds::new(&rand::random::<[u8; 32]>()))
+        }
+    }
+}
+
 /// `confab export --user NAME | --room ID [--out FILE]`.
 fn run_export(args: ExportArgs) -> ExitCode {
     use std::io::Write;
@@ -665,7 +686,8 @@ fn run_export(args: ExportArgs) -> ExitCode {
             let reader = backup::open_reader(&dir)?;
             let txn = reader.begin_read()?;
             let scope = confab::export::scope_of(&req).map_err(|e| e.message)?;
-            confab::export::write(&txn, scope, &mut out)
+            let ids = export_transfer_ids(&config)?;
+            confab::export::write(&txn, scope, &ids, &mut out)
                 .map(drop)
                 .map_err(|e| e.message)
         })(),

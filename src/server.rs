@@ -40,14 +40,16 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
             "this config has a [cluster] node list: start a node with `--node ID` (or run `confab proxy`)",
         )?;
         config.server.listen = node.addr;
-        if !c.secret.is_empty() {
-            config.auth.jwt_secret = c.secret.clone();
-        }
+        config.auth.jwt_secret = config.token_secret().to_string();
         tracing::info!(node = %node.id, nodes = c.nodes.len(), "cluster node");
     }
     let data_dir = config.server.data_dir.clone();
     let store = Store::open_with_cache(&data_dir, config.store.cache_mb.saturating_mul(1 << 20))?;
     let secret = auth::load_secret(&config.auth, &data_dir)?;
+    // Public transfer ids under a key from the token secret: the same on
+    // every node of a cluster (they share it) and after a restore that
+    // brings the `jwt_secret` file back. Set before the store is cloned.
+    let store = store.with_transfer_ids(crate::wallet::TransferIds::new(&secret));
     let revoked = store
         .revoked_tokens(auth::now_secs())
         .map_err(|e| format!("cannot load revoked tokens: {e}"))?;
@@ -58,6 +60,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         settings: WalletSettings {
             currency: config.wallet.wallet_currency.clone(),
             signup_bonus: config.wallet.signup_bonus,
+            max_scheduled: config.wallet.max_scheduled_transfers,
         },
         wake: Arc::new(tokio::sync::Notify::new()),
         placement: cluster.clone(),

@@ -14,6 +14,10 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
+/// The tests that load the machine on purpose (floods) take turns, so that
+/// one's load does not show up in another's timings.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A TCP connection from loopback address `source` (127.0.0.x: a client at
 /// another address, as far as the server's per-address limits go).
 async fn connect_from(source: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -105,6 +109,7 @@ async fn flood(ws: Ws, frame: Value, until: Instant) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn typing_and_read_floods_neither_cut_off_nor_slow_the_victim() {
+    let _turn = HEAVY.lock().await;
     // A small outbox: without the typing gate, a flood fills it in
     // milliseconds and the victim is disconnected (4008).
     // The victim's own send budget is raised for its 400 quick sends; the
@@ -197,6 +202,7 @@ async fn typing_and_read_floods_neither_cut_off_nor_slow_the_victim() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_request_bodies_are_cut_off_and_one_address_cannot_take_every_slot() {
+    let _turn = HEAVY.lock().await;
     let srv = Server::start(&[
         "max_connections=60",
         "max_connections_per_ip=20",
@@ -259,6 +265,7 @@ async fn rss(api: &Api) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_logins_with_huge_usernames_keep_nothing() {
+    let _turn = HEAVY.lock().await;
     let srv = Server::start(&[]);
     let api = srv.api();
     let long = "x".repeat(60_000);
@@ -323,6 +330,7 @@ async fn ten_thousand_logins_with_huge_usernames_keep_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_login_flood_from_one_address_locks_out_nobody_elsewhere() {
+    let _turn = HEAVY.lock().await;
     let srv = Server::start(&[]);
     let api = srv.api();
     let victim = api.new_user("target").await;

@@ -488,7 +488,9 @@ fn messages_by_room(export: &[Value]) -> BTreeMap<String, Vec<(u64, String, Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_stream_every_message_once_in_order_and_only_to_members() {
-    let mut srv = Server::start(&["signup_bonus=50000"]);
+    let mut settings = vec!["signup_bonus=50000"];
+    settings.extend(UNLIMITED);
+    let mut srv = Server::start(&settings);
     let api = srv.api();
     let a = api.new_user("ex").await;
     let b = api.new_user("ex").await;
@@ -641,6 +643,10 @@ async fn exports_stream_every_message_once_in_order_and_only_to_members() {
     let offline = lines(&std::fs::read(&file).expect("read export"));
     assert_eq!(offline.len(), mine.len());
     assert_eq!(messages_by_room(&offline), by_room);
+    // Transfer ids too are the server's (the key comes from its secret).
+    let offline_transfers: Vec<&Value> =
+        offline.iter().filter(|v| v["type"] == "transfer").collect();
+    assert_eq!(offline_transfers, transfers);
     let out = confab(
         &[
             "export",
@@ -684,7 +690,7 @@ async fn a_schema_1_store_from_an_old_binary_is_backed_up_and_migrated_and_a_new
     let srv = Server::start_in(fixture_copy(), &[&secret]);
     let log = srv.log_tail();
     assert!(log.contains("store backed up before migration"), "{log}");
-    assert!(log.contains("store upgraded from schema 1 to 2"), "{log}");
+    assert!(log.contains("store upgraded from schema 1 to 3"), "{log}");
     let backups = listing(&srv.data_dir().join("backups"));
     assert_eq!(backups.len(), 1, "{backups:?}");
     assert!(backups[0].starts_with("pre-migration-schema1-") && backups[0].ends_with(".cfbk"));

@@ -813,10 +813,13 @@ async fn money_between_users_of_different_nodes_moves_once_and_every_ledger_veri
     assert_eq!(c.room_node(&room), chat_node);
     let pays = payments_in(api, &a, &room).await;
     assert_eq!(pays.len(), 1, "{pays:?}");
+    // The chat's node shows the transfer under the id the wallet node gave
+    // it: every node derives the same public ids from the cluster secret.
     assert_eq!(
         pays[0]["client_id"],
         format!("pay-{}", t1["id"].as_str().unwrap_or("")).as_str()
     );
+    assert_eq!(pays[0]["payment"]["transfer"], t1["id"]);
 
     // The chat's node is down: the money still moves (once); the message
     // waits in the wallet node's outbox and appears once it is back.

@@ -3,6 +3,10 @@
 //! middle keep the ledger verified, scheduled transfers run exactly once
 //! (also when due while the server was down), cancelled ones never, recurring
 //! ones once per period across restarts, and payments show up in the chat.
+//! Hardening: scheduled transfers are limited per sender and invisible to
+//! the recipient until they run, transfer ids are not sequential and tell a
+//! stranger nothing, and a late retry of a scheduled transfer answers the
+//! original.
 
 mod common;
 
@@ -48,6 +52,35 @@ fn verify(srv: &Server) -> Value {
     );
     assert_eq!(report["breaches"], json!([]));
     report
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// Status and exact body bytes of a request: what tells two answers apart.
+async fn answer(api: &Api, method: hyper::Method, path: &str, u: &User) -> (u16, Vec<u8>) {
+    let r = api.raw(method, path, &u.token, None, &[]).await;
+    (r.status.as_u16(), r.body.to_vec())
+}
+
+/// A transfer id nobody has (ids are 64-bit: a collision is not a concern).
+fn made_up_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+async fn history_ids(api: &Api, u: &User) -> Vec<String> {
+    let (status, hist) = api.get("/api/v1/wallet/transactions", &u.token).await;
+    assert_eq!(status.as_u16(), 200, "{hist}");
+    hist["transactions"]
+        .as_array()
+        .expect("transactions")
+        .iter()
+        .map(|t| t["id"].as_str().expect("id").to_string())
+        .collect()
 }
 
 async fn state_of(api: &Api, u: &User, id: &str) -> String {
@@ -528,5 +561,302 @@ async fn recurring_transfers_run_once_per_period_across_restarts() {
         .await;
     assert_eq!(status.as_u16(), 200, "{c}");
     assert_eq!(c["state"], "cancelled");
+    verify(&srv);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_transfers_are_limited_per_sender_and_spam_no_recipient() {
+    // No signup bonus: the sender has nothing, which used to be no obstacle.
+    let srv = Server::start(&["max_scheduled_transfers=3"]);
+    let api = srv.api();
+    let a = api.new_user("wla").await;
+    let b = api.new_user("wlb").await;
+    let c = api.new_user("wlc").await;
+    let mut wb = Ws::connect_auth(srv.addr, &b.token).await;
+    let now = now_ms();
+    let far = now + 30 * 86_400_000;
+    let most = 1_000_000_000_000_000u64;
+    let to_b = |extra: Value| {
+        let mut body = json!({"to_user_id": b.id, "amount": most, "idempotency_key": cid("lim")});
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        body
+    };
+    // Three fit: one due in 1.5 s (it will fail), a recurring one, a far one.
+    let bodies = [
+        to_b(json!({"execute_at": now + 1500})),
+        to_b(json!({"execute_at": far, "repeat": "weekly"})),
+        to_b(json!({"execute_at": far})),
+    ];
+    let mut ids = Vec::new();
+    for body in &bodies {
+        let (status, t) = pay(&api, &a, body.clone()).await;
+        assert_eq!(status.as_u16(), 201, "{t}");
+        assert_eq!(t["state"], "scheduled");
+        ids.push(t["id"].as_str().expect("id").to_string());
+    }
+    // The fourth is refused; nothing is stored, so its key stays usable.
+    let fourth = to_b(json!({"execute_at": far}));
+    assert_err(
+        &pay(&api, &a, fourth.clone()).await,
+        409,
+        "too_many_scheduled",
+    );
+    // An immediate transfer is not limited by it (here: no money).
+    assert_err(
+        &pay(&api, &a, to_b(json!({"amount": 1}))).await,
+        409,
+        "insufficient_funds",
+    );
+    // A repeated request is not a new transfer: answered as before.
+    let (status, again) = pay(&api, &a, bodies[2].clone()).await;
+    assert_eq!(status.as_u16(), 200, "{again}");
+    assert_eq!(again["id"], ids[2].as_str());
+    // Every sender has their own places.
+    let (status, t) = pay(
+        &api,
+        &c,
+        json!({"to_user_id": b.id, "amount": 1, "idempotency_key": cid("lim"), "execute_at": far}),
+    )
+    .await;
+    assert_eq!(status.as_u16(), 201, "{t}");
+    // The one that comes due fails (a has nothing): it stops counting.
+    wait_state(&api, &a, &ids[0], "failed", Duration::from_secs(10)).await;
+    let (status, t) = pay(&api, &a, fourth.clone()).await;
+    assert_eq!(
+        status.as_u16(),
+        201,
+        "a failed transfer frees its place: {t}"
+    );
+    assert_err(
+        &pay(&api, &a, to_b(json!({"execute_at": far}))).await,
+        409,
+        "too_many_scheduled",
+    );
+    // Cancelling one frees its place too.
+    let (status, cancelled) = api
+        .delete(&format!("/api/v1/wallet/transfers/{}", ids[2]), &a.token)
+        .await;
+    assert_eq!(status.as_u16(), 200, "{cancelled}");
+    let (status, t) = pay(&api, &a, to_b(json!({"execute_at": far}))).await;
+    assert_eq!(
+        status.as_u16(),
+        201,
+        "a cancelled transfer frees its place: {t}"
+    );
+    assert_err(
+        &pay(&api, &a, to_b(json!({"execute_at": far}))).await,
+        409,
+        "too_many_scheduled",
+    );
+    // The recipient saw nothing of any of it: not in the history, not by
+    // id, not a single frame.
+    assert_eq!(history_ids(&api, &b).await, Vec::<String>::new());
+    for id in &ids {
+        assert_err(
+            &api.get(&format!("/api/v1/wallet/transfers/{id}"), &b.token)
+                .await,
+            404,
+            "transfer_not_found",
+        );
+    }
+    let frame = wb
+        .recv_until(
+            |v| is_type(v, "wallet") || is_type(v, "message"),
+            Duration::from_millis(300),
+        )
+        .await;
+    assert!(frame.is_none(), "the recipient was told: {frame:?}");
+    let report = verify(&srv);
+    assert_eq!(report["scheduled"], 4, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recipient_sees_a_scheduled_transfer_only_once_it_ran() {
+    let srv = start();
+    let api = srv.api();
+    let a = api.new_user("wva").await;
+    let b = api.new_user("wvb").await;
+    let mut wb = Ws::connect_auth(srv.addr, &b.token).await;
+    let at = now_ms() + 1500;
+    let (status, t) = pay(
+        &api,
+        &a,
+        json!({"to_user_id": b.id, "amount": 1234, "idempotency_key": cid("v"), "execute_at": at}),
+    )
+    .await;
+    assert_eq!(status.as_u16(), 201, "{t}");
+    let id = t["id"].as_str().expect("id").to_string();
+    // Before it runs: the sender has it, the recipient knows nothing — GET
+    // and DELETE answer byte for byte as for an id that does not exist.
+    assert!(history_ids(&api, &a).await.contains(&id));
+    assert!(!history_ids(&api, &b).await.contains(&id));
+    let path = format!("/api/v1/wallet/transfers/{id}");
+    let missing = format!("/api/v1/wallet/transfers/{}", made_up_id());
+    for method in [hyper::Method::GET, hyper::Method::DELETE] {
+        let got = answer(&api, method.clone(), &path, &b).await;
+        assert_eq!(got.0, 404, "{}", String::from_utf8_lossy(&got.1));
+        assert_eq!(got, answer(&api, method, &missing, &b).await);
+    }
+    assert_eq!(state_of(&api, &a, &id).await, "scheduled");
+    // It runs: the first wallet frame the recipient ever gets is the
+    // executed transfer, with its payment message.
+    let w = wb
+        .expect("the recipient's first wallet frame", |v| {
+            is_type(v, "wallet")
+        })
+        .await;
+    assert_eq!(w["transfer"]["id"], id.as_str());
+    assert_eq!(w["transfer"]["state"], "executed");
+    assert_eq!(w["transfer"]["direction"], "in");
+    assert!(now_ms() >= at, "it ran at its time, not before");
+    // From now on it is the recipient's to see (not to cancel).
+    assert!(history_ids(&api, &b).await.contains(&id));
+    let (status, seen) = api.get(&path, &b.token).await;
+    assert_eq!(status.as_u16(), 200, "{seen}");
+    assert_eq!(seen["state"], "executed");
+    assert_eq!(seen["amount"], 1234);
+    assert_err(&api.delete(&path, &b.token).await, 403, "forbidden");
+    let room = api.direct_room(&a.token, &b.id).await["id"]
+        .as_str()
+        .expect("room")
+        .to_string();
+    let pays: Vec<Value> = api
+        .history_all(&b.token, &room)
+        .await
+        .into_iter()
+        .filter(|m| m["kind"] == "payment")
+        .collect();
+    assert_eq!(pays.len(), 1, "{pays:?}");
+    assert_eq!(pays[0]["payment"]["transfer"], id.as_str());
+    assert_eq!(balance(&api, &b).await, BONUS + 1234);
+    verify(&srv);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_ids_are_not_sequential_and_tell_a_stranger_nothing() {
+    let srv = start();
+    let api = srv.api();
+    let a = api.new_user("wia").await;
+    let b = api.new_user("wib").await;
+    let stranger = api.new_user("wis").await;
+    let mut ids = Vec::new();
+    for amount in [10, 20] {
+        let (status, t) = pay(
+            &api,
+            &a,
+            json!({"to_user_id": b.id, "amount": amount, "idempotency_key": cid("i")}),
+        )
+        .await;
+        assert_eq!(status.as_u16(), 201, "{t}");
+        ids.push(t["id"].as_str().expect("id").to_string());
+    }
+    // Stored one after the other, shown far apart (the signup credits too).
+    let mut all = history_ids(&api, &a).await;
+    all.extend(history_ids(&api, &b).await);
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 4, "two credits and two transfers: {all:?}");
+    let numbers: Vec<u64> = all
+        .iter()
+        .map(|id| {
+            assert_eq!(id.len(), 16, "{id}");
+            u64::from_str_radix(id, 16).expect("16 hex digits")
+        })
+        .collect();
+    for (i, x) in numbers.iter().enumerate() {
+        for y in &numbers[i + 1..] {
+            assert!(x.abs_diff(*y) > 1_000_000, "guessable ids: {all:?}");
+        }
+    }
+    // Pages follow the public ids back (newest first).
+    let mut paged = Vec::new();
+    let mut path = "/api/v1/wallet/transactions?limit=1".to_string();
+    loop {
+        let (status, page) = api.get(&path, &a.token).await;
+        assert_eq!(status.as_u16(), 200, "{page}");
+        for t in page["transactions"].as_array().expect("list") {
+            paged.push(t["id"].as_str().expect("id").to_string());
+        }
+        match page["next_before"].as_str() {
+            Some(next) => path = format!("/api/v1/wallet/transactions?limit=1&before={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged.len(), 3, "{paged:?}");
+    assert_eq!(paged[..2], [ids[1].clone(), ids[0].clone()]);
+    // Someone else's id is no cursor (it would place that transfer): the
+    // same 400 as for an id that does not exist.
+    let mut cursors = Vec::new();
+    for before in [ids[0].clone(), made_up_id()] {
+        let path = format!("/api/v1/wallet/transactions?before={before}");
+        cursors.push(answer(&api, hyper::Method::GET, &path, &stranger).await);
+    }
+    assert_eq!(
+        cursors[0].0,
+        400,
+        "{}",
+        String::from_utf8_lossy(&cursors[0].1)
+    );
+    assert_eq!(cursors[0], cursors[1]);
+    // The payment message names the same id, and nothing else.
+    let room = api.direct_room(&a.token, &b.id).await["id"]
+        .as_str()
+        .expect("room")
+        .to_string();
+    let history = api.history_all(&a.token, &room).await;
+    assert_eq!(history.len(), 2);
+    for (m, id) in history.iter().zip(&ids) {
+        assert_eq!(m["payment"]["transfer"], id.as_str());
+        assert_eq!(m["client_id"], format!("pay-{id}").as_str());
+    }
+    // A stranger's GET and DELETE of someone else's transfer answer exactly
+    // as for an id that does not exist.
+    let missing = format!("/api/v1/wallet/transfers/{}", made_up_id());
+    for method in [hyper::Method::GET, hyper::Method::DELETE] {
+        let nobody = answer(&api, method.clone(), &missing, &stranger).await;
+        assert_eq!(nobody.0, 404);
+        for id in &ids {
+            let path = format!("/api/v1/wallet/transfers/{id}");
+            assert_eq!(answer(&api, method.clone(), &path, &stranger).await, nobody);
+        }
+    }
+    // The parties themselves still find them.
+    assert_eq!(state_of(&api, &a, &ids[0]).await, "executed");
+    assert_eq!(state_of(&api, &b, &ids[1]).await, "executed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_transfer_repeated_after_its_time_answers_the_original() {
+    let srv = start();
+    let api = srv.api();
+    let a = api.new_user("wpa").await;
+    let b = api.new_user("wpb").await;
+    let at = now_ms() + 1000;
+    let body = json!({"to_user_id": b.id, "amount": 300, "idempotency_key": cid("late"), "execute_at": at});
+    let (status, t) = pay(&api, &a, body.clone()).await;
+    assert_eq!(status.as_u16(), 201, "{t}");
+    let id = t["id"].as_str().expect("id").to_string();
+    wait_state(&api, &a, &id, "executed", Duration::from_secs(10)).await;
+    // Until execute_at is well past the tolerance for clock skew (5 s)...
+    let past = at + 5_000 + 500;
+    tokio::time::sleep(Duration::from_millis((past - now_ms()).max(0) as u64)).await;
+    // ...the same request (a client retrying after a lost answer) is the
+    // original transfer, charged once.
+    let (status, again) = pay(&api, &a, body.clone()).await;
+    assert_eq!(status.as_u16(), 200, "{again}");
+    assert_eq!(again["id"], id.as_str());
+    assert_eq!(again["state"], "executed");
+    // The same key with other fields is still a conflict...
+    let mut other = body.clone();
+    other["amount"] = json!(301);
+    assert_err(&pay(&api, &a, other).await, 409, "idempotency_conflict");
+    // ...and that execute_at for a new transfer is in the past.
+    let mut new = body.clone();
+    new["idempotency_key"] = json!(cid("late"));
+    assert_err(&pay(&api, &a, new).await, 400, "invalid_execute_at");
+    assert_eq!(balance(&api, &b).await, BONUS + 300);
+    assert_eq!(balance(&api, &a).await, BONUS - 300);
     verify(&srv);
 }

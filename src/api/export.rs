@@ -53,7 +53,12 @@ fn stream(
     name: &str,
 ) -> Result<Response<Body>, ApiError> {
     let slot = state.exports.admit(Some(user))?;
-    let rx = export::spawn(state.store.db.clone(), scope, slot)?;
+    let rx = export::spawn(
+        state.store.db.clone(),
+        scope,
+        state.store.transfer_ids.clone(),
+        slot,
+    )?;
     metrics::counter!("confab_exports_total").increment(1);
     let mut resp = Response::new(Body::stream(rx));
     let h = resp.headers_mut();

@@ -1,5 +1,10 @@
 //! `/api/v1/wallet…`: balance, history, transfers (now, scheduled,
 //! recurring) and cancelling. Every change goes through the writer.
+//!
+//! Transfer ids come and go in their public form only
+//! ([`wallet::TransferIds`]); a transfer the caller may not see answers
+//! exactly like one that does not exist (404 `transfer_not_found`), so an
+//! id tells a stranger nothing.
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -9,6 +14,12 @@ use crate::error::ApiError;
 use crate::store::now_ms;
 use crate::store::writer::{Op, WalletOp};
 use crate::wallet;
+
+/// The one answer for a transfer that is missing, malformed or not the
+/// caller's to see (the writer's `cancel` answers the same).
+fn not_found() -> ApiError {
+    ApiError::not_found("transfer_not_found", "no such transfer")
+}
 
 fn currency(state: &AppState) -> &str {
     &state.config.wallet.wallet_currency
@@ -35,7 +46,7 @@ pub async fn transactions(
     for (k, v) in query(&req) {
         match k.as_str() {
             "before" => {
-                before = Some(wallet::parse_transfer_id(&v).ok_or_else(|| {
+                before = Some(state.store.transfer_ids.parse(&v).ok_or_else(|| {
                     ApiError::bad_request("bad_request", "before must be a transfer id")
                 })?)
             }
@@ -89,8 +100,7 @@ pub async fn get_transfer(
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let me = caller(state, &req)?;
-    let not_found = || ApiError::not_found("transfer_not_found", "no such transfer");
-    let id = wallet::parse_transfer_id(id).ok_or_else(not_found)?;
+    let id = state.store.transfer_ids.parse(id).ok_or_else(not_found)?;
     let view =
         wallet::transfer(&state.store, id, me.user, currency(state))?.ok_or_else(not_found)?;
     json(StatusCode::OK, &view)
@@ -103,8 +113,7 @@ pub async fn cancel(
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let me = caller(state, &req)?;
-    let id = wallet::parse_transfer_id(id)
-        .ok_or_else(|| ApiError::not_found("transfer_not_found", "no such transfer"))?;
+    let id = state.store.transfer_ids.parse(id).ok_or_else(not_found)?;
     let view = state
         .writer
         .call(|reply| {

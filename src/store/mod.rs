@@ -63,6 +63,15 @@ pub const WALLET_USER_TRANSFERS: TableDefinition<(u64, u64), ()> =
 /// (due at ms, transfer id) → () : scheduled (and recurring) transfers by due time
 pub const WALLET_SCHEDULE: TableDefinition<(i64, u64), ()> =
     TableDefinition::new("wallet_schedule");
+/// (sender, transfer id) → () : the same transfers as `wallet_schedule`, by
+/// sender, so that `max_scheduled_transfers` is one short range count.
+/// Derived from `wallet_schedule` and `wallet_transfers`: not in backups,
+/// rebuilt when opening a store it may not match (see
+/// [`rebuild_wallet_pending`]).
+pub const WALLET_PENDING: TableDefinition<(u64, u64), ()> = TableDefinition::new("wallet_pending");
+/// `meta` key: the `next_transfer_id` as of the last change the writer made
+/// with `wallet_pending` kept up to date (see [`rebuild_wallet_pending`]).
+pub const PENDING_SYNCED: &str = "wallet_pending_synced";
 /// Cluster nodes: operations for another node, written in the transaction
 /// that caused them and deleted once that node confirmed them (payment
 /// messages for chats elsewhere, signup bonuses for the wallet node).
@@ -208,7 +217,7 @@ pub struct User {
     pub display_name: String,
 }
 
-/// A stored message as clients see it.
+/// A stored message as clients see it (see [`Message::from_record`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct Message {
     pub room: RoomId,
@@ -235,6 +244,8 @@ pub struct PaymentView {
 }
 
 /// The wallet's currency, set once at start (payment messages carry it).
+/// A static from before the store carried [`Store::transfer_ids`]; the
+/// currency is not a secret and the same in every process on a data dir.
 static CURRENCY: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
 
 pub fn set_currency(c: &str) {
@@ -246,9 +257,22 @@ pub fn currency() -> &'static str {
 }
 
 impl Message {
-    pub fn from_record(room: RoomId, seq: u64, r: MessageRecord) -> Message {
+    /// The client view of a stored message. A payment message names its
+    /// transfer by public id (`ids`), in `payment.transfer` and in its
+    /// `client_id`: the stored `pay-<stored id>` stays as it is (it
+    /// deduplicates the cluster outbox's deliveries) but is never shown.
+    pub fn from_record(
+        room: RoomId,
+        seq: u64,
+        r: MessageRecord,
+        ids: &crate::wallet::TransferIds,
+    ) -> Message {
+        let client_id = match &r.payment {
+            Some(p) => format!("pay-{}", ids.show(p.transfer)),
+            None => r.client_id,
+        };
         let payment = r.payment.map(|p| PaymentView {
-            transfer: format!("{:016x}", p.transfer),
+            transfer: ids.show(p.transfer),
             amount: p.amount,
             currency: currency(),
             to: UserId(p.to),
@@ -260,7 +284,7 @@ impl Message {
             from: UserId(r.from),
             ts: r.ts,
             text: r.text,
-            client_id: r.client_id,
+            client_id,
             kind: payment.as_ref().map(|_| "payment"),
             payment,
         }
@@ -286,6 +310,12 @@ pub struct Store {
     /// How far `message_log` is committed; the writer publishes, the search
     /// indexer waits on it.
     pub feed: Arc<CommitFeed>,
+    /// How transfer ids are shown to clients. Here because every reader and
+    /// the writer already hold the store, and payment messages are built
+    /// from records in its read queries. The default (from an empty secret)
+    /// is for tools that show no ids; a server sets its own with
+    /// [`Store::with_transfer_ids`] before anything reads.
+    pub transfer_ids: crate::wallet::TransferIds,
 }
 
 /// The highest committed `message_log` position, with a wake-up for waiters.
@@ -465,8 +495,9 @@ impl Store {
             touch!(LAST_SEEN, MESSAGE_LOG);
             touch!(WALLET_ACCOUNTS, WALLET_ENTRIES, WALLET_TRANSFERS);
             touch!(WALLET_KEYS, WALLET_USER_TRANSFERS, WALLET_SCHEDULE);
-            touch!(CLUSTER_OUTBOX, PRIVACY);
+            touch!(CLUSTER_OUTBOX, PRIVACY, WALLET_PENDING);
         }
+        rebuild_wallet_pending(&txn).map_err(|e| e.message)?;
         txn.commit().map_err(|e| e.to_string())?;
         let feed = Arc::new(CommitFeed::default());
         {
@@ -479,7 +510,14 @@ impl Store {
         Ok(Store {
             db: Arc::new(db),
             feed,
+            transfer_ids: Default::default(),
         })
+    }
+
+    /// This store, showing transfer ids under `ids` (the server's key).
+    pub fn with_transfer_ids(mut self, ids: crate::wallet::TransferIds) -> Store {
+        self.transfer_ids = ids;
+        self
     }
 
     fn read(&self) -> Result<redb::ReadTransaction, ApiError> {
@@ -570,7 +608,10 @@ impl Store {
             let (room, seq) = v.value();
             if let Some(g) = messages.get((room, seq))? {
                 let rec = MessageRecord::decode(g.value())?;
-                out.push((k.value(), Message::from_record(RoomId(room), seq, rec)));
+                out.push((
+                    k.value(),
+                    Message::from_record(RoomId(room), seq, rec, &self.transfer_ids),
+                ));
             }
         }
         Ok(out)
@@ -584,7 +625,7 @@ impl Store {
         for &(room, seq) in keys {
             if let Some(g) = messages.get((room.0, seq))? {
                 let rec = MessageRecord::decode(g.value())?;
-                out.push(Message::from_record(room, seq, rec));
+                out.push(Message::from_record(room, seq, rec, &self.transfer_ids));
             }
         }
         Ok(out)
@@ -645,7 +686,7 @@ impl Store {
             let Some(view) = room_in(&txn, room)? else {
                 continue;
             };
-            let last = last_message(&messages, room)?;
+            let last = last_message(&messages, room, &self.transfer_ids)?;
             // Every member's read position: the caller's gives `unread`, the
             // others' let a client show read ticks right after a reload.
             let mut reads = serde_json::Map::new();
@@ -698,6 +739,7 @@ impl Store {
                     room,
                     k.value().1,
                     MessageRecord::decode(v.value())?,
+                    &self.transfer_ids,
                 ));
             }
         } else {
@@ -707,6 +749,7 @@ impl Store {
                     room,
                     k.value().1,
                     MessageRecord::decode(v.value())?,
+                    &self.transfer_ids,
                 ));
             }
             out.reverse();
@@ -859,6 +902,7 @@ pub fn last_seq_in(
 pub fn last_message(
     messages: &impl ReadableTable<(u64, u64), &'static [u8]>,
     room: RoomId,
+    ids: &crate::wallet::TransferIds,
 ) -> Result<Option<Message>, ApiError> {
     match messages
         .range((room.0, 0)..=(room.0, u64::MAX))?
@@ -870,6 +914,7 @@ pub fn last_message(
                 room,
                 k.value().1,
                 MessageRecord::decode(v.value())?,
+                ids,
             )))
         }
         None => Ok(None),
@@ -942,4 +987,153 @@ pub fn room_view(
         created_at: rec.created_at,
         last_seq,
     }))
+}
+
+/// Makes `wallet_pending` match `wallet_schedule` when it may not: it is
+/// missing or incomplete in a store written before it existed (or restored
+/// from a backup, which leaves derived tables out), and a confab that does
+/// not know it may have scheduled, run or cancelled transfers without it.
+/// Both leave a sign that costs nothing to check at every open: the two
+/// tables' sizes differ, or `next_transfer_id` moved past
+/// [`PENDING_SYNCED`] (every new scheduled transfer takes an id, and this
+/// confab's writer moves both together). Then the index is rebuilt from
+/// the schedule, in the open transaction, one read per scheduled transfer.
+fn rebuild_wallet_pending(txn: &redb::WriteTransaction) -> Result<(), ApiError> {
+    use redb::ReadableTableMetadata;
+    let schedule = txn.open_table(WALLET_SCHEDULE)?;
+    let mut pending = txn.open_table(WALLET_PENDING)?;
+    let mut meta = txn.open_table(META)?;
+    let next = meta.get("next_transfer_id")?.map(|g| g.value());
+    let synced = meta.get(PENDING_SYNCED)?.map(|g| g.value());
+    if schedule.len()? == pending.len()? && synced == next {
+        return Ok(());
+    }
+    let transfers = txn.open_table(WALLET_TRANSFERS)?;
+    pending.retain(|_, _| false)?;
+    let mut n = 0u64;
+    for entry in schedule.range::<(i64, u64)>(..)? {
+        let id = entry?.0.value().1;
+        if let Some(g) = transfers.get(id)? {
+            let rec = crate::wallet::decode_transfer(g.value())?;
+            if rec.state == crate::wallet::State::Scheduled {
+                pending.insert((rec.from, id), ())?;
+                n += 1;
+            }
+        }
+    }
+    match next {
+        Some(next) => meta.insert(PENDING_SYNCED, next)?,
+        None => meta.remove(PENDING_SYNCED)?,
+    };
+    tracing::info!(
+        scheduled = n,
+        "rebuilt the index of pending transfers by sender"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wallet::{State, TransferRecord};
+    use redb::ReadableTableMetadata;
+
+    fn transfer(from: u64, state: State) -> Vec<u8> {
+        encode(&TransferRecord {
+            from,
+            to: 1,
+            amount: 5,
+            note: None,
+            key: format!("k{from}"),
+            state,
+            created_at: 0,
+            execute_at: 1000,
+            executed_at: None,
+            repeat: None,
+            parent: None,
+            runs: 0,
+            failure: None,
+            requested_at: Some(1000),
+        })
+    }
+
+    /// Writes what a confab without `wallet_pending` would: transfers, the
+    /// schedule and the id counter, leaving the index alone.
+    fn write_unindexed(store: &Store, put: &[(u64, u64, State)], unschedule: &[u64], next: u64) {
+        let txn = store.db.begin_write().expect("write");
+        {
+            let mut transfers = txn.open_table(WALLET_TRANSFERS).expect("transfers");
+            let mut schedule = txn.open_table(WALLET_SCHEDULE).expect("schedule");
+            let mut meta = txn.open_table(META).expect("meta");
+            for &(id, from, state) in put {
+                transfers
+                    .insert(id, transfer(from, state).as_slice())
+                    .expect("insert");
+                if state == State::Scheduled {
+                    schedule.insert((1000, id), ()).expect("insert");
+                }
+            }
+            for &id in unschedule {
+                schedule.remove((1000, id)).expect("remove");
+            }
+            meta.insert("next_transfer_id", next).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+
+    fn pending(store: &Store) -> Vec<(u64, u64)> {
+        let txn = store.db.begin_read().expect("read");
+        let t = txn.open_table(WALLET_PENDING).expect("pending");
+        t.range::<(u64, u64)>(..)
+            .expect("range")
+            .map(|e| e.expect("entry").0.value())
+            .collect()
+    }
+
+    #[test]
+    fn the_pending_index_is_rebuilt_whenever_it_may_be_stale() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A store from before the index: it is built on open.
+        let store = Store::open(dir.path()).expect("open");
+        write_unindexed(
+            &store,
+            &[
+                (1, 7, State::Scheduled),
+                (2, 7, State::Executed),
+                (3, 9, State::Scheduled),
+            ],
+            &[],
+            4,
+        );
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(pending(&store), vec![(7, 1), (9, 3)]);
+        // A confab that does not know the index cancels one and schedules
+        // another: the sizes agree, the id counter gives it away.
+        write_unindexed(
+            &store,
+            &[(1, 7, State::Cancelled), (4, 8, State::Scheduled)],
+            &[1],
+            5,
+        );
+        {
+            let txn = store.db.begin_read().expect("read");
+            let schedule = txn.open_table(WALLET_SCHEDULE).expect("schedule");
+            assert_eq!(schedule.len().expect("len"), 2);
+        }
+        assert_eq!(
+            pending(&store),
+            vec![(7, 1), (9, 3)],
+            "stale until reopened"
+        );
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(pending(&store), vec![(8, 4), (9, 3)]);
+        let txn = store.db.begin_read().expect("read");
+        let meta = txn.open_table(META).expect("meta");
+        assert_eq!(
+            meta.get(PENDING_SYNCED).expect("get").map(|g| g.value()),
+            Some(5)
+        );
+    }
 }

@@ -212,6 +212,7 @@ struct Tables<'t> {
     wallet_keys: Table<'t, (u64, &'static str), u64>,
     wallet_user_transfers: Table<'t, (u64, u64), ()>,
     wallet_schedule: Table<'t, (i64, u64), ()>,
+    wallet_pending: Table<'t, (u64, u64), ()>,
     cluster_outbox: Table<'t, u64, &'static [u8]>,
     privacy: Table<'t, u64, &'static [u8]>,
 }
@@ -415,6 +416,7 @@ impl GroupCommitWriter {
                 wallet_keys: txn.open_table(WALLET_KEYS)?,
                 wallet_user_transfers: txn.open_table(WALLET_USER_TRANSFERS)?,
                 wallet_schedule: txn.open_table(WALLET_SCHEDULE)?,
+                wallet_pending: txn.open_table(WALLET_PENDING)?,
                 cluster_outbox: txn.open_table(CLUSTER_OUTBOX)?,
                 privacy: txn.open_table(PRIVACY)?,
             };
@@ -544,7 +546,7 @@ impl GroupCommitWriter {
                         ApiError::internal("client_id points at a missing message")
                     })?;
                     return Ok(Effect::Sent {
-                        msg: Message::from_record(room, seq, rec),
+                        msg: Message::from_record(room, seq, rec, &self.store.transfer_ids),
                         members,
                         origin,
                         duplicate: true,
@@ -566,7 +568,7 @@ impl GroupCommitWriter {
                     .insert((room.0, from.0, rec.client_id.as_str()), seq)?;
                 self.pending_reads.insert((room, from), seq);
                 Effect::Sent {
-                    msg: Message::from_record(room, seq, rec),
+                    msg: Message::from_record(room, seq, rec, &self.store.transfer_ids),
                     members,
                     origin,
                     duplicate: false,
@@ -1118,7 +1120,7 @@ impl GroupCommitWriter {
         } else {
             None
         };
-        let msg = Message::from_record(room, seq, mrec);
+        let msg = Message::from_record(room, seq, mrec, &self.store.transfer_ids);
         Ok(Effect::Done(Box::new(move |hub| {
             if let Some(r) = view {
                 announce_room(hub, &r);

@@ -13,7 +13,10 @@
 //! `apply_wallet`), never elsewhere; this module holds the types, the rules
 //! and the read side.
 
+pub mod ids;
 pub mod scheduler;
+
+pub use ids::TransferIds;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +38,10 @@ pub const MAX_CATCH_UP_RUNS: u32 = 60;
 pub struct WalletSettings {
     pub currency: String,
     pub signup_bonus: u64,
+    /// `max_scheduled_transfers`: pending scheduled (and recurring)
+    /// transfers per sender. Scheduling costs nothing until the run, so
+    /// without a limit one user could queue any amount of work and rows.
+    pub max_scheduled: usize,
 }
 
 impl Default for WalletSettings {
@@ -42,6 +49,7 @@ impl Default for WalletSettings {
         WalletSettings {
             currency: "KRW".into(),
             signup_bonus: 0,
+            max_scheduled: 50,
         }
     }
 }
@@ -104,6 +112,20 @@ pub struct TransferRecord {
     pub requested_at: Option<i64>,
 }
 
+impl TransferRecord {
+    /// Whether `viewer` may see this transfer at all. The sender always
+    /// may; the recipient only once it has moved money to them. Until then
+    /// it is the sender's plan, not a payment: showing it would let anyone
+    /// fill a stranger's history with "incoming" transfers they cannot pay
+    /// (or cancel at the last moment). So a scheduled, failed or cancelled
+    /// transfer, and a recurring transfer itself (its runs are separate
+    /// transfers), are invisible to the recipient — answered like a
+    /// transfer that does not exist.
+    pub fn visible_to(&self, viewer: u64) -> bool {
+        self.from == viewer || (self.to == viewer && self.state == State::Executed)
+    }
+}
+
 /// `wallet_entries` value: one side of a transfer, never changed.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EntryRecord {
@@ -127,6 +149,20 @@ pub struct TransferRequest {
 }
 
 impl TransferRequest {
+    /// The checks that depend on when the request arrives, for a *new*
+    /// transfer only: a repeated request (same idempotency key) answers the
+    /// original transfer however much later it comes, so these run after
+    /// the key was looked up, not in [`parse_request`].
+    pub fn check_new(&self, now: i64) -> Result<(), ApiError> {
+        if self
+            .execute_at
+            .is_some_and(|at| at < now - PAST_TOLERANCE_MS)
+        {
+            return Err(invalid("invalid_execute_at", "execute_at is in the past"));
+        }
+        Ok(())
+    }
+
     /// Whether a stored transfer was made from the same request (idempotency).
     pub fn same_as(&self, t: &TransferRecord) -> bool {
         t.to == self.to.0
@@ -141,7 +177,9 @@ fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::bad_request(code, message)
 }
 
-/// Parses and checks a `POST /wallet/transfers` body. `now` in ms.
+/// Parses and checks a `POST /wallet/transfers` body. `now` in ms. An
+/// `execute_at` in the past is only refused for a new transfer (see
+/// [`TransferRequest::check_new`]).
 pub fn parse_request(
     body: &serde_json::Value,
     from: UserId,
@@ -208,9 +246,8 @@ pub fn parse_request(
                     "execute_at must be a time in Unix milliseconds",
                 )
             })?;
-            if at < now - PAST_TOLERANCE_MS {
-                return Err(invalid("invalid_execute_at", "execute_at is in the past"));
-            }
+            // This bound may stay here: a repeat of a stored request met
+            // it when it was new, and time only moves it further out.
             if at > now + 10 * 366 * 86_400_000 {
                 return Err(invalid(
                     "invalid_execute_at",
@@ -365,14 +402,11 @@ pub struct TransferView {
     pub failure: Option<String>,
 }
 
-pub fn transfer_id(id: u64) -> String {
+/// A stored transfer id in its stored form (16 hex digits), for what is
+/// stored or only the operator sees (`pay-…` client ids of payment
+/// messages, `wallet verify`). Clients get [`TransferIds::show`].
+pub fn stored_hex(id: u64) -> String {
     format!("{id:016x}")
-}
-
-pub fn parse_transfer_id(s: &str) -> Option<u64> {
-    (s.len() == 16)
-        .then(|| u64::from_str_radix(s, 16).ok())
-        .flatten()
 }
 
 /// Builds the client view of a transfer for `viewer`.
@@ -381,12 +415,13 @@ pub fn view(
     t: &TransferRecord,
     viewer: u64,
     currency: &str,
+    ids: &TransferIds,
     user: impl Fn(u64) -> Option<User>,
 ) -> TransferView {
     let outgoing = t.from == viewer;
     let other = if outgoing { t.to } else { t.from };
     TransferView {
-        id: transfer_id(id),
+        id: ids.show(id),
         direction: if outgoing { "out" } else { "in" },
         counterparty: if other == ISSUER { None } else { user(other) },
         amount: t.amount,
@@ -397,7 +432,7 @@ pub fn view(
         execute_at: t.execute_at,
         executed_at: t.executed_at,
         repeat: t.repeat.map(Repeat::name),
-        recurring: t.parent.map(|(p, _)| transfer_id(p)),
+        recurring: t.parent.map(|(p, _)| ids.show(p)),
         failure: t.failure.clone(),
     }
 }
@@ -457,8 +492,8 @@ mod tests {
 use redb::{ReadableDatabase, ReadableTableMetadata};
 
 use crate::store::{
-    Store, USERS, WALLET_ACCOUNTS, WALLET_ENTRIES, WALLET_KEYS, WALLET_SCHEDULE, WALLET_TRANSFERS,
-    WALLET_USER_TRANSFERS,
+    Store, USERS, WALLET_ACCOUNTS, WALLET_ENTRIES, WALLET_KEYS, WALLET_PENDING, WALLET_SCHEDULE,
+    WALLET_TRANSFERS, WALLET_USER_TRANSFERS,
 };
 
 /// A user's balance.
@@ -468,8 +503,13 @@ pub fn balance(store: &Store, user: UserId) -> Result<u64, ApiError> {
     Ok(accounts.get(user.0)?.map(|g| g.value()).unwrap_or(0))
 }
 
-/// A page of `user`'s transfers, newest first: those with an id below
-/// `before` (all when None). Returns the page and the cursor for the next.
+/// A page of `user`'s transfers, newest first: those with a stored id below
+/// `before` (all when None), only those [`TransferRecord::visible_to`] them.
+/// Returns the page and the cursor (a public id) for the next. `before`
+/// must be one of the user's own transfers (every cursor given out is):
+/// any other id would cut the page at that transfer's place in the
+/// sequence and so tell the caller that it exists, and roughly when it
+/// was made.
 pub fn transactions(
     store: &Store,
     user: UserId,
@@ -477,21 +517,35 @@ pub fn transactions(
     limit: usize,
     currency: &str,
 ) -> Result<(Vec<TransferView>, Option<String>), ApiError> {
+    let ids = &store.transfer_ids;
     let txn = store.db.begin_read()?;
     let mine = txn.open_table(WALLET_USER_TRANSFERS)?;
     let transfers = txn.open_table(WALLET_TRANSFERS)?;
     let users = txn.open_table(USERS)?;
+    if let Some(b) = before
+        && mine.get((user.0, b))?.is_none()
+    {
+        return Err(ApiError::bad_request(
+            "bad_request",
+            "before must be a next_before from your own history",
+        ));
+    }
     let hi = before.unwrap_or(u64::MAX);
     let mut out = Vec::new();
     let mut last = None;
     for entry in mine.range((user.0, 0)..(user.0, hi))?.rev() {
         if out.len() >= limit {
-            return Ok((out, last.map(transfer_id)));
+            return Ok((out, last.map(|id| ids.show(id))));
         }
         let id = entry?.0.value().1;
         if let Some(g) = transfers.get(id)? {
             let rec = decode_transfer(g.value())?;
-            out.push(view(id, &rec, user.0, currency, |u| {
+            // A store written before recipients' rows waited for the run
+            // still has them for transfers that never ran.
+            if !rec.visible_to(user.0) {
+                continue;
+            }
+            out.push(view(id, &rec, user.0, currency, ids, |u| {
                 crate::store::user_in(&users, UserId(u)).ok().flatten()
             }));
             last = Some(id);
@@ -500,7 +554,9 @@ pub fn transactions(
     Ok((out, None))
 }
 
-/// One transfer as `viewer` sees it (None when it is not theirs).
+/// One transfer (by stored id) as `viewer` sees it: None when there is none
+/// or it is not [`TransferRecord::visible_to`] them — the two answers must
+/// not differ, or a stranger could tell which ids exist.
 pub fn transfer(
     store: &Store,
     id: u64,
@@ -514,12 +570,17 @@ pub fn transfer(
         return Ok(None);
     };
     let rec = decode_transfer(g.value())?;
-    if rec.from != viewer.0 && rec.to != viewer.0 {
+    if !rec.visible_to(viewer.0) {
         return Ok(None);
     }
-    Ok(Some(view(id, &rec, viewer.0, currency, |u| {
-        crate::store::user_in(&users, UserId(u)).ok().flatten()
-    })))
+    Ok(Some(view(
+        id,
+        &rec,
+        viewer.0,
+        currency,
+        &store.transfer_ids,
+        |u| crate::store::user_in(&users, UserId(u)).ok().flatten(),
+    )))
 }
 
 /// What `confab wallet verify` found.
@@ -541,7 +602,8 @@ pub struct Verification {
 /// entry's running balance is right; nothing is negative or over the limit;
 /// user balances add up to what was issued; every run of a recurring
 /// transfer exists exactly once; idempotency keys point at their transfer;
-/// every scheduled transfer is in the schedule.
+/// every scheduled transfer is in the schedule and in its sender's pending
+/// set, and nothing else is in either.
 pub fn verify(store: &Store) -> Result<Verification, ApiError> {
     use std::collections::HashMap;
     let txn = store.db.begin_read()?;
@@ -550,6 +612,7 @@ pub fn verify(store: &Store) -> Result<Verification, ApiError> {
     let transfers = txn.open_table(WALLET_TRANSFERS)?;
     let keys = txn.open_table(WALLET_KEYS)?;
     let schedule = txn.open_table(WALLET_SCHEDULE)?;
+    let pending = txn.open_table(WALLET_PENDING)?;
     let mut v = Verification::default();
     let mut breach = |s: String| {
         if v.breaches.len() < 100 {
@@ -649,6 +712,11 @@ pub fn verify(store: &Store) -> Result<Verification, ApiError> {
                     "transfer {id:016x} is scheduled but not in the schedule"
                 ));
             }
+            if pending.get((rec.from, id))?.is_none() {
+                breach(format!(
+                    "transfer {id:016x} is scheduled but not among its sender's pending transfers"
+                ));
+            }
         }
         if let Some((parent, k)) = rec.parent {
             runs.entry(parent).or_default().push(k);
@@ -687,6 +755,12 @@ pub fn verify(store: &Store) -> Result<Verification, ApiError> {
         breach(format!(
             "{} schedule entries for {scheduled} scheduled transfers",
             schedule.len()?
+        ));
+    }
+    if pending.len()? != scheduled {
+        breach(format!(
+            "{} pending-transfer entries for {scheduled} scheduled transfers",
+            pending.len()?
         ));
     }
     v.accounts = n_accounts;

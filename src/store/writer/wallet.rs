@@ -149,6 +149,8 @@ impl GroupCommitWriter {
             .unwrap_or(0))
     }
 
+    /// The next stored transfer id. Also marks `wallet_pending` as kept up
+    /// to date through this id (see `store::rebuild_wallet_pending`).
     fn next_transfer_id(t: &mut Tables) -> Result<u64, ApiError> {
         let id = t
             .meta
@@ -156,6 +158,7 @@ impl GroupCommitWriter {
             .map(|g| g.value())
             .unwrap_or(1);
         t.meta.insert("next_transfer_id", id + 1)?;
+        t.meta.insert(crate::store::PENDING_SYNCED, id + 1)?;
         Ok(id)
     }
 
@@ -172,9 +175,14 @@ impl GroupCommitWriter {
     }
 
     fn view_for(&self, t: &Tables, id: u64, rec: &TransferRecord, viewer: u64) -> TransferView {
-        wallet::view(id, rec, viewer, &self.wallet.settings.currency, |u| {
-            user_in(&t.users, UserId(u)).ok().flatten()
-        })
+        wallet::view(
+            id,
+            rec,
+            viewer,
+            &self.wallet.settings.currency,
+            &self.store.transfer_ids,
+            |u| user_in(&t.users, UserId(u)).ok().flatten(),
+        )
     }
 
     /// Appends one ledger entry and sets the account's balance.
@@ -285,12 +293,21 @@ impl GroupCommitWriter {
             count("replayed");
             return Ok(Ok((self.view_for(t, id, &rec, from.0), true)));
         }
+        let now = now_ms();
+        if let Err(e) = req.check_new(now) {
+            count("rejected");
+            return Ok(Err(e));
+        }
         if t.users.get(req.to.0)?.is_none() {
             count("rejected");
             return Ok(Err(ApiError::user_not_found()));
         }
-        let now = now_ms();
         let scheduled = req.repeat.is_some() || req.execute_at.is_some_and(|at| at > now);
+        if scheduled && let Err(e) = self.room_to_schedule(t, from)? {
+            // Nothing is stored: the same key may be retried later.
+            count("rejected");
+            return Ok(Err(e));
+        }
         let mut rec = TransferRecord {
             from: from.0,
             to: req.to.0,
@@ -310,6 +327,7 @@ impl GroupCommitWriter {
         let id = Self::next_transfer_id(t)?;
         if scheduled {
             t.wallet_schedule.insert((rec.execute_at, id), ())?;
+            t.wallet_pending.insert((from.0, id), ())?;
             notices.wake = true;
             count("scheduled");
         } else if let Err(e) = self.execute(t, id, &mut rec, now, notices)? {
@@ -319,8 +337,8 @@ impl GroupCommitWriter {
         }
         Self::save(t, id, &rec)?;
         t.wallet_keys.insert((from.0, req.key.as_str()), id)?;
+        // The recipient's row comes with the money (`execute`).
         t.wallet_user_transfers.insert((from.0, id), ())?;
-        t.wallet_user_transfers.insert((req.to.0, id), ())?;
         if scheduled {
             notices
                 .frames
@@ -329,8 +347,35 @@ impl GroupCommitWriter {
         Ok(Ok((self.view_for(t, id, &rec, from.0), false)))
     }
 
+    /// Room for one more scheduled transfer of `from`: fewer than
+    /// `max_scheduled_transfers` in `wallet_pending` (a range of at most
+    /// that many keys), else 409 `too_many_scheduled`.
+    fn room_to_schedule(&self, t: &Tables, from: UserId) -> Result<Result<(), ApiError>, ApiError> {
+        let max = self.wallet.settings.max_scheduled;
+        let mut pending = 0usize;
+        for entry in t
+            .wallet_pending
+            .range((from.0, 0)..=(from.0, u64::MAX))?
+            .take(max)
+        {
+            entry?;
+            pending += 1;
+        }
+        if pending < max {
+            return Ok(Ok(()));
+        }
+        Ok(Err(conflict(
+            "too_many_scheduled",
+            format!(
+                "at most {max} scheduled transfers may wait at a time: cancel one, or wait until one has run"
+            ),
+        )))
+    }
+
     /// Moves the money of `rec` now and posts its payment message. A refusal
-    /// (insufficient funds, balance limit) changes nothing.
+    /// (insufficient funds, balance limit) changes nothing. From here on
+    /// the recipient sees the transfer: its row in their history is added
+    /// now, not when it was scheduled.
     fn execute(
         &mut self,
         t: &mut Tables,
@@ -363,6 +408,7 @@ impl GroupCommitWriter {
         Self::entry(t, rec.to, id, rec.amount as i64, to_after, now)?;
         rec.state = State::Executed;
         rec.executed_at = Some(now);
+        t.wallet_user_transfers.insert((rec.to, id), ())?;
         if let Some(msg) = self.payment_message(t, id, rec, now)? {
             notices.messages.push(msg);
         }
@@ -402,7 +448,7 @@ impl GroupCommitWriter {
             let item = crate::cluster::outbox::OutboxItem::Payment {
                 from: from_user,
                 to: to_user,
-                client_id: format!("pay-{}", wallet::transfer_id(id)),
+                client_id: format!("pay-{}", wallet::stored_hex(id)),
                 text,
                 transfer: id,
                 amount: rec.amount,
@@ -416,7 +462,9 @@ impl GroupCommitWriter {
         let mrec = MessageRecord {
             from: rec.from,
             ts: now,
-            client_id: format!("pay-{}", wallet::transfer_id(id)),
+            // The stored id: stable whatever the key of public ids (shown
+            // as the public id by `Message::from_record`).
+            client_id: format!("pay-{}", wallet::stored_hex(id)),
             text,
             payment: Some(PaymentInfo {
                 transfer: id,
@@ -433,7 +481,8 @@ impl GroupCommitWriter {
         } else {
             None
         };
-        Ok(Some((Message::from_record(room, seq, mrec), view)))
+        let msg = Message::from_record(room, seq, mrec, &self.store.transfer_ids);
+        Ok(Some((msg, view)))
     }
 
     /// Queues an operation for another node (see [`CLUSTER_OUTBOX`]).
@@ -460,12 +509,15 @@ impl GroupCommitWriter {
         let Some(mut rec) = Self::load(t, id)? else {
             return Ok(Err(not_found()));
         };
+        // A transfer the caller may not see answers exactly as a missing one.
+        if !rec.visible_to(by.0) {
+            return Ok(Err(not_found()));
+        }
         if rec.from != by.0 {
-            return Ok(Err(if rec.to == by.0 {
-                ApiError::forbidden("forbidden", "only the sender can cancel a transfer")
-            } else {
-                not_found()
-            }));
+            return Ok(Err(ApiError::forbidden(
+                "forbidden",
+                "only the sender can cancel a transfer",
+            )));
         }
         match rec.state {
             State::Cancelled => return Ok(Ok(self.view_for(t, id, &rec, by.0))),
@@ -478,6 +530,7 @@ impl GroupCommitWriter {
             }
         }
         t.wallet_schedule.remove((rec.execute_at, id))?;
+        t.wallet_pending.remove((rec.from, id))?;
         rec.state = State::Cancelled;
         Self::save(t, id, &rec)?;
         notices.wake = true;
@@ -506,6 +559,8 @@ impl GroupCommitWriter {
                 .record((now - at).max(0) as f64 / 1000.0);
             match rec.repeat {
                 None => {
+                    // Executed or failed: either way no longer pending.
+                    t.wallet_pending.remove((rec.from, id))?;
                     self.run_once(t, id, &mut rec, now, notices)?;
                 }
                 Some(repeat) => {
@@ -533,8 +588,8 @@ impl GroupCommitWriter {
                             ..rec.clone()
                         };
                         self.run_once(t, child_id, &mut child, now, notices)?;
+                        // The recipient's row only if it ran (`execute`).
                         t.wallet_user_transfers.insert((rec.from, child_id), ())?;
-                        t.wallet_user_transfers.insert((rec.to, child_id), ())?;
                         rec.runs += 1;
                         made += 1;
                     }
