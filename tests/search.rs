@@ -625,3 +625,128 @@ async fn confab_reindex_rebuilds_and_refuses_a_running_server() {
     .await;
     assert_eq!(body["total"], 30);
 }
+
+/// Security hardening (item 6): BM25 statistics come only from the caller's
+/// rooms, so a word written in a private room the caller is not in changes
+/// nothing in the caller's results — not which hits, not their order, not
+/// their `score`, not which fragment of a long message is the snippet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn words_in_other_peoples_private_rooms_change_nothing_in_my_results() {
+    let srv = Server::start(&[]);
+    let api = srv.api();
+    let a = api.new_user("ska").await;
+    let b = api.new_user("skb").await;
+    let c = api.new_user("skc").await;
+    let d = api.new_user("skd").await;
+    let shared = api.direct_room(&a.token, &b.id).await["id"]
+        .as_str()
+        .expect("room")
+        .to_string();
+    let private = api.direct_room(&c.token, &d.id).await["id"]
+        .as_str()
+        .expect("room")
+        .to_string();
+    // Different lengths and term frequencies, so the scores differ; the last
+    // one is longer than a snippet, with "wombat" at its start and "quokka7"
+    // at its end: the snippet is the fragment with the rarer word.
+    let filler = "we walked along the coast for hours and talked about nothing in \
+                  particular: the weather, the ferry schedule, the price of coffee on \
+                  the island, and whether the old bikes would last another summer";
+    let ours = [
+        (&a, "quokka7 sighting near the lake".to_string()),
+        (&b, "another quokka7 quokka7 photo today".to_string()),
+        (
+            &a,
+            "the quokka7 is the happiest animal, everyone says so".to_string(),
+        ),
+        (&b, "quokka7s everywhere".to_string()),
+        (&a, format!("wombat first, {filler}, then a quokka7")),
+    ];
+    for (u, text) in &ours {
+        let (status, body) = api.post_message(&u.token, &shared, &cid("k"), text).await;
+        assert!(status.is_success(), "{body}");
+    }
+    wait_hits(
+        &api,
+        &a.token,
+        &[("q", "quokka7")],
+        5,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let queries: Vec<Vec<(&str, &str)>> = vec![
+        vec![("q", "quokka7")],
+        vec![("q", "quokka7 wombat")],
+        vec![("q", "\"quokka7 sighting\"")],
+        vec![("q", "quokka7"), ("limit", "2")],
+        vec![("q", "quokka7"), ("room", &shared)],
+        vec![("q", "quokka7"), ("from", &b.id)],
+        vec![("q", "quokka7"), ("sort", "time")],
+        vec![("q", "quokka7 wombat"), ("sort", "time")],
+    ];
+    let mut before = Vec::new();
+    for params in &queries {
+        let (status, body) = search(&api, &a.token, params).await;
+        assert_eq!(status.as_u16(), 200, "{params:?}: {body}");
+        before.push(body);
+    }
+    // Not a vacuous comparison: relevance hits carry scores that differ.
+    let scores: Vec<f64> = before[0]["hits"]
+        .as_array()
+        .expect("hits")
+        .iter()
+        .map(|h| h["score"].as_f64().expect("score"))
+        .collect();
+    assert_eq!(scores.len(), 5, "{}", before[0]);
+    assert!(scores.windows(2).any(|w| w[0] != w[1]), "{scores:?}");
+    let long = &before[1]["hits"][0];
+    assert!(
+        long["snippet"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("wombat")),
+        "the rarer word's fragment: {long}"
+    );
+
+    // C writes the words (and variants) many times in a room A is not in.
+    // "wombat" in more of them than "quokka7": with index-wide weights the
+    // long message's snippet would move to its "quokka7" end.
+    let variants = [
+        "wombat quokka7",
+        "wombat wombat wombat",
+        "QUOKKA7s and wombats",
+        "wombat",
+        "a quokka7 sighting with a wombat, another quokka7 sighting",
+        "wombat quokka7 wombat quokka7 wombat quokka7 wombat quokka7",
+    ];
+    let n = 42;
+    for i in 0..n {
+        let text = format!("{} {i}", variants[i % variants.len()]);
+        let (status, body) = api.post_message(&c.token, &private, &cid("o"), &text).await;
+        assert!(status.is_success(), "{body}");
+    }
+    let (status, body) = api
+        .post_message(&c.token, &private, &cid("o"), "numbat7 done")
+        .await;
+    assert!(status.is_success(), "{body}");
+    // C's last message is searchable → all of C's are (indexed in order).
+    wait_hits(
+        &api,
+        &c.token,
+        &[("q", "numbat7")],
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    let (_, mine) = search(&api, &c.token, &[("q", "quokka7"), ("limit", "50")]).await;
+    assert_eq!(mine["total"], 28, "{mine}");
+
+    for (params, was) in queries.iter().zip(&before) {
+        let (status, now) = search(&api, &a.token, params).await;
+        assert_eq!(status.as_u16(), 200, "{params:?}: {now}");
+        assert_eq!(
+            &now, was,
+            "{params:?}: A's results changed because of C's private messages"
+        );
+    }
+}

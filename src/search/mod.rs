@@ -12,12 +12,17 @@
 //!   rebuilt from redb. `confab reindex` does the same on demand.
 //! - **Authorization.** A query is always intersected with a
 //!   `BooleanQuery` of `TermQuery`s on the caller's current rooms.
+//! - **Scores see only the caller's rooms.** BM25 statistics (document
+//!   count, document frequencies) and snippet term weights are computed over
+//!   the caller's rooms (`RoomStats`), never the whole index: otherwise the
+//!   `score` of one's own hits would tell whether anyone on the server wrote
+//!   a word, even in a private room.
 //! - **Analysis.** [`analyzer`] (Korean bigrams + first syllable, English
 //!   stemming), registered on every open.
 
 pub mod analyzer;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -26,14 +31,18 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tantivy::collector::{Count, TopDocs};
-use tantivy::query::{BooleanQuery, BoostQuery, Occur, PhraseQuery, Query, RangeQuery, TermQuery};
+use tantivy::query::{
+    Bm25StatisticsProvider, BooleanQuery, BoostQuery, Occur, PhraseQuery, Query, RangeQuery,
+    TermQuery,
+};
 use tantivy::schema::{
     FAST, Field, INDEXED, IndexRecordOption, Schema, TextFieldIndexing, TextOptions,
 };
 use tantivy::snippet::SnippetGenerator;
 use tantivy::tokenizer::TextAnalyzer;
 use tantivy::{
-    DocAddress, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term,
+    BitSet, DocAddress, Index, IndexReader, IndexWriter, Order, ReloadPolicy, Searcher,
+    TantivyDocument, Term,
 };
 
 use crate::error::ApiError;
@@ -51,6 +60,16 @@ const WRITER_BYTES: usize = 64 << 20;
 const SNIPPET_CHARS: usize = 160;
 /// Deepest page: offset + limit may not exceed this.
 pub const MAX_WINDOW: usize = 1000;
+/// The average number of `text` terms per message that BM25's length
+/// normalisation compares each message with, in place of the true average.
+/// The true average over the caller's rooms would need the field norm of
+/// every message in them, per query; the index-wide one depends on
+/// everyone's messages, i.e. would leak. A constant keeps the normalisation
+/// (of two messages with the word, the shorter ranks higher) and leaks
+/// nothing. 26 is the mean of the benchmark corpus (26.6 terms over 1.15 M
+/// generated messages of 57 characters on average: a Korean word yields its
+/// bigrams and its first syllable).
+const AVG_TEXT_TERMS: u64 = 26;
 
 #[derive(Clone, Copy)]
 struct Fields {
@@ -216,6 +235,187 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// BM25 statistics over the rooms a caller can read, so that nothing in a
+/// search answer (hits, order, scores, snippets) depends on messages in
+/// other rooms. Used for scoring through
+/// [`Searcher::search_with_statistics_provider`] and for the snippets' term
+/// weights.
+///
+/// - documents: the messages in the rooms (read once per query from the
+///   room terms' postings into a bit set per segment);
+/// - a `text` term's document frequency: its postings counted against those
+///   sets, once per distinct term of the query, before the search
+///   ([`RoomStats::new`]);
+/// - the `text` field's token total: documents × [`AVG_TEXT_TERMS`];
+/// - other fields' terms (the room filter's and `from`, which carry boost 0
+///   and add nothing to a score): the index's own frequency, capped at the
+///   document count (BM25's idf requires df ≤ N), never a count of their own.
+///
+/// Counting against a set rather than with a `Count` of the term and the
+/// room filter matters: that filter is a union of one `TermQuery` per room,
+/// and seeking in it per candidate cost as much as the search itself.
+struct RoomStats<'a> {
+    searcher: &'a Searcher,
+    text: Field,
+    /// The rooms' live messages in each segment, in `searcher` order.
+    segments: Vec<BitSet>,
+    /// Messages in the rooms; at least 1 (no messages means no hits, and
+    /// BM25 divides by it).
+    docs: u64,
+    /// Document frequency within the rooms of every `text` term of the query.
+    doc_freqs: HashMap<Term, u64>,
+}
+
+impl<'a> RoomStats<'a> {
+    fn new(
+        searcher: &'a Searcher,
+        fields: Fields,
+        rooms: &[RoomId],
+        text_q: &dyn Query,
+    ) -> tantivy::Result<RoomStats<'a>> {
+        let room_terms: BTreeSet<Term> = rooms
+            .iter()
+            .map(|r| Term::from_field_u64(fields.room, r.0))
+            .collect();
+        let mut segments = Vec::with_capacity(searcher.segment_readers().len());
+        for seg in searcher.segment_readers() {
+            let inverted = seg.inverted_index(fields.room)?;
+            let alive = seg.alive_bitset();
+            let max_doc = seg.max_doc();
+            let mut set = BitSet::with_max_value(max_doc);
+            for term in &room_terms {
+                if let Some(mut postings) =
+                    inverted.read_block_postings(term, IndexRecordOption::Basic)?
+                {
+                    while !postings.docs().is_empty() {
+                        for &d in postings.docs() {
+                            if d < max_doc && alive.is_none_or(|a| a.is_alive(d)) {
+                                set.insert(d);
+                            }
+                        }
+                        postings.advance();
+                    }
+                }
+            }
+            segments.push(set);
+        }
+        let docs = segments.iter().map(|s| s.len() as u64).sum::<u64>();
+        let mut terms: HashSet<Term> = HashSet::new();
+        text_q.query_terms(&mut |term, _| {
+            if term.field() == fields.text {
+                terms.insert(term.clone());
+            }
+        });
+        let mut stats = RoomStats {
+            searcher,
+            text: fields.text,
+            segments,
+            docs: docs.max(1),
+            doc_freqs: HashMap::with_capacity(terms.len()),
+        };
+        for term in terms {
+            let n = stats.count_in_rooms(&term)?;
+            stats.doc_freqs.insert(term, n);
+        }
+        Ok(stats)
+    }
+
+    /// Documents in the rooms that contain `term`: per segment, the term's
+    /// postings tested against the rooms' set, or, when the term is far more
+    /// common than the rooms' messages, each of those looked up in the
+    /// postings (`seek` skips whole blocks).
+    fn count_in_rooms(&self, term: &Term) -> tantivy::Result<u64> {
+        use tantivy::DocSet;
+        let mut n = 0u64;
+        for (seg, rooms) in self.searcher.segment_readers().iter().zip(&self.segments) {
+            if rooms.len() == 0 {
+                continue;
+            }
+            let inverted = seg.inverted_index(term.field())?;
+            let Some(info) = inverted.get_term_info(term)? else {
+                continue;
+            };
+            let max = rooms.max_value();
+            if (info.doc_freq as usize) <= rooms.len().saturating_mul(4) {
+                let mut postings =
+                    inverted.read_block_postings_from_terminfo(&info, IndexRecordOption::Basic)?;
+                while !postings.docs().is_empty() {
+                    n += postings
+                        .docs()
+                        .iter()
+                        .filter(|&&d| d < max && rooms.contains(d))
+                        .count() as u64;
+                    postings.advance();
+                }
+            } else {
+                let mut postings =
+                    inverted.read_postings_from_terminfo(&info, IndexRecordOption::Basic)?;
+                let mut at = postings.doc();
+                let mut bucket = rooms.first_non_empty_bucket(0);
+                'rooms: while let Some(b) = bucket {
+                    let mut tiny = rooms.tinyset(b);
+                    while let Some(low) = tiny.pop_lowest() {
+                        let d = b * 64 + low;
+                        if at < d {
+                            at = postings.seek(d);
+                        }
+                        if at == tantivy::TERMINATED {
+                            break 'rooms;
+                        }
+                        if at == d {
+                            n += 1;
+                        }
+                    }
+                    bucket = rooms.first_non_empty_bucket(b + 1);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Snippet term weights as tantivy's `SnippetGenerator::create` makes
+    /// them (`1 / (1 + doc_freq)`, terms found nowhere left out), but from
+    /// the rooms' document frequencies.
+    fn snippet_terms(&self) -> BTreeMap<String, tantivy::Score> {
+        self.doc_freqs
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .filter_map(|(term, n)| {
+                let text = term.value().as_str()?.to_string();
+                Some((text, 1.0 / (1.0 + *n as tantivy::Score)))
+            })
+            .collect()
+    }
+}
+
+impl Bm25StatisticsProvider for RoomStats<'_> {
+    fn total_num_tokens(&self, field: Field) -> tantivy::Result<u64> {
+        Ok(if field == self.text {
+            self.docs * AVG_TEXT_TERMS
+        } else {
+            // `room` and `from` hold one value per message.
+            self.docs
+        })
+    }
+
+    fn total_num_docs(&self) -> tantivy::Result<u64> {
+        Ok(self.docs)
+    }
+
+    fn doc_freq(&self, term: &Term) -> tantivy::Result<u64> {
+        let n = if term.field() != self.text {
+            self.searcher.doc_freq(term)?
+        } else if let Some(n) = self.doc_freqs.get(term) {
+            *n
+        } else {
+            // Every text term is counted in `new`; never reached, but a
+            // term missed there must not fall back to index-wide figures.
+            self.count_in_rooms(term)?
+        };
+        Ok(n.min(self.docs))
+    }
+}
+
 impl SearchIndex {
     /// Opens `<data_dir>/search`, creating or rebuilding it when needed.
     /// `store_pos` is the store's last logged position: an index that claims
@@ -372,12 +572,12 @@ impl SearchIndex {
                 "the query has no searchable words (only punctuation?)",
             ));
         };
-        let rooms: Vec<RoomId> = match req.room {
+        let searched: Vec<RoomId> = match req.room {
             Some(r) if rooms.contains(&r) => vec![r],
             Some(_) => return Err(ApiError::room_not_found()),
             None => rooms.to_vec(),
         };
-        if rooms.is_empty() {
+        if searched.is_empty() {
             return Ok(SearchResponse {
                 hits: Vec::new(),
                 total: 0,
@@ -386,7 +586,7 @@ impl SearchIndex {
         }
         let f = self.fields;
         let room_filter = BooleanQuery::new(
-            rooms
+            searched
                 .iter()
                 .map(|r| {
                     let q: Box<dyn Query> = Box::new(TermQuery::new(
@@ -426,6 +626,13 @@ impl SearchIndex {
         }
         let query = BooleanQuery::new(all);
         let searcher = self.reader.searcher();
+        // Statistics come from every room the caller reads (`rooms`, not
+        // `searched`): a hit's score is the same with or without `room`.
+        let room_stats =
+            || RoomStats::new(&searcher, f, rooms, &text_q).map_err(ApiError::internal);
+        // Made before a relevance search (it scores with them), after a
+        // search by time only if there are snippets to make.
+        let mut stats = None;
         let top = TopDocs::with_limit(req.limit).and_offset(req.offset);
         // Each hit's relevance score (None when sorted by time): a proxy
         // merges the hits of several nodes by it.
@@ -446,8 +653,9 @@ impl SearchIndex {
                     (score, cols.as_ref().map(|c| c.ts.get_val(doc)).unwrap_or(0))
                 }
             });
+            let st = stats.insert(room_stats()?);
             let (docs, total) = searcher
-                .search(&query, &(by_score, Count))
+                .search_with_statistics_provider(&query, &(by_score, Count), st)
                 .map_err(ApiError::internal)?;
             (
                 docs.into_iter().map(|((s, _), a)| (Some(s), a)).collect(),
@@ -471,12 +679,22 @@ impl SearchIndex {
             keys.push(key);
         }
         let messages = store.messages_at(&keys)?;
-        let mut snippets =
-            SnippetGenerator::create(&searcher, &text_q, f.text).map_err(ApiError::internal)?;
-        snippets.set_max_num_chars(SNIPPET_CHARS);
-        let hits = messages
-            .into_iter()
-            .map(|m| {
+        let mut hits = Vec::with_capacity(messages.len());
+        if !messages.is_empty() {
+            let stats = match stats {
+                Some(st) => st,
+                None => room_stats()?,
+            };
+            // What `SnippetGenerator::create` would build, but with term
+            // weights from the caller's rooms (it would use the whole
+            // index's, and the chosen fragment would leak them).
+            let tokenizer = searcher
+                .index()
+                .tokenizer_for_field(f.text)
+                .map_err(ApiError::internal)?;
+            let snippets =
+                SnippetGenerator::new(stats.snippet_terms(), tokenizer, f.text, SNIPPET_CHARS);
+            hits.extend(messages.into_iter().map(|m| {
                 let s = snippets.snippet(&m.text);
                 let (snippet, highlights) = char_highlights(s.fragment(), s.highlighted());
                 let (snippet, highlights) = if snippet.is_empty() {
@@ -495,8 +713,8 @@ impl SearchIndex {
                     snippet,
                     highlights,
                 }
-            })
-            .collect::<Vec<_>>();
+            }));
+        }
         let next = req.offset + hits.len();
         let next_offset =
             (next < total && next < MAX_WINDOW && hits.len() == req.limit).then_some(next);
@@ -686,5 +904,165 @@ impl Indexer {
             }
             Err(e) => tracing::error!(error = %e, "search index commit failed; will retry"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tantivy::collector::TopDocs;
+
+    /// An index in a temporary directory holding `(room, from, text)` messages.
+    fn index_with(msgs: &[(u64, u64, &str)]) -> (tempfile::TempDir, SearchIndex) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ix = SearchIndex::open(dir.path(), 0).expect("open index");
+        add(&ix, msgs);
+        (dir, ix)
+    }
+
+    fn add(ix: &SearchIndex, msgs: &[(u64, u64, &str)]) {
+        let f = ix.fields;
+        let mut w: IndexWriter<TantivyDocument> = ix
+            .index
+            .writer_with_num_threads(1, 15_000_000)
+            .expect("writer");
+        for (i, (room, from, text)) in msgs.iter().enumerate() {
+            let mut d = TantivyDocument::default();
+            d.add_u64(f.room, *room);
+            d.add_u64(f.seq, i as u64 + 1);
+            d.add_u64(f.from, *from);
+            d.add_i64(f.ts, i as i64);
+            d.add_text(f.text, text);
+            w.add_document(d).expect("add");
+        }
+        w.commit().expect("commit");
+        ix.reader.reload().expect("reload");
+    }
+
+    fn filter(ix: &SearchIndex, rooms: &[u64]) -> BooleanQuery {
+        BooleanQuery::new(
+            rooms
+                .iter()
+                .map(|r| {
+                    let q: Box<dyn Query> = Box::new(TermQuery::new(
+                        Term::from_field_u64(ix.fields.room, *r),
+                        IndexRecordOption::Basic,
+                    ));
+                    (Occur::Should, q)
+                })
+                .collect(),
+        )
+    }
+
+    fn text_term(ix: &SearchIndex, t: &str) -> Term {
+        Term::from_field_text(ix.fields.text, t)
+    }
+
+    #[test]
+    fn room_stats_count_only_the_callers_rooms() {
+        let (_dir, ix) = index_with(&[
+            (1, 10, "quokka sighting"),
+            (1, 11, "quokka quokka"),
+            (1, 10, "lake"),
+            (2, 10, "quokka"),
+            (2, 10, "quokka secret"),
+            (2, 10, "secret secret"),
+        ]);
+        let searcher = ix.reader.searcher();
+        let text_q = ix.text_query("quokka secret").expect("query");
+        let rooms = [RoomId(1), RoomId(1)];
+        let st = RoomStats::new(&searcher, ix.fields, &rooms, &text_q).expect("stats");
+        assert_eq!(
+            st.total_num_docs().ok(),
+            Some(3),
+            "a repeated room counts once"
+        );
+        assert_eq!(st.doc_freq(&text_term(&ix, "quokka")).ok(), Some(2));
+        assert_eq!(st.doc_freq(&text_term(&ix, "secret")).ok(), Some(0));
+        // Not a query term: counted on demand, still within the rooms.
+        assert_eq!(st.doc_freq(&text_term(&ix, "sight")).ok(), Some(1));
+        assert_eq!(
+            st.total_num_tokens(ix.fields.text).ok(),
+            Some(3 * AVG_TEXT_TERMS)
+        );
+        // `from` 10 wrote 5 messages, 4 of them elsewhere: capped at the
+        // rooms' 3 documents (BM25's idf asserts df ≤ N).
+        let from = Term::from_field_u64(ix.fields.from, 10);
+        assert_eq!(st.doc_freq(&from).ok(), Some(3));
+        // Snippet weights: terms found in the rooms only.
+        let weights = st.snippet_terms();
+        assert_eq!(weights.len(), 1);
+        assert_eq!(weights.get("quokka").copied(), Some(1.0 / 3.0));
+    }
+
+    #[test]
+    fn room_counts_scan_or_seek_across_segments() {
+        let mut msgs = vec![(1, 10, "quokka"), (1, 10, "lake")];
+        msgs.extend([(2, 11, "quokka"); 20]);
+        let (_dir, ix) = index_with(&msgs);
+        add(&ix, &[(1, 10, "quokka again"), (3, 12, "quokka")]);
+        let searcher = ix.reader.searcher();
+        assert_eq!(searcher.segment_readers().len(), 2);
+        let q = ix.text_query("quokka").expect("query");
+        let quokka = text_term(&ix, "quokka");
+        let count = |rooms: &[u64]| {
+            let rooms: Vec<RoomId> = rooms.iter().map(|r| RoomId(*r)).collect();
+            let st = RoomStats::new(&searcher, ix.fields, &rooms, &q).expect("stats");
+            (st.docs, st.doc_freq(&quokka).expect("doc_freq"))
+        };
+        // Room 1 alone: 2 of the first segment's 22 messages, and the term
+        // in 21 of them, so each of the 2 is looked up in the postings.
+        assert_eq!(count(&[1]), (3, 2));
+        // Rooms 1 and 2: the postings are scanned against the set.
+        assert_eq!(count(&[1, 2]), (23, 22));
+        assert_eq!(count(&[2, 3]), (21, 21));
+        // No messages at all: one document, as BM25 divides by it.
+        assert_eq!(count(&[4]), (1, 0));
+    }
+
+    #[test]
+    fn scores_ignore_other_rooms() {
+        let (_dir, ix) = index_with(&[
+            (1, 10, "quokka sighting near the lake"),
+            (1, 11, "another quokka quokka photo"),
+            (1, 10, "the quokka is the happiest animal of all, they say"),
+            (1, 11, "a wombat"),
+        ]);
+        // (score, seq) of the hits, best first.
+        let scores = |ix: &SearchIndex| -> Vec<(f32, u64)> {
+            let searcher = ix.reader.searcher();
+            let mine = filter(ix, &[1]);
+            let text_q = ix.text_query("quokka").expect("query");
+            let st = RoomStats::new(&searcher, ix.fields, &[RoomId(1)], &text_q).expect("stats");
+            let q = BooleanQuery::new(vec![
+                (Occur::Must, Box::new(text_q.clone())),
+                (
+                    Occur::Must,
+                    Box::new(BoostQuery::new(Box::new(mine.clone()), 0.0)),
+                ),
+            ]);
+            searcher
+                .search_with_statistics_provider(&q, &TopDocs::with_limit(10).order_by_score(), &st)
+                .expect("search")
+                .into_iter()
+                .map(|(score, a)| {
+                    let cols = ix
+                        .columns
+                        .get(searcher.segment_reader(a.segment_ord))
+                        .expect("columns");
+                    (score, cols.seq.get_val(a.doc_id))
+                })
+                .collect()
+        };
+        let before = scores(&ix);
+        assert_eq!(before.len(), 3);
+        assert!(before.iter().all(|(s, _)| s.is_finite() && *s > 0.0));
+        // Another room, many times: the same hits with the same scores.
+        add(&ix, &[(2, 12, "quokka quokka quokka"); 50]);
+        add(
+            &ix,
+            &[(2, 12, "quokka and a very long message about nothing else"); 50],
+        );
+        assert_eq!(scores(&ix), before);
     }
 }
