@@ -5,7 +5,7 @@
 //! password hasher — from one user or one address. They are small pieces
 //! with one rule each: token buckets (a sustained rate and a burst), window
 //! counters (at most N in a window), in-flight counters (at most N at once),
-//! and the typing gate (one `typing` per user, room and interval). Each map
+//! and the typing gate (`typing` per user and room, paced). Each map
 //! is keyed by something bounded (a user id, an address) and forgets idle
 //! keys, so none of them grows with an attacker's traffic. Where each limit
 //! is applied, and what it protects, is listed in docs/ARCHITECTURE.md
@@ -320,41 +320,27 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// One `typing` event per user, room and `interval` is passed on; the rest
-/// are dropped (a typing indicator shows for a few seconds, so nothing is
-/// lost, and a flood of them cannot fill other members' outboxes).
-pub struct TypingGate {
-    last: Mutex<HashMap<(UserId, RoomId), Instant>>,
-    interval: Duration,
-}
+/// `typing` events passed on per user and room: one per `interval` on
+/// average, up to [`TYPING_BURST`] at once (a client resends its first one
+/// right after a message is sent); the rest are dropped. A typing
+/// indicator shows for a few seconds, so nothing is lost, and a flood of
+/// them cannot fill other members' outboxes.
+pub struct TypingGate(KeyedBuckets<(UserId, RoomId)>);
+
+/// Typing events a user may send into one room back to back.
+pub const TYPING_BURST: f64 = 3.0;
 
 impl TypingGate {
     pub fn new(interval: Duration) -> TypingGate {
-        TypingGate {
-            last: Mutex::new(HashMap::new()),
-            interval,
-        }
+        TypingGate(KeyedBuckets::new(
+            1.0 / interval.as_secs_f64().max(1e-3),
+            TYPING_BURST,
+        ))
     }
 
     /// Whether this `typing` of `user` in `room` is passed on.
     pub fn allow(&self, user: UserId, room: RoomId) -> bool {
-        let now = Instant::now();
-        let mut last = lock(&self.last);
-        if last.len() >= SWEEP_AT && !last.contains_key(&(user, room)) {
-            let interval = self.interval;
-            last.retain(|_, t| now.saturating_duration_since(*t) < interval);
-        }
-        match last.get_mut(&(user, room)) {
-            Some(t) if now.saturating_duration_since(*t) < self.interval => false,
-            Some(t) => {
-                *t = now;
-                true
-            }
-            None => {
-                last.insert((user, room), now);
-                true
-            }
-        }
+        self.0.take(&(user, room)).is_ok()
     }
 }
 
@@ -432,13 +418,16 @@ mod tests {
     }
 
     #[test]
-    fn typing_passes_once_per_interval() {
+    fn typing_passes_a_few_then_once_per_interval() {
         let g = TypingGate::new(Duration::from_millis(50));
         let (u, r) = (UserId(1), RoomId(2));
-        assert!(g.allow(u, r));
+        for _ in 0..3 {
+            assert!(g.allow(u, r));
+        }
         assert!(!g.allow(u, r));
         assert!(g.allow(UserId(3), r));
         std::thread::sleep(Duration::from_millis(60));
         assert!(g.allow(u, r));
+        assert!(!g.allow(u, r));
     }
 }

@@ -93,7 +93,9 @@ async fn nodes_listen_on_their_addresses_and_own_what_the_ring_gives_them() {
     std::fs::write(
         &config,
         format!(
-            "[cluster]\ncluster_secret = \"{SECRET}\"\ncluster_nodes = [{}]\n",
+            // Ten signups at once from one address over one HTTP/2
+            // connection, below: more than the default `hash_per_ip`.
+            "[auth]\nhash_per_ip = 16\n[cluster]\ncluster_secret = \"{SECRET}\"\ncluster_nodes = [{}]\n",
             entries.join(", ")
         ),
     )

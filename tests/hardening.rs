@@ -190,7 +190,8 @@ async fn typing_and_read_floods_neither_cut_off_nor_slow_the_victim() {
         "flood: {sent} frames sent; victim ack p99 quiet {q:?}, during the flood {l:?}; typing frames seen {typing}"
     );
     assert!(sent > 200, "the flood did not run ({sent} frames)");
-    assert!(typing <= 8, "{typing} typing frames reached the victim");
+    // Two rooms with the victim, 4 s: a burst of 3 and one per 2 s each.
+    assert!(typing <= 12, "{typing} typing frames reached the victim");
     // Within 2x of the quiet run; the floor of 15 ms is this test's own
     // noise (the flooding client competes with the server for 2 cores),
     // far below the seconds an unpaced flood held other sessions' acks.

@@ -623,6 +623,29 @@ async fn older_history_loads_on_scroll_and_panels_answer() {
     a.wait_for("!document.querySelector('dialog')", WAIT).await;
     assert!(a.find("link", "Server status").await, "a link to /status");
 
+    // Privacy: the settings load, and a changed choice is saved at once.
+    a.click("button", "Privacy").await;
+    a.wait_for_role("combobox", "Online and last seen", WAIT)
+        .await;
+    a.wait_for(
+        "document.querySelector('dialog select[name=presence]')?.value === 'everyone'",
+        WAIT,
+    )
+    .await;
+    a.eval(
+        "(() => { const s = document.querySelector('dialog select[name=presence]'); s.value = 'contacts'; s.dispatchEvent(new Event('change')); })()",
+    )
+    .await;
+    a.wait_for(
+        "document.querySelector('dialog [role=status]')?.textContent === 'Saved.'",
+        WAIT,
+    )
+    .await;
+    let (_, p) = api.get("/api/v1/me/privacy", &alice.token).await;
+    assert_eq!(p["presence"], "contacts", "{p}");
+    a.press("Escape").await;
+    a.wait_for("!document.querySelector('dialog')", WAIT).await;
+
     // "Download my data" saves the account's export: all 130 messages, once.
     let downloads = tempfile::tempdir().expect("download dir");
     a.allow_downloads(downloads.path()).await;

@@ -144,10 +144,7 @@ pub use confab::bench::client::Ws;
 /// Opens a WebSocket, authenticates with `token` and waits for `ready`
 /// (the `confab bench` client's handshake).
 pub async fn websocket(addr: SocketAddr, token: &str) -> Result<Ws, String> {
-    let target = confab::bench::client::Target {
-        addr,
-        source_ips: 1,
-    };
+    let target = confab::bench::client::Target::at(addr, 1);
     tokio::time::timeout(REQUEST_TIMEOUT, target.ws(0, token))
         .await
         .map_err(|_| "no ready frame".to_string())?

@@ -386,8 +386,9 @@ pub fn caller(state: &AppState, req: &Request<Incoming>) -> Result<Caller, ApiEr
     let caller = state.auth.verify(token.trim())?;
     // A correctly signed token of a user this store does not have (a store
     // restored from an older backup, a token of another server with the
-    // same secret) is not a login.
-    if state.store.user(caller.user)?.is_none() {
+    // same secret) is not a login. A cluster node holds only some of the
+    // users (the proxy checks tokens against every node's revocations).
+    if state.cluster.is_none() && state.store.user(caller.user)?.is_none() {
         return Err(ApiError::unauthorized("the token's user no longer exists"));
     }
     Ok(caller)

@@ -28,6 +28,15 @@ pub struct Target {
 }
 
 impl Target {
+    /// A server at `addr`, reached from `source_ips` loopback addresses.
+    pub fn at(addr: SocketAddr, source_ips: u8) -> Target {
+        Target {
+            addr,
+            source_ips: source_ips.max(1),
+            http_turn: Default::default(),
+        }
+    }
+
     pub async fn resolve(url: &str, source_ips: u8) -> Result<Target, String> {
         let rest = url
             .strip_prefix("http://")
@@ -43,11 +52,7 @@ impl Target {
             .map_err(|e| format!("cannot resolve {hostport}: {e}"))?
             .next()
             .ok_or_else(|| format!("{hostport} has no address"))?;
-        Ok(Target {
-            addr,
-            source_ips: source_ips.max(1),
-            http_turn: Default::default(),
-        })
+        Ok(Target::at(addr, source_ips))
     }
 
     async fn connect(&self, n: usize) -> std::io::Result<TcpStream> {

@@ -862,6 +862,10 @@ pub struct IdleResult {
     pub note: String,
 }
 
+/// Idle connections per seeded user (below the server's default
+/// `max_sessions_per_user`).
+const IDLE_SESSIONS_PER_USER: usize = 16;
+
 async fn idle(
     target: &Target,
     args: &BenchArgs,
@@ -875,7 +879,25 @@ async fn idle(
             limits.1
         );
     }
-    let user = sign_up_or_in(target, &format!("{}idle", args.prefix)).await?;
+    // The server allows `max_sessions_per_user` (default 32) sessions per
+    // account: the connections are spread over enough users.
+    let users = n.div_ceil(IDLE_SESSIONS_PER_USER).max(1);
+    let mut tokens = Vec::with_capacity(users);
+    {
+        let mut signups = tokio::task::JoinSet::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(16));
+        for k in 0..users {
+            let (target, gate) = (target.clone(), gate.clone());
+            let name = format!("{}idle{k}", args.prefix);
+            signups.spawn(async move {
+                let _permit = gate.acquire().await;
+                sign_up_or_in(&target, &name).await
+            });
+        }
+        while let Some(r) = signups.join_next().await {
+            tokens.push(r.map_err(|e| e.to_string())??.token);
+        }
+    }
     let before = server_sample(target)
         .await
         .ok_or("the server's /metrics has no process figures")?;
@@ -886,7 +908,11 @@ async fn idle(
     let mut tasks = tokio::task::JoinSet::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(200));
     for i in 0..n {
-        let (target, gate, token) = (target.clone(), gate.clone(), user.token.clone());
+        let (target, gate, token) = (
+            target.clone(),
+            gate.clone(),
+            tokens[i / IDLE_SESSIONS_PER_USER].clone(),
+        );
         tasks.spawn(async move {
             let _permit = gate.acquire().await;
             tokio::time::timeout(Duration::from_secs(10), target.ws(i, &token))

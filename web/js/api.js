@@ -83,6 +83,10 @@ export class Api {
     return this.call('POST', path, body ?? {});
   }
 
+  put(path, body) {
+    return this.call('PUT', path, body ?? {});
+  }
+
   del(path) {
     return this.call('DELETE', path);
   }

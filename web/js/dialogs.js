@@ -229,6 +229,39 @@ export class Dialogs {
     }
   }
 
+  /** Privacy: who sees my presence, who may add me to groups. Each choice
+   *  is saved when it changes. */
+  async privacy() {
+    const err = h('p', { class: 'error', role: 'alert' });
+    const saved = h('p', { class: 'hint', role: 'status' });
+    const choice = (name, label, options) => {
+      const id = newId('p');
+      const select = h('select', { id, name }, options.map((o) => h('option', { value: o }, t(`audience_${o}`))));
+      select.addEventListener('change', async () => {
+        err.textContent = '';
+        saved.textContent = '';
+        try {
+          const now = await this.app.api.put('/me/privacy', { [name]: select.value });
+          select.value = now[name];
+          saved.textContent = t('privacy_saved');
+        } catch (e) {
+          err.textContent = explain(e);
+        }
+      });
+      return { select, el: h('div', { class: 'field' }, h('label', { for: id }, label), select) };
+    };
+    const presence = choice('presence', t('privacy_presence'), ['everyone', 'contacts', 'nobody']);
+    const groups = choice('group_adds', t('privacy_group_adds'), ['everyone', 'contacts', 'nobody']);
+    this.open(t('privacy'), h('p', { class: 'hint' }, t('privacy_intro')), presence.el, groups.el, saved, err);
+    try {
+      const now = await this.app.api.get('/me/privacy');
+      presence.select.value = now.presence;
+      groups.select.value = now.group_adds;
+    } catch (e) {
+      err.textContent = explain(e);
+    }
+  }
+
   /** A transfer changed: an open wallet dialog reloads. */
   walletChanged() {
     if (this.current && this.current.reloadWallet) this.current.reloadWallet();

@@ -32,6 +32,7 @@ export class Sidebar {
       h('button', { type: 'button', class: 'icon', 'aria-label': t('new_chat'), title: t('new_chat'), onclick: () => app.dialogs.newChat() }, icon('newChat')),
       h('button', { type: 'button', class: 'icon', 'aria-label': t('new_group'), title: t('new_group'), onclick: () => app.dialogs.newGroup() }, icon('group')),
       h('button', { type: 'button', class: 'icon', 'aria-label': t('wallet'), title: t('wallet'), onclick: () => app.dialogs.wallet() }, icon('wallet')),
+      h('button', { type: 'button', class: 'icon', 'aria-label': t('privacy'), title: t('privacy'), onclick: () => app.dialogs.privacy() }, icon('lock')),
       h('button', { type: 'button', class: 'icon', 'aria-label': t('export_data'), title: t('export_data'), onclick: () => app.exportData() }, icon('download')),
       h('a', { class: 'icon', href: '/status', target: '_blank', rel: 'noopener', 'aria-label': t('status_page'), title: t('status_page') }, icon('chart')),
       h('button', { type: 'button', class: 'icon', 'aria-label': t('log_out'), title: t('log_out'), onclick: () => app.logout() }, icon('logout')),
