@@ -9,8 +9,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::ReadableDatabase;
-
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};

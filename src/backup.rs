@@ -1160,7 +1160,7 @@ pub fn run_on_thread<T: Send + 'static>(
 
 /// Takes a backup every `every` into `dir`, keeping the newest `keep`.
 pub async fn periodic(
-    db: std::sync::Arc<Database>,
+    db: std::sync::Arc<crate::store::db::Db>,
     data_dir: PathBuf,
     dir: PathBuf,
     every: std::time::Duration,

@@ -131,6 +131,7 @@ pub struct StoreConfig {
     pub writer_queue: usize,
     pub quick_repair: bool,
     pub cache_mb: usize,
+    pub storage_reserve_mb: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

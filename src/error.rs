@@ -83,25 +83,55 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+/// A storage failure as clients see it: a full disk is 507 `storage_full`,
+/// another I/O failure (or redb refusing after one) 503 `storage_error` —
+/// both retryable, nothing was applied. None: not a storage failure.
+fn storage_failure(e: &redb::StorageError) -> Option<ApiError> {
+    match e {
+        redb::StorageError::Io(io) => Some(io_failure(io)),
+        redb::StorageError::PreviousIo | redb::StorageError::DatabaseClosed => {
+            Some(crate::store::db::storage_error())
+        }
+        _ => None,
+    }
+}
+
+fn io_failure(io: &std::io::Error) -> ApiError {
+    if crate::store::db::is_disk_full(io) {
+        crate::store::db::storage_full()
+    } else {
+        crate::store::db::storage_error()
+    }
+}
+
+impl From<redb::StorageError> for ApiError {
+    fn from(e: redb::StorageError) -> ApiError {
+        storage_failure(&e).unwrap_or_else(|| ApiError::internal(e))
+    }
+}
+
 impl From<redb::Error> for ApiError {
     fn from(e: redb::Error) -> ApiError {
-        ApiError::internal(e)
+        match &e {
+            redb::Error::Io(io) => io_failure(io),
+            redb::Error::PreviousIo | redb::Error::DatabaseClosed => {
+                crate::store::db::storage_error()
+            }
+            _ => ApiError::internal(e),
+        }
     }
 }
 
 macro_rules! redb_errors {
-    ($($t:ty),*) => {$(
-        impl From<$t> for ApiError {
-            fn from(e: $t) -> ApiError {
-                ApiError::internal(e)
+    ($($t:ident),*) => {$(
+        impl From<redb::$t> for ApiError {
+            fn from(e: redb::$t) -> ApiError {
+                match &e {
+                    redb::$t::Storage(s) => storage_failure(s).unwrap_or_else(|| ApiError::internal(e)),
+                    _ => ApiError::internal(e),
+                }
             }
         }
     )*};
 }
-redb_errors!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::DatabaseError
-);
+redb_errors!(TransactionError, TableError, CommitError, DatabaseError);

@@ -519,7 +519,7 @@ impl Drop for Slot {
 /// without its `end` line, which tells the reader it is incomplete; a
 /// failure after the first bytes ends it the same way).
 pub fn spawn(
-    db: std::sync::Arc<redb::Database>,
+    db: std::sync::Arc<crate::store::db::Db>,
     scope: Scope,
     ids: TransferIds,
     slot: Slot,
@@ -529,7 +529,6 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("confab-export".into())
         .spawn(move || {
-            use redb::ReadableDatabase;
             let mut w = ChannelWriter::new(tx, stall);
             let result = db.begin_read().map_err(ApiError::from).and_then(|txn| {
                 let r = write(&txn, scope.clone(), &ids, &mut w);

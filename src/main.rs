@@ -441,7 +441,11 @@ fn run_serve(args: &impl ConfigLayers, proxy: bool) -> ExitCode {
             server::serve(config, handle).await
         }
     };
-    match runtime.block_on(run) {
+    let result = runtime.block_on(run);
+    // Threads of the blocking pool still waiting (on a storage that does
+    // not answer) do not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("confab: {e}");

@@ -74,6 +74,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         wallet.clone(),
     )
     .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+    store.health.set(crate::store::db::StorageState::Ok, "");
 
     // Search: open (or rebuild) the index and start the indexer, which first
     // catches up with whatever the store has that the index lacks.
@@ -209,36 +210,53 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     drop(listener);
     let _ = shutdown_tx.send(true);
     hub.close_all(close::GOING_AWAY);
-    // Wait for connections to finish, up to the grace period.
+    // Everything below ends within the grace period, whatever state the
+    // storage is in: connections get most of it, the rest (the scheduler,
+    // the outbox, read positions, a running backup, the writer's last
+    // commit, the indexer) what is left, and what is not done by then is
+    // left (everything acknowledged is already durable).
     let deadline = tokio::time::Instant::now() + grace;
-    while state.connections.open() > 0 && tokio::time::Instant::now() < deadline {
+    let drained = deadline - (grace / 4).min(Duration::from_secs(1));
+    while state.connections.open() > 0 && tokio::time::Instant::now() < drained {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = scheduler.await;
-    let _ = outbox.await;
-    let _ = reads_task.await;
-    if let Some(b) = backups {
-        let _ = b.await;
-    }
-    admin.abort();
-    // An operator's online backup runs on its own thread: let it finish
-    // (as the runtime used to wait for it on its blocking pool), so a
-    // shutdown does not leave its file half-written.
-    if crate::backup::BackupSlot::taken() {
-        tracing::info!("waiting for the running backup to finish");
-        while crate::backup::BackupSlot::taken() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let finish = async {
+        let _ = scheduler.await;
+        let _ = outbox.await;
+        let _ = reads_task.await;
+        if let Some(b) = backups {
+            let _ = b.await;
         }
-    }
-    crate::admin::remove_socket(&data_dir);
-    let _ = writer.submit(Op::Stop).await;
-    drop(writer);
-    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-    if let Some((index, indexer)) = search {
-        // Index what was committed, so the next start has nothing to catch up.
-        index.status.stop.store(true, Ordering::Release);
-        state.store.feed.nudge();
-        let _ = tokio::task::spawn_blocking(move || indexer.join()).await;
+        admin.abort();
+        // An operator's online backup runs on its own thread: let it finish
+        // (as the runtime used to wait for it on its blocking pool), so a
+        // shutdown does not leave its file half-written.
+        if crate::backup::BackupSlot::taken() {
+            tracing::info!("waiting for the running backup to finish");
+            while crate::backup::BackupSlot::taken() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        crate::admin::remove_socket(&data_dir);
+        let _ = writer.submit(Op::Stop).await;
+        drop(writer);
+        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        if let Some((index, indexer)) = search {
+            // Index what was committed, so the next start has nothing to catch up.
+            index.status.stop.store(true, Ordering::Release);
+            state.store.feed.nudge();
+            let _ = tokio::task::spawn_blocking(move || indexer.join()).await;
+        }
+    };
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_millis(500));
+    if tokio::time::timeout(left, finish).await.is_err() {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "shutdown did not finish within the grace period; exiting anyway (everything acknowledged is on disk)"
+        );
+        crate::admin::remove_socket(&data_dir);
     }
     tracing::info!("bye");
     Ok(())

@@ -102,6 +102,8 @@ pub struct Sample {
     pub http_requests: u64,
     pub search_lag_messages: u64,
     pub search_lag_seconds: f64,
+    /// The store: "ok", "full" or "failing".
+    pub storage: &'static str,
 }
 
 /// The sampler's ring of samples plus listeners.
@@ -222,6 +224,7 @@ pub async fn sample_every_second(state: Arc<AppState>) {
             http_requests: d(7),
             search_lag_messages: lag_messages,
             search_lag_seconds: lag_seconds,
+            storage: state.store.health.state().as_str(),
         });
         prev = now;
         prev_cpu = proc_.cpu_seconds;
@@ -404,6 +407,11 @@ pub async fn get(
             http_requests: l.http_requests.load(Relaxed),
             http_errors: l.http_errors.load(Relaxed),
             slow_client_disconnects: l.slow_disconnects.load(Relaxed),
+        },
+        "storage": {
+            "state": state.store.health.state().as_str(),
+            "since": state.store.health.since_ms(),
+            "detail": state.store.health.detail(),
         },
         "search": state.search.as_ref().map(|ix| serde_json::json!({
             "indexed": ix.status.indexed.load(Relaxed),

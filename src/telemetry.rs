@@ -102,6 +102,10 @@ fn describe() {
         "confab_commit_failures_total",
         "Group commits that failed (their batch was refused)."
     );
+    describe_gauge!(
+        "confab_storage_state",
+        "The store's state: 0 ok, 1 full (only essential writes), 2 failing (writes refused, retrying)."
+    );
     describe_histogram!(
         "confab_outbox_depth_frames",
         "Frames waiting in a session's outbox when its writer drains it."
@@ -201,6 +205,7 @@ fn register_families() {
         "confab_search_index_lag_seconds",
         "confab_search_index_bytes",
         "confab_wallet_scheduled",
+        "confab_storage_state",
     ] {
         metrics::gauge!(g).increment(0.0);
     }

@@ -168,6 +168,7 @@ async fn route(
         ["healthz"] => on!("/healthz", get, async {
             json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
         }),
+        ["readyz"] => on!("/readyz", get, async { readiness(state) }),
         ["metrics"] => on!("/metrics", get, async {
             crate::status::check_metrics_access(&state.config.server, &req, peer)?;
             Ok(metrics_page(state))
@@ -271,6 +272,31 @@ async fn route(
             Ok(assets::serve("status.html"))
         }),
         _ => on!("/ui", get, async { Ok(assets::serve(&path)) }),
+    }
+}
+
+/// `GET /readyz`: 200 while the store takes writes; 507 `storage_full` or
+/// 503 `storage_error` (with the state and since when) while it does not.
+/// `/healthz` stays liveness: the process answers.
+fn readiness(state: &AppState) -> Result<Response<Body>, ApiError> {
+    let health = &state.store.health;
+    match health.refusal() {
+        None => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+        Some(e) => {
+            let body = serde_json::json!({
+                "error": {"code": e.code, "message": e.message},
+                "storage": health.state().as_str(),
+                "since": health.since_ms(),
+                "detail": health.detail(),
+            });
+            let mut resp = json(e.status, &body)?;
+            if let Some(secs) = e.retry_after
+                && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+            {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Ok(resp)
+        }
     }
 }
 

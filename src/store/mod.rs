@@ -6,6 +6,7 @@
 //! The on-disk layout is documented in `docs/STORAGE.md`; change both
 //! together and bump [`SCHEMA_VERSION`] for incompatible changes.
 
+pub mod db;
 pub mod writer;
 
 use std::path::Path;
@@ -306,7 +307,10 @@ pub struct Room {
 /// The read side of the store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    pub db: Arc<Database>,
+    /// The database, reopenable after an I/O error (see [`db::Db`]).
+    pub db: Arc<db::Db>,
+    /// What the writer knows of the storage (full, failing).
+    pub health: Arc<db::StorageHealth>,
     /// How far `message_log` is committed; the writer publishes, the search
     /// indexer waits on it.
     pub feed: Arc<CommitFeed>,
@@ -508,7 +512,8 @@ impl Store {
             }
         }
         Ok(Store {
-            db: Arc::new(db),
+            db: Arc::new(db::Db::new(db, &path, cache_bytes)),
+            health: Default::default(),
             feed,
             transfer_ids: Default::default(),
         })

@@ -24,6 +24,7 @@ mod wallet;
 
 pub use wallet::{WalletOp, WalletWiring};
 
+use super::db::StorageState;
 use super::*;
 use crate::config::StoreConfig;
 use crate::frames::{self, ServerFrame};
@@ -147,6 +148,8 @@ pub enum Op {
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Op>,
+    /// Why an op may have been answered by dropping its reply.
+    health: Arc<super::db::StorageHealth>,
 }
 
 impl WriterHandle {
@@ -163,8 +166,45 @@ impl WriterHandle {
     pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.submit(make(tx)).await?;
-        rx.await
-            .map_err(|_| ApiError::internal("the write was not committed"))?
+        rx.await.map_err(|_| {
+            // The writer drops the reply of an op it could not apply: say
+            // why when the storage is the reason.
+            self.health
+                .refusal()
+                .unwrap_or_else(|| ApiError::internal("the write was not committed"))
+        })?
+    }
+}
+
+impl Op {
+    /// Ops that still run while the disk is full, on the reserve: small,
+    /// and what a server needs to keep its users' state honest and to stop
+    /// (read positions, last seen, logouts, outbox confirmations).
+    fn is_essential(&self) -> bool {
+        matches!(
+            self,
+            Op::Read { .. }
+                | Op::LastSeen { .. }
+                | Op::Revoke { .. }
+                | Op::OutboxDone { .. }
+                | Op::Stop
+        )
+    }
+
+    /// Answers an op that will not be applied with `err`: a session's send
+    /// gets an `error` frame; every other op's reply is dropped, which its
+    /// caller ([`WriterHandle::call`]) reports as the storage's refusal.
+    fn refuse(self, err: &ApiError) {
+        if let Op::Send {
+            origin,
+            client_id,
+            room,
+            ..
+        } = self
+        {
+            metrics::counter!("confab_messages_rejected_total", "reason" => err.code).increment(1);
+            fail_origin(origin, err, &client_id, room);
+        }
     }
 }
 
@@ -250,7 +290,69 @@ pub struct GroupCommitWriter {
     wallet: WalletWiring,
     /// This batch queued outbox entries: wake the forwarder after the commit.
     outbox_woken: bool,
+    /// A preallocated file released when the disk fills up, so that the
+    /// essential writes (and the shutdown's last commit) still fit.
+    reserve: Reserve,
+    /// When to try again to leave the Full or Failing state, and the wait
+    /// after that (doubling, capped).
+    retry_at: Instant,
+    retry_wait: Duration,
 }
+
+/// The reserve file (`<data_dir>/storage-reserve`, `storage_reserve_mb`).
+struct Reserve {
+    path: std::path::PathBuf,
+    bytes: u64,
+}
+
+impl Reserve {
+    /// Makes sure the file exists with its size allocated (not sparse).
+    fn ensure(&self) -> std::io::Result<()> {
+        if self.bytes == 0 {
+            return Ok(());
+        }
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= self.bytes) {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.path)?;
+        let len = libc::off_t::try_from(self.bytes).unwrap_or(libc::off_t::MAX);
+        // SAFETY: posix_fallocate(3) on a file descriptor we own.
+        let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
+        if rc != 0 {
+            let _ = std::fs::remove_file(&self.path);
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        f.sync_all()
+    }
+
+    /// Gives the space back (on a full disk). Whether there was any.
+    fn release(&self) -> bool {
+        std::fs::remove_file(&self.path).is_ok()
+    }
+
+    /// Free bytes for an unprivileged writer on the data directory's file
+    /// system.
+    fn free_bytes(&self) -> Option<u64> {
+        let dir = self.path.parent()?;
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: statvfs(3) fills the zeroed struct we own.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+}
+
+/// The first retry after a storage failure, and the longest wait between
+/// retries.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 const READ_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 const READ_PENDING_MAX: usize = 100_000;
@@ -282,6 +384,14 @@ impl GroupCommitWriter {
         wallet: WalletWiring,
     ) -> std::io::Result<(WriterHandle, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(config.writer_queue);
+        let health = store.health.clone();
+        let reserve = Reserve {
+            path: store.db.path().with_file_name("storage-reserve"),
+            bytes: (config.storage_reserve_mb as u64) << 20,
+        };
+        if let Err(e) = reserve.ensure() {
+            tracing::warn!(error = %e, path = %reserve.path.display(), "cannot keep a storage reserve");
+        }
         let mut writer = GroupCommitWriter {
             store,
             hub,
@@ -292,19 +402,39 @@ impl GroupCommitWriter {
             reads_flushed: Instant::now(),
             wallet,
             outbox_woken: false,
+            reserve,
+            retry_at: Instant::now(),
+            retry_wait: RETRY_FIRST,
         };
         let join = std::thread::Builder::new()
             .name("confab-writer".into())
             .spawn(move || writer.run(rx))?;
-        Ok((WriterHandle { tx }, join))
+        Ok((WriterHandle { tx, health }, join))
     }
 
     fn run(&mut self, mut rx: mpsc::Receiver<Op>) {
         let mut batch: Vec<Op> = Vec::with_capacity(self.config.commit_batch_max);
         let wait = Duration::from_micros(self.config.commit_wait_us);
         loop {
-            let Some(first) = rx.blocking_recv() else {
-                return;
+            let first = if self.store.health.state() == StorageState::Ok {
+                match rx.blocking_recv() {
+                    Some(op) => op,
+                    None => return,
+                }
+            } else {
+                // Full or failing: try to recover when due, and meanwhile
+                // answer what comes at once.
+                if Instant::now() >= self.retry_at {
+                    self.try_recover();
+                }
+                match rx.try_recv() {
+                    Ok(op) => op,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
             };
             let mut stop = matches!(first, Op::Stop);
             if !stop {
@@ -327,6 +457,19 @@ impl GroupCommitWriter {
                         break;
                     }
                 }
+            }
+            if let Some(err) = self.store.health.refusal() {
+                // Only the essential ops are tried (on the reserve); the
+                // others are answered now, without touching the disk.
+                let mut keep = Vec::with_capacity(batch.len());
+                for op in batch.drain(..) {
+                    if op.is_essential() {
+                        keep.push(op);
+                    } else {
+                        op.refuse(&err);
+                    }
+                }
+                batch = keep;
             }
             if !batch.is_empty() {
                 let flush_reads = idle
@@ -369,6 +512,13 @@ impl GroupCommitWriter {
                 self.outbox_woken = false;
                 metrics::counter!("confab_commit_failures_total").increment(1);
                 self.state = WriterState::default();
+                // Everything in the batch is answered, also what was never
+                // applied (a sender's own read positions of this batch are
+                // lost: they are advisory).
+                let e = self.storage_failed(e);
+                for op in batch.drain(..) {
+                    op.refuse(&e);
+                }
                 for effect in effects {
                     match effect {
                         Effect::Sent { origin, msg, .. } => {
@@ -386,6 +536,85 @@ impl GroupCommitWriter {
                 }
             }
         }
+    }
+
+    /// A commit failed with `e`: if the storage is the cause, move to Full
+    /// (releasing the reserve) or Failing, reopen the database (redb fails
+    /// every operation after an I/O error until then), and schedule a retry.
+    /// Returns the error to answer the batch with.
+    fn storage_failed(&mut self, e: ApiError) -> ApiError {
+        let state = match e.code {
+            "storage_full" => StorageState::Full,
+            "storage_error" => StorageState::Failing,
+            _ => return e,
+        };
+        if state == StorageState::Full && self.reserve.release() {
+            tracing::warn!(path = %self.reserve.path.display(), "disk full: released the storage reserve");
+        }
+        let detail = if state == StorageState::Full {
+            "the disk is full"
+        } else {
+            "writing to the store failed"
+        };
+        self.store.health.set(state, detail);
+        if let Err(why) = self.store.db.reopen() {
+            tracing::error!(error = %why, "cannot reopen the store");
+            self.store.health.set(StorageState::Failing, &why);
+        }
+        self.retry_wait = RETRY_FIRST;
+        self.retry_at = Instant::now() + self.retry_wait;
+        self.store.health.refusal().unwrap_or(e)
+    }
+
+    /// Full or Failing: is the storage usable again? Full ends when the
+    /// file system has room for the reserve twice over and the reserve is
+    /// allocated again; both end with a successful probe commit. Otherwise
+    /// the next try is scheduled, waiting twice as long (at most
+    /// [`RETRY_MAX`]).
+    fn try_recover(&mut self) {
+        let health = self.store.health.clone();
+        let ready = match health.state() {
+            StorageState::Ok => return,
+            StorageState::Full => {
+                let need = self.reserve.bytes.saturating_mul(2).max(1 << 20);
+                self.reserve.free_bytes().is_some_and(|free| free >= need)
+                    && self.reserve.ensure().is_ok()
+            }
+            StorageState::Failing => match self.store.db.reopen() {
+                Ok(()) => true,
+                Err(why) => {
+                    health.set(StorageState::Failing, &why);
+                    false
+                }
+            },
+        };
+        if ready {
+            match self.probe() {
+                Ok(()) => {
+                    self.state = WriterState::default();
+                    health.set(StorageState::Ok, "");
+                    self.retry_wait = RETRY_FIRST;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the storage is not writable yet");
+                    let _ = self.storage_failed(e);
+                }
+            }
+        }
+        self.retry_wait = (self.retry_wait * 2).min(RETRY_MAX);
+        self.retry_at = Instant::now() + self.retry_wait;
+    }
+
+    /// One small durable commit: proof that the storage takes writes.
+    fn probe(&self) -> Result<(), ApiError> {
+        let txn = self.store.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert("storage_probe_ms", now_ms().max(0) as u64)?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     fn apply_all(
@@ -420,9 +649,35 @@ impl GroupCommitWriter {
                 cluster_outbox: txn.open_table(CLUSTER_OUTBOX)?,
                 privacy: txn.open_table(PRIVACY)?,
             };
-            for op in batch.drain(..) {
-                let effect = self.apply(op, &mut t)?;
-                effects.push(effect);
+            let mut ops = std::mem::take(batch).into_iter();
+            for op in ops.by_ref() {
+                // A session's send whose own write fails must still be
+                // answered (the op is consumed by `apply`).
+                let session = match &op {
+                    Op::Send {
+                        origin: Origin::Session(s),
+                        client_id,
+                        room,
+                        ..
+                    } => Some((s.clone(), client_id.clone(), *room)),
+                    _ => None,
+                };
+                match self.apply(op, &mut t) {
+                    Ok(effect) => effects.push(effect),
+                    Err(e) => {
+                        if let Some((s, client_id, room)) = session {
+                            effects.push(Effect::Rejected {
+                                origin: Origin::Session(s),
+                                err: e.clone(),
+                                client_id,
+                                room,
+                            });
+                        }
+                        // The rest of the batch is answered by the caller.
+                        batch.extend(ops);
+                        return Err(e);
+                    }
+                }
             }
             if flush_reads {
                 for ((room, user), seq) in std::mem::take(&mut self.pending_reads) {

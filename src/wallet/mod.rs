@@ -489,7 +489,7 @@ mod tests {
 // Read side (any thread; MVCC read transactions)
 // ---------------------------------------------------------------------------
 
-use redb::{ReadableDatabase, ReadableTableMetadata};
+use redb::ReadableTableMetadata;
 
 use crate::store::{
     Store, USERS, WALLET_ACCOUNTS, WALLET_ENTRIES, WALLET_KEYS, WALLET_PENDING, WALLET_SCHEDULE,

@@ -28,6 +28,7 @@ const FIGURES = [
   ['Memory', (s) => `${(s.rss_bytes / 1048576).toFixed(0)} MB`],
   ['Errors /s', (s) => s.errors],
   ['Search lag', (s) => `${s.search_lag_messages} msgs`],
+  ['Storage', (s) => ({ ok: 'ok', full: 'FULL: writes refused', failing: 'FAILING: retrying' })[s.storage] ?? '–'],
 ];
 
 function el(tag, attrs, ...children) {

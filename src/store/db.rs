@@ -1,0 +1,223 @@
+//! The open redb database, which can be reopened, and the storage's health.
+//!
+//! redb latches an I/O error: after one failed write (a full disk, EIO)
+//! every later operation on that `Database` answers `PreviousIo`, even once
+//! the cause is gone. So the store holds its database in a [`Db`] that the
+//! writer can close and open again, while readers keep using whatever is
+//! open through the same handle. [`StorageHealth`] is what the writer knows
+//! about the storage — fine, full, or failing — for the answers to writes,
+//! the readiness endpoint, `/status` and `/metrics`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
+
+use crate::error::ApiError;
+
+/// The store's database, reopenable.
+pub struct Db {
+    current: RwLock<Option<Database>>,
+    path: PathBuf,
+    cache_bytes: usize,
+}
+
+impl Db {
+    pub(crate) fn new(db: Database, path: &Path, cache_bytes: usize) -> Db {
+        Db {
+            current: RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+            cache_bytes,
+        }
+    }
+
+    fn closed() -> redb::TransactionError {
+        redb::TransactionError::Storage(redb::StorageError::DatabaseClosed)
+    }
+
+    /// A snapshot of what is committed now.
+    pub fn begin_read(&self) -> Result<ReadTransaction, redb::TransactionError> {
+        match &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(db) => db.begin_read(),
+            None => Err(Db::closed()),
+        }
+    }
+
+    /// The one write transaction (only the writer, and start-up, write).
+    pub fn begin_write(&self) -> Result<WriteTransaction, redb::TransactionError> {
+        match &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(db) => db.begin_write(),
+            None => Err(Db::closed()),
+        }
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes the database and opens the file again, clearing redb's latched
+    /// I/O error. Read transactions still open on the old one fail with
+    /// "database closed" from then on; new ones see the reopened file. Only
+    /// the writer calls this, between write transactions.
+    pub fn reopen(&self) -> Result<(), String> {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = current.take()
+            && let Err(e) = old.close()
+        {
+            tracing::warn!(error = %e, "closing the database before reopening it");
+        }
+        let db = Database::builder()
+            .set_cache_size(self.cache_bytes)
+            .create(&self.path)
+            .map_err(|e| format!("cannot reopen {}: {e}", self.path.display()))?;
+        *current = Some(db);
+        Ok(())
+    }
+}
+
+/// What the storage can do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StorageState {
+    Ok = 0,
+    /// The disk is full: only the small writes the reserve is kept for
+    /// (read positions, last seen, logouts, outbox confirmations) are made.
+    Full = 1,
+    /// Writes fail for another reason (an I/O error); the writer reopens the
+    /// database and retries with back-off.
+    Failing = 2,
+}
+
+impl StorageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageState::Ok => "ok",
+            StorageState::Full => "full",
+            StorageState::Failing => "failing",
+        }
+    }
+}
+
+/// The storage's health, written by the writer, read by everyone.
+#[derive(Default)]
+pub struct StorageHealth {
+    state: AtomicU8,
+    /// Unix ms since the current state began.
+    since_ms: AtomicI64,
+    /// The last error, for people.
+    detail: Mutex<String>,
+}
+
+impl StorageHealth {
+    pub fn state(&self) -> StorageState {
+        match self.state.load(Ordering::Acquire) {
+            1 => StorageState::Full,
+            2 => StorageState::Failing,
+            _ => StorageState::Ok,
+        }
+    }
+
+    /// Moves to `state` (logging the change) with `detail` for people.
+    pub fn set(&self, state: StorageState, detail: &str) {
+        let before = self.state.swap(state as u8, Ordering::AcqRel);
+        if before != state as u8 {
+            self.since_ms
+                .store(crate::store::now_ms(), Ordering::Release);
+            match state {
+                StorageState::Ok => tracing::info!("storage recovered: writes are accepted again"),
+                StorageState::Full => {
+                    tracing::error!(detail, "storage full: refusing writes until space is freed")
+                }
+                StorageState::Failing => {
+                    tracing::error!(detail, "storage failing: refusing writes while retrying")
+                }
+            }
+        }
+        *self.detail.lock().unwrap_or_else(|e| e.into_inner()) = detail.to_string();
+        metrics::gauge!("confab_storage_state").set(f64::from(state as u8));
+    }
+
+    /// Since when (Unix ms) the storage is in its current state.
+    pub fn since_ms(&self) -> i64 {
+        self.since_ms.load(Ordering::Acquire)
+    }
+
+    pub fn detail(&self) -> String {
+        self.detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The answer to a write refused in the current state (None when Ok).
+    pub fn refusal(&self) -> Option<ApiError> {
+        match self.state() {
+            StorageState::Ok => None,
+            StorageState::Full => Some(storage_full()),
+            StorageState::Failing => Some(storage_error()),
+        }
+    }
+}
+
+/// 507 `storage_full`: retryable once the operator frees space.
+pub fn storage_full() -> ApiError {
+    let mut e = ApiError::new(
+        hyper::StatusCode::INSUFFICIENT_STORAGE,
+        "storage_full",
+        "the server's disk is full; nothing was stored; try again later",
+    );
+    e.retry_after = Some(5);
+    e
+}
+
+/// 503 `storage_error`: retryable; the server is recovering its storage.
+pub fn storage_error() -> ApiError {
+    let mut e = ApiError::new(
+        hyper::StatusCode::SERVICE_UNAVAILABLE,
+        "storage_error",
+        "the server cannot write to its storage right now; nothing was stored; try again shortly",
+    );
+    e.retry_after = Some(2);
+    e
+}
+
+/// Whether `e` (or what caused it) is a full disk or quota.
+pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::StorageFull
+                || matches!(
+                    io.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
+                );
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether `e` is a storage failure (I/O, or redb refusing after one)
+/// rather than a bug or bad data.
+pub fn is_storage_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        if let Some(s) = err.downcast_ref::<redb::StorageError>()
+            && matches!(
+                s,
+                redb::StorageError::Io(_)
+                    | redb::StorageError::PreviousIo
+                    | redb::StorageError::DatabaseClosed
+            )
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
