@@ -5,18 +5,37 @@
 //! lines then the answer; for `export`, the export's own JSON Lines (or one
 //! `{"error": …}` line); otherwise one answer line. When no server runs, the
 //! same commands open the store themselves.
+//!
+//! Faults: the accept loop backs off when accepting fails (out of file
+//! descriptors); a request whose client has already gone (it gave up after
+//! its `--timeout`) is not run; an online backup whose client goes away is
+//! cancelled. The client side bounds every wait for the server (connection,
+//! answer, next progress line or export data) and says which one failed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::api::AppState;
 use crate::error::ApiError;
 use crate::store::Store;
 use crate::store::writer::{Op, WalletOp, WriterHandle};
+
+/// How long a client has to send its request line: a connection that sends
+/// nothing would otherwise hold a task and a file descriptor for ever.
+const REQUEST_WAIT: Duration = Duration::from_secs(30);
+/// The longest request line read (requests are a few hundred bytes).
+const MAX_REQUEST: u64 = 64 << 10;
+/// How often a running online backup checks that its client is still there.
+const CLIENT_CHECK: Duration = Duration::from_millis(100);
+/// At most one progress line per this interval.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.sock")
@@ -39,16 +58,83 @@ pub fn listen(
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
     Ok(tokio::spawn(async move {
+        let mut backoff = AcceptBackoff::default();
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let _ = serve(state, stream).await;
-            });
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    backoff.succeeded();
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let _ = serve(state, stream).await;
+                    });
+                }
+                Err(e) => tokio::time::sleep(backoff.failed(&e)).await,
+            }
         }
     }))
+}
+
+/// Capped exponential back-off for the accept loop. `accept` fails when the
+/// process is out of file descriptors (EMFILE, ENFILE) or memory, and then
+/// fails again at once for as long as a connection waits in the queue —
+/// also after its client gave up, since the connection stays queued until
+/// accepted: retrying straight away spun a core (~90%) until descriptors
+/// came free. One warning per episode, one line when it is over.
+#[derive(Default)]
+struct AcceptBackoff {
+    /// The current pause; None while accepting works.
+    delay: Option<Duration>,
+    failures: u64,
+    since: Option<std::time::Instant>,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// The pause after a failed accept: 10 ms, doubling up to 1 s.
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        let delay = match self.delay {
+            None => {
+                tracing::warn!(error = %e, "admin socket: accept failed (out of file descriptors?); retrying every 10 ms to 1 s until it works again");
+                self.since = Some(std::time::Instant::now());
+                Self::FIRST
+            }
+            Some(d) => (d * 2).min(Self::MAX),
+        };
+        self.delay = Some(delay);
+        self.failures += 1;
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        if self.delay.take().is_some() {
+            let seconds = self.since.take().map_or(0.0, |t| t.elapsed().as_secs_f64());
+            tracing::info!(
+                failures = self.failures,
+                seconds,
+                "admin socket: accepting again"
+            );
+            self.failures = 0;
+        }
+    }
+}
+
+/// Whether the client at the other end has closed its socket. Every
+/// `confab` client shuts down its sending side after its request, which
+/// only ends our reading (POLLRDHUP); POLLHUP comes when it has closed the
+/// socket altogether — exited, been killed, or given up after its timeout.
+fn client_gone(stream: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one descriptor that `stream` owns for the whole
+    // call, without waiting; POLLHUP and POLLERR are reported unasked.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
 async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> {
@@ -57,37 +143,22 @@ async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> 
     let allowed = stream.peer_cred().map(|c| c.uid() == me).unwrap_or(false);
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    match tokio::time::timeout(REQUEST_WAIT, reader.read_line(&mut line)).await {
+        Ok(read) => read?,
+        Err(_) => return Ok(()),
+    };
     let answer = if allowed {
         match serde_json::from_str::<Value>(&line) {
-            Ok(req) if req["cmd"] == "backup" => backup(&state, &req, &mut write).await?,
-            Ok(req) if req["cmd"] == "export" => {
-                // The operator's exports count against `export_concurrency`
-                // (each is a thread and a snapshot too), not per user.
-                match crate::export::scope_of(&req)
-                    .and_then(|scope| {
-                        let txn = state.store.db.begin_read()?;
-                        crate::export::check(&txn, &scope).map(|_| scope)
-                    })
-                    .and_then(|scope| {
-                        let slot = state.exports.admit(None)?;
-                        crate::export::spawn(
-                            state.store.db.clone(),
-                            scope,
-                            state.store.transfer_ids.clone(),
-                            slot,
-                        )
-                    }) {
-                    Ok(mut rx) => {
-                        metrics::counter!("confab_exports_total").increment(1);
-                        while let Some(chunk) = rx.recv().await {
-                            write.write_all(&chunk).await?;
-                        }
-                        return write.shutdown().await;
-                    }
-                    Err(e) => json!({"error": e.message, "code": e.code}),
-                }
+            // A client that gave up waiting (`--timeout`) is not there to
+            // hear the answer: a credit run now would be one its operator
+            // was told is unconfirmed, and may well repeat.
+            Ok(req) if client_gone(write.as_ref()) => {
+                tracing::warn!(cmd = %req["cmd"], "admin request not run: its client went away before it ran (a `confab` command that timed out?)");
+                return Ok(());
             }
+            Ok(req) if req["cmd"] == "backup" => backup(&state, &req, &mut write).await?,
+            Ok(req) if req["cmd"] == "export" => return export(&state, &req, &mut write).await,
             Ok(req) => handle(&state.store, &state.writer, &req).await,
             Err(e) => json!({"error": format!("bad request: {e}")}),
         }
@@ -98,14 +169,56 @@ async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> 
     write.shutdown().await
 }
 
+/// Streams an export's JSON Lines to the client (or answers its error).
+async fn export(state: &AppState, req: &Value, write: &mut OwnedWriteHalf) -> std::io::Result<()> {
+    // The operator's exports count against `export_concurrency` (each is a
+    // thread and a snapshot too), not per user.
+    let started = crate::export::scope_of(req)
+        .and_then(|scope| {
+            let txn = state.store.db.begin_read()?;
+            crate::export::check(&txn, &scope).map(|_| scope)
+        })
+        .and_then(|scope| {
+            let slot = state.exports.admit(None)?;
+            crate::export::spawn(
+                state.store.db.clone(),
+                scope,
+                state.store.transfer_ids.clone(),
+                slot,
+            )
+        });
+    let mut rx = match started {
+        Ok(rx) => rx,
+        Err(e) => {
+            let answer = json!({"error": e.message, "code": e.code});
+            write.write_all(format!("{answer}\n").as_bytes()).await?;
+            return write.shutdown().await;
+        }
+    };
+    metrics::counter!("confab_exports_total").increment(1);
+    // A client that takes nothing for the stall time loses its export, as
+    // over HTTP; without the limit this task (and its descriptor) would
+    // wait on a stopped client for ever after the export thread gave up.
+    let stall = Duration::from_secs(state.config.limits.export_stall_secs);
+    while let Some(chunk) = rx.recv().await {
+        tokio::time::timeout(stall, write.write_all(&chunk))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    }
+    write.shutdown().await
+}
+
 /// Takes a backup from a snapshot while the server keeps serving; sends a
-/// progress line about every 100 ms. The backup runs on its own thread
-/// (see [`crate::backup::run_on_thread`]); while one runs, another is
-/// refused.
+/// progress line when the backup starts, then at most every 100 ms. The
+/// backup runs on its own thread (see [`crate::backup::run_on_thread`]);
+/// while one runs, another is refused. When the client goes away (killed,
+/// or gave up after its `--timeout`), the backup is cancelled: nobody would
+/// receive it, its snapshot keeps redb from reusing pages and its slot
+/// would refuse the operator's next try. Its partial file is removed.
 async fn backup(
     state: &AppState,
     req: &Value,
-    write: &mut tokio::net::unix::OwnedWriteHalf,
+    write: &mut OwnedWriteHalf,
 ) -> std::io::Result<Value> {
     let Some(to) = req["to"].as_str().map(PathBuf::from) else {
         return Ok(json!({"error": "backup needs `to`"}));
@@ -119,24 +232,90 @@ async fn backup(
             "code": "busy",
         }));
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // The latest progress only: the backup thread never waits for the
+    // client, and nothing piles up behind a slow one.
+    let (tx, mut rx) = tokio::sync::watch::channel(None::<crate::backup::Progress>);
+    let cancel = Arc::new(AtomicBool::new(false));
     let db = state.store.db.clone();
     let secret = crate::backup::secret_file(&state.config.server.data_dir);
-    let job = crate::backup::run_on_thread(slot, move || {
-        let txn = db.begin_read().map_err(|e| e.to_string())?;
-        let mut last = std::time::Instant::now();
-        crate::backup::write(&txn, secret.as_deref(), &to, |p| {
-            if last.elapsed().as_millis() >= 100 {
-                last = std::time::Instant::now();
-                let _ = tx.send(p);
-            }
+    let job = {
+        let (cancel, to) = (cancel.clone(), to.clone());
+        crate::backup::run_on_thread(slot, move || {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            crate::backup::write_cancellable(&txn, secret.as_deref(), &to, &cancel, |p| {
+                tx.send_replace(Some(p));
+            })
         })
-    });
-    while let Some(p) = rx.recv().await {
-        let line = json!({ "progress": p });
-        write.write_all(format!("{line}\n").as_bytes()).await?;
+    };
+    tokio::pin!(job);
+    let mut check = tokio::time::interval(CLIENT_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_line = tokio::time::Instant::now();
+    let mut gone: Option<String> = None;
+    let result = loop {
+        let (progress_rx, at) = (&mut rx, next_line);
+        // Waits first, then for a change: `changed` marks the value seen
+        // only as it completes, which ends this future, so a change is
+        // never lost when another branch wins.
+        let progress = async move {
+            tokio::time::sleep_until(at).await;
+            if progress_rx.changed().await.is_err() {
+                // The thread has ended; its result is on its way.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = &mut job => {
+                // The last figures (the bar ends at 100%); a failed write
+                // shows again in the answer's.
+                let latest = *rx.borrow_and_update();
+                if let (Ok(_), Some(p)) = (&r, latest) {
+                    let line = json!({ "progress": p });
+                    let _ = write.write_all(format!("{line}\n").as_bytes()).await;
+                }
+                break r;
+            }
+            _ = check.tick() => {
+                if client_gone(write.as_ref()) {
+                    gone = Some("its connection closed".into());
+                }
+            }
+            () = progress => {
+                let latest = *rx.borrow_and_update();
+                if let Some(p) = latest {
+                    let line = json!({ "progress": p });
+                    if let Err(e) = write.write_all(format!("{line}\n").as_bytes()).await {
+                        gone = Some(format!("a progress line could not be written: {e}"));
+                    }
+                    next_line = tokio::time::Instant::now() + PROGRESS_EVERY;
+                }
+            }
+        }
+        if gone.is_some() {
+            cancel.store(true, Ordering::Relaxed);
+            break (&mut job).await;
+        }
+    };
+    if let Some(why) = gone {
+        match &result {
+            Err(e) if e == crate::backup::CANCELLED => {
+                metrics::counter!("confab_backups_total", "outcome" => "cancelled").increment(1);
+                tracing::warn!(path = %to.display(), why = %why, "backup cancelled: its `confab backup` client went away; the partial file is removed");
+            }
+            Ok(summary) => {
+                crate::backup::record(Ok(summary));
+                tracing::info!(path = %summary.path, why = %why, "backup written, but its client went away before the answer");
+            }
+            Err(e) => {
+                crate::backup::record(Err(e));
+                tracing::warn!(error = %e, "backup failed");
+            }
+        }
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "the backup's client went away",
+        ));
     }
-    let result = job.await;
     crate::backup::record(result.as_ref());
     Ok(match result {
         Ok(summary) => {
@@ -178,56 +357,145 @@ pub async fn handle(store: &Store, writer: &WriterHandle, req: &Value) -> Value 
     result.unwrap_or_else(|e| json!({"error": e.message, "code": e.code}))
 }
 
+/// Why a command through the admin socket got no answer.
+#[derive(Debug)]
+pub enum AdminError {
+    /// The socket took no connection within this time: the server is not
+    /// accepting (stopped, or out of file descriptors) and its queue is full.
+    NotAccepting(Duration),
+    /// Connected, but nothing came for this long: no answer, no progress
+    /// line, no export data.
+    Silent(Duration),
+    /// Anything else, as a sentence.
+    Failed(String),
+}
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminError::NotAccepting(t) => write!(
+                f,
+                "the server's admin socket accepted no connection within {} s",
+                t.as_secs()
+            ),
+            AdminError::Silent(t) => write!(f, "the server sent nothing for {} s", t.as_secs()),
+            AdminError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Connects to the server's admin socket. Ok(None) when no server listens
+/// (no socket, or nobody behind it: a server that was killed leaves its
+/// socket file), so that the command may open the store itself. A server
+/// whose accept queue is full (it stopped accepting) is retried until
+/// `wait` is up: opening the store it holds would only fail less clearly.
+async fn connect(data_dir: &Path, wait: Duration) -> Result<Option<UnixStream>, AdminError> {
+    use std::io::ErrorKind;
+    let path = socket_path(data_dir);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match UnixStream::connect(&path).await {
+            Ok(stream) => return Ok(Some(stream)),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+                return Ok(None);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(AdminError::NotAccepting(wait));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(AdminError::Failed(format!(
+                    "cannot connect to {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+}
+
+/// Sends the request line and ends our sending side, within `wait`.
+async fn send_request(
+    write: &mut OwnedWriteHalf,
+    req: &Value,
+    wait: Duration,
+) -> Result<(), AdminError> {
+    tokio::time::timeout(wait, async {
+        write.write_all(format!("{req}\n").as_bytes()).await?;
+        write.shutdown().await
+    })
+    .await
+    .map_err(|_| AdminError::Silent(wait))?
+    .map_err(|e| AdminError::Failed(format!("cannot send the request to the server: {e}")))
+}
+
 /// Sends one request to a running server; None when none is listening.
 /// `{"progress": …}` lines go to `on_progress`; the first other line is the
-/// answer.
+/// answer. `wait` bounds every wait for the server — the connection, and
+/// each line (an answer, or the next progress line) — so a command waits
+/// as long as the server makes progress, and no longer than `wait` for a
+/// server that has stopped answering.
 pub async fn request(
     data_dir: &Path,
     req: &Value,
+    wait: Duration,
     mut on_progress: impl FnMut(&Value),
-) -> Option<Result<Value, String>> {
-    let stream = UnixStream::connect(socket_path(data_dir)).await.ok()?;
+) -> Option<Result<Value, AdminError>> {
+    let stream = match connect(data_dir, wait).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return None,
+        Err(e) => return Some(Err(e)),
+    };
     let (read, mut write) = stream.into_split();
     let exchange = async {
-        write
-            .write_all(format!("{req}\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        write.shutdown().await.map_err(|e| e.to_string())?;
+        send_request(&mut write, req, wait).await?;
         let mut lines = BufReader::new(read).lines();
-        while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+        loop {
+            let line = tokio::time::timeout(wait, lines.next_line())
+                .await
+                .map_err(|_| AdminError::Silent(wait))?
+                .map_err(|e| AdminError::Failed(e.to_string()))?;
+            let Some(line) = line else {
+                return Err(AdminError::Failed(
+                    "the server closed the admin connection without an answer; see its log".into(),
+                ));
+            };
             let v = serde_json::from_str::<Value>(&line)
-                .map_err(|e| format!("bad answer from the server: {e}"))?;
+                .map_err(|e| AdminError::Failed(format!("bad answer from the server: {e}")))?;
             match v.get("progress") {
                 Some(p) => on_progress(p),
                 None => return Ok(v),
             }
         }
-        Err("the server closed the admin connection without an answer".to_string())
     };
     Some(exchange.await)
 }
 
 /// Sends an `export` request to a running server and copies its output to
-/// `out`; None when none is listening.
+/// `out`; None when none is listening. Fails when the server sends nothing
+/// for `wait` (see [`request`]).
 pub async fn export_to(
     data_dir: &Path,
     req: &Value,
+    wait: Duration,
     out: &mut (dyn std::io::Write + Send),
-) -> Option<Result<(), String>> {
-    use tokio::io::AsyncReadExt;
-    let stream = UnixStream::connect(socket_path(data_dir)).await.ok()?;
+) -> Option<Result<(), AdminError>> {
+    let stream = match connect(data_dir, wait).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return None,
+        Err(e) => return Some(Err(e)),
+    };
     let (mut read, mut write) = stream.into_split();
     let exchange = async {
-        write
-            .write_all(format!("{req}\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        write.shutdown().await.map_err(|e| e.to_string())?;
+        send_request(&mut write, req, wait).await?;
         let mut buf = vec![0u8; 64 << 10];
         let mut first = true;
         loop {
-            let n = read.read(&mut buf).await.map_err(|e| e.to_string())?;
+            let n = tokio::time::timeout(wait, read.read(&mut buf))
+                .await
+                .map_err(|_| AdminError::Silent(wait))?
+                .map_err(|e| AdminError::Failed(e.to_string()))?;
             if n == 0 {
                 return Ok(());
             }
@@ -235,12 +503,65 @@ pub async fn export_to(
             // else first is the server's error answer.
             if first && !buf[..n].starts_with(b"{\"type\"") {
                 let v: Value = serde_json::from_slice(buf[..n].trim_ascii_end())
-                    .map_err(|e| format!("bad answer from the server: {e}"))?;
-                return Err(v["error"].as_str().unwrap_or("export failed").to_string());
+                    .map_err(|e| AdminError::Failed(format!("bad answer from the server: {e}")))?;
+                return Err(AdminError::Failed(
+                    v["error"].as_str().unwrap_or("export failed").to_string(),
+                ));
             }
             first = false;
-            out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+            out.write_all(&buf[..n])
+                .map_err(|e| AdminError::Failed(e.to_string()))?;
         }
     };
     Some(exchange.await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_back_off_doubles_to_a_second_and_starts_over_after_a_success() {
+        let mut b = AcceptBackoff::default();
+        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let delays: Vec<u64> = (0..10).map(|_| b.failed(&e).as_millis() as u64).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        b.succeeded();
+        assert_eq!(b.failed(&e), Duration::from_millis(10));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closed_is_gone_but_not_one_that_only_finished_sending() {
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        assert!(!client_gone(&ours));
+        let (theirs_read, mut theirs_write) = theirs.into_split();
+        theirs_write.shutdown().await.expect("shutdown");
+        assert!(!client_gone(&ours), "a half-closed client is still there");
+        drop(theirs_write);
+        drop(theirs_read);
+        assert!(client_gone(&ours));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_accepts_but_never_answers_is_reported_silent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _listener = UnixListener::bind(socket_path(dir.path())).expect("bind");
+        let started = std::time::Instant::now();
+        let r = request(
+            dir.path(),
+            &json!({"cmd": "verify"}),
+            Duration::from_millis(300),
+            |_| {},
+        )
+        .await;
+        assert!(matches!(r, Some(Err(AdminError::Silent(_)))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // No socket at all: no server, the command opens the store itself.
+        let none = tempfile::tempdir().expect("tempdir");
+        assert!(
+            request(none.path(), &json!({}), Duration::from_secs(1), |_| {})
+                .await
+                .is_none()
+        );
+    }
 }

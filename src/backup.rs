@@ -26,6 +26,7 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
@@ -40,6 +41,16 @@ pub const MAGIC: &[u8; 8] = b"CONFABBK";
 pub const FORMAT_VERSION: u32 = 1;
 /// The file name suffix used for automatic and periodic backups.
 pub const SUFFIX: &str = ".cfbk";
+/// What is appended to a backup's name while it is being written; the file
+/// is renamed to its real name only when complete and synced.
+pub const PARTIAL_SUFFIX: &str = ".partial";
+/// The name prefix of periodic backups (`<prefix>-YYYYMMDD-HHMMSS.cfbk`).
+pub const PERIODIC_PREFIX: &str = "confab";
+/// The name prefix of the automatic backup taken before a migration, followed
+/// by the schema version it was taken from.
+pub const PRE_MIGRATION_PREFIX: &str = "pre-migration-schema";
+/// The error of a backup stopped through its cancellation flag.
+pub const CANCELLED: &str = "the backup was cancelled";
 /// Records per write transaction when restoring.
 const RESTORE_BATCH: u64 = 100_000;
 /// Largest single record or header we accept (a record is at most a few KiB).
@@ -340,12 +351,22 @@ impl HashWriter {
     }
 }
 
+/// Progress is reported at least every this many records of a table ...
+const REPORT_RECORDS: u64 = 4096;
+/// ... and every this many bytes: a table of large records (long messages)
+/// would otherwise go for seconds without a report, and the report is what
+/// tells `confab backup` (and its timeout) that the backup is moving.
+const REPORT_BYTES: u64 = 1 << 20;
+
 struct Dump<'a, P: FnMut(Progress)> {
     w: HashWriter,
     rec: Vec<u8>,
     progress: Progress,
     on_progress: &'a mut P,
     counts: serde_json::Map<String, Json>,
+    cancel: &'a AtomicBool,
+    /// `w.bytes` at the last report.
+    reported_at: u64,
 }
 
 impl<P: FnMut(Progress)> Dump<'_, P> {
@@ -382,9 +403,15 @@ impl<P: FnMut(Progress)> Dump<'_, P> {
                 if messages {
                     self.progress.messages += 1;
                 }
-                if count.is_multiple_of(4096) {
-                    self.progress.bytes = self.w.bytes;
-                    (self.on_progress)(self.progress);
+                if count.is_multiple_of(REPORT_RECORDS)
+                    || self.w.bytes - self.reported_at >= REPORT_BYTES
+                {
+                    self.report();
+                }
+                // One relaxed load per record: a cancelled backup stops
+                // within a record, whatever the size of its tables.
+                if self.cancel.load(Ordering::Relaxed) {
+                    return Err(CANCELLED.to_string());
                 }
             }
         }
@@ -392,6 +419,12 @@ impl<P: FnMut(Progress)> Dump<'_, P> {
         self.w.write(&count.to_le_bytes()).map_err(io)?;
         self.counts.insert(name, count.into());
         Ok(())
+    }
+
+    fn report(&mut self) {
+        self.progress.bytes = self.w.bytes;
+        self.reported_at = self.w.bytes;
+        (self.on_progress)(self.progress);
     }
 }
 
@@ -410,22 +443,37 @@ pub fn write(
     txn: &ReadTransaction,
     secret: Option<&[u8]>,
     to: &Path,
+    on_progress: impl FnMut(Progress),
+) -> Result<Summary, String> {
+    write_cancellable(txn, secret, to, &AtomicBool::new(false), on_progress)
+}
+
+/// [`write`], stopped when `cancel` becomes true (the server's online
+/// backup sets it when its `confab backup` client goes away: nobody would
+/// receive the result, and the snapshot it holds keeps redb from reusing
+/// pages). A cancelled backup fails with [`CANCELLED`] and removes its
+/// partial file. `on_progress` is called once when the tables start, then
+/// every few thousand records or MiB, then at the end.
+pub fn write_cancellable(
+    txn: &ReadTransaction,
+    secret: Option<&[u8]>,
+    to: &Path,
+    cancel: &AtomicBool,
     mut on_progress: impl FnMut(Progress),
 ) -> Result<Summary, String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let started = std::time::Instant::now();
     let partial = partial_path(to);
     if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&partial)
-        .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+    let file = open_partial(&partial)?;
+    // The lock belongs to the open file, which the writer below consumes:
+    // this second handle keeps it until the partial file is renamed or
+    // removed, so no other backup can take the name over in between.
+    let _lock = file
+        .try_clone()
+        .map_err(|e| format!("cannot write the backup: {e}"))?;
     let result = (|| {
         let pos = snapshot_pos(txn);
         let schema = store::schema_version(txn)?.unwrap_or(0);
@@ -448,6 +496,8 @@ pub fn write(
             },
             on_progress: &mut on_progress,
             counts: serde_json::Map::new(),
+            cancel,
+            reported_at: 0,
         };
         let io = |e: std::io::Error| format!("cannot write the backup: {e}");
         dump.w.write(MAGIC).map_err(io)?;
@@ -456,6 +506,8 @@ pub fn write(
             .write(&(header.len() as u32).to_le_bytes())
             .map_err(io)?;
         dump.w.write(header.as_bytes()).map_err(io)?;
+        // The first report: the backup has its snapshot and its file.
+        dump.report();
         macro_rules! dump_table {
             ($t:expr) => {
                 dump.table(txn, $t)?
@@ -482,6 +534,9 @@ pub fn write(
         dump.progress.bytes = bytes;
         (dump.on_progress)(dump.progress);
         let file = dump.w.out.into_inner().map_err(|e| io(e.into_error()))?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(CANCELLED.to_string());
+        }
         file.sync_all().map_err(io)?;
         Ok(Summary {
             path: to.display().to_string(),
@@ -510,10 +565,147 @@ pub fn write(
     }
 }
 
-fn partial_path(to: &Path) -> PathBuf {
+/// Where the backup to `to` is written until it is complete.
+pub fn partial_path(to: &Path) -> PathBuf {
     let mut name = to.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
+    name.push(PARTIAL_SUFFIX);
     to.with_file_name(name)
+}
+
+/// Takes an exclusive `flock` on `file` without waiting: Ok(true) when
+/// taken, Ok(false) when another open file holds it (in this process or
+/// another). The lock lives as long as the file is open, and dies with its
+/// process, so a partial file whose lock can be taken has no live writer.
+fn try_lock(file: &File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor owned by `file`, which outlives the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Whether `file` (open) is still the file at `path`: a file can be
+/// unlinked (by [`remove_stale_partials`]) between being opened and locked.
+fn still_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Opens `partial` for a new backup, holding its lock for as long as the
+/// backup writes it. A partial left by a backup that did not finish (its
+/// process was killed) is taken over and emptied, and the takeover logged;
+/// one that a running backup holds is refused rather than overwritten.
+fn open_partial(partial: &Path) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let busy = || {
+        format!(
+            "{} is being written by another backup that is still running; wait for it, or choose another file",
+            partial.display()
+        )
+    };
+    // A few tries: a start-up cleanup may hold the lock for a moment, or
+    // unlink the file between our open and our lock.
+    for _ in 0..20 {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(partial)
+            .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+        match try_lock(&file) {
+            Ok(true) if still_at(&file, partial) => {
+                let stale = file.metadata().map(|m| m.len()).unwrap_or(0);
+                if stale > 0 {
+                    tracing::warn!(path = %partial.display(), bytes = stale, "replacing a partial backup left by a backup that did not finish");
+                }
+                file.set_len(0)
+                    .map_err(|e| format!("cannot empty {}: {e}", partial.display()))?;
+                return Ok(file);
+            }
+            Ok(true) => continue,
+            Ok(false) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            // A file system without flock: write as before, unguarded.
+            Err(e) => {
+                tracing::debug!(path = %partial.display(), error = %e, "cannot lock a partial backup");
+                file.set_len(0)
+                    .map_err(|e| format!("cannot empty {}: {e}", partial.display()))?;
+                return Ok(file);
+            }
+        }
+    }
+    Err(busy())
+}
+
+/// Whether `name` is a partial file of a backup confab names itself
+/// (periodic and pre-migration: [`timestamped_name`] + `.partial`), the only
+/// partial files the start-up cleanup may delete: a partial next to an
+/// operator's `--to FILE` is replaced when that file is next backed up to.
+pub fn is_own_partial(name: &str) -> bool {
+    let Some(stem) = name
+        .strip_suffix(PARTIAL_SUFFIX)
+        .and_then(|n| n.strip_suffix(SUFFIX))
+    else {
+        return false;
+    };
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    let Some((rest, time)) = stem.rsplit_once('-') else {
+        return false;
+    };
+    let Some((prefix, date)) = rest.rsplit_once('-') else {
+        return false;
+    };
+    let schema = prefix.strip_prefix(PRE_MIGRATION_PREFIX);
+    digits(date, 8)
+        && digits(time, 6)
+        && (prefix == PERIODIC_PREFIX
+            || schema.is_some_and(|v| !v.is_empty() && digits(v, v.len())))
+}
+
+/// Removes the partial files of confab's own backups in `dir` that no
+/// running backup holds (see [`try_lock`]): left by a process killed while
+/// writing one, they would otherwise stay for ever. Returns what it removed.
+/// Called at server start, before any backup of its own runs.
+pub fn remove_stale_partials(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if !entry.file_name().to_str().is_some_and(is_own_partial)
+            || !entry.file_type().is_ok_and(|t| t.is_file())
+        {
+            continue;
+        }
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        match try_lock(&file) {
+            Ok(true) if still_at(&file, &path) => {
+                if std::fs::remove_file(&path).is_ok() {
+                    removed.push(path);
+                }
+            }
+            Ok(_) => {
+                tracing::info!(path = %path.display(), "a partial backup is being written by a running backup; left alone")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot tell whether a partial backup is still being written; left alone")
+            }
+        }
+    }
+    removed.sort();
+    removed
 }
 
 fn sync_dir(path: &Path) {
@@ -1184,11 +1376,11 @@ pub async fn periodic(
         };
         let (db, data_dir, dir) = (db.clone(), data_dir.clone(), dir.clone());
         let done = run_on_thread(slot, move || {
-            let to = dir.join(timestamped_name("confab"));
+            let to = dir.join(timestamped_name(PERIODIC_PREFIX));
             let txn = db.begin_read().map_err(|e| e.to_string())?;
             let summary = write(&txn, secret_file(&data_dir).as_deref(), &to, |_| {})?;
             drop(txn);
-            Ok((summary, prune(&dir, "confab", keep)))
+            Ok((summary, prune(&dir, PERIODIC_PREFIX, keep)))
         })
         .await;
         match done {
@@ -1271,6 +1463,79 @@ mod tests {
         }));
         assert!(failed.is_err());
         assert!(BackupSlot::try_take().is_some(), "a panic frees the slot");
+    }
+
+    #[test]
+    fn only_partials_of_backups_confab_names_itself_are_its_own() {
+        for own in [
+            "confab-20260101-000000.cfbk.partial",
+            "pre-migration-schema2-20261231-235959.cfbk.partial",
+            "pre-migration-schema12-20261231-235959.cfbk.partial",
+        ] {
+            assert!(is_own_partial(own), "{own}");
+        }
+        for other in [
+            "confab-20260101-000000.cfbk",
+            "mine.cfbk.partial",
+            "confab-latest.cfbk.partial",
+            "confab-2026011-000000.cfbk.partial",
+            "confab-20260101-00000x.cfbk.partial",
+            "pre-migration-schema-20260101-000000.cfbk.partial",
+            "pre-migration-schemax-20260101-000000.cfbk.partial",
+            "other-20260101-000000.cfbk.partial",
+            "confab-20260101-000000.partial",
+        ] {
+            assert!(!is_own_partial(other), "{other}");
+        }
+        let name = timestamped_name(PERIODIC_PREFIX) + PARTIAL_SUFFIX;
+        assert!(is_own_partial(&name), "{name}");
+        let name = timestamped_name(&format!("{PRE_MIGRATION_PREFIX}2")) + PARTIAL_SUFFIX;
+        assert!(is_own_partial(&name), "{name}");
+    }
+
+    #[test]
+    fn stale_partials_are_removed_but_not_one_a_backup_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stale = dir.path().join("confab-20260101-000000.cfbk.partial");
+        let held = dir.path().join("confab-20260102-000000.cfbk.partial");
+        let foreign = dir.path().join("notes.cfbk.partial");
+        for p in [&stale, &held, &foreign] {
+            std::fs::write(p, b"x").expect("write");
+        }
+        let writer = open_partial(&held).expect("open");
+        assert_eq!(remove_stale_partials(dir.path()), vec![stale.clone()]);
+        assert!(!stale.exists() && held.exists() && foreign.exists());
+        // The same partial cannot be opened twice for writing.
+        assert!(
+            open_partial(&held)
+                .expect_err("held")
+                .contains("another backup")
+        );
+        drop(writer);
+        assert_eq!(remove_stale_partials(dir.path()), vec![held.clone()]);
+    }
+
+    #[test]
+    fn a_cancelled_backup_stops_and_removes_its_partial_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store::Store::open(dir.path()).expect("open");
+        let txn = store.db.begin_read().expect("read");
+        let to = dir.path().join("out.cfbk");
+        let cancel = AtomicBool::new(false);
+        let mut reports = 0;
+        let r = write_cancellable(&txn, None, &to, &cancel, |_| {
+            reports += 1;
+            // Cancelled as soon as it starts (when the tables begin).
+            cancel.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(r.expect_err("cancelled"), CANCELLED);
+        assert_eq!(reports, 1);
+        assert!(!to.exists() && !partial_path(&to).exists());
+        // A stale partial is taken over by the next backup to the same file.
+        std::fs::write(partial_path(&to), b"left by a killed server").expect("write");
+        write(&txn, None, &to, |_| {}).expect("backup");
+        assert!(to.exists() && !partial_path(&to).exists());
+        verify(&to, &mut |_| {}).expect("a complete backup");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! [`config`]), sets up logging and metrics and runs the chosen subcommand.
 //! Everything else lives in the library crate (`src/lib.rs`).
 
+use confab::admin::AdminError;
 use confab::{backup, bench, config, server, telemetry};
 
 use std::path::PathBuf;
@@ -57,8 +58,17 @@ struct BackupArgs {
     /// Overwrite FILE if it exists.
     #[arg(long)]
     force: bool,
+    /// Give up when the running server has reported no progress for SECS
+    /// seconds (it then cancels the backup); no limit on the whole backup.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = secs())]
+    timeout: u64,
     #[command(flatten)]
     common: StoreArgs,
+}
+
+/// Seconds, at least 1.
+fn secs() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..)
 }
 
 #[derive(Args)]
@@ -85,6 +95,9 @@ struct ExportArgs {
     /// Write to FILE instead of standard output.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Give up when the running server has sent no data for SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = secs())]
+    timeout: u64,
     #[command(flatten)]
     common: StoreArgs,
 }
@@ -104,11 +117,18 @@ enum WalletAction {
         /// How much, in minor units of `wallet_currency` (for KRW, won:
         /// 50000 is ₩50,000); at most the balance limit, 10^15.
         amount: u64,
+        /// Give up when the running server has not answered within SECS
+        /// seconds (the credit is then unconfirmed).
+        #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = secs())]
+        timeout: u64,
         #[command(flatten)]
         common: StoreArgs,
     },
     /// Check the ledger invariants; exits 1 on any breach.
     Verify {
+        /// Give up when the running server has not answered within SECS seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = secs())]
+        timeout: u64,
         #[command(flatten)]
         common: StoreArgs,
     },
@@ -277,16 +297,20 @@ fn load_config(args: &impl ConfigLayers) -> Result<config::Config, ExitCode> {
 
 /// `confab wallet credit|verify`.
 fn run_wallet(args: WalletArgs) -> ExitCode {
-    let (common, req) = match &args.action {
+    let (common, req, timeout) = match &args.action {
         WalletAction::Credit {
             user,
             amount,
+            timeout,
             common,
         } => (
             common,
             serde_json::json!({"cmd": "credit", "user": user, "amount": amount}),
+            *timeout,
         ),
-        WalletAction::Verify { common } => (common, serde_json::json!({"cmd": "verify"})),
+        WalletAction::Verify { timeout, common } => {
+            (common, serde_json::json!({"cmd": "verify"}), *timeout)
+        }
     };
     let config = match load_config(common) {
         Ok(c) => c,
@@ -298,8 +322,22 @@ fn run_wallet(args: WalletArgs) -> ExitCode {
     };
     let dir = config.server.data_dir.clone();
     let answer = runtime.block_on(async {
-        if let Some(answer) = confab::admin::request(&dir, &req, |_| {}).await {
-            return answer;
+        let wait = std::time::Duration::from_secs(timeout);
+        if let Some(answer) = confab::admin::request(&dir, &req, wait, |_| {}).await {
+            return answer.map_err(|e| match e {
+                AdminError::Silent(_) => {
+                    let unconfirmed = match req["user"].as_str() {
+                        Some(user) => format!(
+                            "; the credit is unconfirmed: check {user}'s balance before crediting again"
+                        ),
+                        None => String::new(),
+                    };
+                    format!(
+                        "the server did not answer within {timeout} s; is it overloaded? see its log (--timeout SECS waits longer){unconfirmed}"
+                    )
+                }
+                e => not_accepting_or(e),
+            });
         }
         // No server: open the store and run the command here.
         let store = confab::store::Store::open_with_cache(&dir, config.store.cache_mb << 20)?;
@@ -478,6 +516,18 @@ fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// The line for an admin socket failure other than a silent server (which
+/// each command words for itself).
+fn not_accepting_or(e: AdminError) -> String {
+    match e {
+        AdminError::NotAccepting(t) => format!(
+            "the server accepted no connection on its admin socket within {} s (nothing was sent to it); is it out of file descriptors or stopped? see its log",
+            t.as_secs()
+        ),
+        e => e.to_string(),
+    }
+}
+
 /// `confab backup --to FILE`.
 fn run_backup(args: BackupArgs) -> ExitCode {
     let config = match load_config(&args.common) {
@@ -504,9 +554,12 @@ fn run_backup(args: BackupArgs) -> ExitCode {
     };
     let dir = config.server.data_dir.clone();
     let mut last = std::time::Instant::now() - std::time::Duration::from_secs(1);
-    let mut show = move |p: backup::Progress| {
+    // Whether a progress bar was drawn (and its line needs ending).
+    let drew = std::cell::Cell::new(false);
+    let mut show = |p: backup::Progress| {
         if last.elapsed().as_millis() >= 100 || p.messages == p.total_messages {
             last = std::time::Instant::now();
+            drew.set(true);
             progress_bar(
                 "backing up",
                 p.messages,
@@ -516,7 +569,8 @@ fn run_backup(args: BackupArgs) -> ExitCode {
         }
     };
     let req = serde_json::json!({"cmd": "backup", "to": to});
-    let online = runtime.block_on(confab::admin::request(&dir, &req, |p| {
+    let wait = std::time::Duration::from_secs(args.timeout);
+    let online = runtime.block_on(confab::admin::request(&dir, &req, wait, |p| {
         if let Ok(p) = serde_json::from_value::<backup::Progress>(p.clone()) {
             show(p);
         }
@@ -528,11 +582,17 @@ fn run_backup(args: BackupArgs) -> ExitCode {
             None => serde_json::from_value::<serde_json::Value>(answer["backup"].clone())
                 .map_err(|e| e.to_string()),
         },
-        Some(Err(e)) => Err(e),
+        Some(Err(AdminError::Silent(t))) => Err(format!(
+            "the server reported no progress for {} s, so this command gave up (the server cancels the backup); is it overloaded or its disk stuck? see its log (--timeout SECS waits longer)",
+            t.as_secs()
+        )),
+        Some(Err(e)) => Err(not_accepting_or(e)),
         None => backup::offline(&dir, &to, &mut show)
             .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string())),
     };
-    eprintln!();
+    if drew.get() {
+        eprintln!();
+    }
     match result {
         Ok(summary) => {
             let secs = summary["seconds"].as_f64().unwrap_or(0.0).max(1e-9);
@@ -683,9 +743,15 @@ fn run_export(args: ExportArgs) -> ExitCode {
             std::io::stdout(),
         )),
     };
-    let online = runtime.block_on(confab::admin::export_to(&dir, &req, &mut out));
+    let wait = std::time::Duration::from_secs(args.timeout);
+    let online = runtime.block_on(confab::admin::export_to(&dir, &req, wait, &mut out));
     let result = match online {
-        Some(r) => r,
+        Some(Ok(())) => Ok(()),
+        Some(Err(AdminError::Silent(t))) => Err(format!(
+            "the server sent no data for {} s, so this command gave up and the output is incomplete; is it overloaded? see its log (--timeout SECS waits longer)",
+            t.as_secs()
+        )),
+        Some(Err(e)) => Err(not_accepting_or(e)),
         None => (|| {
             let reader = backup::open_reader(&dir)?;
             let txn = reader.begin_read()?;

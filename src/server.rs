@@ -45,6 +45,19 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     }
     let data_dir = config.server.data_dir.clone();
     let store = Store::open_with_cache(&data_dir, config.store.cache_mb.saturating_mul(1 << 20))?;
+    // Partial backups left by a process that stopped while writing one (a
+    // killed server's periodic or pre-migration backup) would stay for ever.
+    // Only confab's own names, and none that a running backup holds; the
+    // store is ours now, so no other server of this data directory runs.
+    let mut partial_dirs = vec![data_dir.join("backups")];
+    if !config.backup.backup_dir.is_empty() {
+        partial_dirs.push(PathBuf::from(&config.backup.backup_dir));
+    }
+    for dir in partial_dirs {
+        for path in crate::backup::remove_stale_partials(&dir) {
+            tracing::warn!(path = %path.display(), "removed a partial backup left by a process that stopped while writing it");
+        }
+    }
     let secret = auth::load_secret(&config.auth, &data_dir)?;
     // Public transfer ids under a key from the token secret: the same on
     // every node of a cluster (they share it) and after a restore that

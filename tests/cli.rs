@@ -68,6 +68,22 @@ fn help_lists_the_subcommands_and_only_their_own_options() {
             assert!(!text.contains(flag), "{sub:?} --help lists {flag}: {text}");
         }
     }
+    // The subcommands that wait for a running server bound the wait, and
+    // say so; the others have nothing to wait for.
+    for sub in [
+        &["backup"][..],
+        &["export"],
+        &["wallet", "credit"],
+        &["wallet", "verify"],
+    ] {
+        let text = help(sub);
+        assert!(text.contains("--timeout <SECS>"), "{sub:?} --help: {text}");
+        assert!(text.contains("running server"), "{sub:?} --help: {text}");
+    }
+    for sub in [&["restore"][..], &["reindex"]] {
+        let text = help(sub);
+        assert!(!text.contains("--timeout"), "{sub:?} --help: {text}");
+    }
     // Every argument is described: no line is a bare argument name.
     let text = help(&["wallet", "credit"]);
     for arg in ["<USER>", "<AMOUNT>"] {

@@ -431,7 +431,8 @@ impl Store {
                 let to = data_dir
                     .join("backups")
                     .join(crate::backup::timestamped_name(&format!(
-                        "pre-migration-schema{v}"
+                        "{}{v}",
+                        crate::backup::PRE_MIGRATION_PREFIX
                     )));
                 let summary = crate::backup::write(
                     &snapshot,
