@@ -58,7 +58,7 @@ pub fn listen(
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
     Ok(tokio::spawn(async move {
-        let mut backoff = AcceptBackoff::default();
+        let mut backoff = crate::limits::AcceptBackoff::new("admin socket");
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -72,52 +72,6 @@ pub fn listen(
             }
         }
     }))
-}
-
-/// Capped exponential back-off for the accept loop. `accept` fails when the
-/// process is out of file descriptors (EMFILE, ENFILE) or memory, and then
-/// fails again at once for as long as a connection waits in the queue —
-/// also after its client gave up, since the connection stays queued until
-/// accepted: retrying straight away spun a core (~90%) until descriptors
-/// came free. One warning per episode, one line when it is over.
-#[derive(Default)]
-struct AcceptBackoff {
-    /// The current pause; None while accepting works.
-    delay: Option<Duration>,
-    failures: u64,
-    since: Option<std::time::Instant>,
-}
-
-impl AcceptBackoff {
-    const FIRST: Duration = Duration::from_millis(10);
-    const MAX: Duration = Duration::from_secs(1);
-
-    /// The pause after a failed accept: 10 ms, doubling up to 1 s.
-    fn failed(&mut self, e: &std::io::Error) -> Duration {
-        let delay = match self.delay {
-            None => {
-                tracing::warn!(error = %e, "admin socket: accept failed (out of file descriptors?); retrying every 10 ms to 1 s until it works again");
-                self.since = Some(std::time::Instant::now());
-                Self::FIRST
-            }
-            Some(d) => (d * 2).min(Self::MAX),
-        };
-        self.delay = Some(delay);
-        self.failures += 1;
-        delay
-    }
-
-    fn succeeded(&mut self) {
-        if self.delay.take().is_some() {
-            let seconds = self.since.take().map_or(0.0, |t| t.elapsed().as_secs_f64());
-            tracing::info!(
-                failures = self.failures,
-                seconds,
-                "admin socket: accepting again"
-            );
-            self.failures = 0;
-        }
-    }
 }
 
 /// Whether the client at the other end has closed its socket. Every
@@ -519,16 +473,6 @@ pub async fn export_to(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn accept_back_off_doubles_to_a_second_and_starts_over_after_a_success() {
-        let mut b = AcceptBackoff::default();
-        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
-        let delays: Vec<u64> = (0..10).map(|_| b.failed(&e).as_millis() as u64).collect();
-        assert_eq!(delays, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
-        b.succeeded();
-        assert_eq!(b.failed(&e), Duration::from_millis(10));
-    }
 
     #[tokio::test]
     async fn a_client_that_closed_is_gone_but_not_one_that_only_finished_sending() {

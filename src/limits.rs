@@ -344,6 +344,64 @@ impl TypingGate {
     }
 }
 
+/// Capped exponential back-off for an accept loop (the listener, the
+/// proxy's, the admin socket). `accept` fails when the
+/// process is out of file descriptors (EMFILE, ENFILE) or memory, and then
+/// fails again at once for as long as a connection waits in the queue —
+/// also after its client gave up, since the connection stays queued until
+/// accepted: retrying straight away spun a core (~90%) until descriptors
+/// came free. One warning per episode, one line when it is over.
+pub struct AcceptBackoff {
+    /// What is accepting, for the log lines.
+    what: &'static str,
+    /// The current pause; None while accepting works.
+    delay: Option<Duration>,
+    failures: u64,
+    since: Option<std::time::Instant>,
+}
+
+impl AcceptBackoff {
+    pub fn new(what: &'static str) -> AcceptBackoff {
+        AcceptBackoff {
+            what,
+            delay: None,
+            failures: 0,
+            since: None,
+        }
+    }
+
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// The pause after a failed accept: 10 ms, doubling up to 1 s.
+    pub fn failed(&mut self, e: &std::io::Error) -> Duration {
+        let delay = match self.delay {
+            None => {
+                tracing::warn!(error = %e, what = self.what, "accept failed (out of file descriptors?); retrying every 10 ms to 1 s until it works again");
+                self.since = Some(std::time::Instant::now());
+                Self::FIRST
+            }
+            Some(d) => (d * 2).min(Self::MAX),
+        };
+        self.delay = Some(delay);
+        self.failures += 1;
+        delay
+    }
+
+    pub fn succeeded(&mut self) {
+        if self.delay.take().is_some() {
+            let seconds = self.since.take().map_or(0.0, |t| t.elapsed().as_secs_f64());
+            tracing::info!(
+                failures = self.failures,
+                seconds,
+                what = self.what,
+                "accepting again"
+            );
+            self.failures = 0;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,5 +487,15 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert!(g.allow(u, r));
         assert!(!g.allow(u, r));
+    }
+
+    #[test]
+    fn accept_back_off_doubles_to_a_second_and_starts_over_after_a_success() {
+        let mut b = AcceptBackoff::new("test");
+        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let delays: Vec<u64> = (0..10).map(|_| b.failed(&e).as_millis() as u64).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        b.succeeded();
+        assert_eq!(b.failed(&e), Duration::from_millis(10));
     }
 }

@@ -186,16 +186,19 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     }
     tracing::info!(%local, data_dir = %data_dir.display(), "confab ready");
 
+    let mut backoff = crate::limits::AcceptBackoff::new("listener");
     loop {
         tokio::select! {
             _ = &mut signal => break,
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
-                    Ok(x) => x,
+                    Ok(x) => {
+                        backoff.succeeded();
+                        x
+                    }
                     Err(e) => {
                         // Usually EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::time::sleep(backoff.failed(&e)).await;
                         continue;
                     }
                 };

@@ -417,15 +417,19 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
     tokio::pin!(signal);
     crate::server::say(&format!("confab proxy listening on http://{local}"));
     tracing::info!(%local, nodes = proxy.links.len(), name = %proxy.name, "confab proxy ready");
+    let mut backoff = crate::limits::AcceptBackoff::new("proxy listener");
     loop {
         tokio::select! {
             _ = &mut signal => break,
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
-                    Ok(x) => x,
+                    Ok(x) => {
+                        backoff.succeeded();
+                        x
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Usually EMFILE: back off instead of spinning.
+                        tokio::time::sleep(backoff.failed(&e)).await;
                         continue;
                     }
                 };
