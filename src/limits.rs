@@ -377,7 +377,7 @@ impl AcceptBackoff {
     pub fn failed(&mut self, e: &std::io::Error) -> Duration {
         let delay = match self.delay {
             None => {
-                tracing::warn!(error = %e, what = self.what, "accept failed (out of file descriptors?); retrying every 10 ms to 1 s until it works again");
+                tracing::warn!(error = %e, "{}: accept failed (out of file descriptors?); retrying every 10 ms to 1 s until it works again", self.what);
                 self.since = Some(std::time::Instant::now());
                 Self::FIRST
             }
@@ -394,8 +394,8 @@ impl AcceptBackoff {
             tracing::info!(
                 failures = self.failures,
                 seconds,
-                what = self.what,
-                "accepting again"
+                "{}: accepting again",
+                self.what
             );
             self.failures = 0;
         }
