@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -149,12 +148,15 @@ async fn the_admin_socket_backs_off_instead_of_spinning_when_out_of_file_descrip
         share * 100.0,
         srv.log_tail()
     );
-    // Logged once for the episode, not once per attempt.
+    // Logged once per episode, not once per attempt: a descriptor freed
+    // elsewhere in the server may let one accept through and start a new
+    // episode, which ends with its own "accepting again" line.
     let log = wait_for_log(&srv, "admin socket: accept failed", Duration::from_secs(5));
-    assert_eq!(
-        log.matches("admin socket: accept failed").count(),
-        1,
-        "{log}"
+    let episodes = log.matches("admin socket: accept failed").count();
+    let ended = log.matches("admin socket: accepting again").count();
+    assert!(
+        episodes == ended + 1 && episodes <= 3,
+        "{episodes} failure lines, {ended} recoveries\n{log}"
     );
 
     // Meanwhile the CLI waits a bounded time and says what happened.
@@ -350,34 +352,27 @@ async fn a_backup_whose_cli_is_killed_is_cancelled_its_partial_removed_and_the_s
     let data = srv.data_dir();
     let mut cli = confab_command(&["backup", "--to", s(&file), "--data-dir", s(data)], data)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("spawn confab backup");
-    // The progress bar (drawn with `\r`, no newline) says the backup runs.
-    let mut err = cli.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if String::from_utf8_lossy(&seen).contains("backing up") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("no progress line from confab backup");
-    // Freeze the server mid-backup, kill the CLI, let the server go on: it
-    // must notice that nobody waits for the backup any more.
+    // The backup has begun as soon as its partial file appears: freeze the
+    // server right then (the backup has most of its work ahead), kill the
+    // CLI, let the server go on: it must notice that nobody waits for the
+    // backup any more.
     let pid = srv.pid();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !partial.exists() {
+        assert!(Instant::now() < deadline, "the backup never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     signal(pid, libc::SIGSTOP);
-    let was_running = partial.exists();
+    let was_running = partial.exists() && !file.exists();
     signal(cli.id() as i32, libc::SIGKILL);
     let _ = cli.wait();
+    // Stopped for longer than the server's 100 ms client check: it is due
+    // as the server goes on (a 100 MB backup from the page cache takes less
+    // than that; a real one is seconds long).
+    std::thread::sleep(Duration::from_millis(300));
     signal(pid, libc::SIGCONT);
     assert!(was_running, "the backup was not under way");
 
