@@ -139,6 +139,9 @@ pub struct StoreConfig {
 pub struct SearchConfig {
     pub search_enabled: bool,
     pub index_commit_ms: u64,
+    /// Seconds between checksum scrubs of the index files (0: none; they
+    /// are checked on every start all the same).
+    pub index_scrub_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

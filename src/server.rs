@@ -97,10 +97,22 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
             index.clone(),
             store.clone(),
             Duration::from_millis(config.search.index_commit_ms.max(1)),
-        )?
+        )
         .spawn()
         .map_err(|e| format!("cannot start the indexer thread: {e}"))?;
-        Some((index, indexer))
+        // The periodic checksum scrub (0: off).
+        let scrub = match config.search.index_scrub_secs {
+            0 => None,
+            secs => Some(
+                crate::search::spawn_scrub(
+                    index.clone(),
+                    store.feed.clone(),
+                    Duration::from_secs(secs),
+                )
+                .map_err(|e| format!("cannot start the index scrub thread: {e}"))?,
+            ),
+        };
+        Some((index, indexer, scrub))
     } else {
         None
     };
@@ -134,7 +146,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         shutdown: shutdown_rx,
         next_session: AtomicU64::new(1),
         connections: crate::limits::Connections::new(config_max.0, config_max.1),
-        search: search.as_ref().map(|(index, _)| index.clone()),
+        search: search.as_ref().map(|(index, _, _)| index.clone()),
         status: Default::default(),
         cluster,
         budgets,
@@ -257,11 +269,18 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         let _ = writer.submit(Op::Stop).await;
         drop(writer);
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-        if let Some((index, indexer)) = search {
-            // Index what was committed, so the next start has nothing to catch up.
+        if let Some((index, indexer, scrub)) = search {
+            // Index what was committed, so the next start has nothing to catch
+            // up; the scrub stops between two files.
             index.status.stop.store(true, Ordering::Release);
             state.store.feed.nudge();
-            let _ = tokio::task::spawn_blocking(move || indexer.join()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = indexer.join();
+                if let Some(s) = scrub {
+                    let _ = s.join();
+                }
+            })
+            .await;
         }
     };
     let left = deadline

@@ -413,11 +413,10 @@ pub async fn get(
             "since": state.store.health.since_ms(),
             "detail": state.store.health.detail(),
         },
-        "search": state.search.as_ref().map(|ix| serde_json::json!({
-            "indexed": ix.status.indexed.load(Relaxed),
-            "lag_messages": ix.status.lag(state.store.feed.committed()).0,
-            "index_bytes": ix.size_bytes(),
-        })),
+        "search": state
+            .search
+            .as_ref()
+            .map(|ix| ix.status_json(state.store.feed.committed())),
         "now": history.last(),
         "history": if with_history { history } else { Vec::new() },
     });

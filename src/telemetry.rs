@@ -153,6 +153,26 @@ fn describe() {
         "Time of one search index commit and reload."
     );
     describe_counter!(
+        "confab_search_index_failures_total",
+        "Failed search indexer steps by stage (each is retried after a back-off)."
+    );
+    describe_gauge!(
+        "confab_search_index_healthy",
+        "1 while the search indexer works, 0 while it fails or the index is being rebuilt."
+    );
+    describe_counter!(
+        "confab_search_index_damage_total",
+        "Checks (at start, by the scrub, after a commit) that found the search index damaged."
+    );
+    describe_counter!(
+        "confab_search_index_rebuilds_total",
+        "Search index rebuilds from the store."
+    );
+    describe_counter!(
+        "confab_search_index_scrubs_total",
+        "Checksum scrubs of the search index files by outcome."
+    );
+    describe_counter!(
         "confab_wallet_transfers_total",
         "Wallet transfers by outcome."
     );
@@ -180,9 +200,19 @@ fn register_families() {
         "confab_commit_failures_total",
         "confab_slow_client_disconnects_total",
         "confab_search_indexed_total",
+        "confab_search_index_damage_total",
+        "confab_search_index_rebuilds_total",
         "confab_exports_total",
     ] {
         metrics::counter!(c).increment(0);
+    }
+    for stage in [
+        "open", "read", "add", "commit", "reload", "check", "rebuild",
+    ] {
+        metrics::counter!("confab_search_index_failures_total", "stage" => stage).increment(0);
+    }
+    for outcome in ["ok", "damaged", "error"] {
+        metrics::counter!("confab_search_index_scrubs_total", "outcome" => outcome).increment(0);
     }
     for result in ["ok", "error"] {
         metrics::counter!("confab_backups_total", "outcome" => result).increment(0);

@@ -68,7 +68,12 @@ async fn wait_hits(
 
 /// A server with two users in a direct room.
 async fn pair(prefix: &str) -> (Server, User, User, String) {
-    let srv = Server::start(&[]);
+    pair_with(prefix, &[]).await
+}
+
+/// [`pair`] with config overrides.
+async fn pair_with(prefix: &str, settings: &[&str]) -> (Server, User, User, String) {
+    let srv = Server::start(settings);
     let api = srv.api();
     let a = api.new_user(&format!("{prefix}a")).await;
     let b = api.new_user(&format!("{prefix}b")).await;
@@ -749,4 +754,444 @@ async fn words_in_other_peoples_private_rooms_change_nothing_in_my_results() {
             "{params:?}: A's results changed because of C's private messages"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Faults: the index never claims what it does not have, and damage is found
+// ---------------------------------------------------------------------------
+
+/// One kept-alive HTTP/1.1 connection to the server, for `/api/v1/status`
+/// and `/metrics` while the server cannot accept new connections (its
+/// open-file limit lowered below what a new socket needs).
+struct KeepAlive(hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>);
+
+impl KeepAlive {
+    async fn open(addr: std::net::SocketAddr) -> KeepAlive {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect for keep-alive");
+        let (send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("HTTP handshake");
+        tokio::spawn(conn);
+        KeepAlive(send)
+    }
+
+    async fn get(&mut self, path: &str) -> String {
+        use http_body_util::BodyExt;
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, "confab")
+            .body(http_body_util::Empty::new())
+            .expect("request");
+        let fut = async {
+            self.0.ready().await.expect("connection ready");
+            let resp = self.0.send_request(req).await.expect("response");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            String::from_utf8_lossy(&body).to_string()
+        };
+        tokio::time::timeout(Duration::from_secs(10), fut)
+            .await
+            .unwrap_or_else(|_| panic!("GET {path} on the kept-alive connection timed out"))
+    }
+
+    async fn status(&mut self) -> Value {
+        let text = self.get("/api/v1/status?history=0").await;
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status JSON: {e}: {text}"))
+    }
+}
+
+/// The sum of every sample of a metric family in a Prometheus text page.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn metrics_page(api: &Api) -> String {
+    let r = api.raw(hyper::Method::GET, "/metrics", "", None, &[]).await;
+    assert_eq!(r.status.as_u16(), 200, "/metrics");
+    String::from_utf8_lossy(&r.body).to_string()
+}
+
+/// Open file descriptors of a process.
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A running process' open-file limits, (soft, hard), from `/proc/PID/limits`.
+fn nofile(pid: i32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files line");
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+/// Sets a running process' soft open-file limit with util-linux `prlimit`.
+/// The hard limit stays: lowering it could not be undone without
+/// CAP_SYS_RESOURCE.
+fn set_nofile(pid: i32, soft: u64) {
+    let out = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--nofile={soft}:"))
+        .output()
+        .expect("run prlimit (util-linux)");
+    assert!(out.status.success(), "prlimit: {out:?}");
+    assert_eq!(nofile(pid).0, soft, "prlimit did not apply");
+}
+
+/// Polls until a search for `q` counts exactly `n` hits; returns how long it took.
+async fn wait_total(api: &Api, token: &str, q: &str, n: u64, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (status, body) = search(api, token, &[("q", q)]).await;
+        if status.as_u16() == 200 && body["total"].as_u64() == Some(n) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{q:?}: expected {n} hits within {within:?}, last answer {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Faults item 2: descriptors run out while the indexer writes a segment
+/// ("An index writer was killed", then failed commits). The store keeps
+/// acking; the index must not record progress it did not make, must say it
+/// is failing, and must catch up by itself once descriptors are back, with
+/// every message exactly once, also after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_exhaustion_loses_nothing_from_the_index() {
+    let (mut srv, a, b, room) = pair("sfd").await;
+    let api = srv.api();
+    post_n(&api, &a, &room, "exhaust 소진", 20).await;
+    wait_total(&api, &b.token, "소진", 20, Duration::from_secs(5)).await;
+
+    // Everything the test needs while descriptors are short is opened now:
+    // a WebSocket to send on, a kept-alive connection for status and metrics.
+    let mut ws = Ws::connect_auth(srv.addr, &a.token).await;
+    let mut keep = KeepAlive::open(srv.addr).await;
+    assert_eq!(keep.status().await["search"]["lag_messages"], 0);
+    let pid = srv.pid();
+    // Let connections of the requests above finish closing, then allow two
+    // descriptors more than the server holds: enough for the status
+    // sampler's /proc reads, not for a new index segment's files.
+    let mut fds = open_fds(pid);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = open_fds(pid);
+        if now == fds {
+            break;
+        }
+        fds = now;
+    }
+    let (soft, hard) = nofile(pid);
+    let limit = fds as u64 + 2;
+    set_nofile(pid, limit);
+    eprintln!("server holds {fds} descriptors; open-file limit {soft}:{hard}, now {limit}");
+
+    // More messages: every one acked (the store does not need descriptors).
+    for i in 0..40 {
+        let cid = cid("x");
+        ws.send_msg(&room, &cid, &format!("exhaust 소진 late {i}"))
+            .await;
+        ws.expect_ack(&cid).await;
+    }
+    // The indexer fails (log and status say so); the status never claims
+    // the index has everything.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen_failing = false;
+    loop {
+        let st = keep.status().await;
+        let lag = st["search"]["lag_messages"].as_u64().unwrap_or(0);
+        assert!(lag > 0, "lag 0 while messages are not searchable: {st}");
+        let logged = srv.log_tail().lines().any(|l| {
+            let l = l.to_lowercase();
+            l.contains("search index") && l.contains("fail")
+        });
+        if st["search"]["healthy"] == false {
+            if !seen_failing {
+                eprintln!("status while failing: {}", st["search"]);
+            }
+            seen_failing = true;
+            assert!(
+                st["search"]["error"]["message"].is_string(),
+                "the status says why: {st}"
+            );
+        }
+        if logged && (seen_failing || Instant::now() > deadline) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no index failure within 15 s\n--- server log ---\n{}",
+            srv.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let page = keep.get("/metrics").await;
+    assert!(
+        metric(&page, "confab_search_index_failures_total") >= 1.0,
+        "failures counted"
+    );
+    assert_eq!(metric(&page, "confab_search_index_healthy"), 0.0);
+    assert!(seen_failing, "status `search.healthy` false while failing");
+    // Let it fail for a while: the back-off grows, the indexer keeps trying.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = keep.status().await;
+    assert!(st["search"]["lag_messages"].as_u64() > Some(0), "{st}");
+
+    // Descriptors back: every message searchable, once, within seconds.
+    set_nofile(pid, soft);
+    let took = wait_total(&api, &b.token, "소진", 60, Duration::from_secs(40)).await;
+    eprintln!("all 60 searchable {took:?} after the limit was restored");
+    let st = api.get("/api/v1/status?history=0", "").await.1;
+    assert_eq!(st["search"]["lag_messages"], 0, "{st}");
+    assert_eq!(st["search"]["healthy"], true, "{st}");
+    assert!(st["search"]["failures"].as_u64() >= Some(1), "{st}");
+    let page = metrics_page(&api).await;
+    assert_eq!(metric(&page, "confab_search_index_healthy"), 1.0);
+    assert_eq!(metric(&page, "confab_search_index_lag_messages"), 0.0);
+    drop(keep);
+    ws.close().await;
+
+    // And the index on disk is what it says: the same after a restart,
+    // without a rebuild.
+    srv.stop();
+    srv.restart();
+    let api = srv.api();
+    wait_total(&api, &b.token, "소진", 60, Duration::from_secs(5)).await;
+    let (_, sorted) = search(&api, &b.token, &[("q", "late"), ("limit", "50")]).await;
+    assert_eq!(sorted["total"], 40, "{sorted}");
+    let page = metrics_page(&api).await;
+    assert_eq!(metric(&page, "confab_search_index_rebuilds_total"), 0.0);
+}
+
+/// Posts `n` messages with the word `damage`/`손상` whose relevance differs
+/// (1–4 repetitions, 0–49 filler words) and whose `ts` differ (a couple of
+/// ms apart), so that every answer has one right order.
+async fn post_varied(srv: &Server, from: &User, room: &str, n: usize) {
+    let mut ws = Ws::connect_auth(srv.addr, &from.token).await;
+    let filler = [
+        "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+    ];
+    for i in 0..n {
+        let mut text = "damage ".repeat(1 + i % 4);
+        text.push_str("손상");
+        for k in 0..(i % 50) {
+            text.push(' ');
+            text.push_str(filler[(i + k) % filler.len()]);
+        }
+        text.push_str(&format!(" n{i}"));
+        let cid = cid("d");
+        ws.send_msg(room, &cid, &text).await;
+        ws.expect_ack(&cid).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    ws.close().await;
+}
+
+/// The answers compared before damage and after the rebuild: relevance
+/// pages (scores included), a time-sorted page, a two-word query.
+fn damage_queries() -> Vec<Vec<(&'static str, &'static str)>> {
+    vec![
+        vec![("q", "damage"), ("limit", "50")],
+        vec![("q", "손상"), ("limit", "50"), ("offset", "50")],
+        vec![("q", "damage 손상"), ("limit", "50"), ("offset", "150")],
+        vec![("q", "damage"), ("sort", "time"), ("limit", "50")],
+        vec![("q", "delta echo"), ("limit", "50")],
+    ]
+}
+
+async fn damage_answers(api: &Api, token: &str) -> Vec<(hyper::StatusCode, Value)> {
+    let mut out = Vec::new();
+    for q in damage_queries() {
+        out.push(search(api, token, &q).await);
+    }
+    out
+}
+
+/// Flips 16 bytes in the middle of the largest index file with extension
+/// `ext`; returns its name.
+fn damage_index_file(data_dir: &std::path::Path, ext: &str) -> String {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let dir = data_dir.join("search");
+    let (path, len) = std::fs::read_dir(&dir)
+        .expect("index dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == ext))
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.len())))
+        .max_by_key(|(_, len)| *len)
+        .unwrap_or_else(|| panic!("no .{ext} file in {}", dir.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open index file");
+    let at = len / 2;
+    let mut buf = [0u8; 16];
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    let n = f.read(&mut buf).expect("read");
+    for b in &mut buf[..n] {
+        *b ^= 0xA5;
+    }
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.write_all(&buf[..n]).expect("write");
+    f.sync_all().expect("sync");
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string());
+    eprintln!("damaged {n} bytes at {at} of {len} in {name:?}");
+    name.unwrap_or_default()
+}
+
+/// Polls until every damage query answers exactly as `before`; until then
+/// each answer must be that one or a refusal (503 `busy`: the index is being
+/// rebuilt), never a wrong one. Returns how long it took and the refusals.
+async fn wait_answers(
+    api: &Api,
+    token: &str,
+    before: &[(hyper::StatusCode, Value)],
+    within: Duration,
+) -> (Duration, usize) {
+    let started = Instant::now();
+    let mut refused = 0;
+    loop {
+        let now = damage_answers(api, token).await;
+        if now == before {
+            return (started.elapsed(), refused);
+        }
+        for (n, b) in now.iter().zip(before) {
+            if n.0.as_u16() == 503 {
+                assert_err(n, 503, "busy");
+                refused += 1;
+            } else {
+                assert_eq!(n, b, "a wrong answer while the index is rebuilt");
+            }
+        }
+        assert!(
+            started.elapsed() < within,
+            "answers differ from those before the damage after {within:?}:\n{}",
+            now.iter()
+                .zip(before)
+                .filter(|(n, b)| n != b)
+                .map(|(n, b)| format!(
+                    "now {} total {} hits {}, was total {} hits {}",
+                    n.0,
+                    n.1["total"],
+                    n.1["hits"].as_array().map_or(0, Vec::len),
+                    b.1["total"],
+                    b.1["hits"].as_array().map_or(0, Vec::len)
+                ))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Faults item 4, at start: bytes flipped inside a segment file while the
+/// server is stopped are found by the checksums on open, and the index is
+/// rebuilt from the store: the answers are exactly those before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_segment_file_is_found_on_start_and_the_index_rebuilt() {
+    let (mut srv, a, b, room) = pair_with("sdo", &UNLIMITED).await;
+    post_varied(&srv, &a, &room, 200).await;
+    let api = srv.api();
+    wait_total(&api, &b.token, "damage", 200, Duration::from_secs(5)).await;
+    let before = damage_answers(&api, &b.token).await;
+    assert!(before.iter().all(|(s, _)| s.as_u16() == 200), "{before:?}");
+    assert_eq!(before[0].1["total"], 200);
+
+    for ext in ["fast", "idx"] {
+        srv.stop();
+        damage_index_file(srv.data_dir(), ext);
+        srv.restart();
+        let api = srv.api();
+        let (took, refused) = wait_answers(&api, &b.token, &before, Duration::from_secs(15)).await;
+        eprintln!(
+            ".{ext} damaged: answers right again {took:?} after the start ({refused} refused before)"
+        );
+        let page = metrics_page(&api).await;
+        assert!(
+            metric(&page, "confab_search_index_damage_total") >= 1.0,
+            "damage counted:\n{page}"
+        );
+        assert!(metric(&page, "confab_search_index_rebuilds_total") >= 1.0);
+        assert!(
+            srv.log_tail().contains("damaged"),
+            "damage logged\n--- server log ---\n{}",
+            srv.log_tail()
+        );
+    }
+}
+
+/// Faults item 4, while running: the periodic scrub (`index_scrub_secs`)
+/// finds bytes flipped under the running server, the index is rebuilt from
+/// the store while the server keeps serving, and the answers are exactly
+/// those before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_segment_file_is_found_by_the_scrub_and_the_index_rebuilt() {
+    let mut settings = UNLIMITED.to_vec();
+    settings.push("index_scrub_secs=1");
+    let (srv, a, b, room) = pair_with("sds", &settings).await;
+    let api = srv.api();
+    post_varied(&srv, &a, &room, 200).await;
+    wait_total(&api, &b.token, "damage", 200, Duration::from_secs(5)).await;
+    let before = damage_answers(&api, &b.token).await;
+    assert!(before.iter().all(|(s, _)| s.as_u16() == 200), "{before:?}");
+    // A clean scrub first: nothing found in an intact index.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = metrics_page(&api).await;
+        if metric(&page, "confab_search_index_scrubs_total{outcome=\"ok\"}") >= 1.0 {
+            assert_eq!(metric(&page, "confab_search_index_damage_total"), 0.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no scrub within 10 s:\n{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let started = Instant::now();
+    damage_index_file(srv.data_dir(), "fast");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = metrics_page(&api).await;
+        if metric(&page, "confab_search_index_damage_total") >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "damage not found within 10 s\n--- server log ---\n{}",
+            srv.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let found = started.elapsed();
+    let (took, refused) = wait_answers(&api, &b.token, &before, Duration::from_secs(15)).await;
+    eprintln!(
+        "damage found {found:?} after it was made; answers right {took:?} later ({refused} refused before)"
+    );
+    let st = api.get("/api/v1/status?history=0", "").await.1;
+    assert_eq!(st["search"]["healthy"], true, "{st}");
+    assert!(st["search"]["rebuilds"].as_u64() >= Some(1), "{st}");
+    assert!(srv.log_tail().contains("damaged"), "{}", srv.log_tail());
+    // Still indexing after the rebuild.
+    let (status, _) = api
+        .post_message(&a.token, &room, &cid("d"), "damage after the rebuild")
+        .await;
+    assert!(status.is_success());
+    wait_total(&api, &b.token, "damage", 201, Duration::from_secs(5)).await;
 }

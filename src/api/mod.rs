@@ -313,6 +313,11 @@ pub(crate) fn method_not_allowed() -> ApiError {
 }
 
 fn metrics_page(state: &AppState) -> Response<Body> {
+    if let Some(ix) = &state.search {
+        // The index's lag and health as of now, even while its indexer
+        // waits out a back-off.
+        ix.update_gauges(state.store.feed.committed());
+    }
     let mut resp = Response::new(Body::full(Bytes::from(crate::telemetry::render(
         &state.metrics,
         &state.config.server.data_dir,
