@@ -131,6 +131,8 @@ pub struct StoreConfig {
     pub writer_queue: usize,
     pub quick_repair: bool,
     pub cache_mb: usize,
+    /// Seconds between two background scrub passes (0 = off).
+    pub store_scrub_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -67,6 +67,17 @@ impl ApiError {
         )
     }
 
+    /// The store could not read what the request needs: a damaged record
+    /// or page (logged and counted where it was found).
+    pub fn storage(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_error", message)
+    }
+
+    /// Whether this is a [`ApiError::storage`] answer.
+    pub fn is_storage(&self) -> bool {
+        self.code == "storage_error"
+    }
+
     pub fn busy(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
     }
@@ -89,6 +100,46 @@ impl From<redb::Error> for ApiError {
     }
 }
 
+/// redb's own report of a damaged file (it verified something and it did
+/// not match) as a `storage_error`; anything else is internal.
+fn from_storage(e: redb::StorageError) -> ApiError {
+    match e {
+        redb::StorageError::Corrupted(what) => {
+            tracing::error!(error = %what, "the store file is damaged");
+            metrics::counter!("confab_store_read_failures_total", "kind" => "corrupted")
+                .increment(1);
+            ApiError::storage(
+                "the store could not read this: its file is damaged there (the operator has been told)",
+            )
+        }
+        e => ApiError::internal(e),
+    }
+}
+
+impl From<redb::StorageError> for ApiError {
+    fn from(e: redb::StorageError) -> ApiError {
+        from_storage(e)
+    }
+}
+
+impl From<redb::TableError> for ApiError {
+    fn from(e: redb::TableError) -> ApiError {
+        match e {
+            redb::TableError::Storage(s) => from_storage(s),
+            e => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<redb::TransactionError> for ApiError {
+    fn from(e: redb::TransactionError) -> ApiError {
+        match e {
+            redb::TransactionError::Storage(s) => from_storage(s),
+            e => ApiError::internal(e),
+        }
+    }
+}
+
 macro_rules! redb_errors {
     ($($t:ty),*) => {$(
         impl From<$t> for ApiError {
@@ -98,10 +149,4 @@ macro_rules! redb_errors {
         }
     )*};
 }
-redb_errors!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::DatabaseError
-);
+redb_errors!(redb::CommitError, redb::DatabaseError);

@@ -410,6 +410,11 @@ pub async fn get(
             "lag_messages": ix.status.lag(state.store.feed.committed()).0,
             "index_bytes": ix.size_bytes(),
         })),
+        "store": serde_json::json!({
+            "damaged_records": crate::store::seal::DAMAGED.load(Relaxed),
+            "scrub": (state.config.store.store_scrub_secs > 0)
+                .then(crate::store::integrity::scrub_snapshot),
+        }),
         "now": history.last(),
         "history": if with_history { history } else { Vec::new() },
     });
