@@ -573,3 +573,74 @@ async fn a_damaged_page_answers_storage_error_and_everything_else_keeps_working(
     let check = confab(&["check", "--data-dir", s(&target)], work.path());
     assert_eq!(check.status.code(), Some(0), "{}", out(&check));
 }
+
+/// The texts in the open chat's log, in order.
+async fn log_texts(page: &common::browser::Page) -> Vec<String> {
+    let v = page
+        .eval("[...document.querySelectorAll('.log .msg .text')].map(e => e.textContent)")
+        .await;
+    serde_json::from_value(v).expect("texts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_shows_an_unreadable_message_as_such_in_english_and_korean() {
+    let mut srv = Server::start(&[]);
+    let api = srv.api();
+    let alice = api.new_user("uia").await;
+    let bob = api.new_user("uib").await;
+    let room = api.direct_room(&bob.token, &alice.id).await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let needle = format!(
+        "ZZDAMAGEZZ-{:016x} <b>not markup</b>",
+        rand::random::<u64>()
+    );
+    for t in ["before", needle.as_str(), "after"] {
+        let (st, body) = api.post_message(&bob.token, &room, &cid("u"), t).await;
+        assert_eq!(st.as_u16(), 201, "{body}");
+    }
+    srv.stop();
+    assert!(flip_text(srv.data_dir(), &needle[..20]) >= 1);
+    srv.restart();
+
+    let browser = common::browser::Browser::launch().await;
+    let a = browser.new_page().await;
+    a.set_viewport(1280, 800, false).await;
+    a.goto(&format!("http://{}/", srv.addr)).await;
+    a.fill("textbox", "Username", &alice.username).await;
+    a.fill("textbox", "Password", PASSWORD).await;
+    a.click("button", "Log in").await;
+    a.wait_for_role("button", &bob.username, WAIT).await;
+    a.click("button", &bob.username).await;
+    a.wait_for(
+        "[...document.querySelectorAll('.log .msg .text')].some(e => e.textContent === 'after')",
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        log_texts(&a).await,
+        vec!["before", "This message could not be read", "after"]
+    );
+    // A text node in a message marked as unreadable, nothing from the store.
+    let marked = a
+        .eval("document.querySelector('.log .msg.unreadable .text')?.childNodes.length === 1 && document.querySelector('.log .msg.unreadable .text').firstChild.nodeType === 3 && !document.querySelector('.log b')")
+        .await;
+    assert_eq!(marked, true);
+
+    // In Korean.
+    a.eval("localStorage.setItem('confab.lang', 'ko')").await;
+    a.reload().await;
+    a.wait_for_role("button", &bob.username, WAIT).await;
+    a.click("button", &bob.username).await;
+    a.wait_for(
+        "[...document.querySelectorAll('.log .msg .text')].some(e => e.textContent === 'after')",
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        log_texts(&a).await,
+        vec!["before", "이 메시지를 읽을 수 없습니다", "after"]
+    );
+    assert!(a.exceptions().is_empty(), "{:?}", a.exceptions());
+}

@@ -819,7 +819,12 @@ impl Store {
                     }
                     reads.insert(UserId(member).to_string(), seq.into());
                 }
-                let activity = last.as_ref().map(|m| m.ts).unwrap_or(view.created_at);
+                // An unreadable last message has no time of its own.
+                let activity = last
+                    .as_ref()
+                    .filter(|m| !m.unreadable)
+                    .map(|m| m.ts)
+                    .unwrap_or(view.created_at);
                 let mut v = serde_json::to_value(&view).map_err(ApiError::internal)?;
                 v["last_message"] = serde_json::to_value(&last).map_err(ApiError::internal)?;
                 v["unread"] = view.last_seq.saturating_sub(read_seq).into();
