@@ -3,6 +3,8 @@
 //! - `frames/*`: parsing a client `send` frame (one typed parse, as the
 //!   session reader does, and the older Value-then-typed two-step) and
 //!   serialising the server `message` and `ack` frames (`confab::frames`);
+//! - `record/*`: a message record encoded and sealed with its checksum (the
+//!   writer), unsealed and decoded (every read), against plain encode/decode;
 //! - `fanout/k`: pushing one message frame to k online sessions through
 //!   `confab::hub::Hub` (what the writer does after each commit);
 //! - `group_commit/B`: B sends submitted at once to the real
@@ -80,7 +82,38 @@ fn sample_message() -> Message {
         client_id: "c-7f3a9e10-000042".to_owned(),
         kind: None,
         payment: None,
+        unreadable: false,
     }
+}
+
+/// What the record checksum (store schema 4) adds per message: the writer
+/// encodes and seals each record (`MessageRecord::sealed`), every read
+/// unseals and decodes one (`MessageRecord::open`); before, it was
+/// `encode` and `decode_body` alone.
+fn bench_records(c: &mut Criterion) {
+    use confab::store::MessageRecord;
+    let rec = MessageRecord {
+        from: 0x7edc_ba98_7654_3210,
+        ts: 1_795_600_000_000,
+        client_id: "c-7f3a9e10-000042".to_owned(),
+        text: TEXT.to_owned(),
+        payment: None,
+    };
+    let room = RoomId(0x0123_4567_89ab_cdef);
+    let sealed = rec.sealed(room, 123_456);
+    let plain = rec.encode();
+    let mut g = c.benchmark_group("record");
+    g.bench_function("encode", |b| b.iter(|| black_box(&rec).encode()));
+    g.bench_function("encode_and_seal", |b| {
+        b.iter(|| black_box(&rec).sealed(room, black_box(123_456)))
+    });
+    g.bench_function("decode", |b| {
+        b.iter(|| MessageRecord::decode_body(black_box(&plain)))
+    });
+    g.bench_function("unseal_and_decode", |b| {
+        b.iter(|| MessageRecord::open(room, black_box(123_456), black_box(&sealed)))
+    });
+    g.finish();
 }
 
 fn bench_frames(c: &mut Criterion) {
@@ -373,6 +406,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_frames, bench_fanout, bench_group_commit
+    targets = bench_frames, bench_records, bench_fanout, bench_group_commit
 }
 criterion_main!(benches);

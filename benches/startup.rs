@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use confab::store::{self, MESSAGES, MessageRecord, Store};
+use confab::store::{MESSAGES, MessageRecord, Store};
 
 const ROOMS: u64 = 10_000;
 const BATCH: u64 = 100_000;
@@ -37,7 +37,10 @@ fn fill(dir: &Path, total: u64) {
                     payment: None,
                 };
                 messages
-                    .insert((room, seq), store::encode(&rec).as_slice())
+                    .insert(
+                        (room, seq),
+                        rec.sealed(confab::ids::RoomId(room), seq).as_slice(),
+                    )
                     .expect("insert");
             }
         }

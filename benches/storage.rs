@@ -9,7 +9,7 @@
 //!    `CONFAB_STORAGE_BENCH_ROOMS` rooms (default 2,000).
 //!
 //! redb runs on confab's own file layout (`Store::open`, the `MESSAGES` and
-//! `CLIENT_IDS` tables, `encode(MessageRecord)`) with `Durability::Immediate`
+//! `CLIENT_IDS` tables, `MessageRecord::sealed`) with `Durability::Immediate`
 //! (fsync per commit, redb's default and what confab uses), once as is and
 //! once with redb's quick-repair mode (each commit also saves the allocator
 //! state, so a restart after a crash skips the repair scan). SQLite runs in
@@ -33,9 +33,7 @@ use rand::{Rng, SeedableRng};
 use redb::{Durability, ReadableTable};
 use rusqlite::{Connection, params};
 
-use confab::store::{
-    CLIENT_IDS, DEFAULT_CACHE_BYTES, MESSAGES, MessageRecord, Store, decode, encode,
-};
+use confab::store::{CLIENT_IDS, DEFAULT_CACHE_BYTES, MESSAGES, MessageRecord, Store};
 
 /// A typical chat line (~100 bytes).
 const TEXT: &str = "On my way, should be there in ten minutes or so. Can you save me a seat near the window, please?";
@@ -167,7 +165,11 @@ impl Engine for Redb {
                 if client_ids.get(key)?.is_some() {
                     return Err("duplicate client_id".into());
                 }
-                messages.insert((m.room, m.seq), encode(&m.rec).as_slice())?;
+                // Sealed with its checksum, as the writer stores it.
+                messages.insert(
+                    (m.room, m.seq),
+                    m.rec.sealed(confab::ids::RoomId(m.room), m.seq).as_slice(),
+                )?;
                 client_ids.insert(key, m.seq)?;
             }
         }
@@ -186,10 +188,11 @@ impl Engine for Redb {
             .take(HISTORY)
         {
             let (k, v) = entry?;
-            out.push((
-                k.value().1,
-                decode(v.value(), "message").map_err(|e| e.message)?,
-            ));
+            // Unsealed (checksum verified) and decoded, as history does.
+            let (room, seq) = k.value();
+            let rec = MessageRecord::open(confab::ids::RoomId(room), seq, v.value())?
+                .ok_or("a lost message")?;
+            out.push((seq, rec));
         }
         out.reverse();
         Ok(out)

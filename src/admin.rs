@@ -112,6 +112,7 @@ async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> 
                 return Ok(());
             }
             Ok(req) if req["cmd"] == "backup" => backup(&state, &req, &mut write).await?,
+            Ok(req) if req["cmd"] == "check" => check(&state, &mut write).await?,
             Ok(req) if req["cmd"] == "export" => return export(&state, &req, &mut write).await,
             Ok(req) => handle(&state.store, &state.writer, &req).await,
             Err(e) => json!({"error": format!("bad request: {e}")}),
@@ -192,13 +193,25 @@ async fn backup(
     let cancel = Arc::new(AtomicBool::new(false));
     let db = state.store.db.clone();
     let secret = crate::backup::secret_file(&state.config.server.data_dir);
+    let on_damage = if req["skip_damaged"] == true {
+        crate::backup::OnDamage::Skip
+    } else {
+        crate::backup::OnDamage::Refuse
+    };
     let job = {
         let (cancel, to) = (cancel.clone(), to.clone());
         crate::backup::run_on_thread(slot, move || {
             let txn = db.begin_read().map_err(|e| e.to_string())?;
-            crate::backup::write_cancellable(&txn, secret.as_deref(), &to, &cancel, |p| {
-                tx.send_replace(Some(p));
-            })
+            crate::backup::write_cancellable(
+                &txn,
+                secret.as_deref(),
+                &to,
+                on_damage,
+                &cancel,
+                |p| {
+                    tx.send_replace(Some(p));
+                },
+            )
         })
     };
     tokio::pin!(job);
@@ -273,10 +286,77 @@ async fn backup(
     crate::backup::record(result.as_ref());
     Ok(match result {
         Ok(summary) => {
-            tracing::info!(path = %summary.path, bytes = summary.bytes, messages = summary.messages, "backup written");
+            if summary.damaged_total > 0 {
+                tracing::warn!(path = %summary.path, damaged = summary.damaged_total, "backup written without the damaged records (--skip-damaged)");
+            } else {
+                tracing::info!(path = %summary.path, bytes = summary.bytes, messages = summary.messages, "backup written");
+            }
             json!({"ok": true, "backup": summary})
         }
-        Err(e) => json!({ "error": e }),
+        Err(e) => {
+            tracing::error!(error = %e, "backup failed");
+            json!({ "error": e })
+        }
+    })
+}
+
+/// Whether a `confab check` is running in this server.
+static CHECKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `confab check` while the server runs: the whole store in one snapshot,
+/// on its own thread, with progress lines; one at a time. redb's own page
+/// checksums are not verified (the server's pages move under a second
+/// reader of the file); the answer says so.
+async fn check(
+    state: &AppState,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<Value> {
+    use std::sync::atomic::Ordering;
+    if CHECKING
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return Ok(
+            json!({"error": "a check is already running; try again when it has finished", "code": "busy"}),
+        );
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let db = state.store.db.clone();
+    let spawned = std::thread::Builder::new()
+        .name("confab-check".into())
+        .spawn(move || {
+            let result = db.begin_read().map_err(|e| e.to_string()).map(|txn| {
+                let mut report = crate::store::integrity::check(&txn, &mut |p| {
+                    let _ = tx.send(p);
+                });
+                report.engine = "not checked: the server is running (stop it and run `confab check` for redb's page checksums too)".into();
+                report
+            });
+            CHECKING.store(false, Ordering::Release);
+            let _ = done_tx.send(result);
+        });
+    if let Err(e) = spawned {
+        CHECKING.store(false, Ordering::Release);
+        return Ok(json!({"error": format!("cannot start a check thread: {e}")}));
+    }
+    let mut last = std::time::Instant::now();
+    while let Some(p) = rx.recv().await {
+        if last.elapsed().as_millis() >= 100 {
+            last = std::time::Instant::now();
+            let line = json!({ "progress": p });
+            write.write_all(format!("{line}\n").as_bytes()).await?;
+        }
+    }
+    Ok(match done_rx.await {
+        Ok(Ok(report)) => {
+            if !report.clean() {
+                tracing::warn!(damage = report.damage_total, "confab check: damage found");
+            }
+            json!({"ok": true, "report": report})
+        }
+        Ok(Err(e)) => json!({"error": e}),
+        Err(_) => json!({"error": "the check thread failed"}),
     })
 }
 

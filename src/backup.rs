@@ -35,6 +35,8 @@ use serde::Serialize;
 use serde_json::{Value as Json, json};
 use sha2::{Digest, Sha256};
 
+use crate::store::integrity::{self, Finding, Item, catch};
+use crate::store::seal::{self, Rec, SealKey};
 use crate::store::{self, SCHEMA_VERSION};
 
 pub const MAGIC: &[u8; 8] = b"CONFABBK";
@@ -79,7 +81,32 @@ pub struct Summary {
     pub snapshot_pos: u64,
     pub with_secret: bool,
     pub seconds: f64,
+    /// Damaged records met (the first [`MAX_NAMED`]): left out of the
+    /// backup (`--skip-damaged`; a message as a lost-message placeholder).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub damaged: Vec<Finding>,
+    /// How many damaged records (and unreadable pages) were met.
+    pub damaged_total: u64,
 }
+
+/// What a backup does with damaged records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDamage {
+    /// Checks every record and fails, naming the damage, if any is found
+    /// (the file is not kept): a backup is never reported good unless it
+    /// restores.
+    Refuse,
+    /// Checks every record and leaves the damaged ones out — a damaged
+    /// message becomes a lost-message placeholder, so the room's seq chain
+    /// stays whole — and says so in the summary.
+    Skip,
+    /// Copies the records as they are, unchecked (the pre-migration backup:
+    /// the way back to exactly what was there). Unreadable pages still fail.
+    Copy,
+}
+
+/// Damaged records named in a backup's summary and error.
+pub const MAX_NAMED: usize = 100;
 
 // ---------------------------------------------------------------------------
 // Field encoding
@@ -208,20 +235,12 @@ tuple_col!(A 0, B 1, C 2);
 // The tables
 // ---------------------------------------------------------------------------
 
-/// Checks that a stored value decodes as what its table holds (a full read
-/// of the backup, not just its checksum).
-fn check_value(table: &str, v: &[u8]) -> Result<(), String> {
-    let r = match table {
-        "users" => store::decode::<store::UserRecord>(v, "user").map(drop),
-        "rooms" => store::decode::<store::RoomRecord>(v, "room").map(drop),
-        "members" => store::decode::<store::MemberRecord>(v, "member").map(drop),
-        "messages" => store::MessageRecord::decode(v).map(drop),
-        "wallet_entries" => store::decode::<crate::wallet::EntryRecord>(v, "entry").map(drop),
-        "wallet_transfers" => crate::wallet::decode_transfer(v).map(drop),
-        "privacy" => store::decode::<store::Privacy>(v, "privacy").map(drop),
-        _ => Ok(()),
-    };
-    r.map_err(|e| e.message)
+/// Checks that a stored value is what its table holds: for a store of
+/// schema 4 or later its checksum (under `key`, the key's bytes) and then
+/// its decoding; for older ones its decoding (a full read of the backup,
+/// not just the file's own checksum).
+fn check_value(table: &str, schema: u64, key: &[u8], v: &[u8]) -> Result<(), String> {
+    seal::verify_value(table, schema, key, v).map(drop)
 }
 
 /// Tables a backup leaves out: derived from the others, rebuilt by
@@ -367,15 +386,42 @@ struct Dump<'a, P: FnMut(Progress)> {
     cancel: &'a AtomicBool,
     /// `w.bytes` at the last report.
     reported_at: u64,
+    on_damage: OnDamage,
+    schema: u64,
+    damaged: Vec<Finding>,
+    damaged_total: u64,
+    /// Tables with records left out.
+    damaged_tables: std::collections::BTreeSet<String>,
 }
 
 impl<P: FnMut(Progress)> Dump<'_, P> {
+    fn found(&mut self, f: Finding) {
+        self.damaged_total += 1;
+        self.damaged_tables.insert(f.table.clone());
+        if self.damaged.len() < MAX_NAMED {
+            self.damaged.push(f);
+        }
+    }
+
+    /// Writes `self.rec` (a record: key then value) to the file.
+    fn put(&mut self) -> std::io::Result<()> {
+        self.w.write(&[1])?;
+        self.w.write(&(self.rec.len() as u32).to_le_bytes())?;
+        let rec = std::mem::take(&mut self.rec);
+        let r = self.w.write(&rec);
+        self.rec = rec;
+        r
+    }
+
     fn table<K: Col + redb::Key, V: Col>(
         &mut self,
         txn: &ReadTransaction,
         def: TableDefinition<K, V>,
     ) -> Result<(), String> {
         let name = def.name().to_string();
+        if name == store::MESSAGES.name() {
+            return self.messages(txn);
+        }
         let table = match txn.open_table(def) {
             Ok(t) => Some(t),
             // An older store may lack a table added later.
@@ -385,34 +431,72 @@ impl<P: FnMut(Progress)> Dump<'_, P> {
         let io = |e: std::io::Error| format!("cannot write the backup: {e}");
         self.w.name(b'T', &name).map_err(io)?;
         let mut count = 0u64;
-        let messages = name == store::MESSAGES.name();
+        let sealed = Rec::by_table(&name).filter(|_| self.on_damage != OnDamage::Copy);
+        let mut failed_io = None;
+        let mut last_key = None;
+        let mut bad = Vec::new();
+        let mut cancelled = false;
         if let Some(table) = table {
-            for entry in table.iter().map_err(|e| e.to_string())? {
-                let (k, v) = entry.map_err(|e| e.to_string())?;
-                self.rec.clear();
-                K::put(&k.value(), &mut self.rec);
-                V::put(&v.value(), &mut self.rec);
-                self.w.write(&[1]).map_err(io)?;
-                self.w
-                    .write(&(self.rec.len() as u32).to_le_bytes())
-                    .map_err(io)?;
-                let rec = std::mem::take(&mut self.rec);
-                self.w.write(&rec).map_err(io)?;
-                self.rec = rec;
-                count += 1;
-                if messages {
-                    self.progress.messages += 1;
+            // A page redb cannot read (an error, or a panic inside it) ends
+            // this table; the records before it are in the file.
+            let read = catch(|| {
+                for entry in table.iter().map_err(|e| e.to_string())? {
+                    let (k, v) = entry.map_err(|e| e.to_string())?;
+                    self.rec.clear();
+                    K::put(&k.value(), &mut self.rec);
+                    let klen = self.rec.len();
+                    V::put(&v.value(), &mut self.rec);
+                    if let Some(rec) = sealed {
+                        // A value is its u32 length, then its bytes.
+                        let (key, value) = self.rec.split_at(klen);
+                        let value = value.get(4..).unwrap_or_default();
+                        if let Err(why) = check_value(&name, self.schema, key, value) {
+                            seal::report(rec, key, &why);
+                            bad.push(Finding::record(rec, key, why));
+                            if self.on_damage == OnDamage::Skip {
+                                continue;
+                            }
+                        }
+                        last_key = Some(rec.describe(key));
+                    }
+                    if let Err(e) = self.put() {
+                        failed_io = Some(e);
+                        return Ok(());
+                    }
+                    count += 1;
+                    if count.is_multiple_of(REPORT_RECORDS)
+                        || self.w.bytes - self.reported_at >= REPORT_BYTES
+                    {
+                        self.report();
+                    }
+                    // One relaxed load per record: a cancelled backup stops
+                    // within a record, whatever the size of its tables.
+                    if self.cancel.load(Ordering::Relaxed) {
+                        cancelled = true;
+                        return Ok(());
+                    }
                 }
-                if count.is_multiple_of(REPORT_RECORDS)
-                    || self.w.bytes - self.reported_at >= REPORT_BYTES
-                {
-                    self.report();
-                }
-                // One relaxed load per record: a cancelled backup stops
-                // within a record, whatever the size of its tables.
-                if self.cancel.load(Ordering::Relaxed) {
-                    return Err(CANCELLED.to_string());
-                }
+                Ok(())
+            });
+            for f in bad {
+                self.found(f);
+            }
+            if cancelled {
+                return Err(CANCELLED.to_string());
+            }
+            if let Some(e) = failed_io {
+                return Err(io(e));
+            }
+            if let Err(why) = read {
+                let after = last_key.unwrap_or_else(|| format!("{count} records"));
+                self.found(Finding {
+                    kind: "page".into(),
+                    table: name.clone(),
+                    key: Some(after.clone()),
+                    room: None,
+                    seq: None,
+                    what: format!("cannot read on after {after}: {why}"),
+                });
             }
         }
         self.w.write(&[0]).map_err(io)?;
@@ -425,6 +509,102 @@ impl<P: FnMut(Progress)> Dump<'_, P> {
         self.progress.bytes = self.w.bytes;
         self.reported_at = self.w.bytes;
         (self.on_progress)(self.progress);
+    }
+
+    /// `messages`, past damage (see [`integrity::visit_messages`]): with
+    /// [`OnDamage::Skip`] every message it cannot read is written as a
+    /// lost-message placeholder (schema 4 and later; an older store's are
+    /// left out), so that restored rooms keep their seq chains.
+    fn messages(&mut self, txn: &ReadTransaction) -> Result<(), String> {
+        let name = store::MESSAGES.name().to_string();
+        let io = |e: std::io::Error| format!("cannot write the backup: {e}");
+        self.w.name(b'T', &name).map_err(io)?;
+        let mut count = 0u64;
+        let mut bad = Vec::new();
+        let check = self.on_damage != OnDamage::Copy;
+        let skip = self.on_damage == OnDamage::Skip;
+        let placeholders = self.schema >= 4;
+        let r = integrity::visit_messages::<std::io::Error>(txn, None, &mut |item| {
+            let (kb, value) = match item {
+                Item::Record { room, seq, value } => {
+                    let kb = (room, seq).key_bytes();
+                    match check.then(|| check_value(&name, self.schema, kb.as_slice(), value)) {
+                        Some(Err(why)) => {
+                            seal::report(Rec::Messages, kb.as_slice(), &why);
+                            bad.push(Finding::record(Rec::Messages, kb.as_slice(), why));
+                            if !skip {
+                                (kb, value.to_vec())
+                            } else if placeholders {
+                                (kb, seal::lost(kb.as_slice()))
+                            } else {
+                                return Ok(());
+                            }
+                        }
+                        _ => (kb, value.to_vec()),
+                    }
+                }
+                Item::Unreachable { room, seq } => {
+                    let kb = (room, seq).key_bytes();
+                    let mut f = Finding::record(
+                        Rec::Messages,
+                        kb.as_slice(),
+                        "on a damaged page: cannot be read",
+                    );
+                    f.kind = "unreachable".into();
+                    bad.push(f);
+                    if !(skip && placeholders) {
+                        return Ok(());
+                    }
+                    (kb, seal::lost(kb.as_slice()))
+                }
+                Item::Page { after, why } => {
+                    let after = after.map(|(r, q)| format!("room {r:016x} seq {q}"));
+                    bad.push(Finding {
+                        kind: "page".into(),
+                        table: "messages".into(),
+                        what: format!(
+                            "cannot read on {}: {why}",
+                            after
+                                .as_deref()
+                                .map_or("from its start".into(), |k| format!("after {k}"))
+                        ),
+                        key: after,
+                        room: None,
+                        seq: None,
+                    });
+                    return Ok(());
+                }
+            };
+            self.rec.clear();
+            self.rec.extend_from_slice(kb.as_slice());
+            <&[u8] as Col>::put(&value.as_slice(), &mut self.rec);
+            self.put()?;
+            count += 1;
+            self.progress.messages += 1;
+            if count.is_multiple_of(REPORT_RECORDS)
+                || self.w.bytes - self.reported_at >= REPORT_BYTES
+            {
+                self.report();
+            }
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other(CANCELLED));
+            }
+            Ok(())
+        });
+        for f in bad {
+            self.found(f);
+        }
+        r.map_err(|e| {
+            if e.to_string() == CANCELLED {
+                CANCELLED.to_string()
+            } else {
+                io(e)
+            }
+        })?;
+        self.w.write(&[0]).map_err(io)?;
+        self.w.write(&count.to_le_bytes()).map_err(io)?;
+        self.counts.insert(name, count.into());
+        Ok(())
     }
 }
 
@@ -443,9 +623,17 @@ pub fn write(
     txn: &ReadTransaction,
     secret: Option<&[u8]>,
     to: &Path,
+    on_damage: OnDamage,
     on_progress: impl FnMut(Progress),
 ) -> Result<Summary, String> {
-    write_cancellable(txn, secret, to, &AtomicBool::new(false), on_progress)
+    write_cancellable(
+        txn,
+        secret,
+        to,
+        on_damage,
+        &AtomicBool::new(false),
+        on_progress,
+    )
 }
 
 /// [`write`], stopped when `cancel` becomes true (the server's online
@@ -458,6 +646,7 @@ pub fn write_cancellable(
     txn: &ReadTransaction,
     secret: Option<&[u8]>,
     to: &Path,
+    on_damage: OnDamage,
     cancel: &AtomicBool,
     mut on_progress: impl FnMut(Progress),
 ) -> Result<Summary, String> {
@@ -498,6 +687,11 @@ pub fn write_cancellable(
             counts: serde_json::Map::new(),
             cancel,
             reported_at: 0,
+            on_damage,
+            schema,
+            damaged: Vec::new(),
+            damaged_total: 0,
+            damaged_tables: Default::default(),
         };
         let io = |e: std::io::Error| format!("cannot write the backup: {e}");
         dump.w.write(MAGIC).map_err(io)?;
@@ -514,6 +708,9 @@ pub fn write_cancellable(
             };
         }
         for_each_table!(dump_table);
+        if dump.damaged_total > 0 && on_damage != OnDamage::Skip {
+            return Err(refusal(&dump.damaged, dump.damaged_total));
+        }
         if let Some(s) = secret {
             dump.w.name(b'F', "jwt_secret").map_err(io)?;
             dump.w.write(&(s.len() as u32).to_le_bytes()).map_err(io)?;
@@ -521,7 +718,14 @@ pub fn write_cancellable(
         }
         let count = |t: &str| dump.counts.get(t).and_then(Json::as_u64).unwrap_or(0);
         let (messages, users, rooms) = (count("messages"), count("users"), count("rooms"));
-        let summary = json!({"tables": dump.counts, "messages": messages}).to_string();
+        let mut summary = json!({"tables": dump.counts, "messages": messages});
+        if dump.damaged_total > 0 {
+            // Restore reads this: a ledger with records left out cannot
+            // balance, and says so as a warning instead of refusing.
+            summary["damaged"] = dump.damaged_total.into();
+            summary["damaged_tables"] = json!(dump.damaged_tables);
+        }
+        let summary = summary.to_string();
         dump.w.write(b"S").map_err(io)?;
         dump.w
             .write(&(summary.len() as u32).to_le_bytes())
@@ -548,6 +752,8 @@ pub fn write_cancellable(
             snapshot_pos: pos,
             with_secret: secret.is_some(),
             seconds: 0.0,
+            damaged: std::mem::take(&mut dump.damaged),
+            damaged_total: dump.damaged_total,
         })
     })();
     match result {
@@ -563,6 +769,21 @@ pub fn write_cancellable(
             Err(e)
         }
     }
+}
+
+/// Why a backup of a damaged store was refused, naming the damage.
+fn refusal(found: &[Finding], total: u64) -> String {
+    let mut out = format!(
+        "the store has {total} damaged record(s) or page(s); no backup was written (a backup is never kept unless it restores). `confab check` names all of it; `confab backup --skip-damaged` saves everything that can be read, without them:"
+    );
+    for f in found.iter().take(20) {
+        out.push_str("\n  ");
+        out.push_str(&f.line());
+    }
+    if total > 20 {
+        out.push_str(&format!("\n  … and {} more", total - 20));
+    }
+    out
 }
 
 /// Where the backup to `to` is written until it is complete.
@@ -773,11 +994,18 @@ pub fn open_reader(data_dir: &Path) -> Result<Reader, String> {
 pub fn offline(
     data_dir: &Path,
     to: &Path,
+    on_damage: OnDamage,
     on_progress: impl FnMut(Progress),
 ) -> Result<Summary, String> {
     let reader = open_reader(data_dir)?;
     let txn = reader.begin_read()?;
-    write(&txn, secret_file(data_dir).as_deref(), to, on_progress)
+    write(
+        &txn,
+        secret_file(data_dir).as_deref(),
+        to,
+        on_damage,
+        on_progress,
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -852,6 +1080,10 @@ pub struct Contents {
     pub messages: u64,
     pub bytes: u64,
     pub with_secret: bool,
+    /// Damaged records the backup left out (`confab backup --skip-damaged`),
+    /// and the tables they were in.
+    pub damaged: u64,
+    pub damaged_tables: Vec<String>,
 }
 
 /// Where records go while reading: nowhere (verification) or a database.
@@ -859,6 +1091,8 @@ struct Sink<'a> {
     db: Option<&'a Database>,
     on_progress: &'a mut dyn FnMut(Progress),
     progress: Progress,
+    /// The schema of the store in the backup (how its values are checked).
+    schema: u64,
 }
 
 fn load_table<K: Col + redb::Key, V: Col>(
@@ -910,14 +1144,16 @@ fn load_table<K: Col + redb::Key, V: Col>(
         let bad = |e: String| format!("corrupt backup: table {name}, record {}: {e}", count + 1);
         let k = K::take(&mut cur).map_err(bad)?;
         let value_bytes = cur;
+        let key_bytes = &rec[..rec.len() - value_bytes.len()];
         let v = V::take(&mut cur).map_err(bad)?;
         if !cur.is_empty() {
             return Err(bad("trailing bytes".into()));
         }
-        // The verify pass decodes every stored value; the load pass reads
-        // the same bytes (its checksum is compared again at the end).
+        // The verify pass checks every stored value (checksum, decoding);
+        // the load pass reads the same bytes (the file's checksum is
+        // compared again at the end).
         if sink.db.is_none() && value_bytes.len() >= 4 {
-            check_value(&name, &value_bytes[4..]).map_err(bad)?;
+            check_value(&name, sink.schema, key_bytes, &value_bytes[4..]).map_err(bad)?;
         }
         count += 1;
         if messages {
@@ -996,6 +1232,7 @@ fn read(
             total_messages: header["snapshot_pos"].as_u64().unwrap_or(0),
             ..Default::default()
         },
+        schema,
     };
     let mut tables = std::collections::BTreeMap::new();
     let mut secret = None;
@@ -1060,6 +1297,15 @@ fn read(
         }
     }
     let messages = tables.get(store::MESSAGES.name()).copied().unwrap_or(0);
+    let damaged = summary["damaged"].as_u64().unwrap_or(0);
+    let damaged_tables = summary["damaged_tables"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
     sink.progress.bytes = r.bytes + 32;
     (sink.on_progress)(sink.progress);
     Ok((
@@ -1070,6 +1316,8 @@ fn read(
             messages,
             bytes: r.bytes + 32,
             with_secret: secret.is_some(),
+            damaged,
+            damaged_tables,
         },
         secret,
     ))
@@ -1156,7 +1404,13 @@ pub fn restore(
         let wallet = if contents.schema_version == SCHEMA_VERSION {
             let store = store::Store::open(&tmp)?;
             let v = crate::wallet::verify(&store).map_err(|e| e.message)?;
-            if !v.breaches.is_empty() {
+            // A backup that left damaged ledger records out says so; its
+            // ledger cannot balance, and that is reported, not refused.
+            let incomplete = contents
+                .damaged_tables
+                .iter()
+                .any(|t| t.starts_with("wallet_"));
+            if !v.breaches.is_empty() && !incomplete {
                 return Err(format!(
                     "the restored ledger fails `wallet verify`: {}",
                     v.breaches.join("; ")
@@ -1378,7 +1632,13 @@ pub async fn periodic(
         let done = run_on_thread(slot, move || {
             let to = dir.join(timestamped_name(PERIODIC_PREFIX));
             let txn = db.begin_read().map_err(|e| e.to_string())?;
-            let summary = write(&txn, secret_file(&data_dir).as_deref(), &to, |_| {})?;
+            let summary = write(
+                &txn,
+                secret_file(&data_dir).as_deref(),
+                &to,
+                OnDamage::Refuse,
+                |_| {},
+            )?;
             drop(txn);
             Ok((summary, prune(&dir, PERIODIC_PREFIX, keep)))
         })
@@ -1523,7 +1783,7 @@ mod tests {
         let to = dir.path().join("out.cfbk");
         let cancel = AtomicBool::new(false);
         let mut reports = 0;
-        let r = write_cancellable(&txn, None, &to, &cancel, |_| {
+        let r = write_cancellable(&txn, None, &to, OnDamage::Refuse, &cancel, |_| {
             reports += 1;
             // Cancelled as soon as it starts (when the tables begin).
             cancel.store(true, Ordering::Relaxed);
@@ -1533,7 +1793,7 @@ mod tests {
         assert!(!to.exists() && !partial_path(&to).exists());
         // A stale partial is taken over by the next backup to the same file.
         std::fs::write(partial_path(&to), b"left by a killed server").expect("write");
-        write(&txn, None, &to, |_| {}).expect("backup");
+        write(&txn, None, &to, OnDamage::Refuse, |_| {}).expect("backup");
         assert!(to.exists() && !partial_path(&to).exists());
         verify(&to, &mut |_| {}).expect("a complete backup");
     }

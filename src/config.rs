@@ -132,6 +132,8 @@ pub struct StoreConfig {
     pub quick_repair: bool,
     pub cache_mb: usize,
     pub storage_reserve_mb: usize,
+    /// Seconds between two background scrub passes (0 = off).
+    pub store_scrub_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -67,6 +67,22 @@ impl ApiError {
         )
     }
 
+    /// The store could not read what the request needs: a damaged record
+    /// or page (logged and counted where it was found). Not retryable, and
+    /// not `storage_error` (a write that failed now and may work shortly).
+    pub fn damaged(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage_damaged",
+            message,
+        )
+    }
+
+    /// Whether this is a [`ApiError::damaged`] answer.
+    pub fn is_damaged(&self) -> bool {
+        self.code == "storage_damaged"
+    }
+
     pub fn busy(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
     }
@@ -91,6 +107,16 @@ fn storage_failure(e: &redb::StorageError) -> Option<ApiError> {
         redb::StorageError::Io(io) => Some(io_failure(io)),
         redb::StorageError::PreviousIo | redb::StorageError::DatabaseClosed => {
             Some(crate::store::db::storage_error())
+        }
+        // redb's own report of a damaged file (it verified something and it
+        // did not match).
+        redb::StorageError::Corrupted(what) => {
+            tracing::error!(error = %what, "the store file is damaged");
+            metrics::counter!("confab_store_read_failures_total", "kind" => "corrupted")
+                .increment(1);
+            Some(ApiError::damaged(
+                "the store could not read this: its file is damaged there (the operator has been told)",
+            ))
         }
         _ => None,
     }

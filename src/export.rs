@@ -12,8 +12,9 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::ids::{RoomId, UserId};
+use crate::store::integrity::{self, Item};
 use crate::store::{
-    self, CONTACTS, MEMBERS, MESSAGES, Message, MessageRecord, ROOMS, USER_ROOMS, USERNAMES, USERS,
+    self, CONTACTS, MEMBERS, MESSAGES, Message, ROOMS, Rec, USER_ROOMS, USERNAMES, USERS,
     WALLET_ACCOUNTS, WALLET_TRANSFERS, WALLET_USER_TRANSFERS,
 };
 use crate::wallet::TransferIds;
@@ -39,6 +40,9 @@ pub struct Counts {
     pub messages: u64,
     pub contacts: u64,
     pub transfers: u64,
+    /// Messages that could not be read (damaged in the store): each has an
+    /// `unreadable` line instead of a `message` line.
+    pub damaged: u64,
 }
 
 /// A failed write: the reader went away or stalled, or the output failed.
@@ -106,7 +110,7 @@ pub fn write<W: Write>(
             let Some(g) = users.get(user.0)? else {
                 return Err(ApiError::user_not_found());
             };
-            let rec: store::UserRecord = store::decode(g.value(), "user")?;
+            let rec: store::UserRecord = store::seal::open(Rec::Users, user.0, g.value())?;
             line(
                 w,
                 "user",
@@ -182,12 +186,27 @@ fn room_and_messages<W: Write>(
     }
     line(w, "room", &v, buf)?;
     counts.rooms += 1;
-    for entry in messages.range((room.0, 0)..=(room.0, u64::MAX))? {
-        let (k, val) = entry?;
-        let m = Message::from_record(room, k.value().1, MessageRecord::decode(val.value())?, ids);
-        line(w, "message", &m, buf)?;
-        counts.messages += 1;
-    }
+    drop(messages);
+    // Every message, past damage: a damaged one (or one on a page that
+    // cannot be read) is an `unreadable` line, and the rest still follow.
+    integrity::visit_messages::<ApiError>(txn, Some(room.0), &mut |item| {
+        let (seq, m) = match item {
+            Item::Record { seq, value, .. } => (seq, Message::from_stored(room, seq, value, ids)),
+            Item::Unreachable { seq, .. } => (seq, Message::unreadable(room, seq)),
+            Item::Page { after, why } => {
+                tracing::error!(room = %room, after = ?after, why, "export: a damaged page in the room's messages");
+                return Ok(());
+            }
+        };
+        if m.unreadable {
+            line(w, "unreadable", &json!({"room": room, "seq": seq}), buf)?;
+            counts.damaged += 1;
+        } else {
+            line(w, "message", &m, buf)?;
+            counts.messages += 1;
+        }
+        Ok(())
+    })?;
     Ok(true)
 }
 
@@ -216,7 +235,7 @@ fn wallet<W: Write>(
     for entry in mine.range((user.0, 0)..=(user.0, u64::MAX))? {
         let id = entry?.0.value().1;
         if let Some(g) = transfers.get(id)? {
-            let rec = crate::wallet::decode_transfer(g.value())?;
+            let rec = crate::wallet::decode_transfer(id, g.value())?;
             if !rec.visible_to(user.0) {
                 continue;
             }
@@ -531,7 +550,7 @@ pub fn spawn(
         .spawn(move || {
             let mut w = ChannelWriter::new(tx, stall);
             let result = db.begin_read().map_err(ApiError::from).and_then(|txn| {
-                let r = write(&txn, scope.clone(), &ids, &mut w);
+                let r = store::guard("the export", || write(&txn, scope.clone(), &ids, &mut w));
                 drop(txn);
                 r
             });

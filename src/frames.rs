@@ -30,6 +30,9 @@ pub enum ServerFrame<'a> {
         kind: Option<&'static str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         payment: Option<&'a crate::store::PaymentView>,
+        /// A damaged stored message (see `store::Message::unreadable`).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        unreadable: bool,
     },
     Receipt {
         room: RoomId,
@@ -80,6 +83,7 @@ pub fn message(m: &Message) -> Bytes {
         client_id: &m.client_id,
         kind: m.kind,
         payment: m.payment.as_ref(),
+        unreadable: m.unreadable,
     }
     .to_bytes()
 }

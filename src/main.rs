@@ -48,6 +48,24 @@ enum Command {
     Restore(RestoreArgs),
     /// Export a user's data (--user) or a room (--room) as JSON Lines.
     Export(ExportArgs),
+    /// Verify the whole store: every record's checksum, every page, every
+    /// room's seq chain, the ledger (and, with the server stopped, redb's
+    /// page checksums). Exit 0: clean; 1: damage found (named on stdout);
+    /// 2: the check could not run.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Print the report as JSON instead of lines.
+    #[arg(long)]
+    json: bool,
+    /// Give up when the running server has reported no progress for SECS
+    /// seconds; no limit on the whole check.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = secs())]
+    timeout: u64,
+    #[command(flatten)]
+    common: StoreArgs,
 }
 
 #[derive(Args)]
@@ -62,6 +80,12 @@ struct BackupArgs {
     /// seconds (it then cancels the backup); no limit on the whole backup.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = secs())]
     timeout: u64,
+    /// Write what can be read of a damaged store: damaged records are left
+    /// out (a damaged message as a placeholder that reads "unreadable"),
+    /// and counted and named in the summary. Without it a damaged store is
+    /// not backed up at all.
+    #[arg(long)]
+    skip_damaged: bool,
     #[command(flatten)]
     common: StoreArgs,
 }
@@ -259,16 +283,34 @@ fn main() -> ExitCode {
         Command::Backup(args) => run_backup(args),
         Command::Restore(args) => run_restore(args),
         Command::Export(args) => run_export(args),
+        Command::Check(args) => run_check(args),
     }
 }
 
 /// A panic unwinds only its own task or request (the release profile keeps
-/// `panic = "unwind"`), except on the store writer thread: without it the
+/// `panic = "unwind"`; one in a guarded store read is logged by its
+/// guard, see `store::guard`), except on the store writer thread: without it the
 /// server could not store anything, so the process aborts and its
 /// supervisor restarts it (everything acked is already durable).
 fn abort_if_the_writer_panics() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        // A read of a damaged store page, caught where it was made (it
+        // becomes a `storage_damaged` answer and one log line there).
+        if confab::store::in_guarded_read() {
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}: ", l.file(), l.line()))
+                .unwrap_or_default();
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            confab::store::note_panic(format!("{at}{msg}"));
+            return;
+        }
         default(info);
         if std::thread::current().name() == Some("confab-writer") {
             eprintln!(
@@ -567,7 +609,12 @@ fn run_backup(args: BackupArgs) -> ExitCode {
             )
         }
     };
-    let req = serde_json::json!({"cmd": "backup", "to": to});
+    let req = serde_json::json!({"cmd": "backup", "to": to, "skip_damaged": args.skip_damaged});
+    let on_damage = if args.skip_damaged {
+        backup::OnDamage::Skip
+    } else {
+        backup::OnDamage::Refuse
+    };
     let wait = std::time::Duration::from_secs(args.timeout);
     let online = runtime.block_on(confab::admin::request(&dir, &req, wait, |p| {
         if let Ok(p) = serde_json::from_value::<backup::Progress>(p.clone()) {
@@ -586,7 +633,7 @@ fn run_backup(args: BackupArgs) -> ExitCode {
             t.as_secs()
         )),
         Some(Err(e)) => Err(not_accepting_or(e)),
-        None => backup::offline(&dir, &to, &mut show)
+        None => backup::offline(&dir, &to, on_damage, &mut show)
             .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string())),
     };
     if drew.get() {
@@ -597,6 +644,19 @@ fn run_backup(args: BackupArgs) -> ExitCode {
             let secs = summary["seconds"].as_f64().unwrap_or(0.0).max(1e-9);
             let messages = summary["messages"].as_u64().unwrap_or(0);
             let bytes = summary["bytes"].as_u64().unwrap_or(0);
+            let damaged = summary["damaged_total"].as_u64().unwrap_or(0);
+            if damaged > 0 {
+                eprintln!(
+                    "warning: the store is damaged: {damaged} damaged record(s) or page(s) were skipped and are NOT in this backup (damaged messages are kept as unreadable placeholders):"
+                );
+                for f in summary["damaged"].as_array().into_iter().flatten() {
+                    if let Ok(f) =
+                        serde_json::from_value::<confab::store::integrity::Finding>(f.clone())
+                    {
+                        eprintln!("  {}", f.line());
+                    }
+                }
+            }
             eprintln!(
                 "backup written to {}: {messages} messages, {} in {secs:.2} s ({:.0} messages/s, {:.1} MB/s){}",
                 to.display(),
@@ -665,6 +725,19 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
                     "the backup holds schema {}; the server migrates it on its first start",
                     r.contents.schema_version
                 ),
+            }
+            if r.contents.damaged > 0 {
+                eprintln!(
+                    "warning: this backup was taken with --skip-damaged: {} damaged record(s) of the original store are not in it (tables: {})",
+                    r.contents.damaged,
+                    r.contents.damaged_tables.join(", ")
+                );
+            }
+            if let Some(v) = r.wallet.as_ref().filter(|v| !v.breaches.is_empty()) {
+                eprintln!(
+                    "warning: the ledger is incomplete (records were left out of the backup): {}",
+                    v.breaches.join("; ")
+                );
             }
             if !r.secret_restored {
                 eprintln!(
@@ -756,9 +829,11 @@ fn run_export(args: ExportArgs) -> ExitCode {
             let txn = reader.begin_read()?;
             let scope = confab::export::scope_of(&req).map_err(|e| e.message)?;
             let ids = export_transfer_ids(&config)?;
-            confab::export::write(&txn, scope, &ids, &mut out)
-                .map(drop)
-                .map_err(|e| e.message)
+            confab::store::guard("the export", || {
+                confab::export::write(&txn, scope, &ids, &mut out)
+            })
+            .map(drop)
+            .map_err(|e| e.message)
         })(),
     };
     let result = result.and_then(|_| out.flush().map_err(|e| e.to_string()));
@@ -768,5 +843,103 @@ fn run_export(args: ExportArgs) -> ExitCode {
             eprintln!("confab: export failed: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `confab check`: through the running server's admin socket, else on the
+/// file itself (read-only; redb's page checksums too).
+fn run_check(args: CheckArgs) -> ExitCode {
+    use confab::store::integrity::{self, Report};
+    let config = match load_config(&args.common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let dir = config.server.data_dir.clone();
+    let mut last = std::time::Instant::now() - std::time::Duration::from_secs(1);
+    let mut show = move |p: integrity::Progress| {
+        if last.elapsed().as_millis() >= 100 || p.messages >= p.total_messages {
+            last = std::time::Instant::now();
+            progress_bar("checking", p.messages, p.total_messages, "");
+        }
+    };
+    let req = serde_json::json!({"cmd": "check"});
+    let wait = std::time::Duration::from_secs(args.timeout);
+    let online = runtime.block_on(confab::admin::request(&dir, &req, wait, |p| {
+        if let Ok(p) = serde_json::from_value::<integrity::Progress>(p.clone()) {
+            show(p);
+        }
+    }));
+    let by_server = online.is_some();
+    let result: Result<Report, String> = match online {
+        Some(Ok(answer)) => match answer["error"].as_str() {
+            Some(e) => Err(e.to_string()),
+            None => serde_json::from_value(answer["report"].clone()).map_err(|e| e.to_string()),
+        },
+        Some(Err(AdminError::Silent(t))) => Err(format!(
+            "the running server reported no progress for {} s, so this command gave up; is it overloaded or its disk stuck? see its log (--timeout SECS waits longer)",
+            t.as_secs()
+        )),
+        Some(Err(e)) => Err(not_accepting_or(e)),
+        None => integrity::check_offline(&dir, &mut show),
+    };
+    eprintln!();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("confab: the check could not run: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        print_json(&report);
+    } else {
+        let records: u64 = report.tables.values().sum();
+        println!(
+            "checked {} (schema {}{}): {} rooms, {} messages, {records} records in {} tables, {:.2} s",
+            dir.join("confab.redb").display(),
+            report.schema_version,
+            if by_server {
+                ", through the running server"
+            } else {
+                ""
+            },
+            report.rooms,
+            report.messages,
+            report.tables.len(),
+            report.seconds
+        );
+        println!("engine: {}", report.engine);
+        if report.lost > 0 {
+            println!(
+                "lost: {} message(s) are placeholders for messages lost to earlier damage (from a --skip-damaged backup)",
+                report.lost
+            );
+        }
+        for f in &report.damage {
+            println!("damage: {}", f.line());
+        }
+        if report.damage_total > report.damage.len() as u64 {
+            println!(
+                "damage: … and {} more",
+                report.damage_total - report.damage.len() as u64
+            );
+        }
+        if report.clean() {
+            println!("result: clean");
+        } else {
+            println!(
+                "result: {} problem(s) found; restore a backup taken before the damage, or `confab backup --skip-damaged` to save what can be read",
+                report.damage_total
+            );
+        }
+    }
+    if report.clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -168,6 +168,20 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         state.config.wallet.scheduler_clock_offset_ms,
     ));
     let admin = crate::admin::listen(state.clone(), &data_dir)?;
+    // The background scrub: every record's checksum, now and then, at the
+    // lowest priority (docs/STORAGE.md).
+    let scrub_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store_scrub = match state.config.store.store_scrub_secs {
+        0 => None,
+        secs => Some(
+            crate::store::integrity::spawn_scrub(
+                state.store.db.clone(),
+                Duration::from_secs(secs),
+                scrub_stop.clone(),
+            )
+            .map_err(|e| format!("cannot start the scrub thread: {e}"))?,
+        ),
+    };
     let backups = (!state.config.backup.backup_dir.is_empty()).then(|| {
         let dir = PathBuf::from(&state.config.backup.backup_dir);
         tracing::info!(dir = %dir.display(), every_secs = state.config.backup.backup_interval_secs, keep = state.config.backup.backup_keep, "periodic backups on");
@@ -256,6 +270,10 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
             let _ = b.await;
         }
         admin.abort();
+        scrub_stop.store(true, Ordering::Release);
+        if let Some(t) = store_scrub {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         // An operator's online backup runs on its own thread: let it finish
         // (as the runtime used to wait for it on its blocking pool), so a
         // shutdown does not leave its file half-written.

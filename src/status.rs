@@ -417,6 +417,11 @@ pub async fn get(
             .search
             .as_ref()
             .map(|ix| ix.status_json(state.store.feed.committed())),
+        "store": serde_json::json!({
+            "damaged_records": crate::store::seal::DAMAGED.load(Relaxed),
+            "scrub": (state.config.store.store_scrub_secs > 0)
+                .then(crate::store::integrity::scrub_snapshot),
+        }),
         "now": history.last(),
         "history": if with_history { history } else { Vec::new() },
     });

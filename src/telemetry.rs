@@ -106,6 +106,26 @@ fn describe() {
         "confab_storage_state",
         "The store's state: 0 ok, 1 full (only essential writes), 2 failing (writes refused, retrying)."
     );
+    describe_counter!(
+        "confab_store_damaged_records_total",
+        "Stored records that failed their checksum or did not decode (each reported once per process), by table."
+    );
+    describe_counter!(
+        "confab_store_damaged_pages_total",
+        "Pages of the store that could not be read, found by exports, backups, checks or the scrub, by table."
+    );
+    describe_counter!(
+        "confab_store_read_failures_total",
+        "Reads that failed on damaged data: redb reporting corruption or panicking on a damaged page."
+    );
+    describe_counter!(
+        "confab_store_scrub_passes_total",
+        "Completed passes of the background store scrub."
+    );
+    describe_gauge!(
+        "confab_store_scrub_damage",
+        "Damaged records or pages the last store scrub pass found."
+    );
     describe_histogram!(
         "confab_outbox_depth_frames",
         "Frames waiting in a session's outbox when its writer drains it."
@@ -211,6 +231,13 @@ fn register_families() {
     ] {
         metrics::counter!("confab_search_index_failures_total", "stage" => stage).increment(0);
     }
+    metrics::counter!("confab_store_scrub_passes_total").increment(0);
+    metrics::counter!("confab_store_damaged_records_total", "table" => "messages").increment(0);
+    metrics::counter!("confab_store_damaged_pages_total", "table" => "messages").increment(0);
+    for kind in ["corrupted", "panic"] {
+        metrics::counter!("confab_store_read_failures_total", "kind" => kind).increment(0);
+    }
+    metrics::gauge!("confab_store_scrub_damage").set(0.0);
     for outcome in ["ok", "damaged", "error"] {
         metrics::counter!("confab_search_index_scrubs_total", "outcome" => outcome).increment(0);
     }

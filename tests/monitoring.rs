@@ -149,7 +149,7 @@ async fn metrics_follow_the_rules_and_move_with_traffic() {
     // Every family has HELP and TYPE; names and labels follow the rules.
     let allowed_labels: BTreeSet<&str> = [
         "route", "method", "status", "outcome", "reason", "version", "git", "le", "quantile",
-        "file", "stage",
+        "file", "stage", "table", "kind",
     ]
     .into();
     for (name, labels, _) in &e.samples {

@@ -1035,7 +1035,10 @@ impl SearchIndex {
             }
             keys.push(key);
         }
-        let messages = store.messages_at(&keys)?;
+        // A message damaged since it was indexed is not a hit: its text
+        // cannot be shown (nor trusted to match).
+        let mut messages = store.messages_at(&keys)?;
+        messages.retain(|m| !m.unreadable);
         let mut hits = Vec::with_capacity(messages.len());
         if !messages.is_empty() {
             let stats = match stats {

@@ -25,6 +25,7 @@ mod wallet;
 pub use wallet::{WalletOp, WalletWiring};
 
 use super::db::StorageState;
+use super::seal::seal;
 use super::*;
 use crate::config::StoreConfig;
 use crate::frames::{self, ServerFrame};
@@ -489,7 +490,24 @@ impl GroupCommitWriter {
         let started = Instant::now();
         let n = batch.len();
         let mut effects = Vec::with_capacity(n);
-        let result = self.apply_all(batch, &mut effects, flush_reads);
+        // A panic inside redb (a damaged page on the way to where this
+        // batch writes) fails the batch as `storage_damaged` instead of
+        // ending the writer: the write transaction is dropped (nothing of
+        // it is committed), ops already taken from the batch are answered
+        // by their dropped reply channels, and other rooms go on.
+        let mut in_flight = None;
+        let result = super::guard("the pages this batch writes to", || {
+            self.apply_all(batch, &mut effects, &mut in_flight, flush_reads)
+        });
+        if let Some((s, client_id, room)) = in_flight.take() {
+            // The op being applied when redb panicked: answered below.
+            effects.push(Effect::Rejected {
+                origin: Origin::Session(s),
+                err: ApiError::damaged("the store could not write this"),
+                client_id,
+                room,
+            });
+        }
         let commit_secs = started.elapsed().as_secs_f64();
         metrics::histogram!("confab_commit_batch_size").record(n as f64);
         metrics::histogram!("confab_commit_duration_seconds").record(commit_secs);
@@ -621,6 +639,7 @@ impl GroupCommitWriter {
         &mut self,
         batch: &mut Vec<Op>,
         effects: &mut Vec<Effect>,
+        in_flight: &mut Option<(Arc<SessionOutbox>, String, RoomId)>,
         flush_reads: bool,
     ) -> Result<(), ApiError> {
         let mut txn = self.store.db.begin_write()?;
@@ -653,7 +672,9 @@ impl GroupCommitWriter {
             for op in ops.by_ref() {
                 // A session's send whose own write fails must still be
                 // answered (the op is consumed by `apply`).
-                let session = match &op {
+                // (Kept outside too, so that it is answered also when redb
+                // panics inside `apply`.)
+                *in_flight = match &op {
                     Op::Send {
                         origin: Origin::Session(s),
                         client_id,
@@ -663,9 +684,12 @@ impl GroupCommitWriter {
                     _ => None,
                 };
                 match self.apply(op, &mut t) {
-                    Ok(effect) => effects.push(effect),
+                    Ok(effect) => {
+                        *in_flight = None;
+                        effects.push(effect)
+                    }
                     Err(e) => {
-                        if let Some((s, client_id, room)) = session {
+                        if let Some((s, client_id, room)) = in_flight.take() {
                             effects.push(Effect::Rejected {
                                 origin: Origin::Session(s),
                                 err: e.clone(),
@@ -758,7 +782,8 @@ impl GroupCommitWriter {
                 owner: None,
                 created_at: now_ms(),
             };
-            t.rooms.insert(room.0, encode(&rec).as_slice())?;
+            t.rooms
+                .insert(room.0, seal(Rec::Rooms, room.0, encode(&rec)).as_slice())?;
             self.add_member(t, room, a)?;
             self.add_member(t, room, b)?;
         }
@@ -793,15 +818,25 @@ impl GroupCommitWriter {
                     .get((room.0, from.0, client_id.as_str()))?
                     .map(|g| g.value());
                 if let Some(seq) = existing {
-                    let rec: Option<MessageRecord> = match t.messages.get((room.0, seq))? {
-                        Some(g) => Some(MessageRecord::decode(g.value())?),
-                        None => None,
+                    // A damaged original answers as unreadable (reported),
+                    // with the client_id the client knows it by.
+                    let msg = match t.messages.get((room.0, seq))? {
+                        Some(g) => {
+                            Message::from_stored(room, seq, g.value(), &self.store.transfer_ids)
+                        }
+                        None => {
+                            return Err(ApiError::internal(
+                                "client_id points at a missing message",
+                            ));
+                        }
                     };
-                    let rec = rec.ok_or_else(|| {
-                        ApiError::internal("client_id points at a missing message")
-                    })?;
+                    let msg = if msg.unreadable {
+                        Message { client_id, ..msg }
+                    } else {
+                        msg
+                    };
                     return Ok(Effect::Sent {
-                        msg: Message::from_record(room, seq, rec, &self.store.transfer_ids),
+                        msg,
                         members,
                         origin,
                         duplicate: true,
@@ -816,7 +851,8 @@ impl GroupCommitWriter {
                     text,
                     payment: None,
                 };
-                t.messages.insert((room.0, seq), rec.encode().as_slice())?;
+                t.messages
+                    .insert((room.0, seq), rec.sealed(room, seq).as_slice())?;
                 let pos = self.next_log_pos(t)?;
                 t.message_log.insert(pos, (room.0, seq))?;
                 t.client_ids
@@ -872,7 +908,8 @@ impl GroupCommitWriter {
                         password_hash,
                         created_at: now_ms(),
                     };
-                    t.users.insert(id.0, encode(&rec).as_slice())?;
+                    t.users
+                        .insert(id.0, seal(Rec::Users, id.0, encode(&rec)).as_slice())?;
                     t.usernames.insert(key.as_str(), id.0)?;
                     let bonus = self.wallet.settings.signup_bonus;
                     let wallet_here = placement
@@ -1005,7 +1042,8 @@ impl GroupCommitWriter {
                     owner: Some(owner.0),
                     created_at: now_ms(),
                 };
-                t.rooms.insert(room.0, encode(&rec).as_slice())?;
+                t.rooms
+                    .insert(room.0, seal(Rec::Rooms, room.0, encode(&rec)).as_slice())?;
                 for id in ids {
                     self.add_member(t, room, id)?;
                 }
@@ -1061,7 +1099,7 @@ impl GroupCommitWriter {
                         ));
                     }
                     let rec: RoomRecord = match t.rooms.get(room.0)? {
-                        Some(g) => decode(g.value(), "room")?,
+                        Some(g) => seal::open(Rec::Rooms, room.0, g.value())?,
                         None => return Err(ApiError::room_not_found()),
                     };
                     if by != user && rec.owner != Some(by.0) {
@@ -1078,7 +1116,7 @@ impl GroupCommitWriter {
                         let mut next: Option<(i64, u64)> = None;
                         for e in t.members.range((room.0, 0)..=(room.0, u64::MAX))? {
                             let (k, v) = e?;
-                            let m: MemberRecord = decode(v.value(), "member")?;
+                            let m: MemberRecord = seal::open(Rec::Members, k.value(), v.value())?;
                             let cand = (m.joined_at, k.value().1);
                             if next.is_none_or(|n| cand < n) {
                                 next = Some(cand);
@@ -1088,7 +1126,8 @@ impl GroupCommitWriter {
                             owner: next.map(|(_, id)| id),
                             ..rec
                         };
-                        t.rooms.insert(room.0, encode(&rec).as_slice())?;
+                        t.rooms
+                            .insert(room.0, seal(Rec::Rooms, room.0, encode(&rec)).as_slice())?;
                     }
                     room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
                         .ok_or_else(ApiError::room_not_found)
@@ -1139,7 +1178,10 @@ impl GroupCommitWriter {
                     group_adds: group_adds.unwrap_or(before.group_adds),
                 };
                 if after != before {
-                    t.privacy.insert(user.0, encode(&after).as_slice())?;
+                    t.privacy.insert(
+                        user.0,
+                        seal(Rec::Privacy, user.0, encode(&after)).as_slice(),
+                    )?;
                 }
                 reply_after_commit(reply, Ok((before, after)))
             }
@@ -1156,15 +1198,18 @@ impl GroupCommitWriter {
     fn add_member(&mut self, t: &mut Tables, room: RoomId, user: UserId) -> Result<(), ApiError> {
         let mut now = now_ms();
         for e in t.members.range((room.0, 0)..=(room.0, u64::MAX))? {
-            let m: MemberRecord = decode(e?.1.value(), "member")?;
+            let (k, v) = e?;
+            let m: MemberRecord = seal::open(Rec::Members, k.value(), v.value())?;
             now = now.max(m.joined_at + 1);
         }
         let rec = MemberRecord {
             joined_at: now,
             read_seq: 0,
         };
-        t.members
-            .insert((room.0, user.0), encode(&rec).as_slice())?;
+        t.members.insert(
+            (room.0, user.0),
+            seal(Rec::Members, (room.0, user.0), encode(&rec)).as_slice(),
+        )?;
         t.user_rooms.insert((user.0, room.0), now)?;
         self.state.members.remove(&room);
         Ok(())
@@ -1180,7 +1225,7 @@ impl GroupCommitWriter {
             return Ok(Ok(()));
         }
         let name = match t.users.get(user.0)? {
-            Some(g) => decode::<UserRecord>(g.value(), "user")?.username,
+            Some(g) => seal::open::<UserRecord, _>(Rec::Users, user.0, g.value())?.username,
             None => user.to_string(),
         };
         Ok(Err(ApiError::forbidden(
@@ -1315,7 +1360,8 @@ fn put_profile(t: &mut Tables, u: &User) -> Result<(), ApiError> {
             password_hash: String::new(),
             created_at: now_ms(),
         };
-        t.users.insert(u.id.0, encode(&rec).as_slice())?;
+        t.users
+            .insert(u.id.0, seal(Rec::Users, u.id.0, encode(&rec)).as_slice())?;
     }
     Ok(())
 }
@@ -1365,7 +1411,8 @@ impl GroupCommitWriter {
                 note,
             }),
         };
-        t.messages.insert((room.0, seq), mrec.encode().as_slice())?;
+        t.messages
+            .insert((room.0, seq), mrec.sealed(room, seq).as_slice())?;
         let pos = self.next_log_pos(t)?;
         t.message_log.insert(pos, (room.0, seq))?;
         t.client_ids
@@ -1413,14 +1460,19 @@ fn bump_read(
     user: UserId,
     seq: u64,
 ) -> Result<bool, ApiError> {
+    // A damaged member record (reported) keeps its place: a read position
+    // is advisory, and failing here would fail the whole batch.
     let rec: Option<MemberRecord> = match members.get((room.0, user.0))? {
-        Some(g) => Some(decode(g.value(), "member")?),
+        Some(g) => seal::open(Rec::Members, (room.0, user.0), g.value()).ok(),
         None => None,
     };
     match rec {
         Some(mut rec) if rec.read_seq < seq => {
             rec.read_seq = seq;
-            members.insert((room.0, user.0), encode(&rec).as_slice())?;
+            members.insert(
+                (room.0, user.0),
+                seal(Rec::Members, (room.0, user.0), encode(&rec)).as_slice(),
+            )?;
             Ok(true)
         }
         _ => Ok(false),

@@ -437,9 +437,10 @@ pub fn view(
     }
 }
 
-/// Decodes a stored transfer.
-pub fn decode_transfer(bytes: &[u8]) -> Result<TransferRecord, ApiError> {
-    store::decode(bytes, "transfer")
+/// Decodes the stored transfer `id` (unseals it: damage is reported and
+/// answered as `storage_damaged`).
+pub fn decode_transfer(id: u64, bytes: &[u8]) -> Result<TransferRecord, ApiError> {
+    store::seal::open(store::Rec::WalletTransfers, id, bytes)
 }
 
 #[cfg(test)]
@@ -498,9 +499,11 @@ use crate::store::{
 
 /// A user's balance.
 pub fn balance(store: &Store, user: UserId) -> Result<u64, ApiError> {
-    let txn = store.db.begin_read()?;
-    let accounts = txn.open_table(WALLET_ACCOUNTS)?;
-    Ok(accounts.get(user.0)?.map(|g| g.value()).unwrap_or(0))
+    store::guard("the wallet", || {
+        let txn = store.db.begin_read()?;
+        let accounts = txn.open_table(WALLET_ACCOUNTS)?;
+        Ok(accounts.get(user.0)?.map(|g| g.value()).unwrap_or(0))
+    })
 }
 
 /// A page of `user`'s transfers, newest first: those with a stored id below
@@ -517,41 +520,43 @@ pub fn transactions(
     limit: usize,
     currency: &str,
 ) -> Result<(Vec<TransferView>, Option<String>), ApiError> {
-    let ids = &store.transfer_ids;
-    let txn = store.db.begin_read()?;
-    let mine = txn.open_table(WALLET_USER_TRANSFERS)?;
-    let transfers = txn.open_table(WALLET_TRANSFERS)?;
-    let users = txn.open_table(USERS)?;
-    if let Some(b) = before
-        && mine.get((user.0, b))?.is_none()
-    {
-        return Err(ApiError::bad_request(
-            "bad_request",
-            "before must be a next_before from your own history",
-        ));
-    }
-    let hi = before.unwrap_or(u64::MAX);
-    let mut out = Vec::new();
-    let mut last = None;
-    for entry in mine.range((user.0, 0)..(user.0, hi))?.rev() {
-        if out.len() >= limit {
-            return Ok((out, last.map(|id| ids.show(id))));
+    store::guard("the wallet", || {
+        let ids = &store.transfer_ids;
+        let txn = store.db.begin_read()?;
+        let mine = txn.open_table(WALLET_USER_TRANSFERS)?;
+        let transfers = txn.open_table(WALLET_TRANSFERS)?;
+        let users = txn.open_table(USERS)?;
+        if let Some(b) = before
+            && mine.get((user.0, b))?.is_none()
+        {
+            return Err(ApiError::bad_request(
+                "bad_request",
+                "before must be a next_before from your own history",
+            ));
         }
-        let id = entry?.0.value().1;
-        if let Some(g) = transfers.get(id)? {
-            let rec = decode_transfer(g.value())?;
-            // A store written before recipients' rows waited for the run
-            // still has them for transfers that never ran.
-            if !rec.visible_to(user.0) {
-                continue;
+        let hi = before.unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        let mut last = None;
+        for entry in mine.range((user.0, 0)..(user.0, hi))?.rev() {
+            if out.len() >= limit {
+                return Ok((out, last.map(|id| ids.show(id))));
             }
-            out.push(view(id, &rec, user.0, currency, ids, |u| {
-                crate::store::user_in(&users, UserId(u)).ok().flatten()
-            }));
-            last = Some(id);
+            let id = entry?.0.value().1;
+            if let Some(g) = transfers.get(id)? {
+                let rec = decode_transfer(id, g.value())?;
+                // A store written before recipients' rows waited for the run
+                // still has them for transfers that never ran.
+                if !rec.visible_to(user.0) {
+                    continue;
+                }
+                out.push(view(id, &rec, user.0, currency, ids, |u| {
+                    crate::store::user_in(&users, UserId(u)).ok().flatten()
+                }));
+                last = Some(id);
+            }
         }
-    }
-    Ok((out, None))
+        Ok((out, None))
+    })
 }
 
 /// One transfer (by stored id) as `viewer` sees it: None when there is none
@@ -563,24 +568,26 @@ pub fn transfer(
     viewer: UserId,
     currency: &str,
 ) -> Result<Option<TransferView>, ApiError> {
-    let txn = store.db.begin_read()?;
-    let transfers = txn.open_table(WALLET_TRANSFERS)?;
-    let users = txn.open_table(USERS)?;
-    let Some(g) = transfers.get(id)? else {
-        return Ok(None);
-    };
-    let rec = decode_transfer(g.value())?;
-    if !rec.visible_to(viewer.0) {
-        return Ok(None);
-    }
-    Ok(Some(view(
-        id,
-        &rec,
-        viewer.0,
-        currency,
-        &store.transfer_ids,
-        |u| crate::store::user_in(&users, UserId(u)).ok().flatten(),
-    )))
+    store::guard("the wallet", || {
+        let txn = store.db.begin_read()?;
+        let transfers = txn.open_table(WALLET_TRANSFERS)?;
+        let users = txn.open_table(USERS)?;
+        let Some(g) = transfers.get(id)? else {
+            return Ok(None);
+        };
+        let rec = decode_transfer(id, g.value())?;
+        if !rec.visible_to(viewer.0) {
+            return Ok(None);
+        }
+        Ok(Some(view(
+            id,
+            &rec,
+            viewer.0,
+            currency,
+            &store.transfer_ids,
+            |u| crate::store::user_in(&users, UserId(u)).ok().flatten(),
+        )))
+    })
 }
 
 /// What `confab wallet verify` found.
@@ -605,8 +612,13 @@ pub struct Verification {
 /// every scheduled transfer is in the schedule and in its sender's pending
 /// set, and nothing else is in either.
 pub fn verify(store: &Store) -> Result<Verification, ApiError> {
-    use std::collections::HashMap;
     let txn = store.db.begin_read()?;
+    store::guard("the ledger", || verify_in(&txn))
+}
+
+/// [`verify`] in a snapshot (`confab check` runs it in its own).
+pub fn verify_in(txn: &redb::ReadTransaction) -> Result<Verification, ApiError> {
+    use std::collections::HashMap;
     let accounts = txn.open_table(WALLET_ACCOUNTS)?;
     let entries = txn.open_table(WALLET_ENTRIES)?;
     let transfers = txn.open_table(WALLET_TRANSFERS)?;
@@ -627,7 +639,8 @@ pub fn verify(store: &Store) -> Result<Verification, ApiError> {
     for e in entries.range::<(u64, u64)>(..)? {
         let (k, val) = e?;
         let (account, n) = k.value();
-        let rec: EntryRecord = store::decode(val.value(), "entry")?;
+        let rec: EntryRecord =
+            store::seal::open(store::Rec::WalletEntries, (account, n), val.value())?;
         n_entries += 1;
         let sum = by_account.entry(account).or_default();
         *sum += i128::from(rec.delta);
@@ -685,7 +698,7 @@ pub fn verify(store: &Store) -> Result<Verification, ApiError> {
     for t in transfers.range::<u64>(..)? {
         let (k, val) = t?;
         let id = k.value();
-        let rec = decode_transfer(val.value())?;
+        let rec = decode_transfer(id, val.value())?;
         n_transfers += 1;
         let (sum, count) = by_transfer.remove(&id).unwrap_or((0, 0));
         match rec.state {
@@ -741,7 +754,7 @@ pub fn verify(store: &Store) -> Result<Verification, ApiError> {
             ));
             continue;
         };
-        let rec = decode_transfer(g.value())?;
+        let rec = decode_transfer(parent, g.value())?;
         ks.sort_unstable();
         let want: Vec<u32> = (0..rec.runs).collect();
         if ks != want {

@@ -190,6 +190,13 @@ export class ChatView {
     let lastDay = null;
     let lastFrom = null;
     const add = (item, pending) => {
+      // A message the server could not read (`unreadable`) has no time or
+      // sender: it sits in the day and the run of the message before it.
+      if (item.unreadable) {
+        desired.push(this.keyed(`s${item.seq}`, 'unreadable', () => this.bubble(r, item, { own: false, showName: false, state: null })));
+        lastFrom = null;
+        return;
+      }
       const day = new Date(item.ts).toDateString();
       if (day !== lastDay) {
         lastDay = day;
@@ -238,6 +245,10 @@ export class ChatView {
   }
 
   bubble(r, m, { own, showName, state }) {
+    if (m.unreadable) {
+      const attrs = { class: 'msg their unreadable', id: `m-${r.id}-${m.seq}`, dataset: { seq: String(m.seq) } };
+      return h('div', { class: 'row their' }, h('div', attrs, h('div', { class: 'text' }, t('unreadable_message'))));
+    }
     const parts = [];
     if (showName) parts.push(h('div', { class: 'sender' }, this.model.name(m.from)));
     const payment = paymentOf(m);

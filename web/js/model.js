@@ -109,7 +109,7 @@ export class Model {
     const activity = (r) => {
       const pend = this.outbox.filter((p) => p.room === r.id);
       const lastPending = pend.length ? pend[pend.length - 1].ts : 0;
-      return Math.max(r.last ? r.last.ts : r.createdAt || 0, lastPending);
+      return Math.max(r.last && !r.last.unreadable ? r.last.ts : r.createdAt || 0, lastPending);
     };
     return [...this.rooms.values()].sort((a, b) => activity(b) - activity(a));
   }

@@ -132,13 +132,15 @@ export class Sidebar {
     else if (lastPending && (!r.last || lastPending.ts >= r.last.ts)) {
       preview = `${t('you')}: ${lastPending.text}`;
       ts = lastPending.ts;
+    } else if (r.last && r.last.unreadable) {
+      preview = t('unreadable_message');
     } else if (r.last) {
       const pay = paymentOf(r.last);
       const body = pay ? `${t('payment')} ${fmtMoney(pay.amount, pay.currency)}` : r.last.text;
       preview = r.last.from === m.me.id ? `${t('you')}: ${body}` : r.kind === 'group' ? `${m.name(r.last.from)}: ${body}` : body;
       ts = r.last.ts;
     }
-    if (lastPending && r.last && r.last.ts > ts) ts = r.last.ts;
+    if (lastPending && r.last && !r.last.unreadable && r.last.ts > ts) ts = r.last.ts;
     const previewId = `pv-${r.id}`;
     const active = this.app.activeRoom === r.id;
     const b = it.button;

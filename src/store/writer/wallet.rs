@@ -164,13 +164,14 @@ impl GroupCommitWriter {
 
     fn load(t: &Tables, id: u64) -> Result<Option<TransferRecord>, ApiError> {
         match t.wallet_transfers.get(id)? {
-            Some(g) => Ok(Some(wallet::decode_transfer(g.value())?)),
+            Some(g) => Ok(Some(wallet::decode_transfer(id, g.value())?)),
             None => Ok(None),
         }
     }
 
     fn save(t: &mut Tables, id: u64, rec: &TransferRecord) -> Result<(), ApiError> {
-        t.wallet_transfers.insert(id, encode(rec).as_slice())?;
+        t.wallet_transfers
+            .insert(id, seal(Rec::WalletTransfers, id, encode(rec)).as_slice())?;
         Ok(())
     }
 
@@ -207,8 +208,10 @@ impl GroupCommitWriter {
             balance_after: balance,
             ts,
         };
-        t.wallet_entries
-            .insert((account, n), encode(&rec).as_slice())?;
+        t.wallet_entries.insert(
+            (account, n),
+            seal(Rec::WalletEntries, (account, n), encode(&rec)).as_slice(),
+        )?;
         t.wallet_accounts.insert(account, balance)?;
         Ok(())
     }
@@ -473,7 +476,8 @@ impl GroupCommitWriter {
                 note: rec.note.clone(),
             }),
         };
-        t.messages.insert((room.0, seq), mrec.encode().as_slice())?;
+        t.messages
+            .insert((room.0, seq), mrec.sealed(room, seq).as_slice())?;
         let pos = self.next_log_pos(t)?;
         t.message_log.insert(pos, (room.0, seq))?;
         let view = if created {
@@ -493,7 +497,8 @@ impl GroupCommitWriter {
     ) -> Result<(), ApiError> {
         let next = t.cluster_outbox.last()?.map_or(1, |(k, _)| k.value() + 1);
         let bytes = serde_json::to_vec(item).map_err(ApiError::internal)?;
-        t.cluster_outbox.insert(next, bytes.as_slice())?;
+        t.cluster_outbox
+            .insert(next, seal(Rec::ClusterOutbox, next, bytes).as_slice())?;
         self.outbox_woken = true;
         Ok(())
     }
