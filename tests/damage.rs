@@ -644,3 +644,91 @@ async fn the_ui_shows_an_unreadable_message_as_such_in_english_and_korean() {
     );
     assert!(a.exceptions().is_empty(), "{:?}", a.exceptions());
 }
+
+/// A write whose transaction needs a damaged page (the last page of a
+/// room's messages, where the next one goes) is answered — over WebSocket
+/// and HTTP — and the writer goes on serving the other rooms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_into_a_damaged_page_is_answered_and_the_writer_goes_on() {
+    let mut srv = Server::start(&UNLIMITED);
+    let api = srv.api();
+    let alice = api.new_user("alice").await;
+    let bob = api.new_user("bob").await;
+    let carol = api.new_user("carol").await;
+    let room = api.direct_room(&alice.token, &bob.id).await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let other = api.direct_room(&alice.token, &carol.id).await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let mut ws = Ws::connect(srv.addr).await;
+    ws.auth(&alice.token, json!({})).await;
+    for i in 1..=160 {
+        ws.send_and_ack(
+            &room,
+            &format!("p-{i}"),
+            &format!("TAILDMG-{i:04}-{}", "x".repeat(80)),
+        )
+        .await;
+    }
+    // As many in the other room, so that its last page (where its next
+    // message goes) is far from the damaged one in key order.
+    for i in 1..=160 {
+        ws.send_and_ack(
+            &other,
+            &format!("o-{i}"),
+            &format!("SOUND-{i:04}-{}", "x".repeat(80)),
+        )
+        .await;
+    }
+    ws.close().await;
+    srv.stop();
+    let pages = trash_pages(srv.data_dir(), "TAILDMG-0160-");
+    assert!(!pages.is_empty(), "the last message is in the store file");
+    srv.restart();
+    let api = srv.api();
+
+    let mut ws = Ws::connect(srv.addr).await;
+    ws.auth(&alice.token, json!({})).await;
+    let started = Instant::now();
+    ws.send_msg(&room, "p-161", "into the damaged page").await;
+    ws.expect_error("storage_damaged").await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let (status, body) = api
+        .post_message(&alice.token, &room, "p-162", "again, over HTTP")
+        .await;
+    assert_eq!(
+        body["error"]["code"],
+        "storage_damaged",
+        "{body}\n{}",
+        srv.log_tail()
+    );
+    assert_eq!(status.as_u16(), 500, "{body}");
+    // The writer still writes everywhere else, on the same session and
+    // over HTTP, and the server stays ready.
+    ws.send_and_ack(&other, "o-161", "other 161").await;
+    let (status, body) = api
+        .post_message(&alice.token, &other, "o-162", "other 162")
+        .await;
+    assert_eq!(status.as_u16(), 201, "{body}");
+    let r = api.raw(Method::GET, "/readyz", "", None, &[]).await;
+    assert_eq!(r.status.as_u16(), 200);
+    // (Only its newest: its first messages may share the damaged page.)
+    let (status, body) = api
+        .get(
+            &format!("/api/v1/rooms/{other}/messages?after=160"),
+            &alice.token,
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let texts: Vec<&str> = body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["other 161", "other 162"]);
+    ws.close().await;
+}

@@ -108,6 +108,10 @@ pub struct StorageHealth {
     since_ms: AtomicI64,
     /// The last error, for people.
     detail: Mutex<String>,
+    /// What the writer answered its last failed batch with: the answer to
+    /// an op of that batch whose reply it dropped (see
+    /// [`StorageHealth::refusal_or_failure`]).
+    last_failure: Mutex<Option<ApiError>>,
 }
 
 impl StorageHealth {
@@ -149,6 +153,22 @@ impl StorageHealth {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Records what the writer's failed batch was answered with.
+    pub fn batch_failed(&self, err: &ApiError) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.clone());
+    }
+
+    /// Why the writer dropped an op's reply: the current state's refusal,
+    /// else what its last failed batch was answered with (a damaged page).
+    pub fn refusal_or_failure(&self) -> Option<ApiError> {
+        self.refusal().or_else(|| {
+            self.last_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
     }
 
     /// The answer to a write refused in the current state (None when Ok).

@@ -171,7 +171,7 @@ impl WriterHandle {
             // The writer drops the reply of an op it could not apply: say
             // why when the storage is the reason.
             self.health
-                .refusal()
+                .refusal_or_failure()
                 .unwrap_or_else(|| ApiError::internal("the write was not committed"))
         })?
     }
@@ -534,6 +534,7 @@ impl GroupCommitWriter {
                 // applied (a sender's own read positions of this batch are
                 // lost: they are advisory).
                 let e = self.storage_failed(e);
+                self.store.health.batch_failed(&e);
                 for op in batch.drain(..) {
                     op.refuse(&e);
                 }
