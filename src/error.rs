@@ -106,7 +106,7 @@ fn storage_failure(e: &redb::StorageError) -> Option<ApiError> {
     match e {
         redb::StorageError::Io(io) => Some(io_failure(io)),
         redb::StorageError::PreviousIo | redb::StorageError::DatabaseClosed => {
-            Some(crate::store::db::storage_error())
+            Some(storage_error())
         }
         // redb's own report of a damaged file (it verified something and it
         // did not match).
@@ -123,10 +123,10 @@ fn storage_failure(e: &redb::StorageError) -> Option<ApiError> {
 }
 
 fn io_failure(io: &std::io::Error) -> ApiError {
-    if crate::store::db::is_disk_full(io) {
-        crate::store::db::storage_full()
+    if is_disk_full(io) {
+        storage_full()
     } else {
-        crate::store::db::storage_error()
+        storage_error()
     }
 }
 
@@ -140,9 +140,7 @@ impl From<redb::Error> for ApiError {
     fn from(e: redb::Error) -> ApiError {
         match &e {
             redb::Error::Io(io) => io_failure(io),
-            redb::Error::PreviousIo | redb::Error::DatabaseClosed => {
-                crate::store::db::storage_error()
-            }
+            redb::Error::PreviousIo | redb::Error::DatabaseClosed => storage_error(),
             _ => ApiError::internal(e),
         }
     }
@@ -161,3 +159,41 @@ macro_rules! redb_errors {
     )*};
 }
 redb_errors!(TransactionError, TableError, CommitError, DatabaseError);
+
+/// 507 `storage_full`: retryable once the operator frees space.
+pub fn storage_full() -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        "storage_full",
+        "the server's disk is full; nothing was stored; try again later",
+    );
+    e.retry_after = Some(5);
+    e
+}
+
+/// 503 `storage_error`: retryable; the server is recovering its storage.
+pub fn storage_error() -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_error",
+        "the server cannot write to its storage right now; nothing was stored; try again shortly",
+    );
+    e.retry_after = Some(2);
+    e
+}
+
+/// Whether `e` (or what caused it) is a full disk or quota.
+pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::StorageFull
+                || matches!(
+                    io.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
+                );
+        }
+        cur = err.source();
+    }
+    false
+}

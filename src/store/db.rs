@@ -15,6 +15,7 @@ use std::sync::{Mutex, RwLock};
 use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
 
 use crate::error::ApiError;
+pub use crate::error::{is_disk_full, storage_error, storage_full};
 
 /// The store's database, reopenable.
 pub struct Db {
@@ -179,44 +180,6 @@ impl StorageHealth {
             StorageState::Failing => Some(storage_error()),
         }
     }
-}
-
-/// 507 `storage_full`: retryable once the operator frees space.
-pub fn storage_full() -> ApiError {
-    let mut e = ApiError::new(
-        hyper::StatusCode::INSUFFICIENT_STORAGE,
-        "storage_full",
-        "the server's disk is full; nothing was stored; try again later",
-    );
-    e.retry_after = Some(5);
-    e
-}
-
-/// 503 `storage_error`: retryable; the server is recovering its storage.
-pub fn storage_error() -> ApiError {
-    let mut e = ApiError::new(
-        hyper::StatusCode::SERVICE_UNAVAILABLE,
-        "storage_error",
-        "the server cannot write to its storage right now; nothing was stored; try again shortly",
-    );
-    e.retry_after = Some(2);
-    e
-}
-
-/// Whether `e` (or what caused it) is a full disk or quota.
-pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::StorageFull
-                || matches!(
-                    io.raw_os_error(),
-                    Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
-                );
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// Whether `e` is a storage failure (I/O, or redb refusing after one)
