@@ -7,6 +7,7 @@
 //! together and bump [`SCHEMA_VERSION`] for incompatible changes.
 
 pub mod db;
+pub mod engine;
 pub mod integrity;
 pub mod seal;
 pub mod writer;

@@ -1,12 +1,8 @@
-//! The group-commit writer: the only code that writes to redb.
-//!
-//! It runs on its own OS thread (redb writes are synchronous and there is one
-//! writer at a time). Callers queue [`Op`]s on a bounded channel; the writer
-//! takes everything that is queued (up to `commit_batch_max`), applies it in
-//! one write transaction, commits durably (fsync), and only then acks senders,
-//! answers callers and fans messages out through the [`Hub`]. While a commit
-//! is in flight new operations pile up and form the next batch, so batches
-//! grow with load and the fsync cost is shared.
+//! The writes of confab's domains — messages, rooms, contacts, accounts,
+//! tokens, privacy, the wallet, the cluster outbox — as the [`Domain`] that
+//! the group-commit [`Engine`] runs: the [`Op`]s callers queue, how each is
+//! applied inside the engine's write transaction, and what happens once its
+//! batch is durable (acks, answers, fan-out through the [`Hub`], receipts).
 //!
 //! Invariants kept here: a message is acked only after its commit; each
 //! room's `seq` is assigned here, starting at 1, without gaps (a failed
@@ -24,7 +20,7 @@ mod wallet;
 
 pub use wallet::{WalletOp, WalletWiring};
 
-use super::db::StorageState;
+use super::engine::{Domain, Engine};
 use super::seal::seal;
 use super::*;
 use crate::config::StoreConfig;
@@ -210,7 +206,7 @@ impl Op {
 }
 
 /// Post-commit work for one op.
-enum Effect {
+pub enum Effect {
     Sent {
         msg: Message,
         members: Arc<[UserId]>,
@@ -278,7 +274,6 @@ const SEQ_CACHE_MAX: usize = 1_000_000;
 pub struct GroupCommitWriter {
     store: Store,
     hub: Arc<Hub>,
-    config: StoreConfig,
     max_group_members: usize,
     state: WriterState,
     /// Senders' read positions, moved to their own newest message. Under
@@ -291,69 +286,10 @@ pub struct GroupCommitWriter {
     wallet: WalletWiring,
     /// This batch queued outbox entries: wake the forwarder after the commit.
     outbox_woken: bool,
-    /// A preallocated file released when the disk fills up, so that the
-    /// essential writes (and the shutdown's last commit) still fit.
-    reserve: Reserve,
-    /// When to try again to leave the Full or Failing state, and the wait
-    /// after that (doubling, capped).
-    retry_at: Instant,
-    retry_wait: Duration,
+    /// The session send being applied, so that it is answered also when
+    /// redb panics inside `apply` (the op is consumed by then).
+    in_flight: Option<(Arc<SessionOutbox>, String, RoomId)>,
 }
-
-/// The reserve file (`<data_dir>/storage-reserve`, `storage_reserve_mb`).
-struct Reserve {
-    path: std::path::PathBuf,
-    bytes: u64,
-}
-
-impl Reserve {
-    /// Makes sure the file exists with its size allocated (not sparse).
-    fn ensure(&self) -> std::io::Result<()> {
-        if self.bytes == 0 {
-            return Ok(());
-        }
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= self.bytes) {
-            return Ok(());
-        }
-        use std::os::fd::AsRawFd;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.path)?;
-        let len = libc::off_t::try_from(self.bytes).unwrap_or(libc::off_t::MAX);
-        // SAFETY: posix_fallocate(3) on a file descriptor we own.
-        let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
-        if rc != 0 {
-            let _ = std::fs::remove_file(&self.path);
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        f.sync_all()
-    }
-
-    /// Gives the space back (on a full disk). Whether there was any.
-    fn release(&self) -> bool {
-        std::fs::remove_file(&self.path).is_ok()
-    }
-
-    /// Free bytes for an unprivileged writer on the data directory's file
-    /// system.
-    fn free_bytes(&self) -> Option<u64> {
-        let dir = self.path.parent()?;
-        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-        // SAFETY: statvfs(3) fills the zeroed struct we own.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return None;
-        }
-        Some(st.f_bavail.saturating_mul(st.f_frsize))
-    }
-}
-
-/// The first retry after a storage failure, and the longest wait between
-/// retries.
-const RETRY_FIRST: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(2);
 
 const READ_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 const READ_PENDING_MAX: usize = 100_000;
@@ -386,265 +322,29 @@ impl GroupCommitWriter {
     ) -> std::io::Result<(WriterHandle, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(config.writer_queue);
         let health = store.health.clone();
-        let reserve = Reserve {
-            path: store.db.path().with_file_name("storage-reserve"),
-            bytes: (config.storage_reserve_mb as u64) << 20,
-        };
-        if let Err(e) = reserve.ensure() {
-            tracing::warn!(error = %e, path = %reserve.path.display(), "cannot keep a storage reserve");
-        }
-        let mut writer = GroupCommitWriter {
+        let db = store.db.clone();
+        let writer = GroupCommitWriter {
             store,
             hub,
-            config,
             max_group_members,
             state: WriterState::default(),
             pending_reads: HashMap::new(),
             reads_flushed: Instant::now(),
             wallet,
             outbox_woken: false,
-            reserve,
-            retry_at: Instant::now(),
-            retry_wait: RETRY_FIRST,
+            in_flight: None,
         };
-        let join = std::thread::Builder::new()
-            .name("confab-writer".into())
-            .spawn(move || writer.run(rx))?;
+        let join = Engine::spawn(db, health.clone(), config, writer, rx)?;
         Ok((WriterHandle { tx, health }, join))
-    }
-
-    fn run(&mut self, mut rx: mpsc::Receiver<Op>) {
-        let mut batch: Vec<Op> = Vec::with_capacity(self.config.commit_batch_max);
-        let wait = Duration::from_micros(self.config.commit_wait_us);
-        loop {
-            let first = if self.store.health.state() == StorageState::Ok {
-                match rx.blocking_recv() {
-                    Some(op) => op,
-                    None => return,
-                }
-            } else {
-                // Full or failing: try to recover when due, and meanwhile
-                // answer what comes at once.
-                if Instant::now() >= self.retry_at {
-                    self.try_recover();
-                }
-                match rx.try_recv() {
-                    Ok(op) => op,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        std::thread::sleep(Duration::from_millis(20));
-                        continue;
-                    }
-                    Err(mpsc::error::TryRecvError::Disconnected) => return,
-                }
-            };
-            let mut stop = matches!(first, Op::Stop);
-            if !stop {
-                batch.push(first);
-            }
-            let mut waited = wait.is_zero();
-            // Whether the queue ran dry: then this batch also writes the
-            // deferred read positions.
-            let mut idle = false;
-            while !stop && batch.len() < self.config.commit_batch_max {
-                match rx.try_recv() {
-                    Ok(Op::Stop) => stop = true,
-                    Ok(op) => batch.push(op),
-                    Err(mpsc::error::TryRecvError::Empty) if !waited => {
-                        std::thread::sleep(wait);
-                        waited = true;
-                    }
-                    Err(_) => {
-                        idle = true;
-                        break;
-                    }
-                }
-            }
-            if let Some(err) = self.store.health.refusal() {
-                // Only the essential ops are tried (on the reserve); the
-                // others are answered now, without touching the disk.
-                let mut keep = Vec::with_capacity(batch.len());
-                for op in batch.drain(..) {
-                    if op.is_essential() {
-                        keep.push(op);
-                    } else {
-                        op.refuse(&err);
-                    }
-                }
-                batch = keep;
-            }
-            if !batch.is_empty() {
-                let flush_reads = idle
-                    || stop
-                    || self.reads_flushed.elapsed() >= READ_FLUSH_INTERVAL
-                    || self.pending_reads.len() >= READ_PENDING_MAX;
-                self.commit_batch(&mut batch, flush_reads);
-            }
-            if stop {
-                tracing::info!("writer stopped after its last commit");
-                return;
-            }
-        }
-    }
-
-    fn commit_batch(&mut self, batch: &mut Vec<Op>, flush_reads: bool) {
-        let started = Instant::now();
-        let n = batch.len();
-        let mut effects = Vec::with_capacity(n);
-        // A panic inside redb (a damaged page on the way to where this
-        // batch writes) fails the batch as `storage_damaged` instead of
-        // ending the writer: the write transaction is dropped (nothing of
-        // it is committed), ops already taken from the batch are answered
-        // by their dropped reply channels, and other rooms go on.
-        let mut in_flight = None;
-        let result = super::guard("the pages this batch writes to", || {
-            self.apply_all(batch, &mut effects, &mut in_flight, flush_reads)
-        });
-        if let Some((s, client_id, room)) = in_flight.take() {
-            // The op being applied when redb panicked: answered below.
-            effects.push(Effect::Rejected {
-                origin: Origin::Session(s),
-                err: ApiError::damaged("the store could not write this"),
-                client_id,
-                room,
-            });
-        }
-        let commit_secs = started.elapsed().as_secs_f64();
-        metrics::histogram!("confab_commit_batch_size").record(n as f64);
-        metrics::histogram!("confab_commit_duration_seconds").record(commit_secs);
-        let live = &crate::status::LIVE;
-        crate::status::LiveStats::add(&live.commits, 1);
-        crate::status::LiveStats::add(&live.commit_ops, n as u64);
-        crate::status::LiveStats::add(&live.commit_micros, (commit_secs * 1e6) as u64);
-        match result {
-            Ok(()) => {
-                if let Some(pos) = self.state.log_pos {
-                    self.store.feed.publish(pos);
-                }
-                if std::mem::take(&mut self.outbox_woken) {
-                    self.wallet.outbox_wake.notify_one();
-                }
-                self.deliver(effects)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, ops = n, "commit failed; the batch is rejected");
-                self.outbox_woken = false;
-                metrics::counter!("confab_commit_failures_total").increment(1);
-                self.state = WriterState::default();
-                // Everything in the batch is answered, also what was never
-                // applied (a sender's own read positions of this batch are
-                // lost: they are advisory).
-                let e = self.storage_failed(e);
-                self.store.health.batch_failed(&e);
-                for op in batch.drain(..) {
-                    op.refuse(&e);
-                }
-                for effect in effects {
-                    match effect {
-                        Effect::Sent { origin, msg, .. } => {
-                            fail_origin(origin, &e, &msg.client_id, msg.room)
-                        }
-                        Effect::Rejected {
-                            origin,
-                            client_id,
-                            room,
-                            ..
-                        } => fail_origin(origin, &e, &client_id, room),
-                        // Dropping a reply channel answers its caller with an error.
-                        _ => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// A commit failed with `e`: if the storage is the cause, move to Full
-    /// (releasing the reserve) or Failing, reopen the database (redb fails
-    /// every operation after an I/O error until then), and schedule a retry.
-    /// Returns the error to answer the batch with.
-    fn storage_failed(&mut self, e: ApiError) -> ApiError {
-        let state = match e.code {
-            "storage_full" => StorageState::Full,
-            "storage_error" => StorageState::Failing,
-            _ => return e,
-        };
-        if state == StorageState::Full && self.reserve.release() {
-            tracing::warn!(path = %self.reserve.path.display(), "disk full: released the storage reserve");
-        }
-        let detail = if state == StorageState::Full {
-            "the disk is full"
-        } else {
-            "writing to the store failed"
-        };
-        self.store.health.set(state, detail);
-        if let Err(why) = self.store.db.reopen() {
-            tracing::error!(error = %why, "cannot reopen the store");
-            self.store.health.set(StorageState::Failing, &why);
-        }
-        self.retry_wait = RETRY_FIRST;
-        self.retry_at = Instant::now() + self.retry_wait;
-        self.store.health.refusal().unwrap_or(e)
-    }
-
-    /// Full or Failing: is the storage usable again? Full ends when the
-    /// file system has room for the reserve twice over and the reserve is
-    /// allocated again; both end with a successful probe commit. Otherwise
-    /// the next try is scheduled, waiting twice as long (at most
-    /// [`RETRY_MAX`]).
-    fn try_recover(&mut self) {
-        let health = self.store.health.clone();
-        let ready = match health.state() {
-            StorageState::Ok => return,
-            StorageState::Full => {
-                let need = self.reserve.bytes.saturating_mul(2).max(1 << 20);
-                self.reserve.free_bytes().is_some_and(|free| free >= need)
-                    && self.reserve.ensure().is_ok()
-            }
-            StorageState::Failing => match self.store.db.reopen() {
-                Ok(()) => true,
-                Err(why) => {
-                    health.set(StorageState::Failing, &why);
-                    false
-                }
-            },
-        };
-        if ready {
-            match self.probe() {
-                Ok(()) => {
-                    self.state = WriterState::default();
-                    health.set(StorageState::Ok, "");
-                    self.retry_wait = RETRY_FIRST;
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "the storage is not writable yet");
-                    let _ = self.storage_failed(e);
-                }
-            }
-        }
-        self.retry_wait = (self.retry_wait * 2).min(RETRY_MAX);
-        self.retry_at = Instant::now() + self.retry_wait;
-    }
-
-    /// One small durable commit: proof that the storage takes writes.
-    fn probe(&self) -> Result<(), ApiError> {
-        let txn = self.store.db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            meta.insert("storage_probe_ms", now_ms().max(0) as u64)?;
-        }
-        txn.commit()?;
-        Ok(())
     }
 
     fn apply_all(
         &mut self,
+        txn: &redb::WriteTransaction,
         batch: &mut Vec<Op>,
         effects: &mut Vec<Effect>,
-        in_flight: &mut Option<(Arc<SessionOutbox>, String, RoomId)>,
         flush_reads: bool,
     ) -> Result<(), ApiError> {
-        let mut txn = self.store.db.begin_write()?;
-        txn.set_quick_repair(self.config.quick_repair);
         {
             let mut t = Tables {
                 users: txn.open_table(USERS)?,
@@ -675,7 +375,7 @@ impl GroupCommitWriter {
                 // answered (the op is consumed by `apply`).
                 // (Kept outside too, so that it is answered also when redb
                 // panics inside `apply`.)
-                *in_flight = match &op {
+                self.in_flight = match &op {
                     Op::Send {
                         origin: Origin::Session(s),
                         client_id,
@@ -686,11 +386,11 @@ impl GroupCommitWriter {
                 };
                 match self.apply(op, &mut t) {
                     Ok(effect) => {
-                        *in_flight = None;
+                        self.in_flight = None;
                         effects.push(effect)
                     }
                     Err(e) => {
-                        if let Some((s, client_id, room)) = in_flight.take() {
+                        if let Some((s, client_id, room)) = self.in_flight.take() {
                             effects.push(Effect::Rejected {
                                 origin: Origin::Session(s),
                                 err: e.clone(),
@@ -711,10 +411,95 @@ impl GroupCommitWriter {
                 self.reads_flushed = Instant::now();
             }
         }
-        txn.commit()?;
         Ok(())
     }
+}
 
+impl Domain for GroupCommitWriter {
+    type Op = Op;
+    type Effect = Effect;
+
+    fn is_stop(op: &Op) -> bool {
+        matches!(op, Op::Stop)
+    }
+
+    fn is_essential(op: &Op) -> bool {
+        op.is_essential()
+    }
+
+    fn refuse(&mut self, op: Op, err: &ApiError) {
+        op.refuse(err);
+    }
+
+    fn flush_due(&self) -> bool {
+        self.reads_flushed.elapsed() >= READ_FLUSH_INTERVAL
+            || self.pending_reads.len() >= READ_PENDING_MAX
+    }
+
+    fn apply(
+        &mut self,
+        txn: &redb::WriteTransaction,
+        batch: &mut Vec<Op>,
+        effects: &mut Vec<Effect>,
+        flush: bool,
+    ) -> Result<(), ApiError> {
+        self.apply_all(txn, batch, effects, flush)
+    }
+
+    fn committed(&mut self, effects: Vec<Effect>) {
+        if let Some(pos) = self.state.log_pos {
+            self.store.feed.publish(pos);
+        }
+        if std::mem::take(&mut self.outbox_woken) {
+            self.wallet.outbox_wake.notify_one();
+        }
+        self.deliver(effects)
+    }
+
+    fn failed(&mut self, mut effects: Vec<Effect>, e: &ApiError) {
+        if let Some((s, client_id, room)) = self.in_flight.take() {
+            // The op being applied when redb panicked.
+            effects.push(Effect::Rejected {
+                origin: Origin::Session(s),
+                err: e.clone(),
+                client_id,
+                room,
+            });
+        }
+        self.outbox_woken = false;
+        // The caches may hold what the batch did; a sender's own read
+        // positions of this batch are lost (they are advisory).
+        self.state = WriterState::default();
+        for effect in effects {
+            match effect {
+                Effect::Sent { origin, msg, .. } => {
+                    fail_origin(origin, e, &msg.client_id, msg.room)
+                }
+                Effect::Rejected {
+                    origin,
+                    client_id,
+                    room,
+                    ..
+                } => fail_origin(origin, e, &client_id, room),
+                // Dropping a reply channel answers its caller with an error.
+                _ => {}
+            }
+        }
+    }
+
+    fn recovered(&mut self) {
+        self.state = WriterState::default();
+    }
+
+    fn measured(&mut self, ops: usize, secs: f64) {
+        let live = &crate::status::LIVE;
+        crate::status::LiveStats::add(&live.commits, 1);
+        crate::status::LiveStats::add(&live.commit_ops, ops as u64);
+        crate::status::LiveStats::add(&live.commit_micros, (secs * 1e6) as u64);
+    }
+}
+
+impl GroupCommitWriter {
     fn members(&mut self, t: &Tables, room: RoomId) -> Result<Arc<[UserId]>, ApiError> {
         if let Some(m) = self.state.members.get(&room) {
             return Ok(m.clone());
