@@ -80,8 +80,8 @@ use sha2::{Digest, Sha256};
 use confab::hub::Hub;
 use confab::ids::{RoomId, UserId};
 use confab::store::Store;
-use confab::store::writer::{GroupCommitWriter, Op, Origin, Reply, WalletOp, WriterHandle};
 use confab::wallet::TransferRequest;
+use confab::writes::{GroupCommitWriter, Op, Origin, Reply, WalletOp, WriterHandle};
 use corpus::Corpus;
 
 const PHASES: [&str; 5] = ["offline", "restore", "online", "load", "control"];

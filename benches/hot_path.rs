@@ -26,8 +26,8 @@ use confab::config::StoreConfig;
 use confab::frames;
 use confab::hub::{Hub, OutFrame, SessionOutbox};
 use confab::ids::{RoomId, UserId};
-use confab::store::writer::{GroupCommitWriter, Op, Origin, WriterHandle};
 use confab::store::{Message, Store};
+use confab::writes::{GroupCommitWriter, Op, Origin, WriterHandle};
 
 /// A typical chat line (~100 bytes).
 const TEXT: &str = "On my way, should be there in ten minutes or so. Can you save me a seat near the window, please?";

@@ -71,7 +71,7 @@ use confab::config::StoreConfig;
 use confab::hub::Hub;
 use confab::ids::{RoomId, UserId};
 use confab::store::Store;
-use confab::store::writer::{GroupCommitWriter, Op, Origin, WriterHandle};
+use confab::writes::{GroupCommitWriter, Op, Origin, WriterHandle};
 use corpus::{Corpus, QueryKind};
 use http::{Conn, Pool};
 

@@ -25,7 +25,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::api::AppState;
 use crate::error::ApiError;
 use crate::store::Store;
-use crate::store::writer::{Op, WalletOp, WriterHandle};
+use crate::writes::{Op, WalletOp, WriterHandle};
 
 /// How long a client has to send its request line: a connection that sends
 /// nothing would otherwise hold a task and a file descriptor for ever.

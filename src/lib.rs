@@ -22,3 +22,4 @@ pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod wallet;
+pub mod writes;

@@ -383,7 +383,7 @@ fn run_wallet(args: WalletArgs) -> ExitCode {
         }
         // No server: open the store and run the command here.
         let store = confab::store::Store::open_with_cache(&dir, config.store.cache_mb << 20)?;
-        let wiring = confab::store::writer::WalletWiring {
+        let wiring = confab::writes::WalletWiring {
             settings: confab::wallet::WalletSettings {
                 currency: config.wallet.wallet_currency.clone(),
                 signup_bonus: config.wallet.signup_bonus,
@@ -391,7 +391,7 @@ fn run_wallet(args: WalletArgs) -> ExitCode {
             },
             ..Default::default()
         };
-        let (writer, join) = confab::store::writer::GroupCommitWriter::spawn_with(
+        let (writer, join) = confab::writes::GroupCommitWriter::spawn_with(
             store.clone(),
             std::sync::Arc::new(confab::hub::Hub::default()),
             config.store.clone(),
@@ -400,7 +400,7 @@ fn run_wallet(args: WalletArgs) -> ExitCode {
         )
         .map_err(|e| e.to_string())?;
         let answer = confab::admin::handle(&store, &writer, &req).await;
-        let _ = writer.submit(confab::store::writer::Op::Stop).await;
+        let _ = writer.submit(confab::writes::Op::Stop).await;
         drop(writer);
         let _ = join.join();
         Ok::<_, String>(answer)

@@ -24,8 +24,8 @@ use crate::config::Config;
 use crate::hub::{Hub, close};
 use crate::search::{Indexer, SearchIndex};
 use crate::store::Store;
-use crate::store::writer::{GroupCommitWriter, Op, WalletWiring};
 use crate::wallet::WalletSettings;
+use crate::writes::{GroupCommitWriter, Op, WalletWiring};
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 

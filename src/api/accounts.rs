@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::{AppState, Body, caller, json, no_content, parse_id, query, read_json};
 use crate::error::ApiError;
 use crate::ids::UserId;
-use crate::store::writer::Op;
+use crate::writes::Op;
 
 #[derive(Deserialize)]
 struct SignupBody {
@@ -374,8 +374,8 @@ pub async fn add_contact(
     let c = caller(state, &req)?;
     let body: ContactBody = read_json(state, req).await?;
     let who = match (body.username, body.user_id) {
-        (_, Some(id)) => crate::store::writer::Contact::Id(id),
-        (Some(name), None) => crate::store::writer::Contact::Name(name),
+        (_, Some(id)) => crate::writes::Contact::Id(id),
+        (Some(name), None) => crate::writes::Contact::Name(name),
         (None, None) => {
             return Err(ApiError::bad_request(
                 "invalid_json",

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::{AppState, Body, caller, json, parse_id, query, read_json};
 use crate::error::ApiError;
 use crate::ids::RoomId;
-use crate::store::writer::{Op, Origin};
+use crate::writes::{Op, Origin};
 
 #[derive(Deserialize)]
 struct PostBody {

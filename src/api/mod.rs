@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::store::Store;
-use crate::store::writer::WriterHandle;
+use crate::writes::WriterHandle;
 
 pub use accounts::valid_username;
 pub use body::Body;

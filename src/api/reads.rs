@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::ids::{RoomId, UserId};
-use crate::store::writer::{Op, WriterHandle};
+use crate::writes::{Op, WriterHandle};
 
 /// The writer sees a user's reads at most this often.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);

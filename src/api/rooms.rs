@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::{AppState, Body, caller, json, no_content, parse_id, read_json};
 use crate::error::ApiError;
 use crate::ids::{RoomId, UserId};
-use crate::store::writer::Op;
+use crate::writes::Op;
 
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -12,8 +12,8 @@ use hyper::{Request, Response, StatusCode};
 use super::{AppState, Body, caller, json, query, read_json};
 use crate::error::ApiError;
 use crate::store::now_ms;
-use crate::store::writer::{Op, WalletOp};
 use crate::wallet;
+use crate::writes::{Op, WalletOp};
 
 /// The one answer for a transfer that is missing, malformed or not the
 /// caller's to see (the writer's `cancel` answers the same).

@@ -32,7 +32,7 @@ use crate::hub::{OutFrame, SessionOutbox, close};
 use crate::ids::{RoomId, UserId};
 use crate::limits::TokenBucket;
 use crate::store::now_ms;
-use crate::store::writer::{Op, Origin};
+use crate::writes::{Op, Origin};
 
 type Io = TokioIo<Upgraded>;
 type Reader = WebSocketRead<ReadHalf<Io>>;

@@ -44,7 +44,7 @@ use crate::frames;
 use crate::hub::{LinkEvent, ProxyLink, SessionOutbox};
 use crate::ids::UserId;
 use crate::store::User;
-use crate::store::writer::Op;
+use crate::writes::Op;
 
 /// Events queued for one proxy before its stream counts as stuck and is
 /// closed (the proxy reconnects and catches its sessions up).
@@ -366,7 +366,7 @@ async fn credit(state: &AppState, req: Request<Incoming>) -> Result<Response<Bod
     state
         .writer
         .call(|reply| {
-            Op::Wallet(crate::store::writer::WalletOp::Credit {
+            Op::Wallet(crate::writes::WalletOp::Credit {
                 user: id,
                 amount,
                 key: Some(format!("signup-{id}")),

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::AppState;
 use crate::ids::RoomId;
 use crate::store::User;
-use crate::store::writer::Op;
+use crate::writes::Op;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -10,7 +10,6 @@ pub mod db;
 pub mod engine;
 pub mod integrity;
 pub mod seal;
-pub mod writer;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -9,7 +9,7 @@
 //! issued, counted negative) to a user. Every transfer writes two immutable
 //! entries (debit and credit) in the same redb transaction as the balances,
 //! the transfer's state and its chat message, so it happens once or not at
-//! all. All wallet writes run in the `GroupCommitWriter` (`store/writer.rs`,
+//! all. All wallet writes run in the `GroupCommitWriter` (`writes/mod.rs`,
 //! `apply_wallet`), never elsewhere; this module holds the types, the rules
 //! and the read side.
 

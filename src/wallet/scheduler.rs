@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use crate::store::now_ms;
-use crate::store::writer::{Op, WalletOp, WriterHandle};
+use crate::writes::{Op, WalletOp, WriterHandle};
 
 /// Longest sleep between checks (a safety net; changes wake it at once).
 const MAX_SLEEP: Duration = Duration::from_secs(30);

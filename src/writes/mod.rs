@@ -20,12 +20,14 @@ mod wallet;
 
 pub use wallet::{WalletOp, WalletWiring};
 
-use super::engine::{Domain, Engine};
-use super::seal::seal;
-use super::*;
 use crate::config::StoreConfig;
+use crate::error::ApiError;
 use crate::frames::{self, ServerFrame};
 use crate::hub::{Hub, OutFrame, SessionOutbox};
+use crate::ids::{RoomId, UserId};
+use crate::store::engine::{Domain, Engine};
+use crate::store::seal::seal;
+use crate::store::*;
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
@@ -146,7 +148,7 @@ pub enum Op {
 pub struct WriterHandle {
     tx: mpsc::Sender<Op>,
     /// Why an op may have been answered by dropping its reply.
-    health: Arc<super::db::StorageHealth>,
+    health: Arc<crate::store::db::StorageHealth>,
 }
 
 impl WriterHandle {
