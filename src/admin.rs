@@ -327,7 +327,7 @@ async fn check(
         .name("confab-check".into())
         .spawn(move || {
             let result = db.begin_read().map_err(|e| e.to_string()).map(|txn| {
-                let mut report = crate::store::integrity::check(&txn, &mut |p| {
+                let mut report = crate::store::integrity::check(&txn, &crate::wallet::ledger_check, &mut |p| {
                     let _ = tx.send(p);
                 });
                 report.engine = "not checked: the server is running (stop it and run `confab check` for redb's page checksums too)".into();

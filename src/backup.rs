@@ -240,7 +240,7 @@ tuple_col!(A 0, B 1, C 2);
 /// its decoding; for older ones its decoding (a full read of the backup,
 /// not just the file's own checksum).
 fn check_value(table: &str, schema: u64, key: &[u8], v: &[u8]) -> Result<(), String> {
-    seal::verify_value(table, schema, key, v).map(drop)
+    store::verify_value(table, schema, key, v).map(drop)
 }
 
 /// Tables a backup leaves out: derived from the others, rebuilt by
@@ -784,6 +784,30 @@ fn refusal(found: &[Finding], total: u64) -> String {
         out.push_str(&format!("\n  … and {} more", total - 20));
     }
     out
+}
+
+/// The store's [`store::BeforeMigration`] for a server or an offline
+/// command on `data_dir`: a copy of exactly what is there (the way back)
+/// in `<data_dir>/backups/`, records unchecked (the older format has no
+/// checksums to check).
+pub fn before_migration(
+    data_dir: &Path,
+) -> impl Fn(&ReadTransaction, u64) -> Result<(), String> + use<'_> {
+    move |snapshot, v| {
+        let to = data_dir
+            .join("backups")
+            .join(timestamped_name(&format!("{PRE_MIGRATION_PREFIX}{v}")));
+        let summary = write(
+            snapshot,
+            secret_file(data_dir).as_deref(),
+            &to,
+            OnDamage::Copy,
+            |_| {},
+        )
+        .map_err(|e| format!("cannot back up the store before migrating it: {e}"))?;
+        tracing::info!(path = %summary.path, from = v, to = store::SCHEMA_VERSION, "store backed up before migration");
+        Ok(())
+    }
 }
 
 /// Where the backup to `to` is written until it is complete.

@@ -382,7 +382,11 @@ fn run_wallet(args: WalletArgs) -> ExitCode {
             });
         }
         // No server: open the store and run the command here.
-        let store = confab::store::Store::open_with_cache(&dir, config.store.cache_mb << 20)?;
+        let store = confab::store::Store::open_with(
+            &dir,
+            config.store.cache_mb << 20,
+            Some(&backup::before_migration(&dir)),
+        )?;
         let wiring = confab::writes::WalletWiring {
             settings: confab::wallet::WalletSettings {
                 currency: config.wallet.wallet_currency.clone(),
@@ -442,8 +446,12 @@ fn run_reindex(args: StoreArgs) -> ExitCode {
     };
     let dir = &config.server.data_dir;
     let result = (|| -> Result<u64, String> {
-        let store = confab::store::Store::open_with_cache(dir, config.store.cache_mb << 20)
-            .map_err(|e| format!("{e} (is a server running on this data directory?)"))?;
+        let store = confab::store::Store::open_with(
+            dir,
+            config.store.cache_mb << 20,
+            Some(&backup::before_migration(dir)),
+        )
+        .map_err(|e| format!("{e} (is a server running on this data directory?)"))?;
         confab::search::SearchIndex::remove(dir)?;
         let total = store.feed.committed();
         let index = std::sync::Arc::new(confab::search::SearchIndex::open(dir, total)?);
@@ -884,7 +892,7 @@ fn run_check(args: CheckArgs) -> ExitCode {
             t.as_secs()
         )),
         Some(Err(e)) => Err(not_accepting_or(e)),
-        None => integrity::check_offline(&dir, &mut show),
+        None => integrity::check_offline(&dir, &confab::wallet::ledger_check, &mut show),
     };
     eprintln!();
     let report = match result {

@@ -44,7 +44,11 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         tracing::info!(node = %node.id, nodes = c.nodes.len(), "cluster node");
     }
     let data_dir = config.server.data_dir.clone();
-    let store = Store::open_with_cache(&data_dir, config.store.cache_mb.saturating_mul(1 << 20))?;
+    let store = Store::open_with(
+        &data_dir,
+        config.store.cache_mb.saturating_mul(1 << 20),
+        Some(&crate::backup::before_migration(&data_dir)),
+    )?;
     // Partial backups left by a process that stopped while writing one (a
     // killed server's periodic or pre-migration backup) would stay for ever.
     // Only confab's own names, and none that a running backup holds; the

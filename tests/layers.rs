@@ -51,7 +51,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("hub", "writes status::LIVE"),
     ("search", "in the telemetry cycle"),
     ("status", "imports api"),
-    ("store", "imports wallet (records, transfer ids) and backup"),
     ("writes", "imports hub, status, frames, cluster"),
     ("telemetry", "imports search"),
     ("wallet", "imports store and is imported by it"),

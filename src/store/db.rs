@@ -128,8 +128,7 @@ impl StorageHealth {
     pub fn set(&self, state: StorageState, detail: &str) {
         let before = self.state.swap(state as u8, Ordering::AcqRel);
         if before != state as u8 {
-            self.since_ms
-                .store(crate::store::now_ms(), Ordering::Release);
+            self.since_ms.store(now_ms(), Ordering::Release);
             match state {
                 StorageState::Ok => tracing::info!("storage recovered: writes are accepted again"),
                 StorageState::Full => {
@@ -203,4 +202,12 @@ pub fn is_storage_failure(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+/// Now, in Unix milliseconds (the store's clock: `store::now_ms`).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 use redb::{ReadTransaction, ReadableTable, TableDefinition};
 use serde::Serialize;
 
-use super::seal::{self, Rec, SealKey, Verdict};
+use super::seal::{self, Rec, SealKey};
 use super::{MESSAGE_LOG, MESSAGES};
+use super::{Verdict, verify_value};
+use crate::error::ApiError;
 
 /// Runs `f`, turning a panic (inside redb, on a damaged page) into
 /// Err(its message).
@@ -49,7 +51,7 @@ fn s(e: impl std::fmt::Display) -> String {
 
 /// What [`visit_messages`] meets.
 pub enum Item<'a> {
-    /// A stored value (not yet checked: see [`seal::verify_value`]).
+    /// A stored value (not yet checked: see [`verify_value`]).
     Record {
         room: u64,
         seq: u64,
@@ -419,9 +421,7 @@ macro_rules! check_sealed_fn {
                     let (k, v) = e.map_err(s)?;
                     let key = k.value();
                     let kb = key.key_bytes();
-                    if let Err(why) =
-                        seal::verify_value(rec.table(), schema, kb.as_slice(), v.value())
-                    {
+                    if let Err(why) = verify_value(rec.table(), schema, kb.as_slice(), v.value()) {
                         found.push(Finding::record(rec, kb.as_slice(), why));
                     }
                     n += 1;
@@ -477,7 +477,16 @@ fn check_plain<K: redb::Key + 'static, V: redb::Value + 'static>(
 /// and decoding), every page readable, every room's seq chain and
 /// `message_log` against it, and the ledger. redb's own page checksums are
 /// not verified here (see [`engine_check`]).
-pub fn check(txn: &ReadTransaction, on_progress: &mut dyn FnMut(Progress)) -> Report {
+/// The wallet's ledger check over a snapshot: its breaches (none = sound).
+/// The store holds the ledger's records; its rules are the wallet's, which
+/// hands this in (`wallet::ledger_check`).
+pub type LedgerCheck<'a> = &'a dyn Fn(&ReadTransaction) -> Result<Vec<String>, ApiError>;
+
+pub fn check(
+    txn: &ReadTransaction,
+    ledger: LedgerCheck<'_>,
+    on_progress: &mut dyn FnMut(Progress),
+) -> Report {
     let started = Instant::now();
     let mut report = Report {
         schema_version: super::schema_version(txn).ok().flatten().unwrap_or(0),
@@ -505,7 +514,7 @@ pub fn check(txn: &ReadTransaction, on_progress: &mut dyn FnMut(Progress)) -> Re
         match item {
             Item::Record { room, seq, value } => {
                 let kb = (room, seq).key_bytes();
-                match seal::verify_value("messages", schema, kb.as_slice(), value) {
+                match verify_value("messages", schema, kb.as_slice(), value) {
                     Ok(Verdict::Good) => {}
                     Ok(Verdict::Lost) => report.lost += 1,
                     Err(why) => found.push(Finding::record(Rec::Messages, kb.as_slice(), why)),
@@ -657,10 +666,10 @@ pub fn check(txn: &ReadTransaction, on_progress: &mut dyn FnMut(Progress)) -> Re
     // The ledger (only where its records are sealed: an older store is
     // checked after its migration).
     if schema >= 4 {
-        match super::guard("the ledger", || crate::wallet::verify_in(txn)) {
-            Ok(v) => {
-                report.ledger_breaches = v.breaches.len() as u64;
-                for b in v.breaches {
+        match super::guard("the ledger", || ledger(txn)) {
+            Ok(breaches) => {
+                report.ledger_breaches = breaches.len() as u64;
+                for b in breaches {
                     report.add(Finding::new("ledger", "wallet", b));
                 }
             }
@@ -882,6 +891,7 @@ pub fn engine_check(data_dir: &Path) -> String {
 /// [`engine_check`].
 pub fn check_offline(
     data_dir: &Path,
+    ledger: LedgerCheck<'_>,
     on_progress: &mut dyn FnMut(Progress),
 ) -> Result<Report, String> {
     use redb::ReadableDatabase;
@@ -938,7 +948,7 @@ pub fn check_offline(
         Opened::Repaired(db) => db.begin_read(),
     }
     .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut report = check(&txn, on_progress);
+    let mut report = check(&txn, ledger, on_progress);
     drop(txn);
     let started = Instant::now();
     report.engine = engine_check(data_dir);
@@ -1020,7 +1030,7 @@ macro_rules! scrub_fn {
                         let (k, v) = e.map_err(s)?;
                         let key = k.value();
                         let kb = key.key_bytes();
-                        if let Err(why) = seal::verify_value(rec.table(), super::SCHEMA_VERSION, kb.as_slice(), v.value()) {
+                        if let Err(why) = verify_value(rec.table(), super::SCHEMA_VERSION, kb.as_slice(), v.value()) {
                             seal::report(rec, kb.as_slice(), &why);
                             found.push(Finding::record(rec, kb.as_slice(), why));
                         }

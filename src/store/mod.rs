@@ -9,7 +9,9 @@
 pub mod db;
 pub mod engine;
 pub mod integrity;
+pub mod ledger;
 pub mod seal;
+pub mod transfer_ids;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::ids::{RoomId, UserId};
+pub use db::now_ms;
 pub use seal::Rec;
 
 /// 1: first release. 2: adds `message_log` (filled from `messages` on
@@ -320,7 +323,7 @@ impl Message {
         room: RoomId,
         seq: u64,
         r: MessageRecord,
-        ids: &crate::wallet::TransferIds,
+        ids: &transfer_ids::TransferIds,
     ) -> Message {
         let client_id = match &r.payment {
             Some(p) => format!("pay-{}", ids.show(p.transfer)),
@@ -367,7 +370,7 @@ impl Message {
         room: RoomId,
         seq: u64,
         value: &[u8],
-        ids: &crate::wallet::TransferIds,
+        ids: &transfer_ids::TransferIds,
     ) -> Message {
         match MessageRecord::open(room, seq, value) {
             Ok(Some(rec)) => Message::from_record(room, seq, rec, ids),
@@ -403,8 +406,12 @@ pub struct Store {
     /// from records in its read queries. The default (from an empty secret)
     /// is for tools that show no ids; a server sets its own with
     /// [`Store::with_transfer_ids`] before anything reads.
-    pub transfer_ids: crate::wallet::TransferIds,
+    pub transfer_ids: transfer_ids::TransferIds,
 }
+
+/// What runs on a snapshot of an older store (with its schema version)
+/// before it is migrated; an error stops the migration.
+pub type BeforeMigration<'a> = &'a dyn Fn(&redb::ReadTransaction, u64) -> Result<(), String>;
 
 /// The highest committed `message_log` position, with a wake-up for waiters.
 #[derive(Default)]
@@ -465,11 +472,55 @@ fn newer_store(path: &Path, v: u64) -> String {
     )
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// What a full check of one stored value found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Good,
+    /// A lost-message placeholder (known loss, not new damage).
+    Lost,
+}
+
+/// Checks one stored value of `table` as a store of `schema` holds it:
+/// before schema 4 values are plain records (they must decode); from 4 on
+/// they are sealed (checksum, then decode). Tables without records pass.
+/// This is what `confab check`, the scrub, backups and restore run on
+/// every record.
+pub fn verify_value(table: &str, schema: u64, key: &[u8], value: &[u8]) -> Result<Verdict, String> {
+    let Some(rec) = Rec::by_table(table) else {
+        return Ok(Verdict::Good);
+    };
+    let body = if schema >= 4 {
+        if rec == Rec::Messages && seal::is_lost(key, value) {
+            return Ok(Verdict::Lost);
+        }
+        seal::unseal_raw(rec, key, value)?
+    } else {
+        value
+    };
+    decode_body(rec, body)
+        .map(|_| Verdict::Good)
+        .map_err(|e| format!("does not decode: {e}"))
+}
+
+/// Decodes a record's bytes as its table's type (nothing is kept).
+fn decode_body(rec: Rec, body: &[u8]) -> Result<(), String> {
+    fn pc<'a, T: serde::Deserialize<'a>>(b: &'a [u8]) -> Result<(), String> {
+        postcard::from_bytes::<T>(b)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    match rec {
+        Rec::Users => pc::<UserRecord>(body),
+        Rec::Rooms => pc::<RoomRecord>(body),
+        Rec::Members => pc::<MemberRecord>(body),
+        Rec::Messages => MessageRecord::decode_body(body).map(drop),
+        Rec::WalletEntries => pc::<ledger::EntryRecord>(body),
+        Rec::WalletTransfers => pc::<ledger::TransferRecord>(body),
+        Rec::Privacy => pc::<Privacy>(body),
+        Rec::ClusterOutbox => serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+    }
 }
 
 impl Store {
@@ -481,6 +532,18 @@ impl Store {
 
     /// Like [`Store::open`], with redb's page cache limited to `cache_bytes`.
     pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> Result<Store, String> {
+        Store::open_with(data_dir, cache_bytes, None)
+    }
+
+    /// Like [`Store::open_with_cache`]; an older store is handed to
+    /// `before_migration` (with its schema version) before it is migrated,
+    /// and not migrated when that fails. The server and the offline
+    /// commands back it up there (`backup::before_migration`).
+    pub fn open_with(
+        data_dir: &Path,
+        cache_bytes: usize,
+        before_migration: Option<BeforeMigration<'_>>,
+    ) -> Result<Store, String> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
         let path = data_dir.join("confab.redb");
@@ -511,24 +574,10 @@ impl Store {
             if v > SCHEMA_VERSION {
                 return Err(newer_store(&path, v));
             }
-            if v < SCHEMA_VERSION {
-                let to = data_dir
-                    .join("backups")
-                    .join(crate::backup::timestamped_name(&format!(
-                        "{}{v}",
-                        crate::backup::PRE_MIGRATION_PREFIX
-                    )));
-                // A copy of exactly what is there (the way back), records
-                // unchecked: the older format has no checksums to check.
-                let summary = crate::backup::write(
-                    &snapshot,
-                    crate::backup::secret_file(data_dir).as_deref(),
-                    &to,
-                    crate::backup::OnDamage::Copy,
-                    |_| {},
-                )
-                .map_err(|e| format!("cannot back up the store before migrating it: {e}"))?;
-                tracing::info!(path = %summary.path, from = v, to = SCHEMA_VERSION, "store backed up before migration");
+            if v < SCHEMA_VERSION
+                && let Some(before) = before_migration
+            {
+                before(&snapshot, v)?;
             }
         }
         drop(snapshot);
@@ -613,7 +662,7 @@ impl Store {
     }
 
     /// This store, showing transfer ids under `ids` (the server's key).
-    pub fn with_transfer_ids(mut self, ids: crate::wallet::TransferIds) -> Store {
+    pub fn with_transfer_ids(mut self, ids: transfer_ids::TransferIds) -> Store {
         self.transfer_ids = ids;
         self
     }
@@ -1056,7 +1105,7 @@ pub fn last_seq_in(
 pub fn last_message(
     messages: &impl ReadableTable<(u64, u64), &'static [u8]>,
     room: RoomId,
-    ids: &crate::wallet::TransferIds,
+    ids: &transfer_ids::TransferIds,
 ) -> Result<Option<Message>, ApiError> {
     match messages
         .range((room.0, 0)..=(room.0, u64::MAX))?
@@ -1173,7 +1222,7 @@ macro_rules! seal_table_fn {
                 };
                 for (k, body) in chunk {
                     let kb = k.key_bytes();
-                    if let Err(why) = seal::verify_value(rec.table(), 3, kb.as_slice(), &body) {
+                    if let Err(why) = verify_value(rec.table(), 3, kb.as_slice(), &body) {
                         // Sealed as it is: it stays damaged (and is reported
                         // as such on every read), it is not made to look good.
                         bad += 1;
@@ -1305,10 +1354,10 @@ fn rebuild_wallet_pending(txn: &redb::WriteTransaction) -> Result<(), ApiError> 
         if let Some(g) = transfers.get(id)? {
             // A damaged transfer (reported) is left out rather than
             // keeping the store from opening; `confab check` names it.
-            let Ok(rec) = crate::wallet::decode_transfer(id, g.value()) else {
+            let Ok(rec) = ledger::decode_transfer(id, g.value()) else {
                 continue;
             };
-            if rec.state == crate::wallet::State::Scheduled {
+            if rec.state == ledger::State::Scheduled {
                 pending.insert((rec.from, id), ())?;
                 n += 1;
             }
@@ -1327,8 +1376,8 @@ fn rebuild_wallet_pending(txn: &redb::WriteTransaction) -> Result<(), ApiError> 
 
 #[cfg(test)]
 mod tests {
+    use super::ledger::{State, TransferRecord};
     use super::*;
-    use crate::wallet::{State, TransferRecord};
     use redb::ReadableTableMetadata;
 
     fn transfer(id: u64, from: u64, state: State) -> Vec<u8> {

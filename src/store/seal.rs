@@ -231,58 +231,6 @@ pub fn open<'a, T: Deserialize<'a>, K: SealKey>(
     })
 }
 
-/// What a full check of one stored value found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Good,
-    /// A lost-message placeholder (known loss, not new damage).
-    Lost,
-}
-
-/// Checks one stored value of `table` as a store of `schema` holds it:
-/// before schema 4 values are plain records (they must decode); from 4 on
-/// they are sealed (checksum, then decode). Tables without records pass.
-/// This is what `confab check`, the scrub, backups and restore run on
-/// every record.
-pub fn verify_value(table: &str, schema: u64, key: &[u8], value: &[u8]) -> Result<Verdict, String> {
-    let Some(rec) = Rec::by_table(table) else {
-        return Ok(Verdict::Good);
-    };
-    let body = if schema >= 4 {
-        if rec == Rec::Messages && is_lost(key, value) {
-            return Ok(Verdict::Lost);
-        }
-        unseal_raw(rec, key, value)?
-    } else {
-        value
-    };
-    decode_body(rec, body)
-        .map(|_| Verdict::Good)
-        .map_err(|e| format!("does not decode: {e}"))
-}
-
-/// Decodes a record's bytes as its table's type (nothing is kept).
-fn decode_body(rec: Rec, body: &[u8]) -> Result<(), String> {
-    use super::{MemberRecord, MessageRecord, Privacy, RoomRecord, UserRecord};
-    fn pc<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<(), String> {
-        postcard::from_bytes::<T>(b)
-            .map(drop)
-            .map_err(|e| e.to_string())
-    }
-    match rec {
-        Rec::Users => pc::<UserRecord>(body),
-        Rec::Rooms => pc::<RoomRecord>(body),
-        Rec::Members => pc::<MemberRecord>(body),
-        Rec::Messages => MessageRecord::decode_body(body).map(drop),
-        Rec::WalletEntries => pc::<crate::wallet::EntryRecord>(body),
-        Rec::WalletTransfers => pc::<crate::wallet::TransferRecord>(body),
-        Rec::Privacy => pc::<Privacy>(body),
-        Rec::ClusterOutbox => serde_json::from_slice::<serde::de::IgnoredAny>(body)
-            .map(drop)
-            .map_err(|e| e.to_string()),
-    }
-}
-
 /// The answer to a request that needed a damaged record.
 pub fn damaged_error(rec: Rec, key: &[u8]) -> ApiError {
     ApiError::damaged(format!(
@@ -338,6 +286,7 @@ pub fn report(rec: Rec, key: &[u8], why: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Verdict, verify_value};
 
     #[test]
     fn a_sealed_record_opens_and_any_change_is_caught() {
