@@ -57,7 +57,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ),
     ("telemetry", "imports search"),
     ("wallet", "imports store and is imported by it"),
-    ("proxy", "proxy <-> proxy::link <-> proxy::session"),
 ];
 
 fn src() -> PathBuf {
