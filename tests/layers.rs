@@ -54,8 +54,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("writes", "imports hub, status, frames, cluster"),
     ("telemetry", "imports search"),
     ("wallet", "imports store and is imported by it"),
-    ("bench", "bench <-> bench::report"),
-    ("proxy", "proxy <-> proxy::link <-> proxy::session"),
 ];
 
 fn src() -> PathBuf {

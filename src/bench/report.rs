@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use super::{IdleResult, StepResult, TIERS_MS};
+use super::results::{IdleResult, StepResult, TIERS_MS};
 
 #[derive(Serialize)]
 pub struct Report {

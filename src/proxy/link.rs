@@ -1,8 +1,11 @@
 //! A proxy's link to one node: one HTTP/2 connection (prior knowledge, on the
 //! node's own port) multiplexing every forwarded request, plus the node's
-//! event stream on it. Reconnects with back-off (100 ms doubling to 5 s);
-//! after each reconnect it re-attaches the proxy's users and catches every
-//! session up on the node's rooms (docs/SCALEOUT.md, "Failures").
+//! event stream and the stream of client frames on it, and the queue of
+//! attach/detach operations. Reconnects with back-off (100 ms doubling to
+//! 5 s); the event stream's lines go up to the proxy ([`NodeEvents`],
+//! `events.rs`), which after each reconnect re-attaches its users and
+//! catches every session up on the node's rooms (docs/SCALEOUT.md,
+//! "Failures"). The bottom of the proxy: it knows nothing of sessions.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -14,13 +17,20 @@ use hyper::client::conn::http2;
 use hyper::header;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde::Deserialize;
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::Proxy;
 use crate::cluster::{Node, link};
 use crate::error::ApiError;
 use crate::ids::{RoomId, UserId};
+
+/// What the proxy does with what a link hears (`events.rs`).
+pub trait NodeEvents: Send + Sync + 'static {
+    /// One line of the node's event stream.
+    fn line(self: &Arc<Self>, link: &Arc<Link>, line: Bytes);
+    /// The link to node `node` went down.
+    fn down(&self, node: usize);
+}
 
 type Sender = http2::SendRequest<crate::api::Body>;
 
@@ -43,6 +53,8 @@ pub enum Attached {
 pub struct Link {
     pub index: usize,
     pub node: Node,
+    /// The proxy's link token, sent with every request.
+    token: Arc<LinkToken>,
     sender: RwLock<Option<Sender>>,
     pub up: AtomicBool,
     pub in_flight: AtomicUsize,
@@ -74,12 +86,64 @@ pub fn node_unavailable(node: &str) -> ApiError {
     e
 }
 
+/// A node's error answer, passed on as it was.
+pub fn upstream_error(status: StatusCode, body: &[u8]) -> ApiError {
+    let v: Value = serde_json::from_slice(body).unwrap_or_default();
+    let code = match v["error"].as_str().or(v["code"].as_str()) {
+        Some("user_not_found") => "user_not_found",
+        Some("room_not_found") => "room_not_found",
+        Some("forbidden") => "forbidden",
+        Some("bad_request") => "bad_request",
+        _ => "node_error",
+    };
+    let message = v["message"]
+        .as_str()
+        .unwrap_or("the node refused the request");
+    ApiError::new(status, code, message.to_string())
+}
+
+/// The token this proxy names itself with on its links: HS256 under the
+/// cluster secret, renewed every minute.
+pub struct LinkToken {
+    secret: String,
+    name: String,
+    current: RwLock<(String, Instant)>,
+}
+
+impl LinkToken {
+    pub fn new(secret: &str, name: &str) -> LinkToken {
+        LinkToken {
+            secret: secret.to_string(),
+            name: name.to_string(),
+            current: RwLock::new((link::issue(secret, name), Instant::now())),
+        }
+    }
+
+    /// A link token, renewed every minute.
+    pub fn get(&self) -> String {
+        {
+            let t = self.current.read().unwrap_or_else(|e| e.into_inner());
+            if t.1.elapsed() < Duration::from_secs(60) {
+                return t.0.clone();
+            }
+        }
+        let fresh = link::issue(&self.secret, &self.name);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = (fresh.clone(), Instant::now());
+        fresh
+    }
+}
+
 impl Link {
-    pub fn new(index: usize, node: Node) -> (Arc<Link>, mpsc::UnboundedReceiver<AttachCmd>) {
+    pub fn new(
+        index: usize,
+        node: Node,
+        token: Arc<LinkToken>,
+    ) -> (Arc<Link>, mpsc::UnboundedReceiver<AttachCmd>) {
         let (attach_tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
             index,
             node,
+            token,
             sender: RwLock::new(None),
             up: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -142,7 +206,6 @@ impl Link {
     /// (`x-confab-user`); `session`: the proxy session of a forwarded frame.
     pub async fn request(
         &self,
-        proxy: &Proxy,
         method: Method,
         path: &str,
         headers: &[(&'static str, String)],
@@ -154,7 +217,7 @@ impl Link {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{}{}", self.node.addr, path))
-            .header(link::HEADER, proxy.link_token());
+            .header(link::HEADER, self.token.get());
         if !body.is_empty() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
@@ -188,7 +251,7 @@ impl Link {
 }
 
 /// A whole upstream body (responses of the API are small; exports stream
-/// through [`super::stream_body`] instead).
+/// through `forward.rs` instead).
 pub async fn read_all(
     resp: Response<hyper::body::Incoming>,
 ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ApiError> {
@@ -202,11 +265,11 @@ pub async fn read_all(
 }
 
 /// Keeps the link to one node up for the life of the proxy.
-pub async fn run(proxy: Arc<Proxy>, link: Arc<Link>) {
+pub async fn run<E: NodeEvents>(events: Arc<E>, link: Arc<Link>) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        if let Err(e) = connect_once(&proxy, &link).await {
+        if let Err(e) = connect_once(&events, &link).await {
             link.set_error(&e);
             tracing::warn!(node = %link.node.id, error = %e, "link to node down");
         }
@@ -214,7 +277,7 @@ pub async fn run(proxy: Arc<Proxy>, link: Arc<Link>) {
         *link.sender.write().unwrap_or_else(|e| e.into_inner()) = None;
         *link.frames.lock().unwrap_or_else(|e| e.into_inner()) = None;
         // Sends on their way to the node will get no answer: say so.
-        proxy.fail_inflight(link.index);
+        events.down(link.index);
         metrics::gauge!("confab_proxy_node_up", "node" => link.node.id.clone()).set(0.0);
         if started.elapsed() > Duration::from_secs(10) {
             backoff = BACKOFF_MIN;
@@ -224,7 +287,7 @@ pub async fn run(proxy: Arc<Proxy>, link: Arc<Link>) {
     }
 }
 
-async fn connect_once(proxy: &Arc<Proxy>, link: &Arc<Link>) -> Result<(), String> {
+async fn connect_once<E: NodeEvents>(events: &Arc<E>, link: &Arc<Link>) -> Result<(), String> {
     let addr = link.node.addr;
     let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await
@@ -248,7 +311,7 @@ async fn connect_once(proxy: &Arc<Proxy>, link: &Arc<Link>) -> Result<(), String
     let req = Request::builder()
         .method(Method::GET)
         .uri(format!("http://{addr}/cluster/v1/events"))
-        .header(link::HEADER, proxy.link_token())
+        .header(link::HEADER, link.token.get())
         .body(crate::api::Body::empty())
         .map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(Duration::from_secs(5), events_sender.send_request(req))
@@ -265,7 +328,7 @@ async fn connect_once(proxy: &Arc<Proxy>, link: &Arc<Link>) -> Result<(), String
     let req = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{addr}/cluster/v1/frames"))
-        .header(link::HEADER, proxy.link_token())
+        .header(link::HEADER, link.token.get())
         .body(crate::api::Body::stream(frames_rx))
         .map_err(|e| e.to_string())?;
     let frames_resp = tokio::time::timeout(Duration::from_secs(5), frames_sender.send_request(req))
@@ -296,7 +359,7 @@ async fn connect_once(proxy: &Arc<Proxy>, link: &Arc<Link>) -> Result<(), String
         buf.extend_from_slice(&data);
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             let line = buf.split_to(nl + 1).freeze();
-            on_line(proxy, link, line.slice(..nl));
+            events.line(link, line.slice(..nl));
         }
     }
 }
@@ -309,89 +372,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-#[derive(Deserialize)]
-struct Head {
-    to: Vec<UserId>,
-    skip: Option<u64>,
-    only: Option<u64>,
-    room: Option<RoomId>,
-    seq: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct Control {
-    hello: Option<Hello>,
-    revoke: Option<Revoke>,
-}
-
-#[derive(Deserialize)]
-struct Hello {
-    #[serde(default)]
-    revoked: Vec<(String, i64)>,
-}
-
-#[derive(Deserialize)]
-struct Revoke {
-    jti: String,
-    exp: i64,
-}
-
-fn on_line(proxy: &Arc<Proxy>, link: &Arc<Link>, line: Bytes) {
-    link.events.fetch_add(1, Ordering::Relaxed);
-    if let Some(tab) = line.iter().position(|&b| b == b'\t') {
-        let Ok(head) = serde_json::from_slice::<Head>(&line[..tab]) else {
-            tracing::warn!(node = %link.node.id, "unreadable event from node");
-            return;
-        };
-        let frame = line.slice(tab + 1..);
-        if let Some(session) = head.only {
-            proxy.answer(&head.to, session, frame);
-            return;
-        }
-        let room_seq = head.room.zip(head.seq);
-        proxy.fan_out(&head.to, head.skip, frame, room_seq);
-        return;
-    }
-    let Ok(c) = serde_json::from_slice::<Control>(&line) else {
-        return;
-    };
-    if let Some(r) = c.revoke {
-        proxy.revoke(r.jti, r.exp);
-    }
-    if let Some(h) = c.hello {
-        for (jti, exp) in h.revoked {
-            proxy.revoke(jti, exp);
-        }
-        let first = link.reconnects.fetch_add(1, Ordering::Relaxed) == 0;
-        link.up.store(true, Ordering::Release);
-        metrics::gauge!("confab_proxy_node_up", "node" => link.node.id.clone()).set(1.0);
-        tracing::info!(node = %link.node.id, "link to node up");
-        // Re-attach this proxy's users, then catch their sessions up on
-        // what the node committed while the link was down.
-        let users = proxy.attached_users();
-        if !users.is_empty() || !first {
-            let (tx, rx) = oneshot::channel();
-            link.attach(AttachCmd {
-                ops: users.into_iter().map(|u| (true, u)).collect(),
-                reply: Some(tx),
-            });
-            let proxy = proxy.clone();
-            let index = link.index;
-            tokio::spawn(async move {
-                let _ = rx.await;
-                proxy.catch_up_node(index);
-            });
-        }
-    }
-}
-
 /// Applies queued attach/detach operations on the node, in order, batching
 /// whatever queued up meanwhile into one request.
-pub async fn attach_loop(
-    proxy: Arc<Proxy>,
-    link: Arc<Link>,
-    mut rx: mpsc::UnboundedReceiver<AttachCmd>,
-) {
+pub async fn attach_loop(link: Arc<Link>, mut rx: mpsc::UnboundedReceiver<AttachCmd>) {
     while let Some(first) = rx.recv().await {
         let mut cmds = vec![first];
         while let Ok(c) = rx.try_recv() {
@@ -409,13 +392,7 @@ pub async fn attach_loop(
         // A link that is down drops the batch: the users are re-attached
         // when it comes back.
         if let Ok(resp) = link
-            .request(
-                &proxy,
-                Method::POST,
-                "/cluster/v1/attach",
-                &[],
-                Bytes::from(body),
-            )
+            .request(Method::POST, "/cluster/v1/attach", &[], Bytes::from(body))
             .await
             && let Ok((StatusCode::OK, _, bytes)) = read_all(resp).await
         {

@@ -1,44 +1,29 @@
-//! WebSocket sessions on a proxy. The client sees exactly the protocol of a
-//! single node (docs/PROTOCOL.md); behind it:
-//! - `auth` is checked here (signature and the revoked set every node
-//!   pushes), the profile comes from the user's node, and the user is
-//!   attached on every node (which answers with the presence of their
-//!   direct-chat peers);
-//! - `send`, `read` and `typing` go to the room's node as one HTTP/2 stream
-//!   each; the answer (ack or error) comes back on it;
-//! - room events arrive on the nodes' event streams, once per proxy, and are
-//!   delivered here per session, **in seq order per room with no gaps and
-//!   no duplicates**: a session keeps, per room, the highest seq it has
-//!   delivered; a frame past a gap waits while the gap is fetched from the
-//!   room's node (after `resume`, after a link came back, or after 1 s if
-//!   the missing frame never came).
+//! Delivery to a client session on a proxy ([`PSession`]): room events
+//! arrive on the nodes' event streams, once per proxy, and are delivered
+//! here per session, **in seq order per room with no gaps and no
+//! duplicates**: a session keeps, per room, the highest seq it has
+//! delivered; a frame past a gap waits while the gap is fetched from the
+//! room's node (after `resume`, after a link came back, or after 1 s if
+//! the missing frame never came). A node's answer to one of the session's
+//! frames (ack, error) goes out in order with the room's events; the
+//! session's sends in flight are answered `node_unavailable` when their
+//! node's link goes down.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{WebSocket, WebSocketError};
-use hyper::body::Incoming;
-use hyper::upgrade::Upgraded;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, StatusCode};
 use serde::Deserialize;
 
-use super::Proxy;
-use super::link::{Attached, read_all};
-use crate::api::Body;
-use crate::api::ws::{
-    ClientFrame, FramePacer, FrameWriter, Reassembler, accept, auth_first, explain_bad_frame,
-    reject, send_budget, text_of, write_loop,
-};
+use super::link::read_all;
+use super::placement::Nodes;
 use crate::cluster::link::USER_HEADER;
 use crate::error::ApiError;
-use crate::frames::{self, ServerFrame};
+use crate::frames;
 use crate::hub::{OutFrame, SessionOutbox, close};
 use crate::ids::{RoomId, UserId};
-
-type Io = TokioIo<Upgraded>;
 
 /// How long a gap may stay open before it is fetched from the store.
 const GAP_WAIT: Duration = Duration::from_secs(1);
@@ -49,12 +34,12 @@ const MAX_PENDING: usize = 10_000;
 const FETCH: usize = 200;
 
 /// One room's delivery state in a session.
-struct Cursor {
+pub(super) struct Cursor {
     /// The highest seq delivered (or acked to this session).
     high: u64,
     /// Frames past a gap; None: the session's own message (its ack went out).
     pending: BTreeMap<u64, Option<Bytes>>,
-    fetching: bool,
+    pub(super) fetching: bool,
     /// A gap timer is armed: the `high` it saw. When it fires it fetches only
     /// if nothing moved since (a gap that keeps closing by itself is not a
     /// stuck one).
@@ -65,7 +50,7 @@ struct Cursor {
 }
 
 impl Cursor {
-    fn at(high: u64) -> Cursor {
+    pub(super) fn at(high: u64) -> Cursor {
         Cursor {
             high,
             pending: BTreeMap::new(),
@@ -81,13 +66,13 @@ pub struct PSession {
     pub user: UserId,
     pub jti: String,
     pub outbox: Arc<SessionOutbox>,
-    rooms: Mutex<HashMap<RoomId, Cursor>>,
+    pub(super) rooms: Mutex<HashMap<RoomId, Cursor>>,
     /// Until the attach answers are in (see [`Cursor::held`]).
-    starting: std::sync::atomic::AtomicBool,
+    pub(super) starting: std::sync::atomic::AtomicBool,
     /// This session's sends on their way to a node: client_id → room. A
     /// catch-up that meets one before its ack does not deliver it as a
     /// `message`; a link that goes down answers them `node_unavailable`.
-    inflight: Mutex<HashMap<String, RoomId>>,
+    pub(super) inflight: Mutex<HashMap<String, RoomId>>,
 }
 
 impl PSession {
@@ -98,7 +83,7 @@ impl PSession {
 
     /// The node's answer to one of this session's frames (an ack, an
     /// error, a pong), in order with the room's other events.
-    pub fn answer(self: &Arc<Self>, proxy: &Arc<Proxy>, frame: Bytes) {
+    pub fn answer(self: &Arc<Self>, nodes: &Arc<Nodes>, frame: Bytes) {
         let a: Answer = serde_json::from_slice(&frame).unwrap_or_default();
         if let Some(c) = &a.client_id {
             self.inflight
@@ -110,19 +95,19 @@ impl PSession {
         if a.kind == "ack"
             && let (Some(room), Some(seq)) = (a.room, a.seq)
         {
-            self.deliver(proxy, room, seq, None);
+            self.deliver(nodes, room, seq, None);
         }
     }
 
     /// The link to `node` went down: its sends in flight get no ack.
-    pub fn fail_inflight(&self, proxy: &Proxy, node: usize) {
+    pub fn fail_inflight(&self, nodes: &Nodes, node: usize) {
         let failed: Vec<(String, RoomId)> = self
             .inflight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extract_if(|_, r| proxy.room_node(*r) == node)
+            .extract_if(|_, r| nodes.room_node(*r) == node)
             .collect();
-        let e = super::link::node_unavailable(&proxy.links[node].node.id);
+        let e = super::link::node_unavailable(&nodes.links[node].node.id);
         for (c, room) in failed {
             self.outbox
                 .push_bytes(frames::error(e.code, &e.message, Some(&c), Some(room)));
@@ -140,7 +125,7 @@ impl PSession {
     /// Delivers message `seq` of `room` (None: the session's own, acked).
     pub fn deliver(
         self: &Arc<Self>,
-        proxy: &Arc<Proxy>,
+        nodes: &Arc<Nodes>,
         room: RoomId,
         seq: u64,
         frame: Option<Bytes>,
@@ -176,15 +161,15 @@ impl PSession {
             return;
         }
         if !c.fetching {
-            self.arm(proxy, room, c);
+            self.arm(nodes, room, c);
         }
     }
 
     /// Arms the room's gap timer (once).
-    fn arm(self: &Arc<Self>, proxy: &Arc<Proxy>, room: RoomId, c: &mut Cursor) {
+    fn arm(self: &Arc<Self>, nodes: &Arc<Nodes>, room: RoomId, c: &mut Cursor) {
         if c.timer.is_none() {
             c.timer = Some(c.high);
-            let (s, p) = (self.clone(), proxy.clone());
+            let (s, p) = (self.clone(), nodes.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(GAP_WAIT).await;
                 s.gap_timer(&p, room);
@@ -194,7 +179,7 @@ impl PSession {
 
     /// The attach answers are in: each room the user had on a node starts at
     /// its highest seq then (resumed rooms keep their resume position).
-    fn started(self: &Arc<Self>, proxy: &Arc<Proxy>, heads: &[(RoomId, u64)]) {
+    pub(super) fn started(self: &Arc<Self>, nodes: &Arc<Nodes>, heads: &[(RoomId, u64)]) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
         for &(room, head) in heads {
             match rooms.get_mut(&room) {
@@ -210,7 +195,7 @@ impl PSession {
             c.fetching = false;
             self.drain(room, c);
             if !c.pending.is_empty() {
-                self.arm(proxy, room, c);
+                self.arm(nodes, room, c);
             }
         }
         self.starting
@@ -234,7 +219,7 @@ impl PSession {
         }
     }
 
-    fn gap_timer(self: &Arc<Self>, proxy: &Arc<Proxy>, room: RoomId) {
+    fn gap_timer(self: &Arc<Self>, nodes: &Arc<Nodes>, room: RoomId) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
         let Some(c) = rooms.get_mut(&room) else {
             return;
@@ -246,20 +231,20 @@ impl PSession {
         if armed == Some(c.high) {
             // Stuck for a whole GAP_WAIT: fetch the gap.
             c.fetching = true;
-            tokio::spawn(catch_up(proxy.clone(), self.clone(), room));
+            tokio::spawn(catch_up(nodes.clone(), self.clone(), room));
         } else {
             // It moved; a newer gap gets its own full wait.
-            self.arm(proxy, room, c);
+            self.arm(nodes, room, c);
         }
     }
 
     /// Fetches what the session missed in every room `node` owns.
-    pub fn catch_up_node(self: &Arc<Self>, proxy: &Arc<Proxy>, node: usize) {
+    pub fn catch_up_node(self: &Arc<Self>, nodes: &Arc<Nodes>, node: usize) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
         for (&room, c) in rooms.iter_mut() {
-            if proxy.room_node(room) == node && !c.fetching {
+            if nodes.room_node(room) == node && !c.fetching {
                 c.fetching = true;
-                tokio::spawn(catch_up(proxy.clone(), self.clone(), room));
+                tokio::spawn(catch_up(nodes.clone(), self.clone(), room));
             }
         }
     }
@@ -271,7 +256,7 @@ struct History {
 }
 
 /// Fills the room's gap from its node's store, then delivers what waited.
-async fn catch_up(proxy: Arc<Proxy>, s: Arc<PSession>, room: RoomId) {
+pub(super) async fn catch_up(nodes: Arc<Nodes>, s: Arc<PSession>, room: RoomId) {
     loop {
         if s.outbox.is_kicked() {
             return;
@@ -280,7 +265,7 @@ async fn catch_up(proxy: Arc<Proxy>, s: Arc<PSession>, room: RoomId) {
             let rooms = s.rooms.lock().unwrap_or_else(|e| e.into_inner());
             rooms.get(&room).map(|c| c.high).unwrap_or(0)
         };
-        let fetched = proxy.history(s.user, room, after).await;
+        let fetched = history(&nodes, s.user, room, after).await;
         let mut rooms = s.rooms.lock().unwrap_or_else(|e| e.into_inner());
         let Some(c) = rooms.get_mut(&room) else {
             return;
@@ -303,7 +288,7 @@ async fn catch_up(proxy: Arc<Proxy>, s: Arc<PSession>, room: RoomId) {
                 if n < FETCH {
                     c.fetching = false;
                     if !c.pending.is_empty() {
-                        s.arm(&proxy, room, c);
+                        s.arm(&nodes, room, c);
                     }
                     return;
                 }
@@ -328,267 +313,53 @@ async fn catch_up(proxy: Arc<Proxy>, s: Arc<PSession>, room: RoomId) {
     }
 }
 
-impl Proxy {
-    /// Messages of `room` after `after`, as `message` frames, each with its
-    /// `client_id` when `user` sent it.
-    async fn history(
-        &self,
-        user: UserId,
-        room: RoomId,
-        after: u64,
-    ) -> Result<Vec<(u64, Option<String>, Bytes)>, ApiError> {
-        let link = &self.links[self.room_node(room)];
-        let resp = link
-            .request(
-                self,
-                Method::GET,
-                &format!("/api/v1/rooms/{room}/messages?after={after}&limit={FETCH}"),
-                &[(USER_HEADER, user.to_string())],
-                Bytes::new(),
-            )
-            .await?;
-        let (status, _, body) = read_all(resp).await?;
-        if status != StatusCode::OK {
-            return Err(ApiError::new(
-                status,
-                "catch_up_failed",
-                format!("could not fetch the room's history ({status})"),
-            ));
-        }
-        let h: History = serde_json::from_slice(&body).map_err(ApiError::internal)?;
-        let me = user.to_string();
-        let mut out = Vec::with_capacity(h.messages.len());
-        for mut m in h.messages {
-            let seq = m.get("seq").and_then(|v| v.as_u64()).unwrap_or(0);
-            let own = (m.get("from").and_then(|v| v.as_str()) == Some(me.as_str()))
-                .then(|| {
-                    m.get("client_id")
-                        .and_then(|v| v.as_str())
-                        .map(str::to_string)
-                })
-                .flatten();
-            let mut obj = serde_json::Map::new();
-            obj.insert("type".into(), "message".into());
-            obj.append(&mut m);
-            out.push((
-                seq,
-                own,
-                Bytes::from(serde_json::to_vec(&obj).unwrap_or_default()),
-            ));
-        }
-        Ok(out)
-    }
-}
-
-pub async fn upgrade(
-    proxy: &Arc<Proxy>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    let (resp, fut) = accept(&proxy.config.server.allowed_origins, req)?;
-    let slot = proxy.connections.take();
-    let proxy = proxy.clone();
-    tokio::spawn(async move {
-        let _slot = slot;
-        if let Ok(ws) = fut.await {
-            metrics::gauge!("confab_ws_connections").increment(1.0);
-            session(proxy, ws).await;
-            metrics::gauge!("confab_ws_connections").decrement(1.0);
-        }
-    });
-    Ok(resp)
-}
-
-async fn session(proxy: Arc<Proxy>, mut ws: WebSocket<Io>) {
-    let Some((caller, resume, asm)) =
-        Box::pin(auth_first(&mut ws, &proxy.auth, &proxy.config.limits)).await
-    else {
-        return;
-    };
-    let me = match proxy.profile(caller.user).await {
-        Ok(Some(me)) => me,
-        Ok(None) => {
-            return reject(
-                &mut ws,
-                "unauthorized",
-                "the token's user does not exist",
-                close::UNAUTHORIZED,
-            )
-            .await;
-        }
-        Err(e) => return reject(&mut ws, e.code, &e.message, 1013).await,
-    };
-    if proxy.sessions_of(caller.user) >= proxy.config.limits.max_sessions_per_user {
-        return reject(
-            &mut ws,
-            "too_many_sessions",
-            "you have too many connections open; close some",
-            close::TOO_MANY_SESSIONS,
+/// Messages of `room` after `after`, as `message` frames, each with its
+/// `client_id` when `user` sent it.
+async fn history(
+    nodes: &Nodes,
+    user: UserId,
+    room: RoomId,
+    after: u64,
+) -> Result<Vec<(u64, Option<String>, Bytes)>, ApiError> {
+    let link = &nodes.links[nodes.room_node(room)];
+    let resp = link
+        .request(
+            Method::GET,
+            &format!("/api/v1/rooms/{room}/messages?after={after}&limit={FETCH}"),
+            &[(USER_HEADER, user.to_string())],
+            Bytes::new(),
         )
-        .await;
+        .await?;
+    let (status, _, body) = read_all(resp).await?;
+    if status != StatusCode::OK {
+        return Err(ApiError::new(
+            status,
+            "catch_up_failed",
+            format!("could not fetch the room's history ({status})"),
+        ));
     }
-
-    let raw_write = std::cell::Cell::new(None);
-    let (mut rx, _) = ws.split(|s| {
-        let (r, w) = tokio::io::split(s);
-        raw_write.set(Some(w));
-        (r, tokio::io::sink())
-    });
-    let Some(raw_write) = raw_write.into_inner() else {
-        return;
-    };
-    let mut tx = FrameWriter {
-        io: raw_write,
-        buf: Vec::new(),
-    };
-    let mut ready = b"{\"type\":\"ready\",\"user\":".to_vec();
-    ready.extend_from_slice(&me);
-    ready.push(b'}');
-    tx.push_text(&ready);
-
-    let outbox = SessionOutbox::new(
-        0,
-        caller.user,
-        caller.jti.clone(),
-        proxy.config.limits.outbox_frames,
-    );
-    let s = Arc::new(PSession {
-        id: rand::random::<u64>() >> 2,
-        user: caller.user,
-        jti: caller.jti.clone(),
-        outbox: outbox.clone(),
-        rooms: Mutex::new(HashMap::new()),
-        starting: std::sync::atomic::AtomicBool::new(true),
-        inflight: Mutex::new(HashMap::new()),
-    });
-    let mut resumed = Vec::new();
-    {
-        let mut rooms = s.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        for (room, &after) in &resume {
-            match room.parse::<RoomId>() {
-                Ok(r) => {
-                    let mut c = Cursor::at(after);
-                    c.fetching = true;
-                    rooms.insert(r, c);
-                    resumed.push(r);
-                }
-                Err(_) => {
-                    let e = ApiError::bad_id();
-                    tx.push_text(&frames::error(e.code, &e.message, None, None));
-                }
-            }
-        }
+    let h: History = serde_json::from_slice(&body).map_err(ApiError::internal)?;
+    let me = user.to_string();
+    let mut out = Vec::with_capacity(h.messages.len());
+    for mut m in h.messages {
+        let seq = m.get("seq").and_then(|v| v.as_u64()).unwrap_or(0);
+        let own = (m.get("from").and_then(|v| v.as_str()) == Some(me.as_str()))
+            .then(|| {
+                m.get("client_id")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            })
+            .flatten();
+        let mut obj = serde_json::Map::new();
+        obj.insert("type".into(), "message".into());
+        obj.append(&mut m);
+        out.push((
+            seq,
+            own,
+            Bytes::from(serde_json::to_vec(&obj).unwrap_or_default()),
+        ));
     }
-    // Registered before attaching, so no event is missed; presence of the
-    // peers comes back from every node.
-    proxy.register(&s);
-    let mut heads = Vec::new();
-    for a in proxy.attach_everywhere(caller.user).await {
-        match a {
-            Attached::Presence(frame) => tx.push_text(&frame),
-            Attached::Head(room, seq) => heads.push((room, seq)),
-        }
-    }
-    s.started(&proxy, &heads);
-    if tx.flush().await.is_err() {
-        proxy.unregister(&s);
-        return;
-    }
-    for room in resumed {
-        tokio::spawn(catch_up(proxy.clone(), s.clone(), room));
-    }
-    let expiry = crate::api::ws::close_at_expiry(&outbox, caller.exp);
-    let mut writer = tokio::spawn(write_loop(tx, outbox.clone(), HashMap::new()));
-    let reader = read_loop(&proxy, &s, &mut rx, asm);
-    tokio::select! {
-        _ = reader => {
-            outbox.kick(close::NORMAL);
-            let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
-        }
-        _ = &mut writer => {}
-    }
-    expiry.abort();
-    outbox.kick(close::NORMAL);
-    proxy.unregister(&s);
-}
-
-async fn read_loop(
-    proxy: &Arc<Proxy>,
-    s: &Arc<PSession>,
-    rx: &mut fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Io>>,
-    mut asm: Reassembler,
-) {
-    let mut budget = send_budget(&proxy.config.limits);
-    let mut pacer = FramePacer::new(&proxy.config.limits);
-    let error = |code: &str, message: &str, client_id: Option<&str>, room: Option<RoomId>| {
-        s.outbox
-            .push_bytes(frames::error(code, message, client_id, room));
-    };
-    loop {
-        let frame = rx
-            .read_frame::<_, WebSocketError>(&mut |_| async { Ok(()) })
-            .await;
-        let Some(msg) = asm.feed(frame) else { continue };
-        pacer.pace().await;
-        let text = match text_of(msg, &s.outbox) {
-            Some(Some(t)) => t,
-            Some(None) => continue,
-            None => return,
-        };
-        let frame: ClientFrame = match serde_json::from_slice(&text) {
-            Ok(f) => f,
-            Err(_) => {
-                let (code, message, client_id) = explain_bad_frame(&text);
-                error(code, &message, client_id.as_deref(), None);
-                continue;
-            }
-        };
-        let (room, client_id) = match &frame {
-            ClientFrame::Auth {} => {
-                error(
-                    "already_authenticated",
-                    "this connection is already authenticated",
-                    None,
-                    None,
-                );
-                continue;
-            }
-            ClientFrame::Ping {} => {
-                s.outbox.push_bytes(ServerFrame::Pong.to_bytes());
-                continue;
-            }
-            ClientFrame::Send {
-                room,
-                client_id,
-                text,
-            } => {
-                if let Err(e) = crate::api::validate_send_limits(
-                    &proxy.config.limits,
-                    client_id.as_deref(),
-                    text,
-                ) {
-                    error(e.code, &e.message, client_id.as_deref(), room.parse().ok());
-                    continue;
-                }
-                if budget.take().is_err() {
-                    error(
-                        "rate_limited",
-                        "too many messages; slow down",
-                        client_id.as_deref(),
-                        room.parse().ok(),
-                    );
-                    continue;
-                }
-                (room.as_str(), client_id.clone())
-            }
-            ClientFrame::Read { room, .. } | ClientFrame::Typing { room } => (room.as_str(), None),
-        };
-        let Ok(room) = room.parse::<RoomId>() else {
-            let e = ApiError::bad_id();
-            error(e.code, &e.message, client_id.as_deref(), None);
-            continue;
-        };
-        forward(proxy, s, room, client_id.as_deref(), text);
-    }
+    Ok(out)
 }
 
 /// The parts of a node's answer a session looks at.
@@ -599,37 +370,4 @@ struct Answer {
     room: Option<RoomId>,
     seq: Option<u64>,
     client_id: Option<String>,
-}
-
-/// Sends a client frame to the room's node, on the link's frame stream; the
-/// answer comes back as an event ([`PSession::answer`]).
-fn forward(
-    proxy: &Arc<Proxy>,
-    s: &Arc<PSession>,
-    room: RoomId,
-    client_id: Option<&str>,
-    text: Vec<u8>,
-) {
-    use std::io::Write;
-    let link = &proxy.links[proxy.room_node(room)];
-    let mut line = Vec::with_capacity(text.len() + 48);
-    let _ = write!(line, "{}\t{}\t", s.id, s.user);
-    line.extend_from_slice(&text);
-    line.push(b'\n');
-    if let Some(c) = client_id {
-        s.inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(c.to_string(), room);
-    }
-    if let Err(e) = link.send_frame(Bytes::from(line)) {
-        if let Some(c) = client_id {
-            s.inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(c);
-        }
-        s.outbox
-            .push_bytes(frames::error(e.code, &e.message, client_id, Some(room)));
-    }
 }

@@ -1,0 +1,119 @@
+//! `confab proxy` starting and stopping: the cluster settings checked, the
+//! listener bound, one link per node (with its task that keeps it up and
+//! its attach queue), then the accept loop — connection limits, back-off on
+//! accept errors, one HTTP/1.1 connection task each (with upgrades) — until
+//! the shutdown signal closes every session (going away).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use super::link::{self, Link, LinkToken};
+use super::placement::Nodes;
+use super::routes::handle;
+use super::state::Proxy;
+use crate::auth::Auth;
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::hub::close;
+
+pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), String> {
+    let cluster = Cluster::from_config(&config.cluster)?
+        .ok_or("`confab proxy` needs a [cluster] table with `cluster_nodes`")?;
+    if cluster.secret.is_empty() {
+        return Err("`confab proxy` needs `cluster_secret` (the nodes' shared secret)".into());
+    }
+    let cluster = Arc::new(cluster);
+    let mut auth_cfg = config.auth.clone();
+    auth_cfg.hash_concurrency = 1;
+    auth_cfg.hash_queue = 1;
+    let auth = Auth::new(&auth_cfg, cluster.secret.as_bytes(), Vec::new());
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let name = format!("proxy-{local}-{:08x}", rand::random::<u32>());
+    let token = Arc::new(LinkToken::new(&cluster.secret, &name));
+    let mut links = Vec::new();
+    let mut attach_rxs = Vec::new();
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let (l, rx) = Link::new(i, n.clone(), token.clone());
+        links.push(l);
+        attach_rxs.push(rx);
+    }
+    let config_max = (
+        config.server.max_connections,
+        config.server.max_connections_per_ip,
+    );
+    let proxy = Arc::new(Proxy {
+        name,
+        config,
+        nodes: Arc::new(Nodes::new(cluster, links)),
+        auth,
+        sessions: RwLock::new(HashMap::new()),
+        profiles: Mutex::new(HashMap::new()),
+        metrics,
+        started: Instant::now(),
+        connections: crate::limits::Connections::new(config_max.0, config_max.1),
+    });
+    for (l, rx) in proxy.nodes.links.iter().zip(attach_rxs) {
+        tokio::spawn(link::run(proxy.clone(), l.clone()));
+        tokio::spawn(link::attach_loop(l.clone(), rx));
+    }
+    let signal = crate::server::shutdown_signal();
+    tokio::pin!(signal);
+    crate::server::say(&format!("confab proxy listening on http://{local}"));
+    tracing::info!(%local, nodes = proxy.nodes.links.len(), name = %proxy.name, "confab proxy ready");
+    let mut backoff = crate::limits::AcceptBackoff::new("proxy listener");
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => {
+                        backoff.succeeded();
+                        x
+                    }
+                    Err(e) => {
+                        // Usually EMFILE: back off instead of spinning.
+                        tokio::time::sleep(backoff.failed(&e)).await;
+                        continue;
+                    }
+                };
+                let Some(slot) = proxy.connections.try_take(peer.ip()) else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let proxy = proxy.clone();
+                tokio::spawn(async move {
+                    let p2 = proxy.clone();
+                    let service = service_fn(move |req| {
+                        let p = p2.clone();
+                        async move { Ok::<_, std::convert::Infallible>(handle(p, req, peer).await) }
+                    });
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(30))
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades();
+                    let _ = conn.await;
+                    drop(slot);
+                });
+            }
+        }
+    }
+    tracing::info!("proxy shutting down: closing sessions");
+    {
+        let sessions = proxy.sessions.read().unwrap_or_else(|e| e.into_inner());
+        for s in sessions.values().flatten() {
+            s.outbox.kick(close::GOING_AWAY);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
+}

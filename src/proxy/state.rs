@@ -1,0 +1,129 @@
+//! What one proxy holds, shared by the parts of the proxy above the links
+//! and the sessions' delivery: [`Proxy`] (its configuration, the nodes and
+//! their links, the token check, the public-profile cache, its counters)
+//! and the registry of the client sessions on this proxy by user —
+//! registering a session, forgetting it (detaching its user on every node
+//! after their last one), attaching a new session's user everywhere.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::header;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use super::link::{AttachCmd, Attached};
+use super::placement::Nodes;
+use super::session::PSession;
+use crate::auth::{Auth, Caller};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::ids::UserId;
+
+/// How long a scatter-gather waits for each node.
+pub(super) const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct Proxy {
+    pub config: Config,
+    /// The nodes, the link to each, and which of them owns what (shared
+    /// with the sessions' delivery, which fetches from the rooms' nodes).
+    pub nodes: Arc<Nodes>,
+    pub auth: Auth,
+    /// This proxy's name on its links (unique per process).
+    pub name: String,
+    pub(super) sessions: RwLock<HashMap<UserId, Vec<Arc<PSession>>>>,
+    /// Public profiles by id (they never change), for room creation.
+    pub(super) profiles: Mutex<HashMap<UserId, Bytes>>,
+    pub(super) metrics: PrometheusHandle,
+    pub(super) started: Instant,
+    /// Open client connections (`max_connections`, `max_connections_per_ip`).
+    pub(crate) connections: Arc<crate::limits::Connections>,
+}
+
+impl Proxy {
+    /// `user`'s sessions on this proxy now.
+    pub(super) fn sessions_of(&self, user: UserId) -> usize {
+        let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&user).map_or(0, Vec::len)
+    }
+
+    pub(super) fn register(&self, s: &Arc<PSession>) {
+        let mut map = self.sessions.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(s.user).or_default().push(s.clone());
+        metrics::gauge!("confab_sessions_online").increment(1.0);
+    }
+
+    /// Forgets a session; the user's last here is detached on every node.
+    pub(super) fn unregister(&self, s: &PSession) {
+        let last = {
+            let mut map = self.sessions.write().unwrap_or_else(|e| e.into_inner());
+            let Some(list) = map.get_mut(&s.user) else {
+                return;
+            };
+            let before = list.len();
+            list.retain(|x| x.id != s.id);
+            if list.len() < before {
+                metrics::gauge!("confab_sessions_online").decrement(1.0);
+            }
+            if list.is_empty() {
+                map.remove(&s.user);
+                true
+            } else {
+                false
+            }
+        };
+        if last {
+            for l in &self.nodes.links {
+                l.attach(AttachCmd {
+                    ops: vec![(false, s.user)],
+                    reply: None,
+                });
+            }
+        }
+    }
+
+    /// Users with a session here.
+    pub fn attached_users(&self) -> Vec<UserId> {
+        let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+        map.keys().copied().collect()
+    }
+
+    /// Attaches `user` on every node; returns what the nodes that answered
+    /// within 2 s said: presence frames of their peers, and their rooms'
+    /// highest seqs.
+    pub(super) async fn attach_everywhere(&self, user: UserId) -> Vec<Attached> {
+        let mut waits = Vec::new();
+        for l in &self.nodes.links {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            l.attach(AttachCmd {
+                ops: vec![(true, user)],
+                reply: Some(tx),
+            });
+            waits.push(rx);
+        }
+        let mut out = Vec::new();
+        for rx in waits {
+            if let Ok(Ok(lines)) = tokio::time::timeout(GATHER_TIMEOUT, rx).await {
+                out.extend(lines.into_iter().map(|(_, a)| a));
+            }
+        }
+        out
+    }
+
+    pub(super) fn caller(&self, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+            })?;
+        self.auth.verify(token.trim())
+    }
+}
