@@ -394,6 +394,7 @@ fn run_wallet(args: WalletArgs) -> ExitCode {
         let (writer, join) = confab::store::writer::GroupCommitWriter::spawn_with(
             store.clone(),
             std::sync::Arc::new(confab::hub::Hub::default()),
+            Default::default(),
             config.store.clone(),
             config.limits.max_group_members,
             wiring,

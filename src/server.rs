@@ -29,8 +29,6 @@ use crate::wallet::WalletSettings;
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
-
 pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), String> {
     let cluster = crate::cluster::Cluster::from_config(&config.cluster)?.map(Arc::new);
     if let Some(c) = &cluster {
@@ -67,7 +65,10 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         .revoked_tokens(auth::now_secs())
         .map_err(|e| format!("cannot load revoked tokens: {e}"))?;
     let auth = Auth::new(&config.auth, &secret, revoked);
-    let hub = Arc::new(Hub::default());
+    // The live totals for `/status`: counted by the hub's sessions, the
+    // writer and the request handlers (the application state's).
+    let live = Arc::new(crate::telemetry::LiveStats::default());
+    let hub = Arc::new(Hub::new(live.clone()));
     crate::store::set_currency(&config.wallet.wallet_currency);
     let wallet = WalletWiring {
         settings: WalletSettings {
@@ -82,6 +83,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     let (writer, writer_thread) = GroupCommitWriter::spawn_with(
         store.clone(),
         hub.clone(),
+        live.clone(),
         config.store.clone(),
         config.limits.max_group_members,
         wallet.clone(),
@@ -145,15 +147,21 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         metrics,
         shutdown: shutdown_rx,
         next_session: AtomicU64::new(1),
+        next_request: AtomicU64::new(1),
+        next_link: AtomicU64::new(1),
         connections: crate::limits::Connections::new(config_max.0, config_max.1),
         search: search.as_ref().map(|(index, _, _)| index.clone()),
+        live,
         status: Default::default(),
         cluster,
         budgets,
         exports,
     });
     let reads_task = tokio::spawn(reads.run(writer.clone(), state.shutdown.clone()));
-    tokio::spawn(crate::status::sample_every_second(state.clone()));
+    tokio::spawn(crate::status::sample_every_second(
+        state.clone(),
+        state.shutdown.clone(),
+    ));
     let outbox = tokio::spawn(crate::cluster::outbox::run(
         state.clone(),
         wallet.outbox_wake.clone(),
@@ -213,6 +221,9 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     tracing::info!(%local, data_dir = %data_dir.display(), "confab ready");
 
     let mut backoff = crate::limits::AcceptBackoff::new("listener");
+    // Every log line of a connection (and of its WebSocket session) carries
+    // `conn`: its number here.
+    let mut next_conn = 0u64;
     loop {
         tokio::select! {
             _ = &mut signal => break,
@@ -234,9 +245,8 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
                 };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
-                // Every log line of this connection (and of its WebSocket
-                // session) carries `conn` = this id.
-                let span = tracing::info_span!("conn", id = NEXT_CONN.fetch_add(1, Ordering::Relaxed), %peer);
+                next_conn += 1;
+                let span = tracing::info_span!("conn", id = next_conn, %peer);
                 tokio::spawn(
                     async move {
                         connection(state, stream, peer).await;

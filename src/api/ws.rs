@@ -298,7 +298,7 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
     // 2. Register before reading history, so nothing committed in between is
     //    missed; the session writer drops live copies of caught-up messages.
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
-    let outbox = SessionOutbox::new(
+    let outbox = state.hub.outbox(
         id,
         user.id,
         caller.jti.clone(),
@@ -864,7 +864,7 @@ pub(crate) async fn execute(
             )
             .await;
             if let Err(e) = r {
-                crate::status::LiveStats::add(&crate::status::LIVE.rejected, 1);
+                crate::telemetry::LiveStats::add(&state.live.rejected, 1);
                 metrics::counter!("confab_messages_rejected_total", "reason" => e.code)
                     .increment(1);
                 error(e.code, &e.message, client_id.as_deref(), room.parse().ok());
@@ -947,7 +947,7 @@ async fn on_send(
     }
     state.budgets.take_send(user)?;
     metrics::counter!("confab_messages_received_total").increment(1);
-    crate::status::LiveStats::add(&crate::status::LIVE.received, 1);
+    crate::telemetry::LiveStats::add(&state.live.received, 1);
     state
         .writer
         .submit(Op::Send {

@@ -30,6 +30,7 @@ use super::*;
 use crate::config::StoreConfig;
 use crate::frames::{self, ServerFrame};
 use crate::hub::{Hub, OutFrame, SessionOutbox};
+use crate::telemetry::LiveStats;
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
@@ -278,6 +279,8 @@ const SEQ_CACHE_MAX: usize = 1_000_000;
 pub struct GroupCommitWriter {
     store: Store,
     hub: Arc<Hub>,
+    /// The server's live totals (`/status`): commits, stored, delivered.
+    live: Arc<LiveStats>,
     config: StoreConfig,
     max_group_members: usize,
     state: WriterState,
@@ -370,16 +373,19 @@ impl GroupCommitWriter {
         Self::spawn_with(
             store,
             hub,
+            Default::default(),
             config,
             max_group_members,
             WalletWiring::default(),
         )
     }
 
-    /// [`GroupCommitWriter::spawn`] with the wallet's settings and scheduler wake-up.
+    /// [`GroupCommitWriter::spawn`] with the server's live totals, the
+    /// wallet's settings and scheduler wake-up.
     pub fn spawn_with(
         store: Store,
         hub: Arc<Hub>,
+        live: Arc<LiveStats>,
         config: StoreConfig,
         max_group_members: usize,
         wallet: WalletWiring,
@@ -396,6 +402,7 @@ impl GroupCommitWriter {
         let mut writer = GroupCommitWriter {
             store,
             hub,
+            live,
             config,
             max_group_members,
             state: WriterState::default(),
@@ -511,10 +518,10 @@ impl GroupCommitWriter {
         let commit_secs = started.elapsed().as_secs_f64();
         metrics::histogram!("confab_commit_batch_size").record(n as f64);
         metrics::histogram!("confab_commit_duration_seconds").record(commit_secs);
-        let live = &crate::status::LIVE;
-        crate::status::LiveStats::add(&live.commits, 1);
-        crate::status::LiveStats::add(&live.commit_ops, n as u64);
-        crate::status::LiveStats::add(&live.commit_micros, (commit_secs * 1e6) as u64);
+        let live = &*self.live;
+        LiveStats::add(&live.commits, 1);
+        LiveStats::add(&live.commit_ops, n as u64);
+        LiveStats::add(&live.commit_micros, (commit_secs * 1e6) as u64);
         match result {
             Ok(()) => {
                 if let Some(pos) = self.state.log_pos {
@@ -1266,8 +1273,8 @@ impl GroupCommitWriter {
                             pong: false,
                         };
                         metrics::counter!("confab_messages_stored_total").increment(1);
-                        let live = &crate::status::LIVE;
-                        crate::status::LiveStats::add(&live.stored, 1);
+                        let live = &*self.live;
+                        LiveStats::add(&live.stored, 1);
                         let mut n = 0u64;
                         for &member in members.iter() {
                             let skip = if member == msg.from { skip } else { None };
@@ -1281,7 +1288,7 @@ impl GroupCommitWriter {
                             }
                         }
                         metrics::counter!("confab_messages_delivered_total").increment(n);
-                        crate::status::LiveStats::add(&live.delivered, n);
+                        LiveStats::add(&live.delivered, n);
                         // Send → handed to every recipient's outbox.
                         let took = received.elapsed();
                         metrics::histogram!("confab_send_deliver_seconds")
@@ -1305,7 +1312,7 @@ impl GroupCommitWriter {
                     client_id,
                     room,
                 } => {
-                    crate::status::LiveStats::add(&crate::status::LIVE.rejected, 1);
+                    LiveStats::add(&self.live.rejected, 1);
                     metrics::counter!("confab_messages_rejected_total", "reason" => err.code)
                         .increment(1);
                     fail_origin(origin, &err, &client_id, room);
