@@ -156,6 +156,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         cluster,
         budgets,
         exports,
+        backups: Default::default(),
     });
     let reads_task = tokio::spawn(reads.run(writer.clone(), state.shutdown.clone()));
     tokio::spawn(crate::status::sample_every_second(
@@ -199,6 +200,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
             dir,
             Duration::from_secs(state.config.backup.backup_interval_secs),
             state.config.backup.backup_keep,
+            state.backups.clone(),
             state.shutdown.clone(),
         ))
     });
@@ -287,9 +289,9 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         // An operator's online backup runs on its own thread: let it finish
         // (as the runtime used to wait for it on its blocking pool), so a
         // shutdown does not leave its file half-written.
-        if crate::backup::BackupSlot::taken() {
+        if state.backups.taken() {
             tracing::info!("waiting for the running backup to finish");
-            while crate::backup::BackupSlot::taken() {
+            while state.backups.taken() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

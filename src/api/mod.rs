@@ -71,6 +71,8 @@ pub struct AppState {
     /// The exports running now, within `export_concurrency` and one per
     /// user (HTTP).
     pub exports: Arc<crate::export::Exports>,
+    /// The one backup at a time (the operator's and the periodic ones).
+    pub backups: crate::backup::Backups,
 }
 
 /// Per-user budgets, shared by all of a user's sessions (here and behind
