@@ -134,6 +134,13 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     );
     let reads = Arc::new(api::reads::ReadMerger::default());
     let budgets = api::UserBudgets::new(&config.limits, reads.clone());
+    // The background scrub's status (`/status`), when it runs.
+    let scrub = match config.store.store_scrub_secs {
+        0 => None,
+        secs => Some(Arc::new(crate::store::integrity::Scrub::new(
+            Duration::from_secs(secs),
+        ))),
+    };
     let exports = crate::export::Exports::new(
         config.limits.export_concurrency,
         Duration::from_secs(config.limits.export_stall_secs),
@@ -157,6 +164,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         budgets,
         exports,
         backups: Default::default(),
+        scrub,
     });
     let reads_task = tokio::spawn(reads.run(writer.clone(), state.shutdown.clone()));
     tokio::spawn(crate::status::sample_every_second(
@@ -180,12 +188,13 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     // The background scrub: every record's checksum, now and then, at the
     // lowest priority (docs/STORAGE.md).
     let scrub_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store_scrub = match state.config.store.store_scrub_secs {
-        0 => None,
-        secs => Some(
+    let store_scrub = match &state.scrub {
+        None => None,
+        Some(status) => Some(
             crate::store::integrity::spawn_scrub(
                 state.store.db.clone(),
-                Duration::from_secs(secs),
+                Duration::from_secs(state.config.store.store_scrub_secs),
+                status.clone(),
                 scrub_stop.clone(),
             )
             .map_err(|e| format!("cannot start the scrub thread: {e}"))?,

@@ -73,6 +73,8 @@ pub struct AppState {
     pub exports: Arc<crate::export::Exports>,
     /// The one backup at a time (the operator's and the periodic ones).
     pub backups: crate::backup::Backups,
+    /// What the store's background scrub found (None: it does not run).
+    pub scrub: Option<Arc<crate::store::integrity::Scrub>>,
 }
 
 /// Per-user budgets, shared by all of a user's sessions (here and behind

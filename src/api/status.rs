@@ -82,8 +82,7 @@ pub async fn get(
             .map(|ix| ix.status_json(state.store.feed.committed())),
         "store": serde_json::json!({
             "damaged_records": crate::store::seal::DAMAGED.load(std::sync::atomic::Ordering::Relaxed),
-            "scrub": (state.config.store.store_scrub_secs > 0)
-                .then(crate::store::integrity::scrub_snapshot),
+            "scrub": state.scrub.as_ref().map(|s| s.snapshot()),
         }),
         "now": history.last(),
         "history": if with_history { history } else { Vec::new() },

@@ -977,13 +977,30 @@ pub struct ScrubStatus {
     pub last_damage_total: u64,
 }
 
-pub static SCRUB: std::sync::LazyLock<Mutex<ScrubStatus>> =
-    std::sync::LazyLock::new(Default::default);
+/// The scrub's status, written by its thread and read by `/api/v1/status`:
+/// the server makes one for the scrub it starts ([`spawn_scrub`]).
+#[derive(Debug, Default)]
+pub struct Scrub(Mutex<ScrubStatus>);
 
-fn scrub_status() -> std::sync::MutexGuard<'static, ScrubStatus> {
-    SCRUB
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+impl Scrub {
+    /// The status of a scrub that runs every `every`.
+    pub fn new(every: Duration) -> Scrub {
+        Scrub(Mutex::new(ScrubStatus {
+            every_secs: every.as_secs(),
+            ..Default::default()
+        }))
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, ScrubStatus> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The status now, for `/api/v1/status`.
+    pub fn snapshot(&self) -> ScrubStatus {
+        self.status().clone()
+    }
 }
 
 /// Records per read transaction, and the pause between two.
@@ -1120,9 +1137,9 @@ fn lower_priority() {
 pub fn spawn_scrub(
     db: std::sync::Arc<super::db::Db>,
     every: Duration,
+    status: std::sync::Arc<Scrub>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    scrub_status().every_secs = every.as_secs();
     std::thread::Builder::new()
         .name("confab-scrub".into())
         .spawn(move || {
@@ -1139,7 +1156,7 @@ pub fn spawn_scrub(
                 }
                 let started = Instant::now();
                 {
-                    let mut st = scrub_status();
+                    let mut st = status.status();
                     st.running = true;
                     st.last_started_at = Some(super::now_ms());
                 }
@@ -1160,7 +1177,7 @@ pub fn spawn_scrub(
                         "scrub: damage found (`confab check` names all of it)"
                     );
                 }
-                let mut st = scrub_status();
+                let mut st = status.status();
                 st.running = false;
                 st.passes += 1;
                 st.last_finished_at = Some(super::now_ms());
@@ -1170,9 +1187,4 @@ pub fn spawn_scrub(
                 st.last_damage = found.into_iter().take(20).collect();
             }
         })
-}
-
-/// The scrub's status, for `/api/v1/status`.
-pub fn scrub_snapshot() -> ScrubStatus {
-    scrub_status().clone()
 }
