@@ -220,7 +220,7 @@ fn wallet<W: Write>(
     buf: &mut Vec<u8>,
     counts: &mut Counts,
 ) -> Result<(), ApiError> {
-    let currency = store::currency();
+    let currency = ids.currency();
     let accounts = txn.open_table(WALLET_ACCOUNTS)?;
     let balance = accounts.get(user.0)?.map(|g| g.value()).unwrap_or(0);
     line(

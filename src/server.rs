@@ -60,7 +60,9 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     // Public transfer ids under a key from the token secret: the same on
     // every node of a cluster (they share it) and after a restore that
     // brings the `jwt_secret` file back. Set before the store is cloned.
-    let store = store.with_transfer_ids(crate::wallet::TransferIds::new(&secret));
+    let store = store.with_transfer_ids(
+        crate::wallet::TransferIds::new(&secret).with_currency(&config.wallet.wallet_currency),
+    );
     let revoked = store
         .revoked_tokens(auth::now_secs())
         .map_err(|e| format!("cannot load revoked tokens: {e}"))?;
@@ -69,7 +71,6 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     // writer and the request handlers (the application state's).
     let live = Arc::new(crate::telemetry::LiveStats::default());
     let hub = Arc::new(Hub::new(live.clone()));
-    crate::store::set_currency(&config.wallet.wallet_currency);
     let wallet = WalletWiring {
         settings: WalletSettings {
             currency: config.wallet.wallet_currency.clone(),

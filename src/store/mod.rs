@@ -293,27 +293,15 @@ pub struct Message {
 pub struct PaymentView {
     pub transfer: String,
     pub amount: u64,
-    pub currency: &'static str,
+    pub currency: String,
     pub to: UserId,
     pub note: Option<String>,
 }
 
-/// The wallet's currency, set once at start (payment messages carry it).
-/// A static from before the store carried [`Store::transfer_ids`]; the
-/// currency is not a secret and the same in every process on a data dir.
-static CURRENCY: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
-
-pub fn set_currency(c: &str) {
-    let _ = CURRENCY.set(Box::leak(c.to_string().into_boxed_str()));
-}
-
-pub fn currency() -> &'static str {
-    CURRENCY.get().copied().unwrap_or("KRW")
-}
-
 impl Message {
     /// The client view of a stored message. A payment message names its
-    /// transfer by public id (`ids`), in `payment.transfer` and in its
+    /// transfer by public id (`ids`, which also carry the wallet's
+    /// currency), in `payment.transfer` and in its
     /// `client_id`: the stored `pay-<stored id>` stays as it is (it
     /// deduplicates the cluster outbox's deliveries) but is never shown.
     pub fn from_record(
@@ -329,7 +317,7 @@ impl Message {
         let payment = r.payment.map(|p| PaymentView {
             transfer: ids.show(p.transfer),
             amount: p.amount,
-            currency: currency(),
+            currency: ids.currency().to_string(),
             to: UserId(p.to),
             note: p.note,
         });
@@ -398,11 +386,12 @@ pub struct Store {
     /// How far `message_log` is committed; the writer publishes, the search
     /// indexer waits on it.
     pub feed: Arc<CommitFeed>,
-    /// How transfer ids are shown to clients. Here because every reader and
-    /// the writer already hold the store, and payment messages are built
-    /// from records in its read queries. The default (from an empty secret)
-    /// is for tools that show no ids; a server sets its own with
-    /// [`Store::with_transfer_ids`] before anything reads.
+    /// How transfer ids (and the wallet's currency) are shown to clients.
+    /// Here because every reader and the writer already hold the store, and
+    /// payment messages are built from records in its read queries. The
+    /// default (from an empty secret, in KRW) is for tools that show no ids;
+    /// a server sets its own with [`Store::with_transfer_ids`] before
+    /// anything reads.
     pub transfer_ids: crate::wallet::TransferIds,
 }
 
