@@ -207,17 +207,19 @@ async fn backup(
     let job = {
         let (cancel, to) = (cancel.clone(), to.clone());
         crate::backup::run_on_thread(slot, move || {
-            let txn = db.begin_read().map_err(|e| e.to_string())?;
-            crate::backup::write_cancellable(
-                &txn,
-                secret.as_deref(),
-                &to,
-                on_damage,
-                &cancel,
-                |p| {
-                    tx.send_replace(Some(p));
-                },
-            )
+            db.damage().scope(|| {
+                let txn = db.begin_read().map_err(|e| e.to_string())?;
+                crate::backup::write_cancellable(
+                    &txn,
+                    secret.as_deref(),
+                    &to,
+                    on_damage,
+                    &cancel,
+                    |p| {
+                        tx.send_replace(Some(p));
+                    },
+                )
+            })
         })
     };
     tokio::pin!(job);
@@ -330,12 +332,14 @@ async fn check(
     let spawned = std::thread::Builder::new()
         .name("confab-check".into())
         .spawn(move || {
-            let result = db.begin_read().map_err(|e| e.to_string()).map(|txn| {
-                let mut report = crate::store::integrity::check(&txn, &mut |p| {
-                    let _ = tx.send(p);
-                });
-                report.engine = "not checked: the server is running (stop it and run `confab check` for redb's page checksums too)".into();
-                report
+            let result = db.damage().scope(|| {
+                db.begin_read().map_err(|e| e.to_string()).map(|txn| {
+                    let mut report = crate::store::integrity::check(&txn, &mut |p| {
+                        let _ = tx.send(p);
+                    });
+                    report.engine = "not checked: the server is running (stop it and run `confab check` for redb's page checksums too)".into();
+                    report
+                })
             });
             running.store(false, Ordering::Release);
             let _ = done_tx.send(result);

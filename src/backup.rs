@@ -26,6 +26,7 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{
@@ -999,13 +1000,16 @@ pub fn offline(
 ) -> Result<Summary, String> {
     let reader = open_reader(data_dir)?;
     let txn = reader.begin_read()?;
-    write(
-        &txn,
-        secret_file(data_dir).as_deref(),
-        to,
-        on_damage,
-        on_progress,
-    )
+    // The damage this backup meets, each record reported once.
+    Arc::new(store::seal::DamageLog::default()).scope(|| {
+        write(
+            &txn,
+            secret_file(data_dir).as_deref(),
+            to,
+            on_damage,
+            on_progress,
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1637,15 +1641,16 @@ pub async fn periodic(
         let (db, data_dir, dir) = (db.clone(), data_dir.clone(), dir.clone());
         let done = run_on_thread(slot, move || {
             let to = dir.join(timestamped_name(PERIODIC_PREFIX));
-            let txn = db.begin_read().map_err(|e| e.to_string())?;
-            let summary = write(
-                &txn,
-                secret_file(&data_dir).as_deref(),
-                &to,
-                OnDamage::Refuse,
-                |_| {},
-            )?;
-            drop(txn);
+            let summary = db.damage().scope(|| {
+                let txn = db.begin_read().map_err(|e| e.to_string())?;
+                write(
+                    &txn,
+                    secret_file(&data_dir).as_deref(),
+                    &to,
+                    OnDamage::Refuse,
+                    |_| {},
+                )
+            })?;
             Ok((summary, prune(&dir, PERIODIC_PREFIX, keep)))
         })
         .await;

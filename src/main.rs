@@ -831,11 +831,16 @@ fn run_export(args: ExportArgs) -> ExitCode {
             let txn = reader.begin_read()?;
             let scope = confab::export::scope_of(&req).map_err(|e| e.message)?;
             let ids = export_transfer_ids(&config)?;
-            confab::store::guard("the export", || {
-                confab::export::write(&txn, scope, &ids, &mut out)
-            })
-            .map(drop)
-            .map_err(|e| e.message)
+            // The damage this export meets, each record reported once.
+            let damage = std::sync::Arc::new(confab::store::seal::DamageLog::default());
+            damage
+                .scope(|| {
+                    confab::store::guard("the export", || {
+                        confab::export::write(&txn, scope, &ids, &mut out)
+                    })
+                })
+                .map(drop)
+                .map_err(|e| e.message)
         })(),
     };
     let result = result.and_then(|_| out.flush().map_err(|e| e.to_string()));

@@ -81,7 +81,7 @@ pub async fn get(
             .as_ref()
             .map(|ix| ix.status_json(state.store.feed.committed())),
         "store": serde_json::json!({
-            "damaged_records": crate::store::seal::DAMAGED.load(std::sync::atomic::Ordering::Relaxed),
+            "damaged_records": state.store.db.damage().count(),
             "scrub": state.scrub.as_ref().map(|s| s.snapshot()),
         }),
         "now": history.last(),

@@ -938,7 +938,9 @@ pub fn check_offline(
         Opened::Repaired(db) => db.begin_read(),
     }
     .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut report = check(&txn, on_progress);
+    // The damage this check meets, each record reported once.
+    let mut report =
+        std::sync::Arc::new(seal::DamageLog::default()).scope(|| check(&txn, on_progress));
     drop(txn);
     let started = Instant::now();
     report.engine = engine_check(data_dir);
@@ -1143,48 +1145,59 @@ pub fn spawn_scrub(
     std::thread::Builder::new()
         .name("confab-scrub".into())
         .spawn(move || {
-            lower_priority();
-            let stopped = || stop.load(std::sync::atomic::Ordering::Acquire);
-            loop {
-                // Sleep in short steps, so that a shutdown is not held up.
-                let until = Instant::now() + every;
-                while Instant::now() < until {
-                    if stopped() {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(200).min(until - Instant::now()));
-                }
-                let started = Instant::now();
-                {
-                    let mut st = status.status();
-                    st.running = true;
-                    st.last_started_at = Some(super::now_ms());
-                }
-                let (n, found) = scrub_pass(&db, &stopped);
-                if stopped() {
-                    return;
-                }
-                let secs = started.elapsed().as_secs_f64();
-                metrics::counter!("confab_store_scrub_passes_total").increment(1);
-                metrics::gauge!("confab_store_scrub_damage").set(found.len() as f64);
-                if found.is_empty() {
-                    tracing::info!(records = n, seconds = secs, "scrub: every record verified");
-                } else {
-                    tracing::warn!(
-                        records = n,
-                        damaged = found.len(),
-                        seconds = secs,
-                        "scrub: damage found (`confab check` names all of it)"
-                    );
-                }
-                let mut st = status.status();
-                st.running = false;
-                st.passes += 1;
-                st.last_finished_at = Some(super::now_ms());
-                st.last_seconds = Some(secs);
-                st.last_records = n;
-                st.last_damage_total = found.len() as u64;
-                st.last_damage = found.into_iter().take(20).collect();
-            }
+            let damage = db.damage().clone();
+            damage.scope(|| scrub_every(&db, every, &status, &stop))
         })
+}
+
+/// The scrub thread's loop (see [`spawn_scrub`]).
+fn scrub_every(
+    db: &super::db::Db,
+    every: Duration,
+    status: &Scrub,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    lower_priority();
+    let stopped = || stop.load(std::sync::atomic::Ordering::Acquire);
+    loop {
+        // Sleep in short steps, so that a shutdown is not held up.
+        let until = Instant::now() + every;
+        while Instant::now() < until {
+            if stopped() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200).min(until - Instant::now()));
+        }
+        let started = Instant::now();
+        {
+            let mut st = status.status();
+            st.running = true;
+            st.last_started_at = Some(super::now_ms());
+        }
+        let (n, found) = scrub_pass(db, &stopped);
+        if stopped() {
+            return;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        metrics::counter!("confab_store_scrub_passes_total").increment(1);
+        metrics::gauge!("confab_store_scrub_damage").set(found.len() as f64);
+        if found.is_empty() {
+            tracing::info!(records = n, seconds = secs, "scrub: every record verified");
+        } else {
+            tracing::warn!(
+                records = n,
+                damaged = found.len(),
+                seconds = secs,
+                "scrub: damage found (`confab check` names all of it)"
+            );
+        }
+        let mut st = status.status();
+        st.running = false;
+        st.passes += 1;
+        st.last_finished_at = Some(super::now_ms());
+        st.last_seconds = Some(secs);
+        st.last_records = n;
+        st.last_damage_total = found.len() as u64;
+        st.last_damage = found.into_iter().take(20).collect();
+    }
 }

@@ -470,6 +470,18 @@ impl Store {
 
     /// Like [`Store::open`], with redb's page cache limited to `cache_bytes`.
     pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> Result<Store, String> {
+        // Damage a migration meets is this store's, as any later read's.
+        let damage = Arc::new(seal::DamageLog::default());
+        damage
+            .clone()
+            .scope(|| Store::open_reporting_to(data_dir, cache_bytes, damage))
+    }
+
+    fn open_reporting_to(
+        data_dir: &Path,
+        cache_bytes: usize,
+        damage: Arc<seal::DamageLog>,
+    ) -> Result<Store, String> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
         let path = data_dir.join("confab.redb");
@@ -594,7 +606,7 @@ impl Store {
             }
         }
         Ok(Store {
-            db: Arc::new(db::Db::new(db, &path, cache_bytes)),
+            db: Arc::new(db::Db::new(db, &path, cache_bytes, damage)),
             health: Default::default(),
             feed,
             transfer_ids: Default::default(),
@@ -611,9 +623,19 @@ impl Store {
         Ok(self.db.begin_read()?)
     }
 
+    /// [`guard`] for a read of this store: the damage it meets is reported
+    /// into the store's log ([`db::Db::damage`]).
+    pub fn guard<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.db.damage().scope(|| guard(what, f))
+    }
+
     /// True until the first user signs up.
     pub fn has_no_users(&self) -> Result<bool, ApiError> {
-        guard("has_no_users", || {
+        self.guard("has_no_users", || {
             let txn = self.read()?;
             let users = txn.open_table(USERS)?;
             Ok(users.first()?.is_none())
@@ -621,7 +643,7 @@ impl Store {
     }
 
     pub fn user(&self, id: UserId) -> Result<Option<User>, ApiError> {
-        guard("user", || {
+        self.guard("user", || {
             let txn = self.read()?;
             let users = txn.open_table(USERS)?;
             user_in(&users, id)
@@ -630,7 +652,7 @@ impl Store {
 
     /// The user record (with password hash) for a username, case-insensitive.
     pub fn user_by_name(&self, username: &str) -> Result<Option<(UserId, UserRecord)>, ApiError> {
-        guard("user_by_name", || {
+        self.guard("user_by_name", || {
             let txn = self.read()?;
             let names = txn.open_table(USERNAMES)?;
             let Some(id) = names
@@ -648,7 +670,7 @@ impl Store {
     }
 
     pub fn search_users(&self, prefix: &str, limit: usize) -> Result<Vec<User>, ApiError> {
-        guard("search_users", || {
+        self.guard("search_users", || {
             let prefix = prefix.to_lowercase();
             let txn = self.read()?;
             let names = txn.open_table(USERNAMES)?;
@@ -668,7 +690,7 @@ impl Store {
     }
 
     pub fn contacts(&self, owner: UserId) -> Result<Vec<User>, ApiError> {
-        guard("contacts", || {
+        self.guard("contacts", || {
             let txn = self.read()?;
             let contacts = txn.open_table(CONTACTS)?;
             let users = txn.open_table(USERS)?;
@@ -686,7 +708,7 @@ impl Store {
 
     /// The room, if `user` is a member of it.
     pub fn room_for(&self, room: RoomId, user: UserId) -> Result<Room, ApiError> {
-        guard("room_for", || {
+        self.guard("room_for", || {
             let txn = self.read()?;
             check_member(&txn, room, user)?;
             room_in(&txn, room)?.ok_or_else(ApiError::room_not_found)
@@ -695,7 +717,7 @@ impl Store {
 
     /// Up to `max` logged messages after log position `after`, in log order.
     pub fn log_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Message)>, ApiError> {
-        guard("log_after", || {
+        self.guard("log_after", || {
             let txn = self.read()?;
             let log = txn.open_table(MESSAGE_LOG)?;
             let messages = txn.open_table(MESSAGES)?;
@@ -708,12 +730,13 @@ impl Store {
                 let (room, seq) = v.value();
                 // One message on a damaged page does not stop the log: it is
                 // unreadable, and the reader (the indexer) moves past it.
-                let got = guard("a logged message", || {
-                    Ok(messages.get((room, seq))?.map(|g| {
-                        Message::from_stored(RoomId(room), seq, g.value(), &self.transfer_ids)
-                    }))
-                })
-                .unwrap_or_else(|_| Some(Message::unreadable(RoomId(room), seq)));
+                let got = self
+                    .guard("a logged message", || {
+                        Ok(messages.get((room, seq))?.map(|g| {
+                            Message::from_stored(RoomId(room), seq, g.value(), &self.transfer_ids)
+                        }))
+                    })
+                    .unwrap_or_else(|_| Some(Message::unreadable(RoomId(room), seq)));
                 if let Some(m) = got {
                     out.push((k.value(), m));
                 }
@@ -724,17 +747,18 @@ impl Store {
 
     /// The stored messages at these keys (missing ones are skipped).
     pub fn messages_at(&self, keys: &[(RoomId, u64)]) -> Result<Vec<Message>, ApiError> {
-        guard("messages_at", || {
+        self.guard("messages_at", || {
             let txn = self.read()?;
             let messages = txn.open_table(MESSAGES)?;
             let mut out = Vec::with_capacity(keys.len());
             for &(room, seq) in keys {
-                let got = guard("a message", || {
-                    Ok(messages
-                        .get((room.0, seq))?
-                        .map(|g| Message::from_stored(room, seq, g.value(), &self.transfer_ids)))
-                })
-                .unwrap_or_else(|_| Some(Message::unreadable(room, seq)));
+                let got = self
+                    .guard("a message", || {
+                        Ok(messages.get((room.0, seq))?.map(|g| {
+                            Message::from_stored(room, seq, g.value(), &self.transfer_ids)
+                        }))
+                    })
+                    .unwrap_or_else(|_| Some(Message::unreadable(room, seq)));
                 out.extend(got);
             }
             Ok(out)
@@ -743,7 +767,7 @@ impl Store {
 
     /// The rooms `user` is a member of.
     pub fn room_ids_of(&self, user: UserId) -> Result<Vec<RoomId>, ApiError> {
-        guard("room_ids_of", || {
+        self.guard("room_ids_of", || {
             let txn = self.read()?;
             let user_rooms = txn.open_table(USER_ROOMS)?;
             let mut out = Vec::new();
@@ -756,7 +780,7 @@ impl Store {
 
     /// The oldest `limit` entries of the cluster outbox.
     pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ApiError> {
-        guard("outbox", || {
+        self.guard("outbox", || {
             let txn = self.read()?;
             let t = txn.open_table(CLUSTER_OUTBOX)?;
             let mut out = Vec::new();
@@ -774,7 +798,7 @@ impl Store {
     /// Every room of `user` with its highest seq (what a proxy's new session
     /// counts as already past).
     pub fn room_heads(&self, user: UserId) -> Result<Vec<(RoomId, u64)>, ApiError> {
-        guard("room_heads", || {
+        self.guard("room_heads", || {
             let txn = self.read()?;
             let user_rooms = txn.open_table(USER_ROOMS)?;
             let messages = txn.open_table(MESSAGES)?;
@@ -794,7 +818,7 @@ impl Store {
     /// Every room of `user`, with its last message and the user's unread count,
     /// most recent activity first.
     pub fn rooms_of(&self, user: UserId) -> Result<Vec<serde_json::Value>, ApiError> {
-        guard("rooms_of", || {
+        self.guard("rooms_of", || {
             let txn = self.read()?;
             let user_rooms = txn.open_table(USER_ROOMS)?;
             let members = txn.open_table(MEMBERS)?;
@@ -849,7 +873,7 @@ impl Store {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Message>, ApiError> {
-        guard("history", || {
+        self.guard("history", || {
             let txn = self.read()?;
             check_member(&txn, room, user)?;
             let messages = txn.open_table(MESSAGES)?;
@@ -889,14 +913,14 @@ impl Store {
     /// Fails with `room_not_found` unless `user` is in `room` (whether or not
     /// the room exists).
     pub fn check_member(&self, room: RoomId, user: UserId) -> Result<(), ApiError> {
-        guard("check_member", || {
+        self.guard("check_member", || {
             let txn = self.read()?;
             check_member(&txn, room, user)
         })
     }
 
     pub fn members(&self, room: RoomId) -> Result<Vec<UserId>, ApiError> {
-        guard("members", || {
+        self.guard("members", || {
             let txn = self.read()?;
             let members = txn.open_table(MEMBERS)?;
             members_in(&members, room)
@@ -905,7 +929,7 @@ impl Store {
 
     /// Users who share a direct room with `user` (they see its presence).
     pub fn direct_peers(&self, user: UserId) -> Result<Vec<UserId>, ApiError> {
-        guard("direct_peers", || {
+        self.guard("direct_peers", || {
             let txn = self.read()?;
             let user_rooms = txn.open_table(USER_ROOMS)?;
             let members = txn.open_table(MEMBERS)?;
@@ -927,7 +951,7 @@ impl Store {
 
     /// `user`'s privacy settings.
     pub fn privacy(&self, user: UserId) -> Result<Privacy, ApiError> {
-        guard("privacy", || {
+        self.guard("privacy", || {
             let txn = self.read()?;
             privacy_in(&txn.open_table(PRIVACY)?, user)
         })
@@ -939,7 +963,7 @@ impl Store {
         owner: UserId,
         viewers: &[UserId],
     ) -> Result<Vec<UserId>, ApiError> {
-        guard("presence_audience", || {
+        self.guard("presence_audience", || {
             let txn = self.read()?;
             let audience = privacy_in(&txn.open_table(PRIVACY)?, owner)?.presence;
             let contacts = txn.open_table(CONTACTS)?;
@@ -959,7 +983,7 @@ impl Store {
         viewer: UserId,
         owners: &[UserId],
     ) -> Result<Vec<UserId>, ApiError> {
-        guard("presences_seen_by", || {
+        self.guard("presences_seen_by", || {
             let txn = self.read()?;
             let privacy = txn.open_table(PRIVACY)?;
             let contacts = txn.open_table(CONTACTS)?;
@@ -977,7 +1001,7 @@ impl Store {
     }
 
     pub fn last_seen(&self, user: UserId) -> Result<Option<i64>, ApiError> {
-        guard("last_seen", || {
+        self.guard("last_seen", || {
             let txn = self.read()?;
             let t = txn.open_table(LAST_SEEN)?;
             Ok(t.get(user.0)?.map(|g| g.value()))

@@ -414,9 +414,11 @@ impl GroupCommitWriter {
             retry_at: Instant::now(),
             retry_wait: RETRY_FIRST,
         };
+        // Damage the writer meets is reported into its store's log.
+        let damage = writer.store.db.damage().clone();
         let join = std::thread::Builder::new()
             .name("confab-writer".into())
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || damage.scope(|| writer.run(rx)))?;
         Ok((WriterHandle { tx, health }, join))
     }
 

@@ -499,7 +499,7 @@ use crate::store::{
 
 /// A user's balance.
 pub fn balance(store: &Store, user: UserId) -> Result<u64, ApiError> {
-    store::guard("the wallet", || {
+    store.guard("the wallet", || {
         let txn = store.db.begin_read()?;
         let accounts = txn.open_table(WALLET_ACCOUNTS)?;
         Ok(accounts.get(user.0)?.map(|g| g.value()).unwrap_or(0))
@@ -520,7 +520,7 @@ pub fn transactions(
     limit: usize,
     currency: &str,
 ) -> Result<(Vec<TransferView>, Option<String>), ApiError> {
-    store::guard("the wallet", || {
+    store.guard("the wallet", || {
         let ids = &store.transfer_ids;
         let txn = store.db.begin_read()?;
         let mine = txn.open_table(WALLET_USER_TRANSFERS)?;
@@ -568,7 +568,7 @@ pub fn transfer(
     viewer: UserId,
     currency: &str,
 ) -> Result<Option<TransferView>, ApiError> {
-    store::guard("the wallet", || {
+    store.guard("the wallet", || {
         let txn = store.db.begin_read()?;
         let transfers = txn.open_table(WALLET_TRANSFERS)?;
         let users = txn.open_table(USERS)?;
@@ -613,7 +613,7 @@ pub struct Verification {
 /// set, and nothing else is in either.
 pub fn verify(store: &Store) -> Result<Verification, ApiError> {
     let txn = store.db.begin_read()?;
-    store::guard("the ledger", || verify_in(&txn))
+    store.guard("the ledger", || verify_in(&txn))
 }
 
 /// [`verify`] in a snapshot (`confab check` runs it in its own).
