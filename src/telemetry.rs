@@ -414,7 +414,7 @@ pub fn render(handle: &PrometheusHandle, data_dir: &std::path::Path) -> String {
     let mut out = handle.render();
     {
         use std::fmt::Write;
-        let size = |p: std::path::PathBuf| crate::search::dir_size(&p);
+        let size = |p: std::path::PathBuf| dir_size(&p);
         let _ = write!(
             out,
             "# HELP confab_data_bytes Size of the data files on disk.\n\
@@ -445,6 +445,19 @@ pub fn render(handle: &PrometheusHandle, data_dir: &std::path::Path) -> String {
         );
     }
     out
+}
+
+/// Bytes of the files directly in `dir` (or of `dir` itself if it is a
+/// file): `confab_data_bytes`, the search index's size.
+pub fn dir_size(dir: &std::path::Path) -> u64 {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum(),
+        Err(_) => std::fs::metadata(dir).map(|m| m.len()).unwrap_or(0),
+    }
 }
 
 /// CPU, memory, fds and threads of a process, from `/proc/<pid>`.
