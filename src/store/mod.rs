@@ -1108,6 +1108,9 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, ApiError>) -> Result<T
     }
 }
 
+// Per thread, and about the panic this thread is catching: not state that
+// threads share, so these may stay statics (the architecture's "no global
+// mutable state" is about shared counters and flags).
 thread_local! {
     /// How deep this thread is in [`catch_panic`].
     static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
