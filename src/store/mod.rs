@@ -259,44 +259,9 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, 
         .map_err(|e| ApiError::internal(format!("corrupt {what} record: {e}")))
 }
 
-/// A user as clients see it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct User {
-    pub id: UserId,
-    pub username: String,
-    pub display_name: String,
-}
-
-/// A stored message as clients see it (see [`Message::from_record`]).
-#[derive(Debug, Clone, Serialize)]
-pub struct Message {
-    pub room: RoomId,
-    pub seq: u64,
-    pub from: UserId,
-    pub ts: i64,
-    pub text: String,
-    pub client_id: String,
-    /// "payment" for a wallet transfer; absent for text.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kind: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub payment: Option<PaymentView>,
-    /// The stored message is damaged (or was lost to damage): nothing of it
-    /// is shown — `from` is all zeros, `ts` 0, `text` and `client_id` empty
-    /// (docs/PROTOCOL.md). Its seq keeps the room's chain whole.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub unreadable: bool,
-}
-
-/// The `payment` object of a payment message.
-#[derive(Debug, Clone, Serialize)]
-pub struct PaymentView {
-    pub transfer: String,
-    pub amount: u64,
-    pub currency: String,
-    pub to: UserId,
-    pub note: Option<String>,
-}
+// The client views of users, rooms and messages are the protocol's
+// (`frames`); their constructors from stored records are here.
+pub use crate::frames::{Message, PaymentView, Room, User};
 
 impl Message {
     /// The client view of a stored message. A payment message names its
@@ -362,18 +327,6 @@ impl Message {
             Ok(None) | Err(_) => Message::unreadable(room, seq),
         }
     }
-}
-
-/// A room as clients see it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Room {
-    pub id: RoomId,
-    pub kind: &'static str,
-    pub name: Option<String>,
-    pub owner: Option<UserId>,
-    pub members: Vec<User>,
-    pub created_at: i64,
-    pub last_seq: u64,
 }
 
 /// The read side of the store. Cheap to clone.
