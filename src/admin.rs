@@ -38,7 +38,7 @@ const CLIENT_CHECK: Duration = Duration::from_millis(100);
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("admin.sock")
+    data_dir.join(crate::config::ADMIN_SOCKET)
 }
 
 pub fn remove_socket(data_dir: &Path) {

@@ -1367,8 +1367,9 @@ pub fn restore(
             existing.join(", ")
         ));
     }
-    if existing.iter().any(|n| n == "admin.sock")
-        && std::os::unix::net::UnixStream::connect(crate::admin::socket_path(data_dir)).is_ok()
+    let admin_socket = crate::config::ADMIN_SOCKET;
+    if existing.iter().any(|n| n == admin_socket)
+        && std::os::unix::net::UnixStream::connect(data_dir.join(admin_socket)).is_ok()
     {
         return Err(format!(
             "a confab server is running on {}; stop it before restoring",

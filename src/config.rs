@@ -70,6 +70,10 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+/// The admin socket's name in `data_dir` (the server listens on it, see
+/// `admin`; a restore refuses a directory where a server answers on it).
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
