@@ -25,7 +25,7 @@ use crate::ids::UserId;
 use crate::store::{self, User};
 
 /// Largest amount in one transfer or balance: 10^15 minor units (< 2^53).
-pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;
+pub use crate::config::MAX_AMOUNT;
 /// How far in the past an `execute_at` may be and still run at once (clock skew).
 pub const PAST_TOLERANCE_MS: i64 = 5_000;
 /// The issuer account: where operator credits come from.
