@@ -38,7 +38,7 @@ const CLIENT_CHECK: Duration = Duration::from_millis(100);
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("admin.sock")
+    data_dir.join(crate::config::ADMIN_SOCKET)
 }
 
 pub fn remove_socket(data_dir: &Path) {
@@ -59,13 +59,15 @@ pub fn listen(
         .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
     Ok(tokio::spawn(async move {
         let mut backoff = crate::limits::AcceptBackoff::new("admin socket");
+        // Whether a `confab check` runs now (one at a time).
+        let checking = Arc::new(AtomicBool::new(false));
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     backoff.succeeded();
-                    let state = state.clone();
+                    let (state, checking) = (state.clone(), checking.clone());
                     tokio::spawn(async move {
-                        let _ = serve(state, stream).await;
+                        let _ = serve(state, &checking, stream).await;
                     });
                 }
                 Err(e) => tokio::time::sleep(backoff.failed(&e)).await,
@@ -91,7 +93,11 @@ fn client_gone(stream: &UnixStream) -> bool {
     n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
-async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> {
+async fn serve(
+    state: Arc<AppState>,
+    checking: &Arc<AtomicBool>,
+    stream: UnixStream,
+) -> std::io::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     let allowed = stream.peer_cred().map(|c| c.uid() == me).unwrap_or(false);
@@ -112,7 +118,7 @@ async fn serve(state: Arc<AppState>, stream: UnixStream) -> std::io::Result<()> 
                 return Ok(());
             }
             Ok(req) if req["cmd"] == "backup" => backup(&state, &req, &mut write).await?,
-            Ok(req) if req["cmd"] == "check" => check(&state, &mut write).await?,
+            Ok(req) if req["cmd"] == "check" => check(&state, checking, &mut write).await?,
             Ok(req) if req["cmd"] == "export" => return export(&state, &req, &mut write).await,
             Ok(req) => handle(&state.store, &state.writer, &req).await,
             Err(e) => json!({"error": format!("bad request: {e}")}),
@@ -181,7 +187,7 @@ async fn backup(
     if !to.is_absolute() {
         return Ok(json!({"error": "backup needs an absolute path"}));
     }
-    let Some(slot) = crate::backup::BackupSlot::try_take() else {
+    let Some(slot) = state.backups.try_take() else {
         return Ok(json!({
             "error": "a backup is already running; try again when it has finished",
             "code": "busy",
@@ -201,17 +207,19 @@ async fn backup(
     let job = {
         let (cancel, to) = (cancel.clone(), to.clone());
         crate::backup::run_on_thread(slot, move || {
-            let txn = db.begin_read().map_err(|e| e.to_string())?;
-            crate::backup::write_cancellable(
-                &txn,
-                secret.as_deref(),
-                &to,
-                on_damage,
-                &cancel,
-                |p| {
-                    tx.send_replace(Some(p));
-                },
-            )
+            db.damage().scope(|| {
+                let txn = db.begin_read().map_err(|e| e.to_string())?;
+                crate::backup::write_cancellable(
+                    &txn,
+                    secret.as_deref(),
+                    &to,
+                    on_damage,
+                    &cancel,
+                    |p| {
+                        tx.send_replace(Some(p));
+                    },
+                )
+            })
         })
     };
     tokio::pin!(job);
@@ -300,19 +308,16 @@ async fn backup(
     })
 }
 
-/// Whether a `confab check` is running in this server.
-static CHECKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// `confab check` while the server runs: the whole store in one snapshot,
-/// on its own thread, with progress lines; one at a time. redb's own page
-/// checksums are not verified (the server's pages move under a second
-/// reader of the file); the answer says so.
+/// on its own thread, with progress lines; one at a time (`checking`: one
+/// runs now). redb's own page checksums are not verified (the server's
+/// pages move under a second reader of the file); the answer says so.
 async fn check(
     state: &AppState,
+    checking: &Arc<AtomicBool>,
     write: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<Value> {
-    use std::sync::atomic::Ordering;
-    if CHECKING
+    if checking
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
@@ -323,21 +328,24 @@ async fn check(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let db = state.store.db.clone();
+    let running = checking.clone();
     let spawned = std::thread::Builder::new()
         .name("confab-check".into())
         .spawn(move || {
-            let result = db.begin_read().map_err(|e| e.to_string()).map(|txn| {
-                let mut report = crate::store::integrity::check(&txn, &crate::wallet::ledger_check, &mut |p| {
-                    let _ = tx.send(p);
-                });
-                report.engine = "not checked: the server is running (stop it and run `confab check` for redb's page checksums too)".into();
-                report
+            let result = db.damage().scope(|| {
+                db.begin_read().map_err(|e| e.to_string()).map(|txn| {
+                    let mut report = crate::store::integrity::check(&txn, &crate::wallet::ledger_check, &mut |p| {
+                        let _ = tx.send(p);
+                    });
+                    report.engine = "not checked: the server is running (stop it and run `confab check` for redb's page checksums too)".into();
+                    report
+                })
             });
-            CHECKING.store(false, Ordering::Release);
+            running.store(false, Ordering::Release);
             let _ = done_tx.send(result);
         });
     if let Err(e) = spawned {
-        CHECKING.store(false, Ordering::Release);
+        checking.store(false, Ordering::Release);
         return Ok(json!({"error": format!("cannot start a check thread: {e}")}));
     }
     let mut last = std::time::Instant::now();

@@ -26,6 +26,7 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{
@@ -1023,13 +1024,16 @@ pub fn offline(
 ) -> Result<Summary, String> {
     let reader = open_reader(data_dir)?;
     let txn = reader.begin_read()?;
-    write(
-        &txn,
-        secret_file(data_dir).as_deref(),
-        to,
-        on_damage,
-        on_progress,
-    )
+    // The damage this backup meets, each record reported once.
+    Arc::new(store::seal::DamageLog::default()).scope(|| {
+        write(
+            &txn,
+            secret_file(data_dir).as_deref(),
+            to,
+            on_damage,
+            on_progress,
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1387,8 +1391,9 @@ pub fn restore(
             existing.join(", ")
         ));
     }
-    if existing.iter().any(|n| n == "admin.sock")
-        && std::os::unix::net::UnixStream::connect(crate::admin::socket_path(data_dir)).is_ok()
+    let admin_socket = crate::config::ADMIN_SOCKET;
+    if existing.iter().any(|n| n == admin_socket)
+        && std::os::unix::net::UnixStream::connect(data_dir.join(admin_socket)).is_ok()
     {
         return Err(format!(
             "a confab server is running on {}; stop it before restoring",
@@ -1571,34 +1576,39 @@ pub fn record(result: Result<&Summary, &String>) {
     }
 }
 
-/// Whether a backup is being taken by this process (see [`BackupSlot`]).
-static RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// A server's one backup at a time. Two at once would only compete for the
+/// same disk (and a second snapshot): an operator's `confab backup` while
+/// another runs is refused, and a periodic backup that comes due during one
+/// waits for it. The application state holds it; clones share it.
+#[derive(Clone, Default)]
+pub struct Backups {
+    /// Whether a backup is being taken now (a [`BackupSlot`] is out).
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
 
-/// The right to take the server's one backup at a time. Two at once would
-/// only compete for the same disk (and a second snapshot): an operator's
-/// `confab backup` while another runs is refused, and a periodic backup
-/// that comes due during one waits for it.
-pub struct BackupSlot(());
-
-impl BackupSlot {
+impl Backups {
     /// The slot, unless a backup is running.
-    pub fn try_take() -> Option<BackupSlot> {
+    pub fn try_take(&self) -> Option<BackupSlot> {
         use std::sync::atomic::Ordering;
-        RUNNING
+        self.running
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .ok()
-            .map(|_| BackupSlot(()))
+            .map(|_| BackupSlot(self.running.clone()))
     }
 
     /// Whether a backup is running now.
-    pub fn taken() -> bool {
-        RUNNING.load(std::sync::atomic::Ordering::Acquire)
+    pub fn taken(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
+/// The right to take the server's one backup (see [`Backups`]), given back
+/// when dropped.
+pub struct BackupSlot(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
 impl Drop for BackupSlot {
     fn drop(&mut self) {
-        RUNNING.store(false, std::sync::atomic::Ordering::Release);
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -1635,6 +1645,7 @@ pub async fn periodic(
     dir: PathBuf,
     every: std::time::Duration,
     keep: usize,
+    backups: Backups,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -1644,7 +1655,7 @@ pub async fn periodic(
         }
         // An operator's backup may be running: this one waits for it.
         let slot = loop {
-            if let Some(slot) = BackupSlot::try_take() {
+            if let Some(slot) = backups.try_take() {
                 break slot;
             }
             tokio::select! {
@@ -1655,15 +1666,16 @@ pub async fn periodic(
         let (db, data_dir, dir) = (db.clone(), data_dir.clone(), dir.clone());
         let done = run_on_thread(slot, move || {
             let to = dir.join(timestamped_name(PERIODIC_PREFIX));
-            let txn = db.begin_read().map_err(|e| e.to_string())?;
-            let summary = write(
-                &txn,
-                secret_file(&data_dir).as_deref(),
-                &to,
-                OnDamage::Refuse,
-                |_| {},
-            )?;
-            drop(txn);
+            let summary = db.damage().scope(|| {
+                let txn = db.begin_read().map_err(|e| e.to_string())?;
+                write(
+                    &txn,
+                    secret_file(&data_dir).as_deref(),
+                    &to,
+                    OnDamage::Refuse,
+                    |_| {},
+                )
+            })?;
             Ok((summary, prune(&dir, PERIODIC_PREFIX, keep)))
         })
         .await;
@@ -1725,12 +1737,10 @@ mod tests {
 
     #[test]
     fn one_backup_at_a_time_and_the_slot_is_free_when_the_result_arrives() {
-        let slot = BackupSlot::try_take().expect("free at first");
-        assert!(
-            BackupSlot::try_take().is_none(),
-            "a second backup is refused"
-        );
-        assert!(BackupSlot::taken());
+        let backups = Backups::default();
+        let slot = backups.try_take().expect("free at first");
+        assert!(backups.try_take().is_none(), "a second backup is refused");
+        assert!(backups.taken());
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
@@ -1740,13 +1750,13 @@ mod tests {
             }))
             .expect("job");
         assert_eq!(name.as_deref(), Some("confab-backup"));
-        assert!(!BackupSlot::taken());
-        let slot = BackupSlot::try_take().expect("free again");
+        assert!(!backups.taken());
+        let slot = backups.try_take().expect("free again");
         let failed = rt.block_on(run_on_thread(slot, || -> Result<(), String> {
             panic!("a bug in a backup")
         }));
         assert!(failed.is_err());
-        assert!(BackupSlot::try_take().is_some(), "a panic frees the slot");
+        assert!(backups.try_take().is_some(), "a panic frees the slot");
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+/// The admin socket's name in `data_dir` (the server listens on it, see
+/// `admin`; a restore refuses a directory where a server answers on it).
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
@@ -160,6 +164,11 @@ pub struct WalletConfig {
 /// pending transfers (up to the limit) each time they schedule one.
 pub const MAX_SCHEDULED_TRANSFERS_LIMIT: usize = 10_000;
 
+/// Largest amount in one transfer or balance: 10^15 minor units (< 2^53).
+/// The wallet's rule (`wallet::MAX_AMOUNT`), here because `signup_bonus`
+/// is checked against it.
+pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupConfig {
@@ -175,6 +184,95 @@ pub struct ClusterConfig {
     pub cluster_nodes: Vec<String>,
     pub node: String,
     pub proxy_threads: usize,
+}
+
+/// One node of `cluster_nodes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub id: String,
+    pub addr: SocketAddr,
+}
+
+/// The node list of `[cluster]`, checked.
+#[derive(Debug, Clone)]
+pub struct ClusterNodes {
+    pub nodes: Vec<ClusterNode>,
+    /// This process's node id (`--node`); None for a proxy.
+    pub me: Option<String>,
+}
+
+/// The shortest `cluster_secret` accepted when there are several nodes.
+pub const MIN_CLUSTER_SECRET: usize = 32;
+
+impl ClusterConfig {
+    /// Parses and checks the node list, this process's node and the
+    /// secret. `Ok(None)` without `cluster_nodes` (a single node, as
+    /// always). The cluster (`cluster::Cluster`) is built from it.
+    pub fn checked(&self) -> Result<Option<ClusterNodes>, String> {
+        if self.cluster_nodes.is_empty() {
+            if !self.node.is_empty() {
+                return Err(format!(
+                    "`--node {}` needs a node list (`cluster_nodes` in [cluster])",
+                    self.node
+                ));
+            }
+            return Ok(None);
+        }
+        let mut nodes: Vec<ClusterNode> = Vec::new();
+        for entry in &self.cluster_nodes {
+            let (id, addr) = entry.split_once('=').ok_or_else(|| {
+                format!("`cluster_nodes` entries are id=host:port, got `{entry}`")
+            })?;
+            let id = id.trim();
+            if id.is_empty()
+                || id.len() > 32
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                return Err(format!(
+                    "node id `{id}` must be 1-32 characters of a-z, 0-9, - and _"
+                ));
+            }
+            let addr: SocketAddr = addr.trim().parse().map_err(|_| {
+                format!(
+                    "node {id}: `{}` is not an address like 10.0.0.1:8081",
+                    addr.trim()
+                )
+            })?;
+            if nodes.iter().any(|n| n.id == id) {
+                return Err(format!("node id `{id}` is listed twice"));
+            }
+            if nodes.iter().any(|n| n.addr == addr) {
+                return Err(format!("address {addr} is listed twice"));
+            }
+            nodes.push(ClusterNode {
+                id: id.to_string(),
+                addr,
+            });
+        }
+        let me = if self.node.is_empty() {
+            None
+        } else if nodes.iter().any(|n| n.id == self.node) {
+            Some(self.node.clone())
+        } else {
+            return Err(format!(
+                "`--node {}` is not in `cluster_nodes` ({})",
+                self.node,
+                nodes
+                    .iter()
+                    .map(|n| n.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        if nodes.len() > 1 && self.cluster_secret.len() < MIN_CLUSTER_SECRET {
+            return Err(format!(
+                "`cluster_secret` must be at least {MIN_CLUSTER_SECRET} characters (it signs every token of the cluster)"
+            ));
+        }
+        Ok(Some(ClusterNodes { nodes, me }))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -361,7 +459,7 @@ impl Config {
                 }
             }
         }
-        crate::cluster::Cluster::from_config(&self.cluster).map_err(ConfigError::Invalid)?;
+        self.cluster.checked().map_err(ConfigError::Invalid)?;
         let c = &self.wallet.wallet_currency;
         if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(ConfigError::Invalid(format!(
@@ -374,7 +472,7 @@ impl Config {
                 self.wallet.max_scheduled_transfers
             )));
         }
-        if self.wallet.signup_bonus > crate::wallet::MAX_AMOUNT {
+        if self.wallet.signup_bonus > MAX_AMOUNT {
             return Err(ConfigError::Invalid(
                 "`signup_bonus` is over the balance limit".into(),
             ));

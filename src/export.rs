@@ -220,7 +220,7 @@ fn wallet<W: Write>(
     buf: &mut Vec<u8>,
     counts: &mut Counts,
 ) -> Result<(), ApiError> {
-    let currency = store::currency();
+    let currency = ids.currency();
     let accounts = txn.open_table(WALLET_ACCOUNTS)?;
     let balance = accounts.get(user.0)?.map(|g| g.value()).unwrap_or(0);
     line(
@@ -549,10 +549,12 @@ pub fn spawn(
         .name("confab-export".into())
         .spawn(move || {
             let mut w = ChannelWriter::new(tx, stall);
-            let result = db.begin_read().map_err(ApiError::from).and_then(|txn| {
-                let r = store::guard("the export", || write(&txn, scope.clone(), &ids, &mut w));
-                drop(txn);
-                r
+            let result = db.damage().scope(|| {
+                db.begin_read().map_err(ApiError::from).and_then(|txn| {
+                    let r = store::guard("the export", || write(&txn, scope.clone(), &ids, &mut w));
+                    drop(txn);
+                    r
+                })
             });
             match (result, w.stopped()) {
                 (Ok(_), _) => {}

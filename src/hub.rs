@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::ids::{RoomId, UserId};
+use crate::telemetry::LiveStats;
 
 /// Close codes the server uses (see docs/PROTOCOL.md).
 pub mod close {
@@ -66,10 +67,25 @@ pub struct SessionOutbox {
     /// A proxy's session on a cluster node: frames go down the proxy's event
     /// stream, addressed to that session alone.
     forward: Option<Arc<ProxyLink>>,
+    /// Where a kick for a full queue is counted besides the metrics (a
+    /// node's sessions: its live totals; see [`Hub::outbox`]).
+    live: Option<Arc<LiveStats>>,
 }
 
 impl SessionOutbox {
     pub fn new(id: u64, user: UserId, jti: String, capacity: usize) -> Arc<Self> {
+        SessionOutbox::counted(id, user, jti, capacity, None)
+    }
+
+    /// [`SessionOutbox::new`], counting its kicks for a full queue in
+    /// `live` too.
+    fn counted(
+        id: u64,
+        user: UserId,
+        jti: String,
+        capacity: usize,
+        live: Option<Arc<LiveStats>>,
+    ) -> Arc<Self> {
         Arc::new(SessionOutbox {
             id,
             user,
@@ -81,6 +97,7 @@ impl SessionOutbox {
             ready: Notify::new(),
             kick_notify: Notify::new(),
             forward: None,
+            live,
         })
     }
 
@@ -100,6 +117,7 @@ impl SessionOutbox {
             ready: Notify::new(),
             kick_notify: Notify::new(),
             forward: Some(link),
+            live: None,
         })
     }
 
@@ -123,7 +141,9 @@ impl SessionOutbox {
             if q.len() >= self.capacity {
                 drop(q);
                 metrics::counter!("confab_slow_client_disconnects_total").increment(1);
-                crate::status::LiveStats::add(&crate::status::LIVE.slow_disconnects, 1);
+                if let Some(live) = &self.live {
+                    LiveStats::add(&live.slow_disconnects, 1);
+                }
                 self.kick(close::TOO_SLOW);
                 return false;
             }
@@ -296,14 +316,38 @@ impl Present {
     }
 }
 
+/// The server's online sessions. `Hub::default()` counts into live totals
+/// of its own (for tools and benches that read none).
 #[derive(Default)]
 pub struct Hub {
     sessions: RwLock<HashMap<UserId, Present>>,
     /// The current event stream of each proxy, by proxy name.
     links: Mutex<HashMap<String, Arc<ProxyLink>>>,
+    /// The server's live totals: its sessions count their kicks there.
+    live: Arc<LiveStats>,
 }
 
 impl Hub {
+    /// A hub whose sessions count into `live` (the server's totals).
+    pub fn new(live: Arc<LiveStats>) -> Hub {
+        Hub {
+            live,
+            ..Hub::default()
+        }
+    }
+
+    /// A new session's outbox (see [`SessionOutbox::new`]) whose kicks for
+    /// a full queue are counted in this hub's live totals too.
+    pub fn outbox(
+        &self,
+        id: u64,
+        user: UserId,
+        jti: String,
+        capacity: usize,
+    ) -> Arc<SessionOutbox> {
+        SessionOutbox::counted(id, user, jti, capacity, Some(self.live.clone()))
+    }
+
     /// Adds a session; returns true if the user was offline until now.
     pub fn register(&self, s: Arc<SessionOutbox>) -> bool {
         let mut map = self.sessions.write().unwrap_or_else(|e| e.into_inner());

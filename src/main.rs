@@ -398,6 +398,7 @@ fn run_wallet(args: WalletArgs) -> ExitCode {
         let (writer, join) = confab::writes::GroupCommitWriter::spawn_with(
             store.clone(),
             std::sync::Arc::new(confab::hub::Hub::default()),
+            Default::default(),
             config.store.clone(),
             config.limits.max_group_members,
             wiring,
@@ -764,7 +765,8 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
 }
 
 /// Transfer ids for an export made without the server: under the key the
-/// server uses (its token secret), so that they match the API's. With no
+/// server uses (its token secret), so that they match the API's, and with
+/// its currency. With no
 /// secret at all, no server has shown an id yet (it would create the file
 /// first); the export then uses a one-off key and says so.
 fn export_transfer_ids(
@@ -772,15 +774,16 @@ fn export_transfer_ids(
 ) -> Result<confab::wallet::TransferIds, String> {
     let mut auth = config.auth.clone();
     auth.jwt_secret = config.token_secret().to_string();
-    match confab::auth::existing_secret(&auth, &config.server.data_dir)? {
-        Some(secret) => Ok(confab::wallet::TransferIds::new(&secret)),
+    let ids = match confab::auth::existing_secret(&auth, &config.server.data_dir)? {
+        Some(secret) => confab::wallet::TransferIds::new(&secret),
         None => {
             eprintln!(
                 "confab: no token secret in the config or the data directory: transfer ids in this export are not the ones a server would show"
             );
-            Ok(confab::wallet::TransferIds::new(&rand::random::<[u8; 32]>()))
+            confab::wallet::TransferIds::new(&rand::random::<[u8; 32]>())
         }
-    }
+    };
+    Ok(ids.with_currency(&config.wallet.wallet_currency))
 }
 
 /// `confab export --user NAME | --room ID [--out FILE]`.
@@ -790,7 +793,6 @@ fn run_export(args: ExportArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    confab::store::set_currency(&config.wallet.wallet_currency);
     let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(r) => r,
         Err(code) => return code,
@@ -837,11 +839,16 @@ fn run_export(args: ExportArgs) -> ExitCode {
             let txn = reader.begin_read()?;
             let scope = confab::export::scope_of(&req).map_err(|e| e.message)?;
             let ids = export_transfer_ids(&config)?;
-            confab::store::guard("the export", || {
-                confab::export::write(&txn, scope, &ids, &mut out)
-            })
-            .map(drop)
-            .map_err(|e| e.message)
+            // The damage this export meets, each record reported once.
+            let damage = std::sync::Arc::new(confab::store::seal::DamageLog::default());
+            damage
+                .scope(|| {
+                    confab::store::guard("the export", || {
+                        confab::export::write(&txn, scope, &ids, &mut out)
+                    })
+                })
+                .map(drop)
+                .map_err(|e| e.message)
         })(),
     };
     let result = result.and_then(|_| out.flush().map_err(|e| e.to_string()));

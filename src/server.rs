@@ -29,8 +29,6 @@ use crate::writes::{GroupCommitWriter, Op, WalletWiring};
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
-
 pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), String> {
     let cluster = crate::cluster::Cluster::from_config(&config.cluster)?.map(Arc::new);
     if let Some(c) = &cluster {
@@ -66,13 +64,17 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     // Public transfer ids under a key from the token secret: the same on
     // every node of a cluster (they share it) and after a restore that
     // brings the `jwt_secret` file back. Set before the store is cloned.
-    let store = store.with_transfer_ids(crate::wallet::TransferIds::new(&secret));
+    let store = store.with_transfer_ids(
+        crate::wallet::TransferIds::new(&secret).with_currency(&config.wallet.wallet_currency),
+    );
     let revoked = store
         .revoked_tokens(auth::now_secs())
         .map_err(|e| format!("cannot load revoked tokens: {e}"))?;
     let auth = Auth::new(&config.auth, &secret, revoked);
-    let hub = Arc::new(Hub::default());
-    crate::store::set_currency(&config.wallet.wallet_currency);
+    // The live totals for `/status`: counted by the hub's sessions, the
+    // writer and the request handlers (the application state's).
+    let live = Arc::new(crate::telemetry::LiveStats::default());
+    let hub = Arc::new(Hub::new(live.clone()));
     let wallet = WalletWiring {
         settings: WalletSettings {
             currency: config.wallet.wallet_currency.clone(),
@@ -86,6 +88,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     let (writer, writer_thread) = GroupCommitWriter::spawn_with(
         store.clone(),
         hub.clone(),
+        live.clone(),
         config.store.clone(),
         config.limits.max_group_members,
         wallet.clone(),
@@ -136,6 +139,13 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     );
     let reads = Arc::new(api::reads::ReadMerger::default());
     let budgets = api::UserBudgets::new(&config.limits, reads.clone());
+    // The background scrub's status (`/status`), when it runs.
+    let scrub = match config.store.store_scrub_secs {
+        0 => None,
+        secs => Some(Arc::new(crate::store::integrity::Scrub::new(
+            Duration::from_secs(secs),
+        ))),
+    };
     let exports = crate::export::Exports::new(
         config.limits.export_concurrency,
         Duration::from_secs(config.limits.export_stall_secs),
@@ -149,15 +159,23 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         metrics,
         shutdown: shutdown_rx,
         next_session: AtomicU64::new(1),
+        next_request: AtomicU64::new(1),
+        next_link: AtomicU64::new(1),
         connections: crate::limits::Connections::new(config_max.0, config_max.1),
         search: search.as_ref().map(|(index, _, _)| index.clone()),
+        live,
         status: Default::default(),
         cluster,
         budgets,
         exports,
+        backups: Default::default(),
+        scrub,
     });
     let reads_task = tokio::spawn(reads.run(writer.clone(), state.shutdown.clone()));
-    tokio::spawn(crate::status::sample_every_second(state.clone()));
+    tokio::spawn(crate::status::sample_every_second(
+        state.clone(),
+        state.shutdown.clone(),
+    ));
     let outbox = tokio::spawn(crate::cluster::outbox::run(
         state.clone(),
         wallet.outbox_wake.clone(),
@@ -175,12 +193,13 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     // The background scrub: every record's checksum, now and then, at the
     // lowest priority (docs/STORAGE.md).
     let scrub_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store_scrub = match state.config.store.store_scrub_secs {
-        0 => None,
-        secs => Some(
+    let store_scrub = match &state.scrub {
+        None => None,
+        Some(status) => Some(
             crate::store::integrity::spawn_scrub(
                 state.store.db.clone(),
-                Duration::from_secs(secs),
+                Duration::from_secs(state.config.store.store_scrub_secs),
+                status.clone(),
                 scrub_stop.clone(),
             )
             .map_err(|e| format!("cannot start the scrub thread: {e}"))?,
@@ -195,6 +214,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
             dir,
             Duration::from_secs(state.config.backup.backup_interval_secs),
             state.config.backup.backup_keep,
+            state.backups.clone(),
             state.shutdown.clone(),
         ))
     });
@@ -217,6 +237,9 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     tracing::info!(%local, data_dir = %data_dir.display(), "confab ready");
 
     let mut backoff = crate::limits::AcceptBackoff::new("listener");
+    // Every log line of a connection (and of its WebSocket session) carries
+    // `conn`: its number here.
+    let mut next_conn = 0u64;
     loop {
         tokio::select! {
             _ = &mut signal => break,
@@ -238,9 +261,8 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
                 };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
-                // Every log line of this connection (and of its WebSocket
-                // session) carries `conn` = this id.
-                let span = tracing::info_span!("conn", id = NEXT_CONN.fetch_add(1, Ordering::Relaxed), %peer);
+                next_conn += 1;
+                let span = tracing::info_span!("conn", id = next_conn, %peer);
                 tokio::spawn(
                     async move {
                         connection(state, stream, peer).await;
@@ -281,9 +303,9 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         // An operator's online backup runs on its own thread: let it finish
         // (as the runtime used to wait for it on its blocking pool), so a
         // shutdown does not leave its file half-written.
-        if crate::backup::BackupSlot::taken() {
+        if state.backups.taken() {
             tracing::info!("waiting for the running backup to finish");
-            while crate::backup::BackupSlot::taken() {
+            while state.backups.taken() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

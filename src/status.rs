@@ -1,83 +1,26 @@
-//! The live status: running totals kept beside the Prometheus metrics, a
-//! one-second sampler that keeps the last 15 minutes, `GET /api/v1/status`
-//! (JSON), `GET /api/v1/status/ws` (the samples, pushed every second) and
-//! the access rule for both and for the `/status` page.
-//!
-//! Prometheus histograms cannot be read back per second, so the hot path
-//! also records into [`LIVE`]: a handful of relaxed atomics and one small
-//! HDR histogram of send→deliver latency that the sampler swaps out.
+//! The live status: a one-second sampler that keeps the last 15 minutes
+//! of the server's live totals ([`LiveStats`]) and gauges, the totals for
+//! `/api/v1/status`, and the access rule for the status (page, JSON,
+//! stream) and for `/metrics`. The endpoints themselves are the API's
+//! (`api/status.rs`); what the sampler reads it gets from a [`Source`]
+//! (the application state).
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fastwebsockets::{Frame, OpCode, Payload};
+use hyper::Request;
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
-use crate::api::{AppState, Body, json};
 use crate::error::ApiError;
 use crate::store::now_ms;
-use crate::telemetry::ProcessStats;
+use crate::telemetry::{LiveStats, ProcessStats};
 
 /// Samples kept: 15 minutes at one per second.
 pub const HISTORY: usize = 900;
-
-/// Running totals and this second's latencies, fed by the hot path.
-pub struct LiveStats {
-    pub received: AtomicU64,
-    pub stored: AtomicU64,
-    pub delivered: AtomicU64,
-    pub rejected: AtomicU64,
-    pub logins_ok: AtomicU64,
-    pub logins_failed: AtomicU64,
-    pub http_requests: AtomicU64,
-    pub http_errors: AtomicU64,
-    pub commits: AtomicU64,
-    pub commit_ops: AtomicU64,
-    pub commit_micros: AtomicU64,
-    pub slow_disconnects: AtomicU64,
-    /// Send→deliver latencies (µs) since the last sample.
-    latency: Mutex<hdrhistogram::Histogram<u64>>,
-}
-
-fn histogram() -> hdrhistogram::Histogram<u64> {
-    // 1 µs .. 60 s, 2 significant digits: a few KB.
-    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
-        .unwrap_or_else(|_| hdrhistogram::Histogram::new(2).expect("a 2-digit histogram"))
-}
-
-pub static LIVE: LazyLock<LiveStats> = LazyLock::new(|| LiveStats {
-    received: AtomicU64::new(0),
-    stored: AtomicU64::new(0),
-    delivered: AtomicU64::new(0),
-    rejected: AtomicU64::new(0),
-    logins_ok: AtomicU64::new(0),
-    logins_failed: AtomicU64::new(0),
-    http_requests: AtomicU64::new(0),
-    http_errors: AtomicU64::new(0),
-    commits: AtomicU64::new(0),
-    commit_ops: AtomicU64::new(0),
-    commit_micros: AtomicU64::new(0),
-    slow_disconnects: AtomicU64::new(0),
-    latency: Mutex::new(histogram()),
-});
-
-impl LiveStats {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Relaxed);
-    }
-
-    /// One message's send→deliver latency.
-    pub fn deliver_latency(&self, d: Duration) {
-        if let Ok(mut h) = self.latency.lock() {
-            let _ = h.record((d.as_micros() as u64).clamp(1, 60_000_000));
-        }
-    }
-}
 
 /// One second of the server's life.
 #[derive(Serialize, Clone, Debug, Default)]
@@ -145,10 +88,30 @@ impl StatusBoard {
     }
 }
 
+/// What the sampler reads each second besides the live totals.
+pub struct Gauges {
+    pub connections: u64,
+    pub sessions: u64,
+    pub search_lag_messages: u64,
+    pub search_lag_seconds: f64,
+    /// The store: "ok", "full" or "failing".
+    pub storage: &'static str,
+}
+
+/// What is sampled: the server's board, its live totals and its gauges
+/// (the application state is one).
+pub trait Source: Send + Sync + 'static {
+    fn board(&self) -> &StatusBoard;
+    fn live(&self) -> &LiveStats;
+    fn gauges(&self) -> Gauges;
+}
+
 /// Takes one sample a second until shutdown.
-pub async fn sample_every_second(state: Arc<AppState>) {
-    let mut shutdown = state.shutdown.clone();
-    let l = &*LIVE;
+pub async fn sample_every_second<S: Source>(
+    source: Arc<S>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let l = source.live();
     let read = || {
         [
             l.received.load(Relaxed),
@@ -176,37 +139,20 @@ pub async fn sample_every_second(state: Arc<AppState>) {
         }
         let now = read();
         let d = |i: usize| now[i].saturating_sub(prev[i]);
-        let (p50, p99) = match l.latency.lock() {
-            Ok(mut h) => {
-                let r = if h.is_empty() {
-                    (None, None)
-                } else {
-                    (
-                        Some(h.value_at_quantile(0.5) as f64 / 1000.0),
-                        Some(h.value_at_quantile(0.99) as f64 / 1000.0),
-                    )
-                };
-                h.reset();
-                r
-            }
-            Err(_) => (None, None),
-        };
+        let (p50, p99) = l.take_latency();
         let proc_ = ProcessStats::of("self").unwrap_or_default();
         let secs = prev_at.elapsed().as_secs_f64().max(0.001);
         let commits = d(3);
-        let (lag_messages, lag_seconds) = match &state.search {
-            Some(ix) => ix.status.lag(state.store.feed.committed()),
-            None => (0, 0.0),
-        };
-        state.status.push(Sample {
+        let g = source.gauges();
+        source.board().push(Sample {
             t: now_ms(),
             msgs_in: d(0),
             msgs_stored: d(1),
             msgs_out: d(2),
             p50_ms: p50,
             p99_ms: p99,
-            connections: state.connections.open() as u64,
-            sessions: state.hub.online_sessions() as u64,
+            connections: g.connections,
+            sessions: g.sessions,
             commits,
             batch_avg: if commits == 0 {
                 0.0
@@ -222,9 +168,9 @@ pub async fn sample_every_second(state: Arc<AppState>) {
             rss_bytes: proc_.rss_bytes,
             errors: d(6),
             http_requests: d(7),
-            search_lag_messages: lag_messages,
-            search_lag_seconds: lag_seconds,
-            storage: state.store.health.state().as_str(),
+            search_lag_messages: g.search_lag_messages,
+            search_lag_seconds: g.search_lag_seconds,
+            storage: g.storage,
         });
         prev = now;
         prev_cpu = proc_.cpu_seconds;
@@ -239,15 +185,7 @@ pub async fn sample_every_second(state: Arc<AppState>) {
 /// Whether `peer` with these headers may see the status (page, JSON, stream):
 /// from an allowed address (`status_allowed_ips`, loopback by default), or
 /// anywhere with `Authorization: Bearer <status_token>` when a token is set.
-pub fn check_access(
-    state: &AppState,
-    req: &Request<Incoming>,
-    peer: SocketAddr,
-) -> Result<(), ApiError> {
-    check_access_with(&state.config.server, req, peer)
-}
-
-/// [`check_access`] for a server config (a proxy's status uses it too).
+/// For a node's and a proxy's server config alike.
 pub fn check_access_with(
     server: &crate::config::ServerConfig,
     req: &Request<Incoming>,
@@ -357,12 +295,12 @@ pub fn allowed_ip(cidrs: &[String], ip: IpAddr) -> bool {
 }
 
 // ---------------------------------------------------------------------------
-// HTTP
+// Totals
 // ---------------------------------------------------------------------------
 
 /// Totals since start, for `/api/v1/status`.
 #[derive(Serialize)]
-struct Totals {
+pub struct Totals {
     messages_received: u64,
     messages_stored: u64,
     messages_delivered: u64,
@@ -374,30 +312,9 @@ struct Totals {
     slow_client_disconnects: u64,
 }
 
-/// `GET /api/v1/status[?history=0]`.
-pub async fn get(
-    state: &Arc<AppState>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Result<Response<Body>, ApiError> {
-    check_access(state, &req, peer)?;
-    let with_history = !crate::api::query(&req)
-        .iter()
-        .any(|(k, v)| k == "history" && v == "0");
-    let l = &*LIVE;
-    let history = state.status.history();
-    let proc_ = ProcessStats::of("self").unwrap_or_default();
-    let body = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "git": crate::telemetry::GIT_HASH,
-        "started_at": state.status.started_ms,
-        "uptime_secs": state.status.started.elapsed().as_secs(),
-        "connections": state.connections.open(),
-        "sessions": state.hub.online_sessions(),
-        "rss_bytes": proc_.rss_bytes,
-        "open_fds": proc_.open_fds,
-        "threads": proc_.threads,
-        "totals": Totals {
+impl Totals {
+    pub fn of(l: &LiveStats) -> Totals {
+        Totals {
             messages_received: l.received.load(Relaxed),
             messages_stored: l.stored.load(Relaxed),
             messages_delivered: l.delivered.load(Relaxed),
@@ -407,90 +324,8 @@ pub async fn get(
             http_requests: l.http_requests.load(Relaxed),
             http_errors: l.http_errors.load(Relaxed),
             slow_client_disconnects: l.slow_disconnects.load(Relaxed),
-        },
-        "storage": {
-            "state": state.store.health.state().as_str(),
-            "since": state.store.health.since_ms(),
-            "detail": state.store.health.detail(),
-        },
-        "search": state
-            .search
-            .as_ref()
-            .map(|ix| ix.status_json(state.store.feed.committed())),
-        "store": serde_json::json!({
-            "damaged_records": crate::store::seal::DAMAGED.load(Relaxed),
-            "scrub": (state.config.store.store_scrub_secs > 0)
-                .then(crate::store::integrity::scrub_snapshot),
-        }),
-        "now": history.last(),
-        "history": if with_history { history } else { Vec::new() },
-    });
-    json(StatusCode::OK, &body)
-}
-
-/// `GET /api/v1/status/ws`: the history, then a sample every second.
-pub async fn stream(
-    state: &Arc<AppState>,
-    mut req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Result<Response<Body>, ApiError> {
-    check_access(state, &req, peer)?;
-    crate::api::ws::check_origin(&state.config.server.allowed_origins, &req)?;
-    let protocol = req.headers().get("sec-websocket-protocol").cloned();
-    let (mut resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)
-        .map_err(|e| ApiError::bad_request("bad_request", format!("bad WebSocket upgrade: {e}")))?;
-    if let Some(p) = protocol.and_then(|p| p.to_str().ok().map(str::to_string)) {
-        // Echo the token sub-protocol, or browsers drop the connection.
-        if let Some(chosen) = p
-            .split(',')
-            .map(str::trim)
-            .find(|x| x.starts_with("status."))
-            && let Ok(v) = hyper::header::HeaderValue::from_str(chosen)
-        {
-            resp.headers_mut().insert("sec-websocket-protocol", v);
         }
     }
-    let slot = state.connections.take();
-    let state = state.clone();
-    tokio::spawn(async move {
-        let _slot = slot;
-        let Ok(mut ws) = fut.await else {
-            return;
-        };
-        let mut updates = state.status.updates.subscribe();
-        let mut shutdown = state.shutdown.clone();
-        let first = serde_json::json!({"type": "history", "samples": state.status.history()});
-        if ws.write_frame(text(first)).await.is_err() {
-            return;
-        }
-        loop {
-            let sample = tokio::select! {
-                s = updates.recv() => match s {
-                    Ok(s) => s,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return,
-                },
-                _ = shutdown.changed() => {
-                    let _ = ws.write_frame(Frame::close(1001, b"shutting down")).await;
-                    return;
-                }
-            };
-            let msg = serde_json::json!({"type": "sample", "sample": sample});
-            if ws.write_frame(text(msg)).await.is_err() {
-                return;
-            }
-        }
-    });
-    Ok(resp.map(|_| Body::empty()))
-}
-
-fn text(v: serde_json::Value) -> Frame<'static> {
-    Frame::new(
-        true,
-        OpCode::Text,
-        None,
-        Payload::Owned(v.to_string().into_bytes()),
-    )
 }
 
 #[cfg(test)]

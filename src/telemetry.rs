@@ -1,5 +1,10 @@
 //! The Prometheus recorder behind the `metrics` facade, and the names and
-//! buckets of confab's histograms. `/metrics` renders the handle.
+//! buckets of confab's histograms. `/metrics` renders the handle. Beside
+//! it, the server's live totals for `/status` ([`LiveStats`]).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -22,6 +27,88 @@ pub const VERSION: &str = concat!(
     env!("CONFAB_GIT_HASH"),
     ")"
 );
+
+/// Running totals and this second's send→deliver latencies, kept beside
+/// the Prometheus metrics for `/status` (Prometheus histograms cannot be
+/// read back per second). One per server: the application state owns it and
+/// hands it to the hub and the writer when it builds them. The hot path
+/// records a handful of relaxed atomics and one small HDR histogram that the
+/// status sampler swaps out ([`LiveStats::take_latency`]).
+pub struct LiveStats {
+    pub received: AtomicU64,
+    pub stored: AtomicU64,
+    pub delivered: AtomicU64,
+    pub rejected: AtomicU64,
+    pub logins_ok: AtomicU64,
+    pub logins_failed: AtomicU64,
+    pub http_requests: AtomicU64,
+    pub http_errors: AtomicU64,
+    pub commits: AtomicU64,
+    pub commit_ops: AtomicU64,
+    pub commit_micros: AtomicU64,
+    pub slow_disconnects: AtomicU64,
+    /// Send→deliver latencies (µs) since the last sample.
+    latency: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    // 1 µs .. 60 s, 2 significant digits: a few KB.
+    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
+        .unwrap_or_else(|_| hdrhistogram::Histogram::new(2).expect("a 2-digit histogram"))
+}
+
+impl Default for LiveStats {
+    fn default() -> Self {
+        LiveStats {
+            received: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            logins_ok: AtomicU64::new(0),
+            logins_failed: AtomicU64::new(0),
+            http_requests: AtomicU64::new(0),
+            http_errors: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            commit_ops: AtomicU64::new(0),
+            commit_micros: AtomicU64::new(0),
+            slow_disconnects: AtomicU64::new(0),
+            latency: Mutex::new(latency_histogram()),
+        }
+    }
+}
+
+impl LiveStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    /// One message's send→deliver latency.
+    pub fn deliver_latency(&self, d: Duration) {
+        if let Ok(mut h) = self.latency.lock() {
+            let _ = h.record((d.as_micros() as u64).clamp(1, 60_000_000));
+        }
+    }
+
+    /// p50 and p99 (ms) of the latencies since the last call, which starts
+    /// the next period (None: no messages).
+    pub fn take_latency(&self) -> (Option<f64>, Option<f64>) {
+        match self.latency.lock() {
+            Ok(mut h) => {
+                let r = if h.is_empty() {
+                    (None, None)
+                } else {
+                    (
+                        Some(h.value_at_quantile(0.5) as f64 / 1000.0),
+                        Some(h.value_at_quantile(0.99) as f64 / 1000.0),
+                    )
+                };
+                h.reset();
+                r
+            }
+            Err(_) => (None, None),
+        }
+    }
+}
 
 /// HELP texts (and units) for every metric confab records.
 fn describe() {
@@ -327,7 +414,7 @@ pub fn render(handle: &PrometheusHandle, data_dir: &std::path::Path) -> String {
     let mut out = handle.render();
     {
         use std::fmt::Write;
-        let size = |p: std::path::PathBuf| crate::search::dir_size(&p);
+        let size = |p: std::path::PathBuf| dir_size(&p);
         let _ = write!(
             out,
             "# HELP confab_data_bytes Size of the data files on disk.\n\
@@ -358,6 +445,19 @@ pub fn render(handle: &PrometheusHandle, data_dir: &std::path::Path) -> String {
         );
     }
     out
+}
+
+/// Bytes of the files directly in `dir` (or of `dir` itself if it is a
+/// file): `confab_data_bytes`, the search index's size.
+pub fn dir_size(dir: &std::path::Path) -> u64 {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum(),
+        Err(_) => std::fs::metadata(dir).map(|m| m.len()).unwrap_or(0),
+    }
 }
 
 /// CPU, memory, fds and threads of a process, from `/proc/<pid>`.

@@ -199,8 +199,8 @@ pub async fn login(
         Err(e) => e.code,
     })
     .increment(1);
-    let live = &crate::status::LIVE;
-    crate::status::LiveStats::add(
+    let live = &*state.live;
+    crate::telemetry::LiveStats::add(
         if outcome.is_ok() {
             &live.logins_ok
         } else {

@@ -93,7 +93,7 @@ pub async fn post(
     validate_send(state, body.client_id.as_deref(), &body.text)?;
     state.budgets.take_send(c.user)?;
     metrics::counter!("confab_messages_received_total").increment(1);
-    crate::status::LiveStats::add(&crate::status::LIVE.received, 1);
+    crate::telemetry::LiveStats::add(&state.live.received, 1);
     let (msg, duplicate) = state
         .writer
         .call(|reply| Op::Send {

@@ -11,6 +11,7 @@ mod messages;
 pub mod reads;
 mod rooms;
 mod search;
+mod status;
 mod wallet;
 pub mod ws;
 
@@ -37,8 +38,6 @@ pub use accounts::valid_username;
 pub use body::Body;
 pub use messages::validate_send_limits;
 
-static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
 /// Everything a request handler or session needs; one per server.
 pub struct AppState {
     pub config: Config,
@@ -50,11 +49,18 @@ pub struct AppState {
     /// Flips to true on shutdown; sessions watch it.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub next_session: std::sync::atomic::AtomicU64,
+    /// The next request's number (its log span's `id`).
+    pub next_request: std::sync::atomic::AtomicU64,
+    /// The next proxy event stream's number (`cluster::node`).
+    pub next_link: std::sync::atomic::AtomicU64,
     /// Open TCP connections, HTTP and upgraded WebSocket alike, bounded by
     /// `max_connections` in all and `max_connections_per_ip` per address.
     pub connections: Arc<crate::limits::Connections>,
     /// The message search index (None when `search_enabled` is off).
     pub search: Option<Arc<crate::search::SearchIndex>>,
+    /// The running totals the hot path counts into (`/status`); the hub
+    /// and the writer were given the same.
+    pub live: Arc<crate::telemetry::LiveStats>,
     /// The last 15 minutes, one sample a second (`/status`).
     pub status: crate::status::StatusBoard,
     /// This node's cluster (None for a single node).
@@ -65,6 +71,10 @@ pub struct AppState {
     /// The exports running now, within `export_concurrency` and one per
     /// user (HTTP).
     pub exports: Arc<crate::export::Exports>,
+    /// The one backup at a time (the operator's and the periodic ones).
+    pub backups: crate::backup::Backups,
+    /// What the store's background scrub found (None: it does not run).
+    pub scrub: Option<Arc<crate::store::integrity::Scrub>>,
 }
 
 /// Per-user budgets, shared by all of a user's sessions (here and behind
@@ -114,13 +124,13 @@ pub async fn handle(
 ) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
-    let span = tracing::debug_span!("req", id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed), %method, path = %req.uri().path());
+    let span = tracing::debug_span!("req", id = state.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed), %method, path = %req.uri().path());
     let (route, result) = tracing::Instrument::instrument(route(&state, req, peer), span).await;
     let resp = finish(route, &method, started, result);
-    let live = &crate::status::LIVE;
-    crate::status::LiveStats::add(&live.http_requests, 1);
+    let live = &*state.live;
+    crate::telemetry::LiveStats::add(&live.http_requests, 1);
     if resp.status().is_server_error() {
-        crate::status::LiveStats::add(&live.http_errors, 1);
+        crate::telemetry::LiveStats::add(&live.http_errors, 1);
     }
     resp
 }
@@ -255,8 +265,8 @@ async fn route(
                 _ => ("/rooms/{id}/messages", Err(method_not_allowed())),
             },
             ["ws"] => on!("/ws", get, ws::upgrade(state, req)),
-            ["status"] => on!("/status", get, crate::status::get(state, req, peer)),
-            ["status", "ws"] => on!("/status/ws", get, crate::status::stream(state, req, peer)),
+            ["status"] => on!("/status", get, status::get(state, req, peer)),
+            ["status", "ws"] => on!("/status/ws", get, status::stream(state, req, peer)),
             _ => ("other", Err(no_such_endpoint(&path))),
         },
         ["api", ..] => ("other", Err(no_such_endpoint(&path))),
@@ -267,7 +277,7 @@ async fn route(
             // Without a token only allowed addresses get the page; with one,
             // the page asks for it and the data checks it.
             if state.config.server.status_token.is_empty() {
-                crate::status::check_access(state, &req, peer)?;
+                status::check_access(state, &req, peer)?;
             }
             Ok(assets::serve("status.html"))
         }),

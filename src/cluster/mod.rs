@@ -7,17 +7,10 @@ pub mod node;
 pub mod outbox;
 pub mod ring;
 
-use std::net::SocketAddr;
-
 use crate::config::ClusterConfig;
-pub use ring::Ring;
-
 /// One node of the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Node {
-    pub id: String,
-    pub addr: SocketAddr,
-}
+pub use crate::config::ClusterNode as Node;
+pub use ring::Ring;
 
 /// The checked `[cluster]` settings.
 #[derive(Debug, Clone)]
@@ -29,80 +22,19 @@ pub struct Cluster {
     pub ring: Ring,
 }
 
-/// The shortest `cluster_secret` accepted when there are several nodes.
-pub const MIN_SECRET: usize = 32;
-
 impl Cluster {
-    /// Parses and checks `[cluster]`. `Ok(None)` without `cluster_nodes`
-    /// (a single node, as always).
+    /// Parses and checks `[cluster]` ([`ClusterConfig::checked`]) and
+    /// places its nodes on the ring. `Ok(None)` without `cluster_nodes` (a
+    /// single node, as always).
     pub fn from_config(cfg: &ClusterConfig) -> Result<Option<Cluster>, String> {
-        if cfg.cluster_nodes.is_empty() {
-            if !cfg.node.is_empty() {
-                return Err(format!(
-                    "`--node {}` needs a node list (`cluster_nodes` in [cluster])",
-                    cfg.node
-                ));
-            }
+        let Some(checked) = cfg.checked()? else {
             return Ok(None);
-        }
-        let mut nodes: Vec<Node> = Vec::new();
-        for entry in &cfg.cluster_nodes {
-            let (id, addr) = entry.split_once('=').ok_or_else(|| {
-                format!("`cluster_nodes` entries are id=host:port, got `{entry}`")
-            })?;
-            let id = id.trim();
-            if id.is_empty()
-                || id.len() > 32
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-            {
-                return Err(format!(
-                    "node id `{id}` must be 1-32 characters of a-z, 0-9, - and _"
-                ));
-            }
-            let addr: SocketAddr = addr.trim().parse().map_err(|_| {
-                format!(
-                    "node {id}: `{}` is not an address like 10.0.0.1:8081",
-                    addr.trim()
-                )
-            })?;
-            if nodes.iter().any(|n| n.id == id) {
-                return Err(format!("node id `{id}` is listed twice"));
-            }
-            if nodes.iter().any(|n| n.addr == addr) {
-                return Err(format!("address {addr} is listed twice"));
-            }
-            nodes.push(Node {
-                id: id.to_string(),
-                addr,
-            });
-        }
-        let me = if cfg.node.is_empty() {
-            None
-        } else if nodes.iter().any(|n| n.id == cfg.node) {
-            Some(cfg.node.clone())
-        } else {
-            return Err(format!(
-                "`--node {}` is not in `cluster_nodes` ({})",
-                cfg.node,
-                nodes
-                    .iter()
-                    .map(|n| n.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
         };
-        if nodes.len() > 1 && cfg.cluster_secret.len() < MIN_SECRET {
-            return Err(format!(
-                "`cluster_secret` must be at least {MIN_SECRET} characters (it signs every token of the cluster)"
-            ));
-        }
-        let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+        let ids: Vec<String> = checked.nodes.iter().map(|n| n.id.clone()).collect();
         Ok(Some(Cluster {
             ring: Ring::new(&ids),
-            nodes,
-            me,
+            nodes: checked.nodes,
+            me: checked.me,
             secret: cfg.cluster_secret.clone(),
         }))
     }

@@ -26,7 +26,7 @@
 //! (`x-confab-user` instead of a bearer token; see [`crate::api::caller`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -52,8 +52,6 @@ const LINK_QUEUE: usize = 1 << 17;
 /// An idle event stream carries a ping line this often, so both ends notice
 /// a dead peer.
 pub const PING_EVERY: Duration = Duration::from_secs(5);
-
-static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
 pub async fn route(
     state: &Arc<AppState>,
@@ -104,7 +102,11 @@ fn ndjson(body: Body) -> Response<Body> {
 }
 
 fn events(state: &Arc<AppState>, proxy: String) -> Response<Body> {
-    let link = ProxyLink::new(NEXT_LINK.fetch_add(1, Ordering::Relaxed), proxy, LINK_QUEUE);
+    let link = ProxyLink::new(
+        state.next_link.fetch_add(1, Ordering::Relaxed),
+        proxy,
+        LINK_QUEUE,
+    );
     tracing::info!(proxy = %link.proxy, link = link.id, "proxy event stream opened");
     if let Some(old) = state.hub.add_link(link.clone()) {
         drop_link(state, &old);

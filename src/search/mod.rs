@@ -308,18 +308,6 @@ impl IndexStatus {
     }
 }
 
-/// Bytes of the files directly in `dir` (or of `dir` itself if it is a file).
-pub fn dir_size(dir: &Path) -> u64 {
-    match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .filter_map(Result::ok)
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum(),
-        Err(_) => std::fs::metadata(dir).map(|m| m.len()).unwrap_or(0),
-    }
-}
-
 /// The open index: searched by API handlers, fed by the [`Indexer`],
 /// checked by the scrub ([`spawn_scrub`]).
 pub struct SearchIndex {
@@ -841,7 +829,7 @@ impl SearchIndex {
 
     /// Bytes on disk.
     pub fn size_bytes(&self) -> u64 {
-        dir_size(&self.dir)
+        crate::telemetry::dir_size(&self.dir)
     }
 
     /// The query for one word or quoted phrase (None: nothing searchable in it).

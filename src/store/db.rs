@@ -10,27 +10,39 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
 
+use super::seal::DamageLog;
 use crate::error::ApiError;
 pub use crate::error::{is_disk_full, storage_error, storage_full};
 
-/// The store's database, reopenable.
+/// The store's database, reopenable, and the damage found in it.
 pub struct Db {
     current: RwLock<Option<Database>>,
     path: PathBuf,
     cache_bytes: usize,
+    /// The damaged records this process has met in the store, each
+    /// reported once (see [`super::seal::report`]).
+    damage: Arc<DamageLog>,
 }
 
 impl Db {
-    pub(crate) fn new(db: Database, path: &Path, cache_bytes: usize) -> Db {
+    pub(crate) fn new(db: Database, path: &Path, cache_bytes: usize, damage: Arc<DamageLog>) -> Db {
         Db {
             current: RwLock::new(Some(db)),
             path: path.to_path_buf(),
             cache_bytes,
+            damage,
         }
+    }
+
+    /// The damage found in this store. Every read of it runs in
+    /// `damage().scope(…)` (the store's guard, the writer thread, a backup,
+    /// an export, the scrub), so that damage is reported once.
+    pub fn damage(&self) -> &Arc<DamageLog> {
+        &self.damage
     }
 
     fn closed() -> redb::TransactionError {

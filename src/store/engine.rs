@@ -163,9 +163,11 @@ impl<D: Domain> Engine<D> {
             retry_at: Instant::now(),
             retry_wait: RETRY_FIRST,
         };
+        // Damage the engine meets is reported into its store's log.
+        let damage = engine.db.damage().clone();
         std::thread::Builder::new()
             .name("confab-writer".into())
-            .spawn(move || engine.run(rx))
+            .spawn(move || damage.scope(|| engine.run(rx)))
     }
 
     fn run(&mut self, mut rx: mpsc::Receiver<D::Op>) {

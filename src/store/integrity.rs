@@ -948,7 +948,9 @@ pub fn check_offline(
         Opened::Repaired(db) => db.begin_read(),
     }
     .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut report = check(&txn, ledger, on_progress);
+    // The damage this check meets, each record reported once.
+    let mut report =
+        std::sync::Arc::new(seal::DamageLog::default()).scope(|| check(&txn, ledger, on_progress));
     drop(txn);
     let started = Instant::now();
     report.engine = engine_check(data_dir);
@@ -987,13 +989,30 @@ pub struct ScrubStatus {
     pub last_damage_total: u64,
 }
 
-pub static SCRUB: std::sync::LazyLock<Mutex<ScrubStatus>> =
-    std::sync::LazyLock::new(Default::default);
+/// The scrub's status, written by its thread and read by `/api/v1/status`:
+/// the server makes one for the scrub it starts ([`spawn_scrub`]).
+#[derive(Debug, Default)]
+pub struct Scrub(Mutex<ScrubStatus>);
 
-fn scrub_status() -> std::sync::MutexGuard<'static, ScrubStatus> {
-    SCRUB
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+impl Scrub {
+    /// The status of a scrub that runs every `every`.
+    pub fn new(every: Duration) -> Scrub {
+        Scrub(Mutex::new(ScrubStatus {
+            every_secs: every.as_secs(),
+            ..Default::default()
+        }))
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, ScrubStatus> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The status now, for `/api/v1/status`.
+    pub fn snapshot(&self) -> ScrubStatus {
+        self.status().clone()
+    }
 }
 
 /// Records per read transaction, and the pause between two.
@@ -1130,59 +1149,65 @@ fn lower_priority() {
 pub fn spawn_scrub(
     db: std::sync::Arc<super::db::Db>,
     every: Duration,
+    status: std::sync::Arc<Scrub>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    scrub_status().every_secs = every.as_secs();
     std::thread::Builder::new()
         .name("confab-scrub".into())
         .spawn(move || {
-            lower_priority();
-            let stopped = || stop.load(std::sync::atomic::Ordering::Acquire);
-            loop {
-                // Sleep in short steps, so that a shutdown is not held up.
-                let until = Instant::now() + every;
-                while Instant::now() < until {
-                    if stopped() {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(200).min(until - Instant::now()));
-                }
-                let started = Instant::now();
-                {
-                    let mut st = scrub_status();
-                    st.running = true;
-                    st.last_started_at = Some(super::now_ms());
-                }
-                let (n, found) = scrub_pass(&db, &stopped);
-                if stopped() {
-                    return;
-                }
-                let secs = started.elapsed().as_secs_f64();
-                metrics::counter!("confab_store_scrub_passes_total").increment(1);
-                metrics::gauge!("confab_store_scrub_damage").set(found.len() as f64);
-                if found.is_empty() {
-                    tracing::info!(records = n, seconds = secs, "scrub: every record verified");
-                } else {
-                    tracing::warn!(
-                        records = n,
-                        damaged = found.len(),
-                        seconds = secs,
-                        "scrub: damage found (`confab check` names all of it)"
-                    );
-                }
-                let mut st = scrub_status();
-                st.running = false;
-                st.passes += 1;
-                st.last_finished_at = Some(super::now_ms());
-                st.last_seconds = Some(secs);
-                st.last_records = n;
-                st.last_damage_total = found.len() as u64;
-                st.last_damage = found.into_iter().take(20).collect();
-            }
+            let damage = db.damage().clone();
+            damage.scope(|| scrub_every(&db, every, &status, &stop))
         })
 }
 
-/// The scrub's status, for `/api/v1/status`.
-pub fn scrub_snapshot() -> ScrubStatus {
-    scrub_status().clone()
+/// The scrub thread's loop (see [`spawn_scrub`]).
+fn scrub_every(
+    db: &super::db::Db,
+    every: Duration,
+    status: &Scrub,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    lower_priority();
+    let stopped = || stop.load(std::sync::atomic::Ordering::Acquire);
+    loop {
+        // Sleep in short steps, so that a shutdown is not held up.
+        let until = Instant::now() + every;
+        while Instant::now() < until {
+            if stopped() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200).min(until - Instant::now()));
+        }
+        let started = Instant::now();
+        {
+            let mut st = status.status();
+            st.running = true;
+            st.last_started_at = Some(super::now_ms());
+        }
+        let (n, found) = scrub_pass(db, &stopped);
+        if stopped() {
+            return;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        metrics::counter!("confab_store_scrub_passes_total").increment(1);
+        metrics::gauge!("confab_store_scrub_damage").set(found.len() as f64);
+        if found.is_empty() {
+            tracing::info!(records = n, seconds = secs, "scrub: every record verified");
+        } else {
+            tracing::warn!(
+                records = n,
+                damaged = found.len(),
+                seconds = secs,
+                "scrub: damage found (`confab check` names all of it)"
+            );
+        }
+        let mut st = status.status();
+        st.running = false;
+        st.passes += 1;
+        st.last_finished_at = Some(super::now_ms());
+        st.last_seconds = Some(secs);
+        st.last_records = n;
+        st.last_damage_total = found.len() as u64;
+        st.last_damage = found.into_iter().take(20).collect();
+    }
 }

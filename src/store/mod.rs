@@ -262,61 +262,14 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, 
         .map_err(|e| ApiError::internal(format!("corrupt {what} record: {e}")))
 }
 
-/// A user as clients see it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct User {
-    pub id: UserId,
-    pub username: String,
-    pub display_name: String,
-}
-
-/// A stored message as clients see it (see [`Message::from_record`]).
-#[derive(Debug, Clone, Serialize)]
-pub struct Message {
-    pub room: RoomId,
-    pub seq: u64,
-    pub from: UserId,
-    pub ts: i64,
-    pub text: String,
-    pub client_id: String,
-    /// "payment" for a wallet transfer; absent for text.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kind: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub payment: Option<PaymentView>,
-    /// The stored message is damaged (or was lost to damage): nothing of it
-    /// is shown — `from` is all zeros, `ts` 0, `text` and `client_id` empty
-    /// (docs/PROTOCOL.md). Its seq keeps the room's chain whole.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub unreadable: bool,
-}
-
-/// The `payment` object of a payment message.
-#[derive(Debug, Clone, Serialize)]
-pub struct PaymentView {
-    pub transfer: String,
-    pub amount: u64,
-    pub currency: &'static str,
-    pub to: UserId,
-    pub note: Option<String>,
-}
-
-/// The wallet's currency, set once at start (payment messages carry it).
-/// A static from before the store carried [`Store::transfer_ids`]; the
-/// currency is not a secret and the same in every process on a data dir.
-static CURRENCY: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
-
-pub fn set_currency(c: &str) {
-    let _ = CURRENCY.set(Box::leak(c.to_string().into_boxed_str()));
-}
-
-pub fn currency() -> &'static str {
-    CURRENCY.get().copied().unwrap_or("KRW")
-}
+// The client views of users, rooms and messages are the protocol's
+// (`frames`); their constructors from stored records are here.
+pub use crate::frames::{Message, PaymentView, Room, User};
 
 impl Message {
     /// The client view of a stored message. A payment message names its
-    /// transfer by public id (`ids`), in `payment.transfer` and in its
+    /// transfer by public id (`ids`, which also carry the wallet's
+    /// currency), in `payment.transfer` and in its
     /// `client_id`: the stored `pay-<stored id>` stays as it is (it
     /// deduplicates the cluster outbox's deliveries) but is never shown.
     pub fn from_record(
@@ -332,7 +285,7 @@ impl Message {
         let payment = r.payment.map(|p| PaymentView {
             transfer: ids.show(p.transfer),
             amount: p.amount,
-            currency: currency(),
+            currency: ids.currency().to_string(),
             to: UserId(p.to),
             note: p.note,
         });
@@ -379,18 +332,6 @@ impl Message {
     }
 }
 
-/// A room as clients see it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Room {
-    pub id: RoomId,
-    pub kind: &'static str,
-    pub name: Option<String>,
-    pub owner: Option<UserId>,
-    pub members: Vec<User>,
-    pub created_at: i64,
-    pub last_seq: u64,
-}
-
 /// The read side of the store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -401,11 +342,12 @@ pub struct Store {
     /// How far `message_log` is committed; the writer publishes, the search
     /// indexer waits on it.
     pub feed: Arc<CommitFeed>,
-    /// How transfer ids are shown to clients. Here because every reader and
-    /// the writer already hold the store, and payment messages are built
-    /// from records in its read queries. The default (from an empty secret)
-    /// is for tools that show no ids; a server sets its own with
-    /// [`Store::with_transfer_ids`] before anything reads.
+    /// How transfer ids (and the wallet's currency) are shown to clients.
+    /// Here because every reader and the writer already hold the store, and
+    /// payment messages are built from records in its read queries. The
+    /// default (from an empty secret, in KRW) is for tools that show no ids;
+    /// a server sets its own with [`Store::with_transfer_ids`] before
+    /// anything reads.
     pub transfer_ids: transfer_ids::TransferIds,
 }
 
@@ -544,6 +486,19 @@ impl Store {
         cache_bytes: usize,
         before_migration: Option<BeforeMigration<'_>>,
     ) -> Result<Store, String> {
+        // Damage a migration meets is this store's, as any later read's.
+        let damage = Arc::new(seal::DamageLog::default());
+        damage
+            .clone()
+            .scope(|| Store::open_reporting_to(data_dir, cache_bytes, damage, before_migration))
+    }
+
+    fn open_reporting_to(
+        data_dir: &Path,
+        cache_bytes: usize,
+        damage: Arc<seal::DamageLog>,
+        before_migration: Option<BeforeMigration<'_>>,
+    ) -> Result<Store, String> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
         let path = data_dir.join("confab.redb");
@@ -654,7 +609,7 @@ impl Store {
             }
         }
         Ok(Store {
-            db: Arc::new(db::Db::new(db, &path, cache_bytes)),
+            db: Arc::new(db::Db::new(db, &path, cache_bytes, damage)),
             health: Default::default(),
             feed,
             transfer_ids: Default::default(),
@@ -671,9 +626,19 @@ impl Store {
         Ok(self.db.begin_read()?)
     }
 
+    /// [`guard`] for a read of this store: the damage it meets is reported
+    /// into the store's log ([`db::Db::damage`]).
+    pub fn guard<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.db.damage().scope(|| guard(what, f))
+    }
+
     /// True until the first user signs up.
     pub fn has_no_users(&self) -> Result<bool, ApiError> {
-        guard("has_no_users", || {
+        self.guard("has_no_users", || {
             let txn = self.read()?;
             let users = txn.open_table(USERS)?;
             Ok(users.first()?.is_none())
@@ -681,7 +646,7 @@ impl Store {
     }
 
     pub fn user(&self, id: UserId) -> Result<Option<User>, ApiError> {
-        guard("user", || {
+        self.guard("user", || {
             let txn = self.read()?;
             let users = txn.open_table(USERS)?;
             user_in(&users, id)
@@ -690,7 +655,7 @@ impl Store {
 
     /// The user record (with password hash) for a username, case-insensitive.
     pub fn user_by_name(&self, username: &str) -> Result<Option<(UserId, UserRecord)>, ApiError> {
-        guard("user_by_name", || {
+        self.guard("user_by_name", || {
             let txn = self.read()?;
             let names = txn.open_table(USERNAMES)?;
             let Some(id) = names
@@ -708,7 +673,7 @@ impl Store {
     }
 
     pub fn search_users(&self, prefix: &str, limit: usize) -> Result<Vec<User>, ApiError> {
-        guard("search_users", || {
+        self.guard("search_users", || {
             let prefix = prefix.to_lowercase();
             let txn = self.read()?;
             let names = txn.open_table(USERNAMES)?;
@@ -728,7 +693,7 @@ impl Store {
     }
 
     pub fn contacts(&self, owner: UserId) -> Result<Vec<User>, ApiError> {
-        guard("contacts", || {
+        self.guard("contacts", || {
             let txn = self.read()?;
             let contacts = txn.open_table(CONTACTS)?;
             let users = txn.open_table(USERS)?;
@@ -746,7 +711,7 @@ impl Store {
 
     /// The room, if `user` is a member of it.
     pub fn room_for(&self, room: RoomId, user: UserId) -> Result<Room, ApiError> {
-        guard("room_for", || {
+        self.guard("room_for", || {
             let txn = self.read()?;
             check_member(&txn, room, user)?;
             room_in(&txn, room)?.ok_or_else(ApiError::room_not_found)
@@ -755,7 +720,7 @@ impl Store {
 
     /// Up to `max` logged messages after log position `after`, in log order.
     pub fn log_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Message)>, ApiError> {
-        guard("log_after", || {
+        self.guard("log_after", || {
             let txn = self.read()?;
             let log = txn.open_table(MESSAGE_LOG)?;
             let messages = txn.open_table(MESSAGES)?;
@@ -768,12 +733,13 @@ impl Store {
                 let (room, seq) = v.value();
                 // One message on a damaged page does not stop the log: it is
                 // unreadable, and the reader (the indexer) moves past it.
-                let got = guard("a logged message", || {
-                    Ok(messages.get((room, seq))?.map(|g| {
-                        Message::from_stored(RoomId(room), seq, g.value(), &self.transfer_ids)
-                    }))
-                })
-                .unwrap_or_else(|_| Some(Message::unreadable(RoomId(room), seq)));
+                let got = self
+                    .guard("a logged message", || {
+                        Ok(messages.get((room, seq))?.map(|g| {
+                            Message::from_stored(RoomId(room), seq, g.value(), &self.transfer_ids)
+                        }))
+                    })
+                    .unwrap_or_else(|_| Some(Message::unreadable(RoomId(room), seq)));
                 if let Some(m) = got {
                     out.push((k.value(), m));
                 }
@@ -784,17 +750,18 @@ impl Store {
 
     /// The stored messages at these keys (missing ones are skipped).
     pub fn messages_at(&self, keys: &[(RoomId, u64)]) -> Result<Vec<Message>, ApiError> {
-        guard("messages_at", || {
+        self.guard("messages_at", || {
             let txn = self.read()?;
             let messages = txn.open_table(MESSAGES)?;
             let mut out = Vec::with_capacity(keys.len());
             for &(room, seq) in keys {
-                let got = guard("a message", || {
-                    Ok(messages
-                        .get((room.0, seq))?
-                        .map(|g| Message::from_stored(room, seq, g.value(), &self.transfer_ids)))
-                })
-                .unwrap_or_else(|_| Some(Message::unreadable(room, seq)));
+                let got = self
+                    .guard("a message", || {
+                        Ok(messages.get((room.0, seq))?.map(|g| {
+                            Message::from_stored(room, seq, g.value(), &self.transfer_ids)
+                        }))
+                    })
+                    .unwrap_or_else(|_| Some(Message::unreadable(room, seq)));
                 out.extend(got);
             }
             Ok(out)
@@ -803,7 +770,7 @@ impl Store {
 
     /// The rooms `user` is a member of.
     pub fn room_ids_of(&self, user: UserId) -> Result<Vec<RoomId>, ApiError> {
-        guard("room_ids_of", || {
+        self.guard("room_ids_of", || {
             let txn = self.read()?;
             let user_rooms = txn.open_table(USER_ROOMS)?;
             let mut out = Vec::new();
@@ -816,7 +783,7 @@ impl Store {
 
     /// The oldest `limit` entries of the cluster outbox.
     pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ApiError> {
-        guard("outbox", || {
+        self.guard("outbox", || {
             let txn = self.read()?;
             let t = txn.open_table(CLUSTER_OUTBOX)?;
             let mut out = Vec::new();
@@ -834,7 +801,7 @@ impl Store {
     /// Every room of `user` with its highest seq (what a proxy's new session
     /// counts as already past).
     pub fn room_heads(&self, user: UserId) -> Result<Vec<(RoomId, u64)>, ApiError> {
-        guard("room_heads", || {
+        self.guard("room_heads", || {
             let txn = self.read()?;
             let user_rooms = txn.open_table(USER_ROOMS)?;
             let messages = txn.open_table(MESSAGES)?;
@@ -854,7 +821,7 @@ impl Store {
     /// Every room of `user`, with its last message and the user's unread count,
     /// most recent activity first.
     pub fn rooms_of(&self, user: UserId) -> Result<Vec<serde_json::Value>, ApiError> {
-        guard("rooms_of", || {
+        self.guard("rooms_of", || {
             let txn = self.read()?;
             let user_rooms = txn.open_table(USER_ROOMS)?;
             let members = txn.open_table(MEMBERS)?;
@@ -909,7 +876,7 @@ impl Store {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Message>, ApiError> {
-        guard("history", || {
+        self.guard("history", || {
             let txn = self.read()?;
             check_member(&txn, room, user)?;
             let messages = txn.open_table(MESSAGES)?;
@@ -949,14 +916,14 @@ impl Store {
     /// Fails with `room_not_found` unless `user` is in `room` (whether or not
     /// the room exists).
     pub fn check_member(&self, room: RoomId, user: UserId) -> Result<(), ApiError> {
-        guard("check_member", || {
+        self.guard("check_member", || {
             let txn = self.read()?;
             check_member(&txn, room, user)
         })
     }
 
     pub fn members(&self, room: RoomId) -> Result<Vec<UserId>, ApiError> {
-        guard("members", || {
+        self.guard("members", || {
             let txn = self.read()?;
             let members = txn.open_table(MEMBERS)?;
             members_in(&members, room)
@@ -965,7 +932,7 @@ impl Store {
 
     /// Users who share a direct room with `user` (they see its presence).
     pub fn direct_peers(&self, user: UserId) -> Result<Vec<UserId>, ApiError> {
-        guard("direct_peers", || {
+        self.guard("direct_peers", || {
             let txn = self.read()?;
             let user_rooms = txn.open_table(USER_ROOMS)?;
             let members = txn.open_table(MEMBERS)?;
@@ -987,7 +954,7 @@ impl Store {
 
     /// `user`'s privacy settings.
     pub fn privacy(&self, user: UserId) -> Result<Privacy, ApiError> {
-        guard("privacy", || {
+        self.guard("privacy", || {
             let txn = self.read()?;
             privacy_in(&txn.open_table(PRIVACY)?, user)
         })
@@ -999,7 +966,7 @@ impl Store {
         owner: UserId,
         viewers: &[UserId],
     ) -> Result<Vec<UserId>, ApiError> {
-        guard("presence_audience", || {
+        self.guard("presence_audience", || {
             let txn = self.read()?;
             let audience = privacy_in(&txn.open_table(PRIVACY)?, owner)?.presence;
             let contacts = txn.open_table(CONTACTS)?;
@@ -1019,7 +986,7 @@ impl Store {
         viewer: UserId,
         owners: &[UserId],
     ) -> Result<Vec<UserId>, ApiError> {
-        guard("presences_seen_by", || {
+        self.guard("presences_seen_by", || {
             let txn = self.read()?;
             let privacy = txn.open_table(PRIVACY)?;
             let contacts = txn.open_table(CONTACTS)?;
@@ -1037,7 +1004,7 @@ impl Store {
     }
 
     pub fn last_seen(&self, user: UserId) -> Result<Option<i64>, ApiError> {
-        guard("last_seen", || {
+        self.guard("last_seen", || {
             let txn = self.read()?;
             let t = txn.open_table(LAST_SEEN)?;
             Ok(t.get(user.0)?.map(|g| g.value()))
@@ -1144,6 +1111,9 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, ApiError>) -> Result<T
     }
 }
 
+// Per thread, and about the panic this thread is catching: not state that
+// threads share, so these may stay statics (the architecture's "no global
+// mutable state" is about shared counters and flags).
 thread_local! {
     /// How deep this thread is in [`catch_panic`].
     static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };

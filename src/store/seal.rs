@@ -12,9 +12,11 @@
 //! Every read unseals: a value whose checksum does not match (or that does
 //! not decode) is **damaged**. It is never served as if it were right: a
 //! message becomes an unreadable placeholder (see [`super::Message`]),
-//! anything else a `storage_damaged`. Each damaged record is reported once per
-//! process: a warn log naming the table and the key (room and seq for a
-//! message) and `confab_store_damaged_records_total{table}`.
+//! anything else a `storage_damaged`. Each damaged record is reported once
+//! by the process that opened the store: a warn log naming the table and
+//! the key (room and seq for a message) and
+//! `confab_store_damaged_records_total{table}`. What has been reported is
+//! kept by the store's `Db` ([`DamageLog`]).
 //!
 //! A `messages` value whose sealed record is empty is a **lost** message: a
 //! placeholder `confab backup --skip-damaged` writes for a message it could
@@ -240,30 +242,77 @@ pub fn damaged_error(rec: Rec, key: &[u8]) -> ApiError {
     ))
 }
 
-/// Damaged records reported so far (table, key), so each is logged once.
-type Seen = std::sync::Mutex<std::collections::HashSet<(Rec, Vec<u8>)>>;
-static REPORTED: std::sync::LazyLock<Seen> = std::sync::LazyLock::new(Default::default);
+/// The damaged records one store has met, each reported once: the ones
+/// reported so far (table, key) and how many (`/api/v1/status`). The
+/// store's [`super::db::Db`] owns it; the reads of that store report into
+/// it through [`DamageLog::scope`].
+#[derive(Default)]
+pub struct DamageLog {
+    seen: std::sync::Mutex<std::collections::HashSet<(Rec, Vec<u8>)>>,
+    count: std::sync::atomic::AtomicU64,
+}
 
-/// Distinct damaged records found by this process.
-pub static DAMAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+thread_local! {
+    /// The log this thread's reads report into while it runs a
+    /// [`DamageLog::scope`]. Per thread and set only for the scope (a read
+    /// deep in a query has no store to ask), so it is not shared state:
+    /// each store's log is its own.
+    static REPORTING_TO: std::cell::RefCell<Option<std::sync::Arc<DamageLog>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl DamageLog {
+    /// Runs `f`, reporting the damage it meets on this thread into this
+    /// log (the innermost scope's, when scopes nest).
+    pub fn scope<T>(self: &std::sync::Arc<Self>, f: impl FnOnce() -> T) -> T {
+        /// Puts the outer scope's log back, also when `f` panics.
+        struct Restore(Option<std::sync::Arc<DamageLog>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let outer = self.0.take();
+                let _ = REPORTING_TO.try_with(|r| *r.borrow_mut() = outer);
+            }
+        }
+        let _restore = Restore(REPORTING_TO.with(|r| r.borrow_mut().replace(self.clone())));
+        f()
+    }
+
+    /// Distinct damaged records found in this store by this process.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notes a damaged record; whether it is new to this log.
+    fn note(&self, rec: Rec, key: &[u8]) -> bool {
+        let new = {
+            let mut seen = self
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.len() >= 100_000 {
+                seen.clear();
+            }
+            seen.insert((rec, key.to_vec()))
+        };
+        if new {
+            self.count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        new
+    }
+}
 
 /// Reports a damaged record: a warn log naming the table and key (room and
 /// seq for a message) and `confab_store_damaged_records_total{table}` — the
-/// first time this process meets it (later reads log at debug). Returns
-/// whether it was new.
+/// first time the store's [`DamageLog`] meets it (later reads log at debug;
+/// a read outside any log's scope reports every time). Returns whether it
+/// was new.
 pub fn report(rec: Rec, key: &[u8], why: &str) -> bool {
-    let new = {
-        let mut seen = REPORTED
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if seen.len() >= 100_000 {
-            seen.clear();
-        }
-        seen.insert((rec, key.to_vec()))
-    };
+    let new = REPORTING_TO
+        .with(|r| r.borrow().as_ref().map(|log| log.note(rec, key)))
+        .unwrap_or(true);
     let what = rec.describe(key);
     if new {
-        DAMAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("confab_store_damaged_records_total", "table" => rec.table())
             .increment(1);
         match (rec, field(key, 0), field(key, 1)) {

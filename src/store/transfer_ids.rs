@@ -31,10 +31,12 @@ use sha2::{Digest, Sha256};
 const LABEL: &[u8] = b"confab/wallet/transfer-id-permutation/v1";
 const ROUNDS: u8 = 4;
 
-/// Turns stored transfer ids into public ones and back.
+/// Turns stored transfer ids into public ones and back; carries the
+/// currency that payment messages show with them (`wallet_currency`).
 #[derive(Clone)]
 pub struct TransferIds {
     key: [u8; 32],
+    currency: std::sync::Arc<str>,
 }
 
 impl std::fmt::Debug for TransferIds {
@@ -57,7 +59,19 @@ impl TransferIds {
     pub fn new(secret: &[u8]) -> TransferIds {
         TransferIds {
             key: hmac_sha256(secret, LABEL),
+            currency: "KRW".into(),
         }
+    }
+
+    /// These ids, shown with amounts in `currency` (KRW by default).
+    pub fn with_currency(mut self, currency: &str) -> TransferIds {
+        self.currency = currency.into();
+        self
+    }
+
+    /// The currency payment messages show.
+    pub fn currency(&self) -> &str {
+        &self.currency
     }
 
     fn round(&self, i: u8, half: u32) -> u32 {

@@ -25,7 +25,7 @@ use crate::ids::UserId;
 use crate::store::{self, User};
 
 /// Largest amount in one transfer or balance: 10^15 minor units (< 2^53).
-pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;
+pub use crate::config::MAX_AMOUNT;
 /// How far in the past an `execute_at` may be and still run at once (clock skew).
 pub const PAST_TOLERANCE_MS: i64 = 5_000;
 /// The issuer account: where operator credits come from.
@@ -411,7 +411,7 @@ use crate::store::{
 
 /// A user's balance.
 pub fn balance(store: &Store, user: UserId) -> Result<u64, ApiError> {
-    store::guard("the wallet", || {
+    store.guard("the wallet", || {
         let txn = store.db.begin_read()?;
         let accounts = txn.open_table(WALLET_ACCOUNTS)?;
         Ok(accounts.get(user.0)?.map(|g| g.value()).unwrap_or(0))
@@ -432,7 +432,7 @@ pub fn transactions(
     limit: usize,
     currency: &str,
 ) -> Result<(Vec<TransferView>, Option<String>), ApiError> {
-    store::guard("the wallet", || {
+    store.guard("the wallet", || {
         let ids = &store.transfer_ids;
         let txn = store.db.begin_read()?;
         let mine = txn.open_table(WALLET_USER_TRANSFERS)?;
@@ -480,7 +480,7 @@ pub fn transfer(
     viewer: UserId,
     currency: &str,
 ) -> Result<Option<TransferView>, ApiError> {
-    store::guard("the wallet", || {
+    store.guard("the wallet", || {
         let txn = store.db.begin_read()?;
         let transfers = txn.open_table(WALLET_TRANSFERS)?;
         let users = txn.open_table(USERS)?;
@@ -525,7 +525,7 @@ pub struct Verification {
 /// set, and nothing else is in either.
 pub fn verify(store: &Store) -> Result<Verification, ApiError> {
     let txn = store.db.begin_read()?;
-    store::guard("the ledger", || verify_in(&txn))
+    store.guard("the ledger", || verify_in(&txn))
 }
 
 /// [`verify`] in a snapshot (`confab check` runs it in its own).

@@ -28,6 +28,7 @@ use crate::ids::{RoomId, UserId};
 use crate::store::engine::{Domain, Engine};
 use crate::store::seal::seal;
 use crate::store::*;
+use crate::telemetry::LiveStats;
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
@@ -276,6 +277,8 @@ const SEQ_CACHE_MAX: usize = 1_000_000;
 pub struct GroupCommitWriter {
     store: Store,
     hub: Arc<Hub>,
+    /// The server's live totals (`/status`): commits, stored, delivered.
+    live: Arc<LiveStats>,
     max_group_members: usize,
     state: WriterState,
     /// Senders' read positions, moved to their own newest message. Under
@@ -308,16 +311,19 @@ impl GroupCommitWriter {
         Self::spawn_with(
             store,
             hub,
+            Default::default(),
             config,
             max_group_members,
             WalletWiring::default(),
         )
     }
 
-    /// [`GroupCommitWriter::spawn`] with the wallet's settings and scheduler wake-up.
+    /// [`GroupCommitWriter::spawn`] with the server's live totals, the
+    /// wallet's settings and scheduler wake-up.
     pub fn spawn_with(
         store: Store,
         hub: Arc<Hub>,
+        live: Arc<LiveStats>,
         config: StoreConfig,
         max_group_members: usize,
         wallet: WalletWiring,
@@ -328,6 +334,7 @@ impl GroupCommitWriter {
         let writer = GroupCommitWriter {
             store,
             hub,
+            live,
             max_group_members,
             state: WriterState::default(),
             pending_reads: HashMap::new(),
@@ -494,10 +501,10 @@ impl Domain for GroupCommitWriter {
     }
 
     fn measured(&mut self, ops: usize, secs: f64) {
-        let live = &crate::status::LIVE;
-        crate::status::LiveStats::add(&live.commits, 1);
-        crate::status::LiveStats::add(&live.commit_ops, ops as u64);
-        crate::status::LiveStats::add(&live.commit_micros, (secs * 1e6) as u64);
+        let live = &*self.live;
+        LiveStats::add(&live.commits, 1);
+        LiveStats::add(&live.commit_ops, ops as u64);
+        LiveStats::add(&live.commit_micros, (secs * 1e6) as u64);
     }
 }
 
@@ -1053,8 +1060,8 @@ impl GroupCommitWriter {
                             pong: false,
                         };
                         metrics::counter!("confab_messages_stored_total").increment(1);
-                        let live = &crate::status::LIVE;
-                        crate::status::LiveStats::add(&live.stored, 1);
+                        let live = &*self.live;
+                        LiveStats::add(&live.stored, 1);
                         let mut n = 0u64;
                         for &member in members.iter() {
                             let skip = if member == msg.from { skip } else { None };
@@ -1068,7 +1075,7 @@ impl GroupCommitWriter {
                             }
                         }
                         metrics::counter!("confab_messages_delivered_total").increment(n);
-                        crate::status::LiveStats::add(&live.delivered, n);
+                        LiveStats::add(&live.delivered, n);
                         // Send → handed to every recipient's outbox.
                         let took = received.elapsed();
                         metrics::histogram!("confab_send_deliver_seconds")
@@ -1092,7 +1099,7 @@ impl GroupCommitWriter {
                     client_id,
                     room,
                 } => {
-                    crate::status::LiveStats::add(&crate::status::LIVE.rejected, 1);
+                    LiveStats::add(&self.live.rejected, 1);
                     metrics::counter!("confab_messages_rejected_total", "reason" => err.code)
                         .increment(1);
                     fail_origin(origin, &err, &client_id, room);

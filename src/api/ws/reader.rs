@@ -175,7 +175,7 @@ pub(crate) async fn execute(
             )
             .await;
             if let Err(e) = r {
-                crate::status::LiveStats::add(&crate::status::LIVE.rejected, 1);
+                crate::telemetry::LiveStats::add(&state.live.rejected, 1);
                 metrics::counter!("confab_messages_rejected_total", "reason" => e.code)
                     .increment(1);
                 error(e.code, &e.message, client_id.as_deref(), room.parse().ok());
@@ -220,7 +220,7 @@ async fn on_send(
     }
     state.budgets.take_send(user)?;
     metrics::counter!("confab_messages_received_total").increment(1);
-    crate::status::LiveStats::add(&crate::status::LIVE.received, 1);
+    crate::telemetry::LiveStats::add(&state.live.received, 1);
     state
         .writer
         .submit(Op::Send {

@@ -98,7 +98,7 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
     // 2. Register before reading history, so nothing committed in between is
     //    missed; the session writer drops live copies of caught-up messages.
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
-    let outbox = SessionOutbox::new(
+    let outbox = state.hub.outbox(
         id,
         user.id,
         caller.jti.clone(),
