@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 
-use super::{AppState, Body, caller, json, no_content, parse_id, query, read_json};
+use super::shared::{AppState, Body, caller, json, no_content, parse_id, query, read_json};
 use crate::error::ApiError;
 use crate::ids::UserId;
 use crate::writes::Op;
@@ -171,7 +171,7 @@ fn client_ip(state: &AppState, req: &Request<Incoming>, peer: SocketAddr) -> std
             .get(crate::cluster::link::CLIENT_IP_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<std::net::IpAddr>().ok())
-        && crate::cluster::node::link_proxy(state, req).is_ok()
+        && crate::cluster::link::link_proxy(state.cluster.as_deref(), req).is_ok()
     {
         return ip;
     }

@@ -5,7 +5,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use rust_embed::RustEmbed;
 
-use super::Body;
+use super::shared::Body;
 
 #[derive(RustEmbed)]
 #[folder = "web/"]

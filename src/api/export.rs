@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response};
 
-use super::{AppState, Body, caller, parse_id};
+use super::shared::{AppState, Body, caller, parse_id};
 use crate::error::ApiError;
 use crate::export::{self, Scope};
 use crate::ids::{RoomId, UserId};

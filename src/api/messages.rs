@@ -7,7 +7,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 
-use super::{AppState, Body, caller, json, parse_id, query, read_json};
+use super::shared::{AppState, Body, caller, json, parse_id, query, read_json};
 use crate::error::ApiError;
 use crate::ids::RoomId;
 use crate::writes::{Op, Origin};

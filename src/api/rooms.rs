@@ -4,7 +4,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 
-use super::{AppState, Body, caller, json, no_content, parse_id, read_json};
+use super::shared::{AppState, Body, caller, json, no_content, parse_id, read_json};
 use crate::error::ApiError;
 use crate::ids::{RoomId, UserId};
 use crate::writes::Op;

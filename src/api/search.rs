@@ -3,7 +3,7 @@
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
-use super::{AppState, Body, caller, json, query};
+use super::shared::{AppState, Body, caller, json, query};
 use crate::error::ApiError;
 use crate::search::{MAX_WINDOW, SearchRequest};
 

@@ -9,7 +9,7 @@ use fastwebsockets::{Frame, OpCode, Payload};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
-use super::{AppState, Body, json};
+use super::shared::{AppState, Body, json};
 use crate::error::ApiError;
 use crate::status::{Gauges, Source, StatusBoard, Totals};
 use crate::telemetry::{LiveStats, ProcessStats};
@@ -55,7 +55,7 @@ pub async fn get(
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     check_access(state, &req, peer)?;
-    let with_history = !super::query(&req)
+    let with_history = !super::shared::query(&req)
         .iter()
         .any(|(k, v)| k == "history" && v == "0");
     let history = state.status.history();

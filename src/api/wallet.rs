@@ -9,7 +9,7 @@
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
-use super::{AppState, Body, caller, json, query, read_json};
+use super::shared::{AppState, Body, caller, json, query, read_json};
 use crate::error::ApiError;
 use crate::store::now_ms;
 use crate::wallet;

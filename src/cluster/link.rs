@@ -53,6 +53,22 @@ pub fn verify(secret: &str, token: &str) -> Option<String> {
         .map(|d| d.claims.sub)
 }
 
+/// The proxy's name, from a valid link token of `cluster`'s on `req`; 404
+/// when this server is not a cluster node, 401 for anything else.
+pub fn link_proxy(
+    cluster: Option<&crate::placement::Cluster>,
+    req: &hyper::Request<hyper::body::Incoming>,
+) -> Result<String, crate::error::ApiError> {
+    use crate::error::ApiError;
+    let cluster = cluster
+        .ok_or_else(|| ApiError::not_found("not_found", "this server is not a cluster node"))?;
+    req.headers()
+        .get(HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| verify(&cluster.secret, t))
+        .ok_or_else(|| ApiError::unauthorized("not a link request of this cluster"))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

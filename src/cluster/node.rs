@@ -36,8 +36,8 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 
+use crate::api::shared::{AppState, Body, no_content};
 use crate::api::ws::{ClientFrame, execute, explain_bad_frame, presence_of, went_offline};
-use crate::api::{AppState, Body, no_content};
 use crate::cluster::outbox::OutboxItem;
 use crate::error::ApiError;
 use crate::frames;
@@ -58,7 +58,7 @@ pub async fn route(
     req: Request<Incoming>,
     rest: &[&str],
 ) -> (&'static str, Result<Response<Body>, ApiError>) {
-    let proxy = match link_proxy(state, &req) {
+    let proxy = match super::link::link_proxy(state.cluster.as_deref(), &req) {
         Ok(p) => p,
         Err(e) => return ("/cluster", Err(e)),
     };
@@ -77,19 +77,6 @@ pub async fn route(
             Err(ApiError::not_found("not_found", "no such cluster endpoint")),
         ),
     }
-}
-
-/// The proxy's name, from a valid link token; 401 otherwise.
-pub fn link_proxy(state: &AppState, req: &Request<Incoming>) -> Result<String, ApiError> {
-    let cluster = state
-        .cluster
-        .as_ref()
-        .ok_or_else(|| ApiError::not_found("not_found", "this server is not a cluster node"))?;
-    req.headers()
-        .get(crate::cluster::link::HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|t| crate::cluster::link::verify(&cluster.secret, t))
-        .ok_or_else(|| ApiError::unauthorized("not a link request of this cluster"))
 }
 
 fn ndjson(body: Body) -> Response<Body> {
@@ -228,7 +215,7 @@ async fn attach(
     proxy: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let body: AttachBody = crate::api::read_json(state, req).await?;
+    let body: AttachBody = crate::api::shared::read_json(state, req).await?;
     let link = current_link(state, proxy)?;
     let mut out = Vec::new();
     for (op, user) in body.ops {
@@ -326,7 +313,7 @@ struct ProfilesBody {
 }
 
 async fn profiles(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let body: ProfilesBody = crate::api::read_json(state, req).await?;
+    let body: ProfilesBody = crate::api::shared::read_json(state, req).await?;
     if body.users.len() > state.config.limits.max_group_members + 1 {
         return Err(ApiError::bad_request("bad_request", "too many profiles"));
     }
@@ -341,7 +328,7 @@ async fn profiles(state: &AppState, req: Request<Incoming>) -> Result<Response<B
 }
 
 async fn payment(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let item: OutboxItem = crate::api::read_json(state, req).await?;
+    let item: OutboxItem = crate::api::shared::read_json(state, req).await?;
     if !matches!(item, OutboxItem::Payment { .. }) {
         return Err(ApiError::bad_request("bad_request", "not a payment"));
     }
@@ -353,7 +340,7 @@ async fn payment(state: &AppState, req: Request<Incoming>) -> Result<Response<Bo
 }
 
 async fn credit(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let item: OutboxItem = crate::api::read_json(state, req).await?;
+    let item: OutboxItem = crate::api::shared::read_json(state, req).await?;
     let OutboxItem::Bonus { user, amount } = item else {
         return Err(ApiError::bad_request("bad_request", "not a signup bonus"));
     };

@@ -14,42 +14,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
 
-use crate::api::AppState;
-use crate::ids::RoomId;
-use crate::store::User;
+use crate::api::shared::AppState;
 use crate::writes::Op;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum OutboxItem {
-    /// The payment message of a transfer, for the direct chat of `from` and
-    /// `to` on the node that owns it.
-    Payment {
-        from: User,
-        to: User,
-        client_id: String,
-        text: String,
-        transfer: u64,
-        amount: u64,
-        note: Option<String>,
-    },
-    /// A new user's signup bonus, for the wallet node.
-    Bonus { user: User, amount: u64 },
-}
-
-impl OutboxItem {
-    /// The ring key of the node this item is for, and its endpoint there.
-    fn target(&self) -> (u64, &'static str) {
-        match self {
-            OutboxItem::Payment { from, to, .. } => {
-                (RoomId::direct(from.id, to.id).0, "/cluster/v1/payment")
-            }
-            OutboxItem::Bonus { .. } => (crate::cluster::ring::wallet_key(), "/cluster/v1/credit"),
-        }
-    }
-}
+pub use crate::writes::outbox::OutboxItem;
 
 /// Sends one link request to another node over a short-lived HTTP/1.1
 /// connection (outbox traffic is rare: payments and signups).

@@ -11,293 +11,29 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use redb::{ReadableTable, ReadableTableMetadata, Table};
-use tokio::sync::{mpsc, oneshot};
+use redb::{ReadableTable, Table};
+use tokio::sync::mpsc;
 
+mod base;
+pub mod outbox;
 mod wallet;
 
-pub use wallet::{WalletOp, WalletWiring};
+use base::*;
+pub use base::{
+    Contact, Effect, GroupCommitWriter, Op, Origin, Reply, WalletOp, WalletWiring, WriterHandle,
+};
 
 use crate::config::StoreConfig;
 use crate::error::ApiError;
 use crate::frames::{self, ServerFrame};
-use crate::hub::{Hub, OutFrame, SessionOutbox};
+use crate::hub::{Hub, OutFrame};
 use crate::ids::{RoomId, UserId};
 use crate::store::engine::{Domain, Engine};
 use crate::store::seal::seal;
 use crate::store::*;
 use crate::telemetry::LiveStats;
-
-pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
-
-/// Where the answer to a send goes.
-pub enum Origin {
-    /// `POST /rooms/{id}/messages`: the message, and whether it was a retry.
-    Http(Reply<(Message, bool)>),
-    /// A WebSocket session: an `ack` (or `error`) frame in its outbox.
-    Session(Arc<SessionOutbox>),
-}
-
-/// Who to add as a contact.
-pub enum Contact {
-    Name(String),
-    /// By id: any user this node has a record of (on a cluster node, also a
-    /// profile from another node).
-    Id(UserId),
-}
-
-pub enum Op {
-    Send {
-        room: RoomId,
-        from: UserId,
-        client_id: String,
-        text: String,
-        origin: Origin,
-        received: Instant,
-    },
-    Read {
-        room: RoomId,
-        user: UserId,
-        seq: u64,
-    },
-    CreateUser {
-        username: String,
-        display_name: String,
-        password_hash: String,
-        /// In a cluster: the new id must be one this node owns.
-        placement: Option<Arc<crate::cluster::Cluster>>,
-        reply: Reply<User>,
-    },
-    AddContact {
-        owner: UserId,
-        who: Contact,
-        reply: Reply<(User, bool)>,
-    },
-    RemoveContact {
-        owner: UserId,
-        contact: UserId,
-        reply: Reply<()>,
-    },
-    CreateDirect {
-        a: UserId,
-        b: UserId,
-        reply: Reply<(Room, bool)>,
-    },
-    CreateGroup {
-        owner: UserId,
-        name: String,
-        members: Vec<UserId>,
-        /// In a cluster: the new id must be one this node owns.
-        placement: Option<Arc<crate::cluster::Cluster>>,
-        reply: Reply<Room>,
-    },
-    /// Cluster nodes: profile-only records of users who live on other nodes
-    /// and are members of rooms here (no password, not in `usernames`).
-    /// Existing records are left as they are.
-    PutProfiles {
-        users: Vec<User>,
-        reply: Reply<()>,
-    },
-    /// Cluster nodes: a payment message from the wallet node's outbox for
-    /// the direct chat of `from` and `to` here. Idempotent by `client_id`.
-    PostPayment {
-        item: crate::cluster::outbox::OutboxItem,
-        reply: Reply<()>,
-    },
-    /// The outbox entry `key` was confirmed by its node.
-    OutboxDone {
-        key: u64,
-    },
-    AddMember {
-        room: RoomId,
-        by: UserId,
-        user: UserId,
-        reply: Reply<Room>,
-    },
-    RemoveMember {
-        room: RoomId,
-        by: UserId,
-        user: UserId,
-        reply: Reply<()>,
-    },
-    Revoke {
-        jti: String,
-        exp: i64,
-        reply: Reply<()>,
-    },
-    LastSeen {
-        user: UserId,
-        ts: i64,
-    },
-    /// Changes what of `user`'s settings is Some; answers (before, after).
-    SetPrivacy {
-        user: UserId,
-        presence: Option<Audience>,
-        group_adds: Option<Audience>,
-        reply: Reply<(Privacy, Privacy)>,
-    },
-    /// A wallet operation (ledger, transfers, schedule).
-    Wallet(WalletOp),
-    /// Commit what is queued before this and stop (graceful shutdown).
-    Stop,
-}
-
-/// The async side: queue operations, await answers.
-#[derive(Clone)]
-pub struct WriterHandle {
-    tx: mpsc::Sender<Op>,
-    /// Why an op may have been answered by dropping its reply.
-    health: Arc<crate::store::db::StorageHealth>,
-}
-
-impl WriterHandle {
-    /// Queues an op (waiting while the queue is full).
-    pub async fn submit(&self, op: Op) -> Result<(), ApiError> {
-        self.tx
-            .send(op)
-            .await
-            .map_err(|_| ApiError::busy("the server is shutting down"))
-    }
-
-    /// Queues an op built around a reply channel and waits for its answer,
-    /// which comes after the op's commit.
-    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, ApiError> {
-        let (tx, rx) = oneshot::channel();
-        self.submit(make(tx)).await?;
-        rx.await.map_err(|_| {
-            // The writer drops the reply of an op it could not apply: say
-            // why when the storage is the reason.
-            self.health
-                .refusal_or_failure()
-                .unwrap_or_else(|| ApiError::internal("the write was not committed"))
-        })?
-    }
-}
-
-impl Op {
-    /// Ops that still run while the disk is full, on the reserve: small,
-    /// and what a server needs to keep its users' state honest and to stop
-    /// (read positions, last seen, logouts, outbox confirmations).
-    fn is_essential(&self) -> bool {
-        matches!(
-            self,
-            Op::Read { .. }
-                | Op::LastSeen { .. }
-                | Op::Revoke { .. }
-                | Op::OutboxDone { .. }
-                | Op::Stop
-        )
-    }
-
-    /// Answers an op that will not be applied with `err`: a session's send
-    /// gets an `error` frame; every other op's reply is dropped, which its
-    /// caller ([`WriterHandle::call`]) reports as the storage's refusal.
-    fn refuse(self, err: &ApiError) {
-        if let Op::Send {
-            origin,
-            client_id,
-            room,
-            ..
-        } = self
-        {
-            metrics::counter!("confab_messages_rejected_total", "reason" => err.code).increment(1);
-            fail_origin(origin, err, &client_id, room);
-        }
-    }
-}
-
-/// Post-commit work for one op.
-pub enum Effect {
-    Sent {
-        msg: Message,
-        members: Arc<[UserId]>,
-        origin: Origin,
-        duplicate: bool,
-        received: Instant,
-    },
-    Rejected {
-        origin: Origin,
-        err: ApiError,
-        client_id: String,
-        room: RoomId,
-    },
-    Read {
-        room: RoomId,
-        user: UserId,
-        seq: u64,
-        members: Arc<[UserId]>,
-    },
-    Done(Box<dyn FnOnce(&Hub) + Send>),
-    None,
-}
-
-struct Tables<'t> {
-    users: Table<'t, u64, &'static [u8]>,
-    usernames: Table<'t, &'static str, u64>,
-    contacts: Table<'t, (u64, u64), i64>,
-    rooms: Table<'t, u64, &'static [u8]>,
-    members: Table<'t, (u64, u64), &'static [u8]>,
-    user_rooms: Table<'t, (u64, u64), i64>,
-    messages: Table<'t, (u64, u64), &'static [u8]>,
-    client_ids: Table<'t, (u64, u64, &'static str), u64>,
-    revoked: Table<'t, &'static str, i64>,
-    last_seen: Table<'t, u64, i64>,
-    message_log: Table<'t, u64, (u64, u64)>,
-    meta: Table<'t, &'static str, u64>,
-    wallet_accounts: Table<'t, u64, u64>,
-    wallet_entries: Table<'t, (u64, u64), &'static [u8]>,
-    wallet_transfers: Table<'t, u64, &'static [u8]>,
-    wallet_keys: Table<'t, (u64, &'static str), u64>,
-    wallet_user_transfers: Table<'t, (u64, u64), ()>,
-    wallet_schedule: Table<'t, (i64, u64), ()>,
-    wallet_pending: Table<'t, (u64, u64), ()>,
-    cluster_outbox: Table<'t, u64, &'static [u8]>,
-    privacy: Table<'t, u64, &'static [u8]>,
-}
-
-/// What the writer caches between batches. Only the writer changes the
-/// tables these mirror, so the caches stay exact; a failed commit clears them.
-#[derive(Default)]
-struct WriterState {
-    /// Last assigned seq per room.
-    seqs: HashMap<RoomId, u64>,
-    /// Members per room (sorted), shared with fan-out.
-    members: HashMap<RoomId, Arc<[UserId]>>,
-    /// Last `message_log` position used (None: read it from the table).
-    log_pos: Option<u64>,
-}
-
-/// Bounds on the writer's caches (entries); past them a cache starts over
-/// and refills from the store.
-const MEMBER_CACHE_MAX: usize = 200_000;
-const SEQ_CACHE_MAX: usize = 1_000_000;
-
-pub struct GroupCommitWriter {
-    store: Store,
-    hub: Arc<Hub>,
-    /// The server's live totals (`/status`): commits, stored, delivered.
-    live: Arc<LiveStats>,
-    max_group_members: usize,
-    state: WriterState,
-    /// Senders' read positions, moved to their own newest message. Under
-    /// load they are written at most once per READ_FLUSH_INTERVAL (a member
-    /// page write per message would otherwise dominate the commit); when the
-    /// queue runs dry they go into that batch. A crash can lose at most one
-    /// interval of them: they only affect unread counts, never messages.
-    pending_reads: HashMap<(RoomId, UserId), u64>,
-    reads_flushed: Instant,
-    wallet: WalletWiring,
-    /// This batch queued outbox entries: wake the forwarder after the commit.
-    outbox_woken: bool,
-    /// The session send being applied, so that it is answered also when
-    /// redb panics inside `apply` (the op is consumed by then).
-    in_flight: Option<(Arc<SessionOutbox>, String, RoomId)>,
-}
-
-const READ_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-const READ_PENDING_MAX: usize = 100_000;
 
 impl GroupCommitWriter {
     /// Starts the writer thread; it stops after [`Op::Stop`] or when every
@@ -509,82 +245,6 @@ impl Domain for GroupCommitWriter {
 }
 
 impl GroupCommitWriter {
-    fn members(&mut self, t: &Tables, room: RoomId) -> Result<Arc<[UserId]>, ApiError> {
-        if let Some(m) = self.state.members.get(&room) {
-            return Ok(m.clone());
-        }
-        if self.state.members.len() >= MEMBER_CACHE_MAX {
-            self.state.members.clear();
-        }
-        let list: Arc<[UserId]> = members_in(&t.members, room)?.into();
-        self.state.members.insert(room, list.clone());
-        Ok(list)
-    }
-
-    fn check_member(
-        &mut self,
-        t: &Tables,
-        room: RoomId,
-        user: UserId,
-    ) -> Result<Arc<[UserId]>, ApiError> {
-        let members = self.members(t, room)?;
-        if members.binary_search(&user).is_ok() {
-            return Ok(members);
-        }
-        Err(ApiError::room_not_found())
-    }
-
-    fn last_seq(&mut self, t: &Tables, room: RoomId) -> Result<u64, ApiError> {
-        if let Some(&s) = self.state.seqs.get(&room) {
-            return Ok(s);
-        }
-        let last = last_seq_in(&t.messages, room)?;
-        if self.state.seqs.len() >= SEQ_CACHE_MAX {
-            self.state.seqs.clear();
-        }
-        self.state.seqs.insert(room, last);
-        Ok(last)
-    }
-
-    fn next_log_pos(&mut self, t: &Tables) -> Result<u64, ApiError> {
-        let last = match self.state.log_pos {
-            Some(p) => p,
-            None => t.message_log.last()?.map(|(k, _)| k.value()).unwrap_or(0),
-        };
-        self.state.log_pos = Some(last + 1);
-        Ok(last + 1)
-    }
-
-    fn next_seq(&mut self, t: &Tables, room: RoomId) -> Result<u64, ApiError> {
-        let seq = self.last_seq(t, room)? + 1;
-        self.state.seqs.insert(room, seq);
-        Ok(seq)
-    }
-
-    /// The direct room of `a` and `b`, created (with both as members) if new.
-    fn ensure_direct(
-        &mut self,
-        t: &mut Tables,
-        a: UserId,
-        b: UserId,
-    ) -> Result<(RoomId, bool), ApiError> {
-        let room = RoomId::direct(a, b);
-        let created = t.rooms.get(room.0)?.is_none();
-        if created {
-            let rec = RoomRecord {
-                kind: RoomKind::Direct,
-                name: None,
-                owner: None,
-                created_at: now_ms(),
-            };
-            t.rooms
-                .insert(room.0, seal(Rec::Rooms, room.0, encode(&rec)).as_slice())?;
-            self.add_member(t, room, a)?;
-            self.add_member(t, room, b)?;
-        }
-        Ok((room, created))
-    }
-
     fn apply(&mut self, op: Op, t: &mut Tables) -> Result<Effect, ApiError> {
         Ok(match op {
             Op::Wallet(op) => return self.apply_wallet(op, t),
@@ -709,7 +369,7 @@ impl GroupCommitWriter {
                     let bonus = self.wallet.settings.signup_bonus;
                     let wallet_here = placement
                         .as_ref()
-                        .is_none_or(|c| c.owns(crate::cluster::ring::wallet_key()));
+                        .is_none_or(|c| c.owns(crate::placement::ring::wallet_key()));
                     if bonus > 0 && wallet_here {
                         let mut ignored = Default::default();
                         self.credit(t, id, bonus, None, &mut ignored)?
@@ -719,7 +379,7 @@ impl GroupCommitWriter {
                     } else if bonus > 0 {
                         // The ledger lives on the wallet node: credit there,
                         // once, through the outbox.
-                        let item = crate::cluster::outbox::OutboxItem::Bonus {
+                        let item = crate::writes::outbox::OutboxItem::Bonus {
                             user: User {
                                 id,
                                 username: key.clone(),
@@ -1165,10 +825,10 @@ impl GroupCommitWriter {
     fn post_payment(
         &mut self,
         t: &mut Tables,
-        item: crate::cluster::outbox::OutboxItem,
+        item: crate::writes::outbox::OutboxItem,
         reply: Reply<()>,
     ) -> Result<Effect, ApiError> {
-        let crate::cluster::outbox::OutboxItem::Payment {
+        let crate::writes::outbox::OutboxItem::Payment {
             from,
             to,
             client_id,
@@ -1280,22 +940,6 @@ fn reply_after_commit<T: Send + 'static>(reply: Reply<T>, result: Result<T, ApiE
     }))
 }
 
-fn fail_origin(origin: Origin, err: &ApiError, client_id: &str, room: RoomId) {
-    match origin {
-        Origin::Http(tx) => {
-            let _ = tx.send(Err(err.clone()));
-        }
-        Origin::Session(s) => {
-            s.push_bytes(frames::error(
-                err.code,
-                &err.message,
-                Some(client_id),
-                Some(room),
-            ));
-        }
-    }
-}
-
 /// After a commit that created or changed a room: tell its members, then
 /// answer the caller with it.
 fn announce_and_reply(view: Room, reply: Reply<Room>) -> Effect {
@@ -1303,37 +947,4 @@ fn announce_and_reply(view: Room, reply: Reply<Room>) -> Effect {
         announce_room(hub, &view);
         let _ = reply.send(Ok(view));
     }))
-}
-
-/// Tells every member's sessions about a room they are in (new or changed).
-fn announce_room(hub: &Hub, room: &Room) {
-    let frame = OutFrame {
-        bytes: ServerFrame::Room { room }.to_bytes(),
-        room_seq: None,
-        pong: false,
-    };
-    for m in &room.members {
-        hub.send_to_user(m.id, &frame, None);
-    }
-    // A new direct chat: each side learns whether the other is online now
-    // (later changes arrive as they happen).
-    if room.kind == "direct" {
-        for a in &room.members {
-            for b in room.members.iter().filter(|b| b.id != a.id) {
-                if hub.is_online(b.id) {
-                    let presence = OutFrame {
-                        bytes: ServerFrame::Presence {
-                            user: b.id,
-                            online: true,
-                            last_seen: None,
-                        }
-                        .to_bytes(),
-                        room_seq: None,
-                        pong: false,
-                    };
-                    hub.send_to_user(a.id, &presence, None);
-                }
-            }
-        }
-    }
 }

@@ -2,41 +2,19 @@
 //! [`crate::wallet`] for the model). A transfer's ledger entries, balances,
 //! state change and payment message commit together or not at all.
 
-use std::sync::Arc;
+use redb::{ReadableTable, ReadableTableMetadata};
 
-use super::*;
+use super::base::*;
+use crate::error::ApiError;
+use crate::frames;
+use crate::hub::OutFrame;
+use crate::ids::{RoomId, UserId};
+use crate::store::seal::seal;
+use crate::store::*;
 use crate::wallet::{
     self, EntryRecord, ISSUER, MAX_AMOUNT, MAX_CATCH_UP_RUNS, State, TransferRecord,
     TransferRequest, TransferView,
 };
-
-/// Wallet operations for the writer.
-pub enum WalletOp {
-    /// Pay someone now, or schedule it (`execute_at` in the future or `repeat`).
-    Transfer {
-        from: UserId,
-        req: TransferRequest,
-        /// The transfer, and whether it was a replay of the same idempotency key.
-        reply: Reply<(TransferView, bool)>,
-    },
-    /// Cancel a scheduled (or recurring) transfer of `by`.
-    Cancel {
-        by: UserId,
-        id: u64,
-        reply: Reply<TransferView>,
-    },
-    /// Run everything due at `now`; answers the next due time, if any.
-    RunDue { now: i64, reply: Reply<Option<i64>> },
-    /// Operator credit from the issuer; answers the new balance. With a
-    /// `key` (a cluster's signup bonus), a second credit with the same key
-    /// changes nothing.
-    Credit {
-        user: UserId,
-        amount: u64,
-        key: Option<String>,
-        reply: Reply<u64>,
-    },
-}
 
 /// What a committed wallet change tells whom.
 #[derive(Default)]
@@ -448,7 +426,7 @@ impl GroupCommitWriter {
             else {
                 return Err(ApiError::internal("a payment between unknown users"));
             };
-            let item = crate::cluster::outbox::OutboxItem::Payment {
+            let item = crate::writes::outbox::OutboxItem::Payment {
                 from: from_user,
                 to: to_user,
                 client_id: format!("pay-{}", wallet::stored_hex(id)),
@@ -493,7 +471,7 @@ impl GroupCommitWriter {
     pub(super) fn outbox_push(
         &mut self,
         t: &mut Tables,
-        item: &crate::cluster::outbox::OutboxItem,
+        item: &crate::writes::outbox::OutboxItem,
     ) -> Result<(), ApiError> {
         let next = t.cluster_outbox.last()?.map_or(1, |(k, _)| k.value() + 1);
         let bytes = serde_json::to_vec(item).map_err(ApiError::internal)?;
@@ -627,17 +605,4 @@ impl GroupCommitWriter {
         }
         Self::save(t, id, rec)
     }
-}
-
-/// The writer's wallet configuration plus the scheduler's wake-up.
-#[derive(Clone, Default)]
-pub struct WalletWiring {
-    pub settings: wallet::WalletSettings,
-    pub wake: Arc<tokio::sync::Notify>,
-    /// In a cluster: which node holds what, so that payment messages for
-    /// chats elsewhere and signup bonuses (the ledger lives on one node) go
-    /// through the cluster outbox.
-    pub placement: Option<Arc<crate::cluster::Cluster>>,
-    /// Wakes the outbox forwarder.
-    pub outbox_wake: Arc<tokio::sync::Notify>,
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
 use super::parse::{Incoming_, Reassembler};
-use crate::api::Body;
+use crate::api::shared::Body;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::frames;

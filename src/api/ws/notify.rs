@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use crate::api::AppState;
+use crate::api::shared::AppState;
 use crate::frames::ServerFrame;
 use crate::hub::OutFrame;
 use crate::ids::{RoomId, UserId};

@@ -18,7 +18,7 @@ use super::handshake::{Io, accept, auth_first, reject};
 use super::notify::{announce_presence, presence_of, send_to_others, went_offline};
 use super::reader::read_loop;
 use super::writer::{FrameWriter, write_loop};
-use crate::api::{AppState, Body};
+use crate::api::shared::{AppState, Body};
 use crate::error::ApiError;
 use crate::frames::{self, ServerFrame};
 use crate::hub::{SessionOutbox, close};
