@@ -44,6 +44,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         "processes: the server, the proxy, the bench",
         &["server", "proxy", "bench"],
     ),
+    (
+        "the binary: its subcommand runners (`src/cli/`, declared by main.rs)",
+        &["cli"],
+    ),
 ];
 
 fn src() -> PathBuf {

@@ -1,0 +1,615 @@
+//! The chat's write operations inside the engine's write transaction: the
+//! big match over [`Op`] (messages with seq assignment and `client_id`
+//! dedup, rooms, members, contacts, accounts, tokens, privacy, read
+//! positions), and the records and effects each one leaves; the wallet's
+//! ops are handed to `writes/wallet.rs`.
+
+use redb::{ReadableTable, Table};
+
+use super::base::*;
+use crate::error::ApiError;
+use crate::frames::{self};
+use crate::hub::OutFrame;
+use crate::ids::{RoomId, UserId};
+use crate::store::seal::seal;
+use crate::store::*;
+
+impl GroupCommitWriter {
+    pub(super) fn apply(&mut self, op: Op, t: &mut Tables) -> Result<Effect, ApiError> {
+        Ok(match op {
+            Op::Wallet(op) => return self.apply_wallet(op, t),
+            Op::Send {
+                room,
+                from,
+                client_id,
+                text,
+                origin,
+                received,
+            } => {
+                let members = match self.check_member(t, room, from) {
+                    Ok(m) => m,
+                    Err(err) if err.status.is_client_error() => {
+                        return Ok(Effect::Rejected {
+                            origin,
+                            err,
+                            client_id,
+                            room,
+                        });
+                    }
+                    Err(e) => return Err(e),
+                };
+                let existing = t
+                    .client_ids
+                    .get((room.0, from.0, client_id.as_str()))?
+                    .map(|g| g.value());
+                if let Some(seq) = existing {
+                    // A damaged original answers as unreadable (reported),
+                    // with the client_id the client knows it by.
+                    let msg = match t.messages.get((room.0, seq))? {
+                        Some(g) => {
+                            Message::from_stored(room, seq, g.value(), &self.store.transfer_ids)
+                        }
+                        None => {
+                            return Err(ApiError::internal(
+                                "client_id points at a missing message",
+                            ));
+                        }
+                    };
+                    let msg = if msg.unreadable {
+                        Message { client_id, ..msg }
+                    } else {
+                        msg
+                    };
+                    return Ok(Effect::Sent {
+                        msg,
+                        members,
+                        origin,
+                        duplicate: true,
+                        received,
+                    });
+                }
+                let seq = self.next_seq(t, room)?;
+                let rec = MessageRecord {
+                    from: from.0,
+                    ts: now_ms(),
+                    client_id,
+                    text,
+                    payment: None,
+                };
+                t.messages
+                    .insert((room.0, seq), rec.sealed(room, seq).as_slice())?;
+                let pos = self.next_log_pos(t)?;
+                t.message_log.insert(pos, (room.0, seq))?;
+                t.client_ids
+                    .insert((room.0, from.0, rec.client_id.as_str()), seq)?;
+                self.pending_reads.insert((room, from), seq);
+                Effect::Sent {
+                    msg: Message::from_record(room, seq, rec, &self.store.transfer_ids),
+                    members,
+                    origin,
+                    duplicate: false,
+                    received,
+                }
+            }
+            Op::Read { room, user, seq } => {
+                let Ok(members) = self.check_member(t, room, user) else {
+                    return Ok(Effect::None);
+                };
+                let seq = seq.min(self.last_seq(t, room)?);
+                if seq == 0 || !bump_read(&mut t.members, room, user, seq)? {
+                    return Ok(Effect::None);
+                }
+                Effect::Read {
+                    room,
+                    user,
+                    seq,
+                    members,
+                }
+            }
+            Op::CreateUser {
+                username,
+                display_name,
+                password_hash,
+                placement,
+                reply,
+            } => {
+                let key = username.to_lowercase();
+                let result = if t.usernames.get(key.as_str())?.is_some() {
+                    Err(ApiError::new(
+                        hyper::StatusCode::CONFLICT,
+                        "username_taken",
+                        "that username is taken",
+                    ))
+                } else {
+                    let mut id = UserId::random();
+                    while t.users.get(id.0)?.is_some()
+                        || placement.as_ref().is_some_and(|c| !c.owns(id.0))
+                    {
+                        id = UserId::random();
+                    }
+                    let rec = UserRecord {
+                        username: key.clone(),
+                        display_name: display_name.clone(),
+                        password_hash,
+                        created_at: now_ms(),
+                    };
+                    t.users
+                        .insert(id.0, seal(Rec::Users, id.0, encode(&rec)).as_slice())?;
+                    t.usernames.insert(key.as_str(), id.0)?;
+                    let bonus = self.wallet.settings.signup_bonus;
+                    let wallet_here = placement
+                        .as_ref()
+                        .is_none_or(|c| c.owns(crate::placement::ring::wallet_key()));
+                    if bonus > 0 && wallet_here {
+                        let mut ignored = Default::default();
+                        self.credit(t, id, bonus, None, &mut ignored)?
+                            .map_err(|e| {
+                                ApiError::internal(format!("signup bonus: {}", e.message))
+                            })?;
+                    } else if bonus > 0 {
+                        // The ledger lives on the wallet node: credit there,
+                        // once, through the outbox.
+                        let item = crate::writes::outbox::OutboxItem::Bonus {
+                            user: User {
+                                id,
+                                username: key.clone(),
+                                display_name: display_name.clone(),
+                            },
+                            amount: bonus,
+                        };
+                        self.outbox_push(t, &item)?;
+                    }
+                    Ok(User {
+                        id,
+                        username: key,
+                        display_name,
+                    })
+                };
+                reply_after_commit(reply, result)
+            }
+            Op::AddContact { owner, who, reply } => {
+                let found = match who {
+                    Contact::Name(username) => t
+                        .usernames
+                        .get(username.to_lowercase().as_str())?
+                        .map(|g| g.value()),
+                    Contact::Id(id) => t.users.get(id.0)?.map(|_| id.0),
+                };
+                let result = match found {
+                    None => Err(ApiError::user_not_found()),
+                    Some(id) if id == owner.0 => Err(ApiError::bad_request(
+                        "bad_request",
+                        "you cannot add yourself as a contact",
+                    )),
+                    Some(id) => {
+                        let user =
+                            user_in(&t.users, UserId(id))?.ok_or_else(ApiError::user_not_found)?;
+                        let existed = t.contacts.get((owner.0, id))?.is_some();
+                        if !existed {
+                            t.contacts.insert((owner.0, id), now_ms())?;
+                        }
+                        Ok((user, !existed))
+                    }
+                };
+                reply_after_commit(reply, result)
+            }
+            Op::RemoveContact {
+                owner,
+                contact,
+                reply,
+            } => {
+                t.contacts.remove((owner.0, contact.0))?;
+                reply_after_commit(reply, Ok(()))
+            }
+            Op::CreateDirect { a, b, reply } => {
+                let result = if a == b {
+                    Err(ApiError::bad_request(
+                        "bad_request",
+                        "a direct chat needs another user",
+                    ))
+                } else if t.users.get(b.0)?.is_none() {
+                    Err(ApiError::user_not_found())
+                } else {
+                    let (room, created) = self.ensure_direct(t, a, b)?;
+                    let view = room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+                        .ok_or_else(ApiError::room_not_found)?;
+                    Ok((view, created))
+                };
+                match result {
+                    Ok((view, created)) => {
+                        let announce = created.then(|| view.clone());
+                        Effect::Done(Box::new(move |hub| {
+                            if let Some(room) = announce {
+                                announce_room(hub, &room);
+                            }
+                            let _ = reply.send(Ok((view, created)));
+                        }))
+                    }
+                    Err(e) => reply_after_commit(reply, Err(e)),
+                }
+            }
+            Op::CreateGroup {
+                owner,
+                name,
+                members,
+                placement,
+                reply,
+            } => {
+                // The owner joins first; then the others in id order.
+                let mut ids = members;
+                ids.retain(|&id| id != owner);
+                ids.sort();
+                ids.dedup();
+                ids.insert(0, owner);
+                if ids.len() > self.max_group_members {
+                    return Ok(reply_after_commit(
+                        reply,
+                        Err(too_many_members(self.max_group_members)),
+                    ));
+                }
+                for id in &ids {
+                    if t.users.get(id.0)?.is_none() {
+                        return Ok(reply_after_commit(reply, Err(ApiError::user_not_found())));
+                    }
+                    if let Err(e) = Self::may_add(t, owner, *id)? {
+                        return Ok(reply_after_commit(reply, Err(e)));
+                    }
+                }
+                let mut room = RoomId::new_group();
+                while t.rooms.get(room.0)?.is_some()
+                    || placement.as_ref().is_some_and(|c| !c.owns(room.0))
+                {
+                    room = RoomId::new_group();
+                }
+                let rec = RoomRecord {
+                    kind: RoomKind::Group,
+                    name: Some(name),
+                    owner: Some(owner.0),
+                    created_at: now_ms(),
+                };
+                t.rooms
+                    .insert(room.0, seal(Rec::Rooms, room.0, encode(&rec)).as_slice())?;
+                for id in ids {
+                    self.add_member(t, room, id)?;
+                }
+                let view = room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+                    .ok_or_else(ApiError::room_not_found)?;
+                announce_and_reply(view, reply)
+            }
+            Op::AddMember {
+                room,
+                by,
+                user,
+                reply,
+            } => {
+                let result = (|| {
+                    let members = self.check_member(t, room, by)?;
+                    if room.is_direct() {
+                        return Err(direct_room_error());
+                    }
+                    if t.users.get(user.0)?.is_none() {
+                        return Err(ApiError::user_not_found());
+                    }
+                    if members.binary_search(&user).is_err() {
+                        if members.len() >= self.max_group_members {
+                            return Err(too_many_members(self.max_group_members));
+                        }
+                        Self::may_add(t, by, user)??;
+                        self.add_member(t, room, user)?;
+                    }
+                    room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+                        .ok_or_else(ApiError::room_not_found)
+                })();
+                match result {
+                    Ok(view) => announce_and_reply(view, reply),
+                    Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
+                    Err(e) => return Err(e),
+                }
+            }
+            Op::RemoveMember {
+                room,
+                by,
+                user,
+                reply,
+            } => {
+                let result = (|| {
+                    let members = self.check_member(t, room, by)?;
+                    if room.is_direct() {
+                        return Err(direct_room_error());
+                    }
+                    if members.binary_search(&user).is_err() {
+                        return Err(ApiError::not_found(
+                            "user_not_found",
+                            "that user is not a member of this room",
+                        ));
+                    }
+                    let rec: RoomRecord = match t.rooms.get(room.0)? {
+                        Some(g) => seal::open(Rec::Rooms, room.0, g.value())?,
+                        None => return Err(ApiError::room_not_found()),
+                    };
+                    if by != user && rec.owner != Some(by.0) {
+                        return Err(ApiError::forbidden(
+                            "forbidden",
+                            "only the group's owner can remove other members",
+                        ));
+                    }
+                    t.members.remove((room.0, user.0))?;
+                    t.user_rooms.remove((user.0, room.0))?;
+                    self.state.members.remove(&room);
+                    if rec.owner == Some(user.0) {
+                        // The longest-standing remaining member becomes owner.
+                        let mut next: Option<(i64, u64)> = None;
+                        for e in t.members.range((room.0, 0)..=(room.0, u64::MAX))? {
+                            let (k, v) = e?;
+                            let m: MemberRecord = seal::open(Rec::Members, k.value(), v.value())?;
+                            let cand = (m.joined_at, k.value().1);
+                            if next.is_none_or(|n| cand < n) {
+                                next = Some(cand);
+                            }
+                        }
+                        let rec = RoomRecord {
+                            owner: next.map(|(_, id)| id),
+                            ..rec
+                        };
+                        t.rooms
+                            .insert(room.0, seal(Rec::Rooms, room.0, encode(&rec)).as_slice())?;
+                    }
+                    room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+                        .ok_or_else(ApiError::room_not_found)
+                })();
+                match result {
+                    Ok(view) => Effect::Done(Box::new(move |hub| {
+                        let removed = frames::ServerFrame::RoomRemoved { room: view.id }.to_bytes();
+                        hub.send_to_user(
+                            user,
+                            &OutFrame {
+                                bytes: removed,
+                                room_seq: None,
+                                pong: false,
+                            },
+                            None,
+                        );
+                        announce_room(hub, &view);
+                        let _ = reply.send(Ok(()));
+                    })),
+                    Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
+                    Err(e) => return Err(e),
+                }
+            }
+            Op::Revoke { jti, exp, reply } => {
+                t.revoked.insert(jti.as_str(), exp)?;
+                reply_after_commit(reply, Ok(()))
+            }
+            Op::PutProfiles { users, reply } => {
+                for u in &users {
+                    put_profile(t, u)?;
+                }
+                reply_after_commit(reply, Ok(()))
+            }
+            Op::PostPayment { item, reply } => self.post_payment(t, item, reply)?,
+            Op::OutboxDone { key } => {
+                t.cluster_outbox.remove(key)?;
+                Effect::None
+            }
+            Op::SetPrivacy {
+                user,
+                presence,
+                group_adds,
+                reply,
+            } => {
+                let before = privacy_in(&t.privacy, user)?;
+                let after = Privacy {
+                    presence: presence.unwrap_or(before.presence),
+                    group_adds: group_adds.unwrap_or(before.group_adds),
+                };
+                if after != before {
+                    t.privacy.insert(
+                        user.0,
+                        seal(Rec::Privacy, user.0, encode(&after)).as_slice(),
+                    )?;
+                }
+                reply_after_commit(reply, Ok((before, after)))
+            }
+            Op::LastSeen { user, ts } => {
+                t.last_seen.insert(user.0, ts)?;
+                Effect::None
+            }
+            Op::Stop => Effect::None,
+        })
+    }
+
+    /// Adds a member. Join times are strictly increasing within a room, so
+    /// "longest-standing member" (the next owner) is never a tie.
+    pub(super) fn add_member(
+        &mut self,
+        t: &mut Tables,
+        room: RoomId,
+        user: UserId,
+    ) -> Result<(), ApiError> {
+        let mut now = now_ms();
+        for e in t.members.range((room.0, 0)..=(room.0, u64::MAX))? {
+            let (k, v) = e?;
+            let m: MemberRecord = seal::open(Rec::Members, k.value(), v.value())?;
+            now = now.max(m.joined_at + 1);
+        }
+        let rec = MemberRecord {
+            joined_at: now,
+            read_seq: 0,
+        };
+        t.members.insert(
+            (room.0, user.0),
+            seal(Rec::Members, (room.0, user.0), encode(&rec)).as_slice(),
+        )?;
+        t.user_rooms.insert((user.0, room.0), now)?;
+        self.state.members.remove(&room);
+        Ok(())
+    }
+
+    /// Whether `by` may add `user` to a group, by `user`'s `group_adds`
+    /// setting: Ok(Err(403 `not_allowed`)) when not.
+    pub(super) fn may_add(
+        t: &Tables,
+        by: UserId,
+        user: UserId,
+    ) -> Result<Result<(), ApiError>, ApiError> {
+        if privacy_in(&t.privacy, user)?
+            .group_adds
+            .admits(&t.contacts, user, by)?
+        {
+            return Ok(Ok(()));
+        }
+        let name = match t.users.get(user.0)? {
+            Some(g) => seal::open::<UserRecord, _>(Rec::Users, user.0, g.value())?.username,
+            None => user.to_string(),
+        };
+        Ok(Err(ApiError::forbidden(
+            "not_allowed",
+            format!("{name} does not let you add them to groups (their privacy settings)"),
+        )))
+    }
+}
+/// Stores a profile-only record of a user from another node, unless known.
+pub(super) fn put_profile(t: &mut Tables, u: &User) -> Result<(), ApiError> {
+    if t.users.get(u.id.0)?.is_none() {
+        let rec = UserRecord {
+            username: u.username.to_lowercase(),
+            display_name: u.display_name.clone(),
+            password_hash: String::new(),
+            created_at: now_ms(),
+        };
+        t.users
+            .insert(u.id.0, seal(Rec::Users, u.id.0, encode(&rec)).as_slice())?;
+    }
+    Ok(())
+}
+
+impl GroupCommitWriter {
+    pub(super) fn post_payment(
+        &mut self,
+        t: &mut Tables,
+        item: crate::writes::outbox::OutboxItem,
+        reply: Reply<()>,
+    ) -> Result<Effect, ApiError> {
+        let crate::writes::outbox::OutboxItem::Payment {
+            from,
+            to,
+            client_id,
+            text,
+            transfer,
+            amount,
+            note,
+        } = item
+        else {
+            return Ok(reply_after_commit(
+                reply,
+                Err(ApiError::bad_request("bad_request", "not a payment")),
+            ));
+        };
+        put_profile(t, &from)?;
+        put_profile(t, &to)?;
+        let (room, created) = self.ensure_direct(t, from.id, to.id)?;
+        if t.client_ids
+            .get((room.0, from.id.0, client_id.as_str()))?
+            .is_some()
+        {
+            // Delivered before: the wallet node retried.
+            return Ok(reply_after_commit(reply, Ok(())));
+        }
+        let seq = self.next_seq(t, room)?;
+        let mrec = MessageRecord {
+            from: from.id.0,
+            ts: now_ms(),
+            client_id,
+            text,
+            payment: Some(PaymentInfo {
+                transfer,
+                amount,
+                to: to.id.0,
+                note,
+            }),
+        };
+        t.messages
+            .insert((room.0, seq), mrec.sealed(room, seq).as_slice())?;
+        let pos = self.next_log_pos(t)?;
+        t.message_log.insert(pos, (room.0, seq))?;
+        t.client_ids
+            .insert((room.0, from.id.0, mrec.client_id.as_str()), seq)?;
+        let view = if created {
+            room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
+        } else {
+            None
+        };
+        let msg = Message::from_record(room, seq, mrec, &self.store.transfer_ids);
+        Ok(Effect::Done(Box::new(move |hub| {
+            if let Some(r) = view {
+                announce_room(hub, &r);
+            }
+            let frame = OutFrame {
+                bytes: frames::message(&msg),
+                room_seq: Some((msg.room, msg.seq)),
+                pong: false,
+            };
+            hub.send_to_user(from.id, &frame, None);
+            hub.send_to_user(to.id, &frame, None);
+            let _ = reply.send(Ok(()));
+        })))
+    }
+}
+
+pub(super) fn too_many_members(max: usize) -> ApiError {
+    ApiError::bad_request(
+        "too_many_members",
+        format!("a group has at most {max} members"),
+    )
+}
+
+pub(super) fn direct_room_error() -> ApiError {
+    ApiError::bad_request(
+        "direct_room",
+        "a direct chat always has exactly its two members",
+    )
+}
+
+/// Moves a member's read position forward; returns whether it moved.
+pub(super) fn bump_read(
+    members: &mut Table<(u64, u64), &'static [u8]>,
+    room: RoomId,
+    user: UserId,
+    seq: u64,
+) -> Result<bool, ApiError> {
+    // A damaged member record (reported) keeps its place: a read position
+    // is advisory, and failing here would fail the whole batch.
+    let rec: Option<MemberRecord> = match members.get((room.0, user.0))? {
+        Some(g) => seal::open(Rec::Members, (room.0, user.0), g.value()).ok(),
+        None => None,
+    };
+    match rec {
+        Some(mut rec) if rec.read_seq < seq => {
+            rec.read_seq = seq;
+            members.insert(
+                (room.0, user.0),
+                seal(Rec::Members, (room.0, user.0), encode(&rec)).as_slice(),
+            )?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+pub(super) fn reply_after_commit<T: Send + 'static>(
+    reply: Reply<T>,
+    result: Result<T, ApiError>,
+) -> Effect {
+    Effect::Done(Box::new(move |_| {
+        let _ = reply.send(result);
+    }))
+}
+
+/// After a commit that created or changed a room: tell its members, then
+/// answer the caller with it.
+pub(super) fn announce_and_reply(view: Room, reply: Reply<Room>) -> Effect {
+    Effect::Done(Box::new(move |hub| {
+        announce_room(hub, &view);
+        let _ = reply.send(Ok(view));
+    }))
+}
