@@ -123,6 +123,21 @@ fn lines(body: &[u8]) -> Vec<Value> {
         .collect()
 }
 
+/// A room's export (`GET /api/v1/rooms/{id}/export`) as its JSON lines.
+async fn room_export(api: &Api, token: &str, room: &str) -> Vec<Value> {
+    let r = api
+        .raw(
+            Method::GET,
+            &format!("/api/v1/rooms/{room}/export"),
+            token,
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200);
+    lines(&r.body)
+}
+
 /// Collects message frames (by seq) of `room` until `n` distinct seqs or
 /// an error frame for `room`.
 async fn catch_up(ws: &mut Ws, room: &str, n: usize) -> (BTreeMap<u64, Value>, Option<Value>) {
@@ -246,17 +261,7 @@ async fn flipped_bits_in_a_message_serve_it_as_unreadable_and_a_backup_never_hid
     ws.close().await;
 
     // The room's export: every good message, an `unreadable` line, `end`.
-    let r = api
-        .raw(
-            Method::GET,
-            &format!("/api/v1/rooms/{room}/export"),
-            &alice.token,
-            None,
-            &[],
-        )
-        .await;
-    assert_eq!(r.status.as_u16(), 200);
-    let ex = lines(&r.body);
+    let ex = room_export(&api, &alice.token, &room).await;
     let kinds: Vec<(String, u64)> = ex
         .iter()
         .filter(|l| l["type"] == "message" || l["type"] == "unreadable")
@@ -494,17 +499,7 @@ async fn a_damaged_page_answers_storage_damaged_and_everything_else_keeps_workin
 
     // The export of the damaged room: every message it can read, an
     // `unreadable` line for each it cannot, and `end`.
-    let r = api
-        .raw(
-            Method::GET,
-            &format!("/api/v1/rooms/{room}/export"),
-            &alice.token,
-            None,
-            &[],
-        )
-        .await;
-    assert_eq!(r.status.as_u16(), 200);
-    let ex = lines(&r.body);
+    let ex = room_export(&api, &alice.token, &room).await;
     let end = ex.last().expect("lines");
     assert_eq!(end["type"], "end", "{end}");
     let mut seqs: Vec<u64> = ex
