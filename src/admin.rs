@@ -62,15 +62,11 @@ pub fn listen(
         // Whether a `confab check` runs now (one at a time).
         let checking = Arc::new(AtomicBool::new(false));
         loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    backoff.succeeded();
-                    let (state, checking) = (state.clone(), checking.clone());
-                    tokio::spawn(async move {
-                        let _ = serve(state, &checking, stream).await;
-                    });
-                }
-                Err(e) => tokio::time::sleep(backoff.failed(&e)).await,
+            if let Some((stream, _)) = backoff.accepted(listener.accept().await).await {
+                let (state, checking) = (state.clone(), checking.clone());
+                tokio::spawn(async move {
+                    let _ = serve(state, &checking, stream).await;
+                });
             }
         }
     }))

@@ -373,8 +373,24 @@ impl AcceptBackoff {
     const FIRST: Duration = Duration::from_millis(10);
     const MAX: Duration = Duration::from_secs(1);
 
+    /// What an accept gave: the connection (ending a failure episode), or
+    /// None after the pause a failure calls for (usually EMFILE: back off
+    /// instead of spinning).
+    pub async fn accepted<T>(&mut self, accepted: std::io::Result<T>) -> Option<T> {
+        match accepted {
+            Ok(x) => {
+                self.succeeded();
+                Some(x)
+            }
+            Err(e) => {
+                tokio::time::sleep(self.failed(&e)).await;
+                None
+            }
+        }
+    }
+
     /// The pause after a failed accept: 10 ms, doubling up to 1 s.
-    pub fn failed(&mut self, e: &std::io::Error) -> Duration {
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
         let delay = match self.delay {
             None => {
                 tracing::warn!(error = %e, "{}: accept failed (out of file descriptors?); retrying every 10 ms to 1 s until it works again", self.what);
@@ -388,7 +404,7 @@ impl AcceptBackoff {
         delay
     }
 
-    pub fn succeeded(&mut self) {
+    fn succeeded(&mut self) {
         if self.delay.take().is_some() {
             let seconds = self.since.take().map_or(0.0, |t| t.elapsed().as_secs_f64());
             tracing::info!(

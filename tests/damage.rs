@@ -123,6 +123,24 @@ fn lines(body: &[u8]) -> Vec<Value> {
         .collect()
 }
 
+/// alice, her direct room with bob (the one the tests damage) and her
+/// direct room with carol (the one that must keep working).
+async fn alice_with_two_rooms(api: &Api) -> (User, String, String) {
+    let alice = api.new_user("alice").await;
+    let mut rooms = Vec::new();
+    for peer in ["bob", "carol"] {
+        let peer = api.new_user(peer).await;
+        let room = api.direct_room(&alice.token, &peer.id).await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        rooms.push(room);
+    }
+    let other = rooms.pop().expect("carol's room");
+    let room = rooms.pop().expect("bob's room");
+    (alice, room, other)
+}
+
 /// A room's export (`GET /api/v1/rooms/{id}/export`) as its JSON lines.
 async fn room_export(api: &Api, token: &str, room: &str) -> Vec<Value> {
     let r = api
@@ -418,17 +436,7 @@ async fn flipped_bits_in_a_message_serve_it_as_unreadable_and_a_backup_never_hid
 async fn a_damaged_page_answers_storage_damaged_and_everything_else_keeps_working() {
     let mut srv = Server::start(&UNLIMITED);
     let api = srv.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let carol = api.new_user("carol").await;
-    let room = api.direct_room(&alice.token, &bob.id).await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let other = api.direct_room(&alice.token, &carol.id).await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let (alice, room, other) = alice_with_two_rooms(&api).await;
     // Enough text for several leaf pages of `messages`.
     let n = 160u64;
     let mut ws = Ws::connect(srv.addr).await;
@@ -647,17 +655,7 @@ async fn the_ui_shows_an_unreadable_message_as_such_in_english_and_korean() {
 async fn a_write_into_a_damaged_page_is_answered_and_the_writer_goes_on() {
     let mut srv = Server::start(&UNLIMITED);
     let api = srv.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let carol = api.new_user("carol").await;
-    let room = api.direct_room(&alice.token, &bob.id).await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let other = api.direct_room(&alice.token, &carol.id).await["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let (alice, room, other) = alice_with_two_rooms(&api).await;
     let mut ws = Ws::connect(srv.addr).await;
     ws.auth(&alice.token, json!({})).await;
     for i in 1..=160 {

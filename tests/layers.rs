@@ -175,11 +175,10 @@ fn code_only(text: &str) -> String {
 /// Every path a file names: `use` trees expanded, inline `crate::`,
 /// `super::` and `self::` paths, each as its segments from the crate root
 /// (`module` is the file's own module path).
-fn paths(code: &str, module: &[String], is_mod_rs: bool, children: &[String]) -> Vec<Vec<String>> {
+fn paths(code: &str, module: &[String], children: &[String]) -> Vec<Vec<String>> {
     // `super` of a file `a/b.rs` (module a::b) is `a`; of `a/b/mod.rs`
     // (module a::b) also `a`. `self` is the module itself.
     let parent = |segs: &[String]| segs[..segs.len().saturating_sub(1)].to_vec();
-    let _ = is_mod_rs;
     let resolve = |raw: &[String]| -> Option<Vec<String>> {
         let mut base: Vec<String>;
         let mut rest = raw;
@@ -352,7 +351,6 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
             None => &code[..],
         };
         let module: Vec<String> = name.split("::").map(str::to_string).collect();
-        let is_mod_rs = file.ends_with("mod.rs");
         let children: Vec<String> = mods
             .keys()
             .filter_map(|m| m.strip_prefix(&format!("{name}::")))
@@ -360,7 +358,7 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
             .map(str::to_string)
             .collect();
         let mut to = BTreeSet::new();
-        for p in paths(code, &module, is_mod_rs, &children) {
+        for p in paths(code, &module, &children) {
             if let Some(t) = target(&p, &mods)
                 && t != *name
             {
@@ -504,7 +502,7 @@ fn the_reader_reads_use_trees_and_inline_paths() {
     let code =
         code_only("use super::x; // crate::not\nfn f() { crate::y::z(); let s = \"crate::no\"; }");
     let m = vec!["a".to_string(), "b".to_string()];
-    let p = paths(&code, &m, false, &[]);
+    let p = paths(&code, &m, &[]);
     assert!(p.contains(&vec!["a".into(), "x".into()]), "{p:?}");
     assert!(p.contains(&vec!["y".into(), "z".into()]), "{p:?}");
     assert!(

@@ -74,16 +74,8 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         tokio::select! {
             _ = &mut signal => break,
             accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => {
-                        backoff.succeeded();
-                        x
-                    }
-                    Err(e) => {
-                        // Usually EMFILE: back off instead of spinning.
-                        tokio::time::sleep(backoff.failed(&e)).await;
-                        continue;
-                    }
+                let Some((stream, peer)) = backoff.accepted(accepted).await else {
+                    continue;
                 };
                 let Some(slot) = proxy.connections.try_take(peer.ip()) else {
                     continue;

@@ -284,18 +284,9 @@ impl Indexer {
             .load_metas()
             .map_err(|e| Failure::writer("open", e))?;
         let (pos, docs) = committed_position(&metas).map_err(|e| Failure::damage("open", e))?;
-        live.reader
-            .reload()
-            .map_err(|e| Failure::writer("reload", e))?;
-        let searcher = live.reader.searcher();
-        let held = searcher.num_docs();
-        if held != docs {
-            return Err(Failure::damage(
-                "check",
-                format!("the index holds {held} messages, its last commit claims {docs}"),
-            ));
-        }
-        live.columns.retain(&searcher);
+        reload_holding(&live, docs, |held| {
+            format!("the index holds {held} messages, its last commit claims {docs}")
+        })?;
         // The files of the failed writer's unfinished segments: without
         // this they would wait for the next successful commit, and on a
         // full disk every attempt would leave more of them.
@@ -333,18 +324,9 @@ impl Indexer {
         self.docs = docs;
         self.pending = 0;
         let live = self.index.live();
-        live.reader
-            .reload()
-            .map_err(|e| Failure::writer("reload", e))?;
-        let searcher = live.reader.searcher();
-        let held = searcher.num_docs();
-        if held != docs {
-            return Err(Failure::damage(
-                "check",
-                format!("after a commit the index holds {held} messages, not {docs}"),
-            ));
-        }
-        live.columns.retain(&searcher);
+        reload_holding(&live, docs, |held| {
+            format!("after a commit the index holds {held} messages, not {docs}")
+        })?;
         self.index
             .status
             .indexed
@@ -354,4 +336,24 @@ impl Indexer {
             .record(started.elapsed().as_secs_f64());
         Ok(())
     }
+}
+
+/// Reloads the reader to the last commit and checks that it holds exactly
+/// the `docs` messages that commit says (`mismatch` words the damage
+/// otherwise); the columns cache keeps only the segments it still sees.
+fn reload_holding(
+    live: &super::index::Live,
+    docs: u64,
+    mismatch: impl FnOnce(u64) -> String,
+) -> Result<(), Failure> {
+    live.reader
+        .reload()
+        .map_err(|e| Failure::writer("reload", e))?;
+    let searcher = live.reader.searcher();
+    let held = searcher.num_docs();
+    if held != docs {
+        return Err(Failure::damage("check", mismatch(held)));
+    }
+    live.columns.retain(&searcher);
+    Ok(())
 }
