@@ -550,7 +550,10 @@ async fn a_schema_1_store_is_upgraded_and_its_messages_indexed() {
         assert!(status.is_success());
     }
     srv.stop();
-    // Make it look like a version-1 store: no message log, schema_version 1, no index.
+    // Make it look like a version-1 store: schema_version 1, no message
+    // log, no privacy table, records without their checksums (those came
+    // with schema 4; a record sealed twice can decode as something else),
+    // no index.
     {
         let db = redb::Database::open(srv.data_dir().join("confab.redb")).expect("open store");
         let txn = db.begin_write().expect("txn");
@@ -560,8 +563,36 @@ async fn a_schema_1_store_is_upgraded_and_its_messages_indexed() {
                 .expect("meta");
             meta.insert("schema_version", 1).expect("version");
         }
+        use redb::ReadableTable;
+        macro_rules! unseal_table {
+            ($k:ty, $name:expr) => {{
+                let def = redb::TableDefinition::<$k, &[u8]>::new($name);
+                let mut t = txn.open_table(def).expect($name);
+                let all: Vec<_> = t
+                    .range::<$k>(..)
+                    .expect("range")
+                    .map(|e| {
+                        let (k, v) = e.expect("record");
+                        let v = v.value();
+                        (k.value(), v[..v.len() - 4].to_vec())
+                    })
+                    .collect();
+                for (k, body) in all {
+                    t.insert(k, body.as_slice()).expect("unsealed");
+                }
+            }};
+        }
+        unseal_table!(u64, "users");
+        unseal_table!(u64, "rooms");
+        unseal_table!((u64, u64), "members");
+        unseal_table!((u64, u64), "messages");
+        unseal_table!((u64, u64), "wallet_entries");
+        unseal_table!(u64, "wallet_transfers");
+        unseal_table!(u64, "cluster_outbox");
         txn.delete_table(redb::TableDefinition::<u64, (u64, u64)>::new("message_log"))
             .expect("drop log");
+        txn.delete_table(redb::TableDefinition::<u64, &[u8]>::new("privacy"))
+            .expect("drop privacy");
         txn.commit().expect("commit");
     }
     std::fs::remove_dir_all(srv.data_dir().join("search")).expect("remove index");
