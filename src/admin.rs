@@ -24,8 +24,8 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::api::AppState;
 use crate::error::ApiError;
-use crate::store::Store;
-use crate::writes::{Op, WalletOp, WriterHandle};
+use crate::storage::Storage;
+use crate::writes::{Op, WalletOp};
 
 /// How long a client has to send its request line: a connection that sends
 /// nothing would otherwise hold a task and a file descriptor for ever.
@@ -116,7 +116,7 @@ async fn serve(
             Ok(req) if req["cmd"] == "backup" => backup(&state, &req, &mut write).await?,
             Ok(req) if req["cmd"] == "check" => check(&state, checking, &mut write).await?,
             Ok(req) if req["cmd"] == "export" => return export(&state, &req, &mut write).await,
-            Ok(req) => handle(&state.store, &state.writer, &req).await,
+            Ok(req) => handle(&*state.storage, &req).await,
             Err(e) => json!({"error": format!("bad request: {e}")}),
         }
     } else {
@@ -330,7 +330,7 @@ async fn check(
         .spawn(move || {
             let result = db.damage().scope(|| {
                 db.begin_read().map_err(|e| e.to_string()).map(|txn| {
-                    let mut report = crate::store::integrity::check(&txn, &crate::wallet::ledger_check, &mut |p| {
+                    let mut report = crate::store::integrity::check(&txn, &crate::storage::embedded::ledger_check, &mut |p| {
                         let _ = tx.send(p);
                     });
                     report.engine = "not checked: the server is running (stop it and run `confab check` for redb's page checksums too)".into();
@@ -364,18 +364,18 @@ async fn check(
     })
 }
 
-/// Runs one admin command against a store and its writer.
-pub async fn handle(store: &Store, writer: &WriterHandle, req: &Value) -> Value {
+/// Runs one admin command against a storage.
+pub async fn handle(storage: &dyn Storage, req: &Value) -> Value {
     let result: Result<Value, ApiError> = async {
         match req["cmd"].as_str() {
             Some("credit") => {
                 let name = req["user"].as_str().unwrap_or("");
-                let Some((user, _)) = store.user_by_name(name)? else {
+                let Some((user, _)) = storage.user_by_name(name).await? else {
                     return Err(ApiError::user_not_found());
                 };
                 let amount = crate::wallet::parse_amount(req.get("amount"))?;
                 let user = crate::ids::UserId(user.0);
-                let balance = writer
+                let balance = storage
                     .call(|reply| {
                         Op::Wallet(WalletOp::Credit {
                             user,
@@ -387,7 +387,7 @@ pub async fn handle(store: &Store, writer: &WriterHandle, req: &Value) -> Value 
                     .await?;
                 Ok(json!({"ok": true, "user": name.to_lowercase(), "credited": amount, "balance": balance}))
             }
-            Some("verify") => Ok(serde_json::to_value(crate::wallet::verify(store)?).map_err(ApiError::internal)?),
+            Some("verify") => Ok(serde_json::to_value(storage.verify_ledger().await?).map_err(ApiError::internal)?),
             _ => Err(ApiError::bad_request("bad_request", "unknown command")),
         }
     }

@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod search;
 pub mod server;
 pub mod status;
+pub mod storage;
 pub mod store;
 pub mod telemetry;
 pub mod wallet;

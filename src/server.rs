@@ -23,6 +23,8 @@ use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::hub::{Hub, close};
 use crate::search::{Indexer, SearchIndex};
+use crate::storage::Storage;
+use crate::storage::embedded::Embedded;
 use crate::store::Store;
 use crate::wallet::WalletSettings;
 use crate::writes::{GroupCommitWriter, Op, WalletWiring};
@@ -150,10 +152,11 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         config.limits.export_concurrency,
         Duration::from_secs(config.limits.export_stall_secs),
     );
+    let storage: Arc<dyn Storage> = Arc::new(Embedded::new(store.clone(), writer.clone()));
     let state = Arc::new(AppState {
         config,
+        storage: storage.clone(),
         store,
-        writer: writer.clone(),
         hub: hub.clone(),
         auth,
         metrics,
@@ -171,7 +174,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         backups: Default::default(),
         scrub,
     });
-    let reads_task = tokio::spawn(reads.run(writer.clone(), state.shutdown.clone()));
+    let reads_task = tokio::spawn(reads.run(storage, state.shutdown.clone()));
     tokio::spawn(crate::status::sample_every_second(
         state.clone(),
         state.shutdown.clone(),
@@ -223,7 +226,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     tokio::pin!(signal);
     // The one line tests and scripts wait for.
     say(&format!("confab listening on http://{local}"));
-    if state.store.has_no_users().unwrap_or(false) {
+    if state.storage.has_no_users().await.unwrap_or(false) {
         // First start: say where to go (a wildcard address is reachable
         // locally on loopback).
         let mut open = local;

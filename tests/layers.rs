@@ -32,6 +32,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "domains: the rules and write operations of each",
         &["wallet", "writes", "chat", "accounts"],
     ),
+    ("the storage interface and its backends", &["storage"]),
     (
         "services fed by committed writes, and readers of the store",
         &["search", "status", "backup", "export", "auth"],

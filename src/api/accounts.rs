@@ -130,11 +130,11 @@ pub async fn signup(
             ),
         ));
     }
-    if state.store.user_by_name(&body.username)?.is_some() {
+    if state.storage.user_by_name(&body.username).await?.is_some() {
         return Err(taken());
     }
     if !display_name.eq_ignore_ascii_case(&body.username)
-        && state.store.user_by_name(&display_name)?.is_some()
+        && state.storage.user_by_name(&display_name).await?.is_some()
     {
         return Err(ApiError::bad_request(
             "invalid_display_name",
@@ -144,7 +144,7 @@ pub async fn signup(
     state.auth.check_signup(ip)?;
     let password_hash = state.auth.hash_password(ip, body.password).await?;
     let user = state
-        .writer
+        .storage
         .call(|reply| Op::CreateUser {
             username: body.username,
             display_name,
@@ -231,7 +231,7 @@ async fn login_inner(
         return Err(wrong());
     }
     state.auth.check_login(&body.username, ip)?;
-    let found = state.store.user_by_name(&body.username)?;
+    let found = state.storage.user_by_name(&body.username).await?;
     let hash = found.as_ref().map(|(_, r)| r.password_hash.clone());
     if !state.auth.verify_password(ip, hash, body.password).await? {
         state.auth.login_failed(Some(&body.username), ip);
@@ -254,10 +254,10 @@ async fn login_inner(
 }
 
 pub async fn logout(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let jti = c.jti.clone();
     state
-        .writer
+        .storage
         .call(|reply| Op::Revoke {
             jti,
             exp: c.exp,
@@ -270,10 +270,11 @@ pub async fn logout(state: &AppState, req: Request<Incoming>) -> Result<Response
 }
 
 pub async fn me(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let user = state
-        .store
-        .user(c.user)?
+        .storage
+        .user(c.user)
+        .await?
         .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?;
     json(StatusCode::OK, &user)
 }
@@ -281,8 +282,8 @@ pub async fn me(state: &AppState, req: Request<Incoming>) -> Result<Response<Bod
 /// `GET /api/v1/me/privacy`: who sees the caller's presence and who may add
 /// them to groups.
 pub async fn privacy(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
-    json(StatusCode::OK, &state.store.privacy(c.user)?)
+    let c = caller(state, &req).await?;
+    json(StatusCode::OK, &state.storage.privacy(c.user).await?)
 }
 
 #[derive(Deserialize)]
@@ -299,10 +300,10 @@ pub async fn set_privacy(
     state: &AppState,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let body: PrivacyBody = read_json(state, req).await?;
     let (before, after) = state
-        .writer
+        .storage
         .call(|reply| Op::SetPrivacy {
             user: c.user,
             presence: body.presence,
@@ -311,7 +312,7 @@ pub async fn set_privacy(
         })
         .await?;
     if before.presence != after.presence {
-        super::ws::privacy_changed(state, c.user);
+        super::ws::privacy_changed(state, c.user).await;
     }
     json(StatusCode::OK, &after)
 }
@@ -323,9 +324,13 @@ pub async fn get_user(
     req: Request<Incoming>,
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    caller(state, &req)?;
+    caller(state, &req).await?;
     let id: UserId = parse_id(id)?;
-    let user = state.store.user(id)?.ok_or_else(ApiError::user_not_found)?;
+    let user = state
+        .storage
+        .user(id)
+        .await?
+        .ok_or_else(ApiError::user_not_found)?;
     json(StatusCode::OK, &user)
 }
 
@@ -333,7 +338,7 @@ pub async fn search_users(
     state: &AppState,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    caller(state, &req)?;
+    caller(state, &req).await?;
     let mut q = String::new();
     let mut limit = 20usize;
     for (k, v) in query(&req) {
@@ -354,7 +359,7 @@ pub async fn search_users(
             "q (a username prefix) is required",
         ));
     }
-    let users = state.store.search_users(q, limit.clamp(1, 50))?;
+    let users = state.storage.search_users(q, limit.clamp(1, 50)).await?;
     json(StatusCode::OK, &serde_json::json!({"users": users}))
 }
 
@@ -362,8 +367,8 @@ pub async fn contacts(
     state: &AppState,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
-    let contacts = state.store.contacts(c.user)?;
+    let c = caller(state, &req).await?;
+    let contacts = state.storage.contacts(c.user).await?;
     json(StatusCode::OK, &serde_json::json!({"contacts": contacts}))
 }
 
@@ -371,7 +376,7 @@ pub async fn add_contact(
     state: &AppState,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let body: ContactBody = read_json(state, req).await?;
     let who = match (body.username, body.user_id) {
         (_, Some(id)) => crate::writes::Contact::Id(id),
@@ -384,7 +389,7 @@ pub async fn add_contact(
         }
     };
     let (user, added) = state
-        .writer
+        .storage
         .call(|reply| Op::AddContact {
             owner: c.user,
             who,
@@ -406,10 +411,10 @@ pub async fn remove_contact(
     req: Request<Incoming>,
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let contact: UserId = parse_id(id)?;
     state
-        .writer
+        .storage
         .call(|reply| Op::RemoveContact {
             owner: c.user,
             contact,

@@ -14,10 +14,11 @@ use crate::export::{self, Scope};
 use crate::ids::{RoomId, UserId};
 
 pub async fn me(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let name = state
-        .store
-        .user(c.user)?
+        .storage
+        .user(c.user)
+        .await?
         .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?
         .username;
     stream(
@@ -33,9 +34,9 @@ pub async fn room(
     req: Request<Incoming>,
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let room: RoomId = parse_id(id)?;
-    state.store.check_member(room, c.user)?;
+    state.storage.check_member(room, c.user).await?;
     stream(
         state,
         c.user,
@@ -56,7 +57,7 @@ fn stream(
     let rx = export::spawn(
         state.store.db.clone(),
         scope,
-        state.store.transfer_ids.clone(),
+        state.storage.transfer_ids().clone(),
         slot,
     )?;
     metrics::counter!("confab_exports_total").increment(1);

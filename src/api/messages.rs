@@ -57,7 +57,7 @@ pub async fn history(
     req: Request<Incoming>,
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let room: RoomId = parse_id(id)?;
     let (mut after, mut before, mut limit) = (None, None, 50usize);
     let num = |v: &str, name: &str| {
@@ -77,8 +77,9 @@ pub async fn history(
         }
     }
     let messages = state
-        .store
-        .history(room, c.user, after, before, limit.clamp(1, 200))?;
+        .storage
+        .history(room, c.user, after, before, limit.clamp(1, 200))
+        .await?;
     json(StatusCode::OK, &serde_json::json!({"messages": messages}))
 }
 
@@ -87,7 +88,7 @@ pub async fn post(
     req: Request<Incoming>,
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let room: RoomId = parse_id(id)?;
     let body: PostBody = read_json(state, req).await?;
     validate_send(state, body.client_id.as_deref(), &body.text)?;
@@ -95,7 +96,7 @@ pub async fn post(
     metrics::counter!("confab_messages_received_total").increment(1);
     crate::telemetry::LiveStats::add(&state.live.received, 1);
     let (msg, duplicate) = state
-        .writer
+        .storage
         .call(|reply| Op::Send {
             room,
             from: c.user,

@@ -1,7 +1,7 @@
 //! The HTTP and WebSocket surface: routing, request/response helpers and one
-//! file per resource. Handlers validate input, read through [`Store`] and
-//! write through the [`WriterHandle`]; they never touch redb write
-//! transactions themselves.
+//! file per resource. Handlers validate input, then read and write only
+//! through the storage interface (`AppState::storage`, a
+//! [`crate::storage::Storage`]); they never see the backend underneath.
 
 mod accounts;
 pub(crate) mod assets;
@@ -185,7 +185,7 @@ async fn route(
 /// 503 `storage_error` (with the state and since when) while it does not.
 /// `/healthz` stays liveness: the process answers.
 fn readiness(state: &AppState) -> Result<Response<Body>, ApiError> {
-    let health = &state.store.health;
+    let health = &state.storage.health();
     match health.refusal() {
         None => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
         Some(e) => {
@@ -210,7 +210,7 @@ fn metrics_page(state: &AppState) -> Response<Body> {
     if let Some(ix) = &state.search {
         // The index's lag and health as of now, even while its indexer
         // waits out a back-off.
-        ix.update_gauges(state.store.feed.committed());
+        ix.update_gauges(state.storage.committed());
     }
     let mut resp = Response::new(Body::full(Bytes::from(crate::telemetry::render(
         &state.metrics,

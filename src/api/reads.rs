@@ -15,7 +15,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::ids::{RoomId, UserId};
-use crate::writes::{Op, WriterHandle};
+use crate::storage::Storage;
+use crate::writes::Op;
 
 /// The writer sees a user's reads at most this often.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -42,7 +43,7 @@ impl ReadMerger {
     /// more.
     pub async fn run(
         self: Arc<Self>,
-        writer: WriterHandle,
+        storage: Arc<dyn Storage>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
@@ -51,20 +52,20 @@ impl ReadMerger {
                 _ = shutdown.wait_for(|s| *s) => true,
             };
             if stop {
-                self.flush(&writer).await;
+                self.flush(&*storage).await;
                 return;
             }
-            self.flush(&writer).await;
+            self.flush(&*storage).await;
             tokio::time::sleep(FLUSH_EVERY).await;
         }
     }
 
-    async fn flush(&self, writer: &WriterHandle) {
+    async fn flush(&self, storage: &dyn Storage) {
         let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         for ((user, room), seq) in batch {
             // The writer checks membership and ignores reads that do not
             // move a position forward.
-            if writer.submit(Op::Read { room, user, seq }).await.is_err() {
+            if storage.submit(Op::Read { room, user, seq }).await.is_err() {
                 return;
             }
         }

@@ -27,18 +27,18 @@ struct AddMemberBody {
 }
 
 pub async fn list(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
-    let rooms = state.store.rooms_of(c.user)?;
+    let c = caller(state, &req).await?;
+    let rooms = state.storage.rooms_of(c.user).await?;
     json(StatusCode::OK, &serde_json::json!({"rooms": rooms}))
 }
 
 pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let body: CreateBody = read_json(state, req).await?;
     match body {
         CreateBody::Direct { user_id } => {
             let (room, created) = state
-                .writer
+                .storage
                 .call(|reply| Op::CreateDirect {
                     a: c.user,
                     b: user_id,
@@ -69,7 +69,7 @@ pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response
                 ));
             }
             let room = state
-                .writer
+                .storage
                 .call(|reply| Op::CreateGroup {
                     owner: c.user,
                     name,
@@ -88,9 +88,9 @@ pub async fn get(
     req: Request<Incoming>,
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let room: RoomId = parse_id(id)?;
-    json(StatusCode::OK, &state.store.room_for(room, c.user)?)
+    json(StatusCode::OK, &state.storage.room_for(room, c.user).await?)
 }
 
 pub async fn add_member(
@@ -98,11 +98,11 @@ pub async fn add_member(
     req: Request<Incoming>,
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let room: RoomId = parse_id(id)?;
     let body: AddMemberBody = read_json(state, req).await?;
     let view = state
-        .writer
+        .storage
         .call(|reply| Op::AddMember {
             room,
             by: c.user,
@@ -119,11 +119,11 @@ pub async fn remove_member(
     id: &str,
     uid: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let c = caller(state, &req)?;
+    let c = caller(state, &req).await?;
     let room: RoomId = parse_id(id)?;
     let user: UserId = parse_id(uid)?;
     state
-        .writer
+        .storage
         .call(|reply| Op::RemoveMember {
             room,
             by: c.user,

@@ -17,7 +17,7 @@ fn number<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ApiError> {
 }
 
 pub async fn search(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let me = caller(state, &req)?;
+    let me = caller(state, &req).await?;
     let Some(index) = state.search.clone() else {
         return Err(ApiError::busy("search is not available on this server"));
     };
@@ -62,11 +62,14 @@ pub async fn search(state: &AppState, req: Request<Incoming>) -> Result<Response
     if r.offset + r.limit > MAX_WINDOW {
         return Err(bad(format!("offset + limit may not exceed {MAX_WINDOW}")));
     }
-    let store = state.store.clone();
+    let storage = state.storage.clone();
     let user = me.user;
+    // Searching is CPU work: off the async threads, reading the store from
+    // there (a blocking thread may wait for the storage's answers).
+    let rt = tokio::runtime::Handle::current();
     let resp = tokio::task::spawn_blocking(move || {
-        let rooms = store.room_ids_of(user)?;
-        index.search(&store, &r, &rooms)
+        let rooms = rt.block_on(storage.room_ids_of(user))?;
+        index.search(&|keys| rt.block_on(storage.messages_at(keys)), &r, &rooms)
     })
     .await
     .map_err(ApiError::internal)??;

@@ -18,16 +18,21 @@ use crate::auth::{Auth, Caller};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::hub::Hub;
+use crate::storage::Storage;
 use crate::store::Store;
-use crate::writes::WriterHandle;
 
 pub use super::body::Body;
 
 /// Everything a request handler or session needs; one per server.
 pub struct AppState {
     pub config: Config,
+    /// Where everything is read and written: the storage interface
+    /// (`storage/`). Handlers use nothing else of the store.
+    pub storage: Arc<dyn Storage>,
+    /// The embedded store underneath, for what only it has: backups,
+    /// `confab check`, export snapshots, the scrub and the search indexer
+    /// (the operator's surfaces and the services, not the handlers).
     pub store: Store,
-    pub writer: WriterHandle,
     pub hub: Arc<Hub>,
     pub auth: Auth,
     pub metrics: PrometheusHandle,
@@ -194,7 +199,7 @@ fn secure_headers(resp: &mut Response<Body>) {
 /// The caller, from `Authorization: Bearer <token>`; or, on a cluster node,
 /// from a proxy's link request acting for a user (`x-confab-user`: the proxy
 /// checked that user's token).
-pub fn caller(state: &AppState, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+pub async fn caller(state: &AppState, req: &Request<Incoming>) -> Result<Caller, ApiError> {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         if state.cluster.is_some()
             && let Some(user) = req.headers().get(crate::cluster::link::USER_HEADER)
@@ -227,7 +232,7 @@ pub fn caller(state: &AppState, req: &Request<Incoming>) -> Result<Caller, ApiEr
     // restored from an older backup, a token of another server with the
     // same secret) is not a login. A cluster node holds only some of the
     // users (the proxy checks tokens against every node's revocations).
-    if state.cluster.is_none() && state.store.user(caller.user)?.is_none() {
+    if state.cluster.is_none() && state.storage.user(caller.user).await?.is_none() {
         return Err(ApiError::unauthorized("the token's user no longer exists"));
     }
     Ok(caller)

@@ -35,7 +35,7 @@ impl Source for AppState {
 
     fn gauges(&self) -> Gauges {
         let (search_lag_messages, search_lag_seconds) = match &self.search {
-            Some(ix) => ix.status.lag(self.store.feed.committed()),
+            Some(ix) => ix.status.lag(self.storage.committed()),
             None => (0, 0.0),
         };
         Gauges {
@@ -43,7 +43,7 @@ impl Source for AppState {
             sessions: self.hub.online_sessions() as u64,
             search_lag_messages,
             search_lag_seconds,
-            storage: self.store.health.state().as_str(),
+            storage: self.storage.health().state().as_str(),
         }
     }
 }
@@ -72,16 +72,16 @@ pub async fn get(
         "threads": proc_.threads,
         "totals": Totals::of(&state.live),
         "storage": {
-            "state": state.store.health.state().as_str(),
-            "since": state.store.health.since_ms(),
-            "detail": state.store.health.detail(),
+            "state": state.storage.health().state().as_str(),
+            "since": state.storage.health().since_ms(),
+            "detail": state.storage.health().detail(),
         },
         "search": state
             .search
             .as_ref()
-            .map(|ix| ix.status_json(state.store.feed.committed())),
+            .map(|ix| ix.status_json(state.storage.committed())),
         "store": serde_json::json!({
-            "damaged_records": state.store.db.damage().count(),
+            "damaged_records": state.storage.damaged_records(),
             "scrub": state.scrub.as_ref().map(|s| s.snapshot()),
         }),
         "now": history.last(),

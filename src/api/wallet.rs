@@ -21,14 +21,19 @@ fn not_found() -> ApiError {
     ApiError::not_found("transfer_not_found", "no such transfer")
 }
 
+/// The stored id behind a public transfer id.
+fn stored_id(state: &AppState, id: &str) -> Result<u64, ApiError> {
+    state.storage.transfer_ids().parse(id).ok_or_else(not_found)
+}
+
 fn currency(state: &AppState) -> &str {
     &state.config.wallet.wallet_currency
 }
 
 /// `GET /api/v1/wallet` → `{balance, currency}`.
 pub async fn get(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let me = caller(state, &req)?;
-    let balance = wallet::balance(&state.store, me.user)?;
+    let me = caller(state, &req).await?;
+    let balance = state.storage.balance(me.user).await?;
     json(
         StatusCode::OK,
         &serde_json::json!({"balance": balance, "currency": currency(state)}),
@@ -40,13 +45,13 @@ pub async fn transactions(
     state: &AppState,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let me = caller(state, &req)?;
+    let me = caller(state, &req).await?;
     let mut before = None;
     let mut limit = 50usize;
     for (k, v) in query(&req) {
         match k.as_str() {
             "before" => {
-                before = Some(state.store.transfer_ids.parse(&v).ok_or_else(|| {
+                before = Some(state.storage.transfer_ids().parse(&v).ok_or_else(|| {
                     ApiError::bad_request("bad_request", "before must be a transfer id")
                 })?)
             }
@@ -60,8 +65,10 @@ pub async fn transactions(
             _ => {}
         }
     }
-    let (items, next) =
-        wallet::transactions(&state.store, me.user, before, limit, currency(state))?;
+    let (items, next) = state
+        .storage
+        .transactions(me.user, before, limit, currency(state))
+        .await?;
     json(
         StatusCode::OK,
         &serde_json::json!({"transactions": items, "next_before": next}),
@@ -70,11 +77,11 @@ pub async fn transactions(
 
 /// `POST /api/v1/wallet/transfers`.
 pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let me = caller(state, &req)?;
+    let me = caller(state, &req).await?;
     let body: serde_json::Value = read_json(state, req).await?;
     let request = wallet::parse_request(&body, me.user, currency(state), now_ms())?;
     let (view, replay) = state
-        .writer
+        .storage
         .call(|reply| {
             Op::Wallet(WalletOp::Transfer {
                 from: me.user,
@@ -99,10 +106,13 @@ pub async fn get_transfer(
     req: Request<Incoming>,
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let me = caller(state, &req)?;
-    let id = state.store.transfer_ids.parse(id).ok_or_else(not_found)?;
-    let view =
-        wallet::transfer(&state.store, id, me.user, currency(state))?.ok_or_else(not_found)?;
+    let me = caller(state, &req).await?;
+    let id = stored_id(state, id)?;
+    let view = state
+        .storage
+        .transfer(id, me.user, currency(state))
+        .await?
+        .ok_or_else(not_found)?;
     json(StatusCode::OK, &view)
 }
 
@@ -112,10 +122,10 @@ pub async fn cancel(
     req: Request<Incoming>,
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let me = caller(state, &req)?;
-    let id = state.store.transfer_ids.parse(id).ok_or_else(not_found)?;
+    let me = caller(state, &req).await?;
+    let id = stored_id(state, id)?;
     let view = state
-        .writer
+        .storage
         .call(|reply| {
             Op::Wallet(WalletOp::Cancel {
                 by: me.user,

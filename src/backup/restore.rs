@@ -417,7 +417,7 @@ pub fn restore(
         // An older schema is migrated (and checked) by the server on start.
         let wallet = if contents.schema_version == SCHEMA_VERSION {
             let store = store::Store::open(&tmp)?;
-            let v = crate::wallet::verify(&store).map_err(|e| e.message)?;
+            let v = crate::storage::embedded::verify(&store).map_err(|e| e.message)?;
             // A backup that left damaged ledger records out says so; its
             // ledger cannot balance, and that is reported, not refused.
             let incomplete = contents

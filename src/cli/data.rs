@@ -332,7 +332,7 @@ pub(crate) fn run_check(args: CheckArgs) -> ExitCode {
             t.as_secs()
         )),
         Some(Err(e)) => Err(not_accepting_or(e)),
-        None => integrity::check_offline(&dir, &confab::wallet::ledger_check, &mut show),
+        None => integrity::check_offline(&dir, &confab::storage::embedded::ledger_check, &mut show),
     };
     eprintln!();
     let report = match result {

@@ -76,7 +76,9 @@ pub(crate) fn run_wallet(args: WalletArgs) -> ExitCode {
             wiring,
         )
         .map_err(|e| e.to_string())?;
-        let answer = confab::admin::handle(&store, &writer, &req).await;
+        let storage = confab::storage::embedded::Embedded::new(store, writer.clone());
+        let answer = confab::admin::handle(&storage, &req).await;
+        drop(storage);
         let _ = writer.submit(confab::writes::Op::Stop).await;
         drop(writer);
         let _ = join.join();

@@ -185,13 +185,16 @@ fn encode(buf: &mut Vec<u8>, e: &LinkEvent) {
 
 /// A proxy's stream ended: its users are offline here unless another proxy
 /// (or a local session) has them.
-fn drop_link(state: &AppState, link: &ProxyLink) {
+fn drop_link(state: &Arc<AppState>, link: &ProxyLink) {
     let gone = state.hub.remove_link(link);
     metrics::gauge!("confab_cluster_proxy_links").decrement(1.0);
     tracing::info!(proxy = %link.proxy, link = link.id, offline = gone.len(), "proxy event stream closed");
-    for user in gone {
-        went_offline(state, user);
-    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        for user in gone {
+            went_offline(&state, user).await;
+        }
+    });
 }
 
 /// The proxy's current event stream (attach and frames need it).
@@ -222,21 +225,21 @@ async fn attach(
         match op.as_str() {
             "a" => {
                 if state.hub.attach(user, &link) {
-                    crate::api::ws::went_online(state, user);
+                    crate::api::ws::went_online(state, user).await;
                 }
-                let peers = state.store.direct_peers(user).unwrap_or_default();
-                for f in presence_of(state, user, &peers) {
+                let peers = state.storage.direct_peers(user).await.unwrap_or_default();
+                for f in presence_of(state, user, &peers).await {
                     out.extend_from_slice(format!("{user}\tP\t").as_bytes());
                     out.extend_from_slice(&f);
                     out.push(b'\n');
                 }
-                for (room, seq) in state.store.room_heads(user)? {
+                for (room, seq) in state.storage.room_heads(user).await? {
                     out.extend_from_slice(format!("{user}\tH\t{room}\t{seq}\n").as_bytes());
                 }
             }
             "d" => {
                 if state.hub.detach(user, link.id) {
-                    went_offline(state, user);
+                    went_offline(state, user).await;
                 }
             }
             other => {
@@ -318,7 +321,7 @@ async fn profiles(state: &AppState, req: Request<Incoming>) -> Result<Response<B
         return Err(ApiError::bad_request("bad_request", "too many profiles"));
     }
     state
-        .writer
+        .storage
         .call(|reply| Op::PutProfiles {
             users: body.users,
             reply,
@@ -333,7 +336,7 @@ async fn payment(state: &AppState, req: Request<Incoming>) -> Result<Response<Bo
         return Err(ApiError::bad_request("bad_request", "not a payment"));
     }
     state
-        .writer
+        .storage
         .call(|reply| Op::PostPayment { item, reply })
         .await?;
     no_content()
@@ -346,14 +349,14 @@ async fn credit(state: &AppState, req: Request<Incoming>) -> Result<Response<Bod
     };
     let id = user.id;
     state
-        .writer
+        .storage
         .call(|reply| Op::PutProfiles {
             users: vec![user],
             reply,
         })
         .await?;
     state
-        .writer
+        .storage
         .call(|reply| {
             Op::Wallet(crate::writes::WalletOp::Credit {
                 user: id,

@@ -69,7 +69,7 @@ pub async fn run(state: Arc<AppState>, wake: Arc<tokio::sync::Notify>) {
         for (key, bytes) in &items {
             let Ok(item) = serde_json::from_slice::<OutboxItem>(bytes) else {
                 tracing::error!(key, "unreadable outbox entry; dropped");
-                let _ = state.writer.submit(Op::OutboxDone { key: *key }).await;
+                let _ = state.storage.submit(Op::OutboxDone { key: *key }).await;
                 continue;
             };
             let (ring_key, path) = item.target();
@@ -80,7 +80,7 @@ pub async fn run(state: Arc<AppState>, wake: Arc<tokio::sync::Notify>) {
             let token = crate::cluster::link::issue(&cluster.secret, &me);
             match post(node.addr, path, &token, bytes.clone()).await {
                 Ok(s) if s.is_success() => {
-                    let _ = state.writer.submit(Op::OutboxDone { key: *key }).await;
+                    let _ = state.storage.submit(Op::OutboxDone { key: *key }).await;
                     metrics::counter!("confab_cluster_outbox_sent_total").increment(1);
                 }
                 Ok(s) if s.is_client_error() => {

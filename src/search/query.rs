@@ -22,8 +22,11 @@ use super::analyzer::Mode;
 use super::index::SearchIndex;
 use super::schema::Fields;
 use crate::error::ApiError;
+use crate::frames::Message;
 use crate::ids::{RoomId, UserId};
-use crate::store::Store;
+
+/// Reads the stored messages at these keys (missing ones skipped).
+pub type MessagesAt<'a> = dyn Fn(&[(RoomId, u64)]) -> Result<Vec<Message>, ApiError> + 'a;
 
 /// Longest snippet, in characters.
 pub(super) const SNIPPET_CHARS: usize = 160;
@@ -309,10 +312,11 @@ impl SearchIndex {
         }
     }
 
-    /// Runs a search over `rooms` (the caller's rooms), reading texts from `store`.
+    /// Runs a search over `rooms` (the caller's rooms); `messages_at` reads
+    /// the hits' messages from the store (missing ones skipped).
     pub fn search(
         &self,
-        store: &Store,
+        messages_at: &MessagesAt<'_>,
         req: &SearchRequest,
         rooms: &[RoomId],
     ) -> Result<SearchResponse, ApiError> {
@@ -450,7 +454,7 @@ impl SearchIndex {
         }
         // A message damaged since it was indexed is not a hit: its text
         // cannot be shown (nor trusted to match).
-        let mut messages = store.messages_at(&keys)?;
+        let mut messages = messages_at(&keys)?;
         messages.retain(|m| !m.unreadable);
         let mut hits = Vec::with_capacity(messages.len());
         if !messages.is_empty() {

@@ -17,7 +17,6 @@ use crate::hub::{Hub, OutFrame, SessionOutbox};
 use crate::ids::{RoomId, UserId};
 use crate::store::seal::seal;
 use crate::store::*;
-use crate::telemetry::LiveStats;
 use crate::wallet::{TransferRequest, TransferView};
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -266,9 +265,8 @@ pub(super) const SEQ_CACHE_MAX: usize = 1_000_000;
 
 pub struct GroupCommitWriter {
     pub(super) store: Store,
-    pub(super) hub: Arc<Hub>,
-    /// The server's live totals (`/status`): commits, stored, delivered.
-    pub(super) live: Arc<LiveStats>,
+    /// Who hears of each committed batch, in order (`writes/publish.rs`).
+    pub(super) subscribers: Vec<Box<dyn super::publish::Subscriber<Effect>>>,
     pub(super) max_group_members: usize,
     pub(super) state: WriterState,
     /// Senders' read positions, moved to their own newest message. Under

@@ -1,18 +1,39 @@
 //! After a batch is durable: acks, answers, fan-out through the [`Hub`],
 //! read receipts — everything an [`Effect`] asks for, never before its
-//! commit.
+//! commit. [`Delivery`] is the subscriber (`writes/publish.rs`) that does it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::base::*;
 use crate::frames::{self, ServerFrame};
-use crate::hub::OutFrame;
+use crate::hub::{Hub, OutFrame};
 use crate::ids::{RoomId, UserId};
 use crate::telemetry::LiveStats;
 
-impl GroupCommitWriter {
+/// The subscriber that acks, answers, fans out and sends receipts, and
+/// counts them into the server's live totals.
+pub struct Delivery {
+    pub hub: Arc<Hub>,
+    pub live: Arc<LiveStats>,
+}
+
+impl super::publish::Subscriber<Effect> for Delivery {
+    fn committed(&mut self, batch: &mut super::publish::Committed<Effect>) {
+        self.deliver(std::mem::take(&mut batch.effects));
+    }
+
+    fn measured(&mut self, ops: usize, secs: f64) {
+        let live = &*self.live;
+        LiveStats::add(&live.commits, 1);
+        LiveStats::add(&live.commit_ops, ops as u64);
+        LiveStats::add(&live.commit_micros, (secs * 1e6) as u64);
+    }
+}
+
+impl Delivery {
     /// After a successful commit: ack, answer, fan out, send receipts.
-    pub(super) fn deliver(&self, effects: Vec<Effect>) {
+    fn deliver(&self, effects: Vec<Effect>) {
         let hub = &*self.hub;
         // (room, recipient, sender) → highest seq delivered in this batch.
         let mut delivered: HashMap<(RoomId, UserId, UserId), u64> = HashMap::new();

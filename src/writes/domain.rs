@@ -10,6 +10,8 @@ use tokio::sync::mpsc;
 
 use super::base::*;
 use super::chat::bump_read;
+use super::deliver::Delivery;
+use super::publish::{Committed, Indexing, OutboxForwarder, Subscriber};
 use crate::config::StoreConfig;
 use crate::error::ApiError;
 use crate::hub::Hub;
@@ -49,10 +51,16 @@ impl GroupCommitWriter {
         let (tx, rx) = mpsc::channel(config.writer_queue);
         let health = store.health.clone();
         let db = store.db.clone();
+        // After each commit, in this order: the search feed, the outbox's
+        // forwarder, then acks and fan-out.
+        let subscribers: Vec<Box<dyn Subscriber<Effect>>> = vec![
+            Box::new(Indexing(store.feed.clone())),
+            Box::new(OutboxForwarder(wallet.outbox_wake.clone())),
+            Box::new(Delivery { hub, live }),
+        ];
         let writer = GroupCommitWriter {
             store,
-            hub,
-            live,
+            subscribers,
             max_group_members,
             state: WriterState::default(),
             pending_reads: HashMap::new(),
@@ -174,13 +182,14 @@ impl Domain for GroupCommitWriter {
     }
 
     fn committed(&mut self, effects: Vec<Effect>) {
-        if let Some(pos) = self.state.log_pos {
-            self.store.feed.publish(pos);
+        let mut batch = Committed {
+            log_pos: self.state.log_pos,
+            outbox_queued: std::mem::take(&mut self.outbox_woken),
+            effects,
+        };
+        for s in &mut self.subscribers {
+            s.committed(&mut batch);
         }
-        if std::mem::take(&mut self.outbox_woken) {
-            self.wallet.outbox_wake.notify_one();
-        }
-        self.deliver(effects)
     }
 
     fn failed(&mut self, mut effects: Vec<Effect>, e: &ApiError) {
@@ -219,9 +228,8 @@ impl Domain for GroupCommitWriter {
     }
 
     fn measured(&mut self, ops: usize, secs: f64) {
-        let live = &*self.live;
-        LiveStats::add(&live.commits, 1);
-        LiveStats::add(&live.commit_ops, ops as u64);
-        LiveStats::add(&live.commit_micros, (secs * 1e6) as u64);
+        for s in &mut self.subscribers {
+            s.measured(ops, secs);
+        }
     }
 }

@@ -14,6 +14,7 @@ mod chat;
 mod deliver;
 mod domain;
 pub mod outbox;
+pub mod publish;
 mod wallet;
 
 pub use base::{

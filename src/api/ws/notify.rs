@@ -14,62 +14,62 @@ use crate::writes::Op;
 
 /// A user's last session (here or behind a proxy) ended: tell the peers of
 /// their direct chats on this node and record when.
-pub(crate) fn went_offline(state: &AppState, user: UserId) {
+pub(crate) async fn went_offline(state: &AppState, user: UserId) {
     let ts = now_ms();
-    let peers = state.store.direct_peers(user).unwrap_or_default();
-    announce_presence(state, &peers, user, false, Some(ts));
-    let writer = state.writer.clone();
-    tokio::spawn(async move {
-        let _ = writer.submit(Op::LastSeen { user, ts }).await;
-    });
+    let peers = state.storage.direct_peers(user).await.unwrap_or_default();
+    announce_presence(state, &peers, user, false, Some(ts)).await;
+    let _ = state.storage.submit(Op::LastSeen { user, ts }).await;
 }
 
 /// A user's first session (here or behind a proxy) began.
-pub(crate) fn went_online(state: &AppState, user: UserId) {
-    let peers = state.store.direct_peers(user).unwrap_or_default();
-    announce_presence(state, &peers, user, true, None);
+pub(crate) async fn went_online(state: &AppState, user: UserId) {
+    let peers = state.storage.direct_peers(user).await.unwrap_or_default();
+    announce_presence(state, &peers, user, true, None).await;
 }
 
 /// The `presence` frames of `peers` as this node sees them, for `viewer`:
 /// only of the peers whose privacy settings let `viewer` see it.
-pub(crate) fn presence_of(state: &AppState, viewer: UserId, peers: &[UserId]) -> Vec<Bytes> {
+pub(crate) async fn presence_of(state: &AppState, viewer: UserId, peers: &[UserId]) -> Vec<Bytes> {
     let visible = state
-        .store
+        .storage
         .presences_seen_by(viewer, peers)
+        .await
         .unwrap_or_default();
-    visible
-        .iter()
-        .map(|&peer| {
-            let online = state.hub.is_online(peer);
-            let last_seen = if online {
-                None
-            } else {
-                state.store.last_seen(peer).ok().flatten()
-            };
+    let mut frames = Vec::with_capacity(visible.len());
+    for &peer in &visible {
+        let online = state.hub.is_online(peer);
+        let last_seen = if online {
+            None
+        } else {
+            state.storage.last_seen(peer).await.ok().flatten()
+        };
+        frames.push(
             ServerFrame::Presence {
                 user: peer,
                 online,
                 last_seen,
             }
-            .to_bytes()
-        })
-        .collect()
+            .to_bytes(),
+        );
+    }
+    frames
 }
 
 /// `user` changed who sees their presence: the peers who see it get it
 /// again, the others get "offline, last seen unknown" (the frame a peer
 /// who never saw it would have had nothing of).
-pub(crate) fn privacy_changed(state: &AppState, user: UserId) {
-    let peers = state.store.direct_peers(user).unwrap_or_default();
+pub(crate) async fn privacy_changed(state: &AppState, user: UserId) {
+    let peers = state.storage.direct_peers(user).await.unwrap_or_default();
     let seeing = state
-        .store
+        .storage
         .presence_audience(user, &peers)
+        .await
         .unwrap_or_default();
     let online = state.hub.is_online(user);
     let last_seen = if online {
         None
     } else {
-        state.store.last_seen(user).ok().flatten()
+        state.storage.last_seen(user).await.ok().flatten()
     };
     for &peer in &peers {
         let (online, last_seen) = if seeing.contains(&peer) {
@@ -91,7 +91,7 @@ pub(crate) fn privacy_changed(state: &AppState, user: UserId) {
 
 /// Tells those of `peers` whom `user`'s privacy settings let see it that
 /// `user` went online or offline.
-pub(super) fn announce_presence(
+pub(super) async fn announce_presence(
     state: &AppState,
     peers: &[UserId],
     user: UserId,
@@ -109,21 +109,22 @@ pub(super) fn announce_presence(
         pong: false,
     };
     for peer in state
-        .store
+        .storage
         .presence_audience(user, peers)
+        .await
         .unwrap_or_default()
     {
         state.hub.send_to_user(peer, &frame, None);
     }
 }
 
-pub(super) fn send_to_others(state: &AppState, room: RoomId, user: UserId, bytes: Bytes) {
+pub(super) async fn send_to_others(state: &AppState, room: RoomId, user: UserId, bytes: Bytes) {
     let frame = OutFrame {
         bytes,
         room_seq: None,
         pong: false,
     };
-    for m in state.store.members(room).unwrap_or_default() {
+    for m in state.storage.members(room).await.unwrap_or_default() {
         if m != user {
             state.hub.send_to_user(m, &frame, None);
         }

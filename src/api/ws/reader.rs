@@ -189,7 +189,7 @@ pub(crate) async fn execute(
             }
             Err(_) => Err(ApiError::bad_id()),
         },
-        ClientFrame::Typing { room } => on_typing(state, user, &room),
+        ClientFrame::Typing { room } => on_typing(state, user, &room).await,
         ClientFrame::Ping {} => {
             outbox.push_bytes(ServerFrame::Pong.to_bytes());
             Ok(())
@@ -222,7 +222,7 @@ async fn on_send(
     metrics::counter!("confab_messages_received_total").increment(1);
     crate::telemetry::LiveStats::add(&state.live.received, 1);
     state
-        .writer
+        .storage
         .submit(Op::Send {
             room,
             from: user,
@@ -234,19 +234,20 @@ async fn on_send(
         .await
 }
 
-fn on_typing(state: &AppState, user: UserId, room: &str) -> Result<(), ApiError> {
+async fn on_typing(state: &AppState, user: UserId, room: &str) -> Result<(), ApiError> {
     let room: RoomId = room.parse().map_err(|_| ApiError::bad_id())?;
     if !state.budgets.typing.allow(user, room) {
         // Within `typing_interval_ms` of the last one passed on: the
         // members' indicators are still showing it.
         return Ok(());
     }
-    state.store.check_member(room, user)?;
+    state.storage.check_member(room, user).await?;
     send_to_others(
         state,
         room,
         user,
         ServerFrame::Typing { room, user }.to_bytes(),
-    );
+    )
+    .await;
     Ok(())
 }

@@ -56,7 +56,7 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
     else {
         return;
     };
-    let user = match state.store.user(caller.user) {
+    let user = match state.storage.user(caller.user).await {
         Ok(Some(u)) => u,
         _ => {
             return reject(
@@ -105,16 +105,20 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
         state.config.limits.outbox_frames,
     );
     let first_online = state.hub.register(outbox.clone());
-    let peers = state.store.direct_peers(user.id).unwrap_or_default();
+    let peers = state
+        .storage
+        .direct_peers(user.id)
+        .await
+        .unwrap_or_default();
     let caught_up = match Box::pin(greet(&state, &mut tx, &user, &resume, &peers)).await {
         Ok(high) => high,
         Err(_) => {
-            end_session(&state, &outbox);
+            end_session(&state, &outbox).await;
             return;
         }
     };
     if first_online {
-        announce_presence(&state, &peers, user.id, true, None);
+        announce_presence(&state, &peers, user.id, true, None).await;
     }
     drop(peers);
 
@@ -133,7 +137,7 @@ async fn session(state: Arc<AppState>, mut ws: WebSocket<Io>) {
         _ = &mut writer => {}
     }
     expiry.abort();
-    end_session(&state, &outbox);
+    end_session(&state, &outbox).await;
 }
 
 /// Closes the session (4001) when its token expires: a token is a login for
@@ -154,11 +158,11 @@ pub(crate) fn close_at_expiry(
     })
 }
 
-fn end_session(state: &AppState, outbox: &SessionOutbox) {
+async fn end_session(state: &AppState, outbox: &SessionOutbox) {
     // No more frames are accepted for this session.
     outbox.kick(close::NORMAL);
     if state.hub.unregister(outbox) {
-        went_offline(state, outbox.user);
+        went_offline(state, outbox.user).await;
     }
 }
 
@@ -184,7 +188,11 @@ async fn greet(
         };
         let mut cursor = after;
         loop {
-            let batch = match state.store.history(room, user.id, Some(cursor), None, 500) {
+            let batch = match state
+                .storage
+                .history(room, user.id, Some(cursor), None, 500)
+                .await
+            {
                 Ok(b) => b,
                 Err(e) => {
                     tx.push_text(&frames::error(e.code, &e.message, None, Some(room)));
@@ -213,10 +221,11 @@ async fn greet(
                     kind: "delivered",
                 }
                 .to_bytes(),
-            );
+            )
+            .await;
         }
     }
-    for frame in presence_of(state, user.id, peers) {
+    for frame in presence_of(state, user.id, peers).await {
         tx.push_text(&frame);
     }
     tx.flush().await?;
