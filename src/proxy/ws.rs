@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{WebSocket, WebSocketError};
+use fastwebsockets::WebSocket;
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response};
@@ -26,8 +26,8 @@ use super::session::{Cursor, PSession, catch_up};
 use super::state::Proxy;
 use crate::api::Body;
 use crate::api::ws::{
-    ClientFrame, FramePacer, FrameWriter, Reassembler, accept, auth_first, explain_bad_frame,
-    reject, send_budget, text_of, write_loop,
+    ClientFrame, FramePacer, FrameWriter, Reassembler, accept, auth_first, next_frame, reject,
+    send_budget, write_loop,
 };
 use crate::error::ApiError;
 use crate::frames::{self, ServerFrame};
@@ -179,25 +179,7 @@ async fn read_loop(
         s.outbox
             .push_bytes(frames::error(code, message, client_id, room));
     };
-    loop {
-        let frame = rx
-            .read_frame::<_, WebSocketError>(&mut |_| async { Ok(()) })
-            .await;
-        let Some(msg) = asm.feed(frame) else { continue };
-        pacer.pace().await;
-        let text = match text_of(msg, &s.outbox) {
-            Some(Some(t)) => t,
-            Some(None) => continue,
-            None => return,
-        };
-        let frame: ClientFrame = match serde_json::from_slice(&text) {
-            Ok(f) => f,
-            Err(_) => {
-                let (code, message, client_id) = explain_bad_frame(&text);
-                error(code, &message, client_id.as_deref(), None);
-                continue;
-            }
-        };
+    while let Some((frame, text)) = next_frame(rx, &mut asm, &mut pacer, &s.outbox).await {
         let (room, client_id) = match &frame {
             ClientFrame::Auth {} => {
                 error(

@@ -33,7 +33,7 @@ pub(crate) use handshake::{accept, auth_first, check_origin, reject};
 pub(crate) use notify::{presence_of, privacy_changed, went_offline, went_online};
 pub use parse::ClientFrame;
 pub(crate) use parse::{Reassembler, explain_bad_frame};
-pub(crate) use reader::{FramePacer, execute, send_budget, text_of};
+pub(crate) use reader::{FramePacer, execute, next_frame, send_budget};
 pub(crate) use session::close_at_expiry;
 pub use session::upgrade;
 pub(crate) use writer::{FrameWriter, write_loop};

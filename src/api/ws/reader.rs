@@ -102,18 +102,16 @@ pub(crate) fn text_of(msg: Incoming_, outbox: &SessionOutbox) -> Option<Option<V
     }
 }
 
-pub(super) async fn read_loop(
-    state: &AppState,
-    mut rx: Reader,
-    mut asm: Reassembler,
-    outbox: &Arc<SessionOutbox>,
-    user: UserId,
-) {
-    let mut budget = send_budget(&state.config.limits);
-    let mut pacer = FramePacer::new(&state.config.limits);
-    let error = |code: &str, message: &str, client_id: Option<&str>, room: Option<RoomId>| {
-        outbox.push_bytes(frames::error(code, message, client_id, room));
-    };
+/// The next client frame of a session (this node's or a proxy's): read,
+/// reassembled, paced, parsed. A frame that does not parse is answered
+/// with an `error` frame in `outbox` and skipped. Returns it with its text
+/// (which a proxy forwards as it came); None: the session ends.
+pub(crate) async fn next_frame<S: tokio::io::AsyncRead + Unpin>(
+    rx: &mut WebSocketRead<S>,
+    asm: &mut Reassembler,
+    pacer: &mut FramePacer,
+    outbox: &SessionOutbox,
+) -> Option<(ClientFrame, Vec<u8>)> {
     loop {
         let frame = rx
             .read_frame::<_, WebSocketError>(&mut |_| async { Ok(()) })
@@ -123,18 +121,30 @@ pub(super) async fn read_loop(
         let text = match text_of(msg, outbox) {
             Some(Some(t)) => t,
             Some(None) => continue,
-            None => return,
+            None => return None,
         };
         // One typed parse on the hot path; a frame that fails it is parsed
         // again, loosely, only to say what is wrong with it.
-        let frame: ClientFrame = match serde_json::from_slice(&text) {
-            Ok(f) => f,
+        match serde_json::from_slice(&text) {
+            Ok(f) => return Some((f, text)),
             Err(_) => {
                 let (code, message, client_id) = explain_bad_frame(&text);
-                error(code, &message, client_id.as_deref(), None);
-                continue;
+                outbox.push_bytes(frames::error(code, &message, client_id.as_deref(), None));
             }
-        };
+        }
+    }
+}
+
+pub(super) async fn read_loop(
+    state: &AppState,
+    mut rx: Reader,
+    mut asm: Reassembler,
+    outbox: &Arc<SessionOutbox>,
+    user: UserId,
+) {
+    let mut budget = send_budget(&state.config.limits);
+    let mut pacer = FramePacer::new(&state.config.limits);
+    while let Some((frame, _)) = next_frame(&mut rx, &mut asm, &mut pacer, outbox).await {
         // Boxed: the reader future lives as long as the connection, and this
         // await point would otherwise size it.
         Box::pin(execute(state, outbox, Some(&mut budget), user, frame)).await;
