@@ -74,6 +74,21 @@ pub struct Auth {
     dummy_hash: String,
 }
 
+/// The token in an `Authorization` header's value, `Bearer <token>`.
+pub fn bearer_token(value: &hyper::header::HeaderValue) -> Result<&str, ApiError> {
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))
+}
+
+/// The answer to a request without an `Authorization` header.
+pub fn no_bearer_token() -> ApiError {
+    ApiError::unauthorized("missing Authorization: Bearer <token>")
+}
+
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -216,18 +216,9 @@ pub async fn caller(state: &AppState, req: &Request<Incoming>) -> Result<Caller,
                 exp: i64::MAX,
             });
         }
-        return Err(ApiError::unauthorized(
-            "missing Authorization: Bearer <token>",
-        ));
+        return Err(crate::auth::no_bearer_token());
     };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
-        })?;
-    let caller = state.auth.verify(token.trim())?;
+    let caller = state.auth.verify(crate::auth::bearer_token(value)?)?;
     // A correctly signed token of a user this store does not have (a store
     // restored from an older backup, a token of another server with the
     // same secret) is not a login. A cluster node holds only some of the

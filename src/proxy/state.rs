@@ -114,16 +114,10 @@ impl Proxy {
     }
 
     pub(super) fn caller(&self, req: &Request<Incoming>) -> Result<Caller, ApiError> {
-        let token = req
+        let value = req
             .headers()
             .get(header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
-            })?;
-        self.auth.verify(token.trim())
+            .ok_or_else(crate::auth::no_bearer_token)?;
+        self.auth.verify(crate::auth::bearer_token(value)?)
     }
 }

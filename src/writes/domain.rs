@@ -73,7 +73,9 @@ impl GroupCommitWriter {
         Ok((WriterHandle { tx, health }, join))
     }
 
-    pub(super) fn apply_all(
+    /// [`Domain::apply`]: the batch's ops in turn on the transaction's
+    /// tables, then (with `flush_reads`) the senders' deferred read positions.
+    fn apply_all(
         &mut self,
         txn: &redb::WriteTransaction,
         batch: &mut Vec<Op>,
