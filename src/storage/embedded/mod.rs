@@ -26,12 +26,6 @@ impl Embedded {
     pub fn new(store: Store, writer: WriterHandle) -> Embedded {
         Embedded { store, writer }
     }
-
-    /// The store underneath, for what only the embedded backend does
-    /// (backup, `confab check`, export snapshots, the search indexer).
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
 }
 
 impl Storage for Embedded {
