@@ -593,6 +593,44 @@ async fn a_killed_node_takes_down_only_its_rooms_and_loses_nothing() {
     }
 }
 
+/// Polls the proxy's `/readyz` until it answers `want`, within `within`.
+async fn readyz_until(c: &Cluster, want: u16, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = c.api(0).get("/readyz", "").await;
+        if status.as_u16() == want {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed {status} {body}, not {want}, for {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_is_ready_only_while_every_node_link_is_up() {
+    let mut c = Cluster::start(1).await;
+    // Every link is up once the cluster has started.
+    let body = readyz_until(&c, 200, Duration::from_secs(1)).await;
+    assert_eq!(
+        body,
+        json!({"status": "ready", "role": "proxy", "nodes": 3})
+    );
+    c.nodes[1].kill9();
+    let body = readyz_until(&c, 503, Duration::from_secs(10)).await;
+    assert_eq!(
+        body,
+        json!({"status": "not_ready", "role": "proxy", "down": [IDS[1]]})
+    );
+    // Liveness is another question: the proxy itself still answers.
+    let (status, _) = c.api(0).get("/healthz", "").await;
+    assert_eq!(status.as_u16(), 200);
+    c.nodes[1].spawn();
+    readyz_until(&c, 200, Duration::from_secs(20)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_proxy_drops_only_its_clients_who_resume_through_the_other() {
     let mut c = Cluster::start(2).await;

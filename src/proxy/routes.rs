@@ -14,7 +14,7 @@ use super::cross_node::{add_contact, add_member, by_username, create_room, trans
 use super::forward::{forward, forward_checked};
 use super::gather::{Merge, gather};
 use super::state::Proxy;
-use super::status::{metrics_page, status_json, status_page};
+use super::status::{metrics_page, readiness, status_json, status_page};
 use super::ws;
 use crate::api::{Body, json, method_not_allowed, no_such_endpoint};
 use crate::error::ApiError;
@@ -57,6 +57,7 @@ async fn route(
                 &serde_json::json!({"status": "ok", "role": "proxy"}),
             )
         }),
+        ["readyz"] => on!("/readyz", get, async { readiness(p) }),
         ["metrics"] => on!("/metrics", get, async {
             crate::status::check_metrics_access(&p.config.server, &req, peer)?;
             Ok(metrics_page(p))

@@ -1,16 +1,47 @@
 //! The proxy's own health: `/status` (an HTML page) and `/api/v1/status`
 //! (JSON) — its sessions, connections, and each node's link (up, round
-//! trip, requests in flight, events, last error) — and `/metrics`, the
-//! recorder's metrics plus the per-node link gauges.
+//! trip, requests in flight, events, last error) — `/metrics`, the
+//! recorder's metrics plus the per-node link gauges, and `/readyz`.
 
 use std::sync::atomic::Ordering;
 
-use hyper::Response;
 use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
 use serde_json::Value;
 
 use super::state::Proxy;
 use crate::api::Body;
+
+/// `GET /readyz`: 200 only when every node's link is up; until then (at
+/// start, or while a link reconnects) 503 naming the nodes that are down,
+/// with `Retry-After`, so a load balancer sends nothing here that would
+/// meet `node_unavailable`.
+pub(super) fn readiness(p: &Proxy) -> Result<Response<Body>, crate::error::ApiError> {
+    let down: Vec<&str> = p
+        .nodes
+        .links
+        .iter()
+        .filter(|l| !l.is_up())
+        .map(|l| l.node.id.as_str())
+        .collect();
+    let (status, body) = if down.is_empty() {
+        (
+            StatusCode::OK,
+            serde_json::json!({"status": "ready", "role": "proxy", "nodes": p.nodes.links.len()}),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "not_ready", "role": "proxy", "down": down}),
+        )
+    };
+    let mut r = crate::api::json(status, &body)?;
+    if status != StatusCode::OK {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    Ok(r)
+}
 
 pub(super) fn status_json(p: &Proxy) -> Value {
     let nodes: Vec<Value> = p
