@@ -1,7 +1,8 @@
 //! The store contract: what every storage backend promises the domains,
 //! checked through the [`Storage`] interface only (docs/ARCHITECTURE.md,
-//! "Storage"). One suite, run against each backend by [`contract!`]: today
-//! the embedded redb one; a new backend adds a [`Backend`] and one line.
+//! "Storage"). One suite, run against each backend by [`contract!`]: the
+//! embedded redb one, and PostgreSQL (a real server, `tests/common/pg.rs`,
+//! a fresh database per test); a new backend adds a [`Backend`] and one line.
 //!
 //! - seqs are gap-free per room under concurrent senders, acked once each;
 //! - a repeated `client_id` is answered with the first message, stored once;
@@ -22,6 +23,9 @@ use confab::storage::embedded::Embedded;
 use confab::wallet::parse_request;
 use confab::writes::{Contact, GroupCommitWriter, Op, Origin, WalletOp, WalletWiring};
 use serde_json::json;
+
+#[path = "common/pg.rs"]
+mod pg;
 
 /// A backend under test: opens fresh and existing stores.
 trait Backend: Send + Sync {
@@ -123,6 +127,69 @@ impl Place for EmbeddedPlace {
     }
 }
 
+// ---------------------------------------------------------------------------
+// The PostgreSQL backend
+// ---------------------------------------------------------------------------
+
+struct PostgresBackend;
+
+struct PostgresPlace {
+    url: String,
+    dbname: String,
+}
+
+impl Backend for PostgresBackend {
+    fn fresh(&self) -> Box<dyn Place> {
+        let url = pg::server().fresh_database("contract");
+        let dbname = url
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("dbname="))
+            .expect("dbname in the connection string")
+            .to_string();
+        Box::new(PostgresPlace { url, dbname })
+    }
+}
+
+impl Place for PostgresPlace {
+    fn open(&self) -> Result<Opened, String> {
+        let config =
+            confab::config::Config::load(&Default::default()).map_err(|e| e.to_string())?;
+        let (storage, join) =
+            confab::storage::postgres::Postgres::open(confab::storage::postgres::PgOptions {
+                url: self.url.clone(),
+                hub: Arc::new(confab::hub::Hub::default()),
+                live: Default::default(),
+                store: config.store.clone(),
+                max_group_members: config.limits.max_group_members,
+                wallet: WalletWiring {
+                    settings: confab::wallet::WalletSettings {
+                        currency: "KRW".into(),
+                        signup_bonus: 0,
+                        max_scheduled: 100,
+                    },
+                    ..Default::default()
+                },
+                transfer_ids: Default::default(),
+                pool_size: 4,
+            })?;
+        Ok(Opened {
+            storage: Arc::new(storage),
+            close: Box::new(move || join),
+        })
+    }
+
+    fn set_schema_version(&self, version: u64) {
+        pg::server().psql(
+            &self.dbname,
+            &format!("UPDATE meta SET value = {version} WHERE key = 'schema_version'"),
+        );
+    }
+
+    fn schema_version(&self) -> u64 {
+        confab::storage::postgres::schema::SCHEMA_VERSION as u64
+    }
+}
+
 /// Runs every contract test against one backend.
 macro_rules! contract {
     ($name:ident, $backend:expr) => {
@@ -153,11 +220,22 @@ macro_rules! contract {
             async fn every_answered_write_is_read_at_once_and_after_reopening() {
                 super::read_your_writes(&$backend).await
             }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn groups_privacy_and_history_pages_answer_by_the_rules() {
+                super::groups_privacy_history(&$backend).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn scheduled_and_recurring_transfers_run_once_each() {
+                super::scheduled_transfers(&$backend).await
+            }
         }
     };
 }
 
 contract!(embedded, EmbeddedBackend);
+contract!(postgres, PostgresBackend);
 
 // ---------------------------------------------------------------------------
 // Helpers: domain operations through the interface
@@ -530,5 +608,345 @@ async fn read_your_writes(backend: &dyn Backend) {
     assert_eq!(s.contacts(a.id).await.expect("contacts").len(), 1);
     let v = s.verify_ledger().await.expect("verify");
     assert!(v.breaches.is_empty(), "{:?}", v.breaches);
+    opened.close().await;
+}
+
+async fn groups_privacy_history(backend: &dyn Backend) {
+    use confab::store::Audience;
+    let place = backend.fresh();
+    let opened = place.open().expect("open");
+    let s = opened.storage.clone();
+    let owner = new_user(&*s, "gp_owner").await;
+    let ann = new_user(&*s, "gp_ann").await;
+    let bob = new_user(&*s, "gp_bob").await;
+    let shy = new_user(&*s, "gp_shy").await;
+    // Shy lets only contacts add them to groups and see them online.
+    let (before, after) = s
+        .call(|reply| Op::SetPrivacy {
+            user: shy.id,
+            presence: Some(Audience::Contacts),
+            group_adds: Some(Audience::Contacts),
+            reply,
+        })
+        .await
+        .expect("privacy");
+    assert_eq!(before.group_adds, Audience::Everyone);
+    assert_eq!(after.presence, Audience::Contacts);
+    assert_eq!(s.privacy(shy.id).await.expect("privacy"), after);
+    let refused = s
+        .call(|reply| Op::CreateGroup {
+            owner: owner.id,
+            name: "nope".into(),
+            members: vec![shy.id],
+            placement: None,
+            reply,
+        })
+        .await
+        .expect_err("shy may not be added");
+    assert_eq!(refused.code, "not_allowed");
+    assert_eq!(
+        s.presence_audience(shy.id, &[owner.id, ann.id, shy.id])
+            .await
+            .expect("audience"),
+        vec![shy.id]
+    );
+    s.call(|reply| Op::AddContact {
+        owner: shy.id,
+        who: Contact::Id(owner.id),
+        reply,
+    })
+    .await
+    .expect("contact");
+    assert_eq!(
+        s.presences_seen_by(owner.id, &[shy.id, ann.id])
+            .await
+            .expect("seen by"),
+        vec![shy.id, ann.id]
+    );
+    assert!(
+        s.presences_seen_by(bob.id, &[shy.id])
+            .await
+            .expect("seen by")
+            .is_empty()
+    );
+    // Now the owner may add shy (after ann: ann is the longest-standing).
+    let g = group(&*s, &owner, &[&ann], "club").await;
+    assert_eq!(g.owner, Some(owner.id));
+    let g = s
+        .call(|reply| Op::AddMember {
+            room: g.id,
+            by: owner.id,
+            user: shy.id,
+            reply,
+        })
+        .await
+        .expect("add shy");
+    assert_eq!(g.members.len(), 3);
+    let room = s
+        .call(|reply| Op::AddMember {
+            room: g.id,
+            by: ann.id,
+            user: bob.id,
+            reply,
+        })
+        .await
+        .expect("add bob");
+    assert_eq!(room.members.len(), 4);
+    assert_eq!(s.members(g.id).await.expect("members").len(), 4);
+    let err = s
+        .call(|reply| Op::RemoveMember {
+            room: g.id,
+            by: ann.id,
+            user: bob.id,
+            reply,
+        })
+        .await
+        .expect_err("only the owner removes others");
+    assert_eq!(err.code, "forbidden");
+    // The owner leaves: the longest-standing member (ann) owns it.
+    s.call(|reply| Op::RemoveMember {
+        room: g.id,
+        by: owner.id,
+        user: owner.id,
+        reply,
+    })
+    .await
+    .expect("leave");
+    let now = s.room_for(g.id, ann.id).await.expect("room");
+    assert_eq!(now.owner, Some(ann.id));
+    assert_eq!(
+        s.room_for(g.id, owner.id).await.expect_err("gone").code,
+        "room_not_found"
+    );
+    assert!(s.check_member(g.id, owner.id).await.is_err());
+    let (rejected, _) = match send(&*s, g.id, owner.id, "x", "not a member").await {
+        Err(e) => (e.code, ()),
+        Ok(_) => panic!("a former member's send was stored"),
+    };
+    assert_eq!(rejected, "room_not_found");
+    // 45 messages; pages before/after/latest.
+    for i in 1..=45 {
+        send(&*s, g.id, ann.id, &format!("h{i}"), &format!("m{i}"))
+            .await
+            .expect("send");
+    }
+    let seqs = |v: Vec<Message>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
+    let latest = s
+        .history(g.id, bob.id, None, None, 10)
+        .await
+        .expect("latest");
+    assert_eq!(seqs(latest), (36..=45).collect::<Vec<_>>());
+    let older = s
+        .history(g.id, bob.id, None, Some(36), 10)
+        .await
+        .expect("before");
+    assert_eq!(seqs(older), (26..=35).collect::<Vec<_>>());
+    let newer = s
+        .history(g.id, bob.id, Some(40), None, 3)
+        .await
+        .expect("after");
+    assert_eq!(seqs(newer), vec![41, 42, 43]);
+    assert!(
+        s.history(g.id, bob.id, Some(45), None, 10)
+            .await
+            .expect("none after")
+            .is_empty()
+    );
+    // Reads: bob read up to 40; the room list says 5 unread for him.
+    s.submit(Op::Read {
+        room: g.id,
+        user: bob.id,
+        seq: 40,
+    })
+    .await
+    .expect("read");
+    // A read beyond the last seq is clamped to it.
+    s.submit(Op::Read {
+        room: g.id,
+        user: shy.id,
+        seq: 1_000,
+    })
+    .await
+    .expect("read");
+    // Reads are not answered: the next answered write orders after them.
+    let hello = s
+        .call(|reply| Op::CreateDirect {
+            a: bob.id,
+            b: ann.id,
+            reply,
+        })
+        .await;
+    assert!(hello.is_ok());
+    let list = s.rooms_of(bob.id).await.expect("rooms");
+    let club = list
+        .iter()
+        .find(|r| r["id"] == json!(g.id.to_string()))
+        .expect("the club is listed");
+    assert_eq!(club["unread"], json!(5));
+    assert_eq!(club["last_message"]["text"], json!("m45"));
+    assert_eq!(club["reads"][shy.id.to_string()], json!(45));
+    assert_eq!(
+        s.room_heads(bob.id)
+            .await
+            .expect("heads")
+            .into_iter()
+            .find(|h| h.0 == g.id)
+            .map(|h| h.1),
+        Some(45)
+    );
+    // Users by prefix, in username order; tokens revoked until they expire.
+    let found = s.search_users("GP_", 3).await.expect("search");
+    assert_eq!(
+        found
+            .iter()
+            .map(|u| u.username.as_str())
+            .collect::<Vec<_>>(),
+        ["gp_ann", "gp_bob", "gp_owner"]
+    );
+    s.call(|reply| Op::Revoke {
+        jti: "old".into(),
+        exp: 100,
+        reply,
+    })
+    .await
+    .expect("revoke");
+    s.call(|reply| Op::Revoke {
+        jti: "live".into(),
+        exp: 10_000,
+        reply,
+    })
+    .await
+    .expect("revoke");
+    assert_eq!(
+        s.revoked_tokens(5_000).await.expect("revoked"),
+        vec![("live".to_string(), 10_000)]
+    );
+    s.submit(Op::LastSeen {
+        user: bob.id,
+        ts: 1234,
+    })
+    .await
+    .expect("last seen");
+    let _ = s
+        .call(|reply| Op::RemoveContact {
+            owner: shy.id,
+            contact: owner.id,
+            reply,
+        })
+        .await;
+    assert_eq!(s.last_seen(bob.id).await.expect("last seen"), Some(1234));
+    assert!(s.contacts(shy.id).await.expect("contacts").is_empty());
+    opened.close().await;
+}
+
+async fn scheduled_transfers(backend: &dyn Backend) {
+    let place = backend.fresh();
+    let opened = place.open().expect("open");
+    let s = opened.storage.clone();
+    let a = new_user(&*s, "sch_a").await;
+    let b = new_user(&*s, "sch_b").await;
+    credit(&*s, a.id, 10_000).await;
+    let now = confab::store::now_ms();
+    let schedule = |key: &str, at: i64, repeat: Option<&str>| {
+        let mut body = json!({
+            "to_user_id": b.id.to_string(), "amount": 100,
+            "idempotency_key": key, "execute_at": at,
+        });
+        if let Some(r) = repeat {
+            body["repeat"] = json!(r);
+        }
+        parse_request(&body, a.id, "KRW", now).expect("request")
+    };
+    let run = |req: confab::wallet::TransferRequest| {
+        let s = s.clone();
+        async move {
+            s.call(|reply| {
+                Op::Wallet(WalletOp::Transfer {
+                    from: a.id,
+                    req,
+                    reply,
+                })
+            })
+            .await
+            .expect("transfer")
+            .0
+        }
+    };
+    let once = run(schedule("later", now + 60_000, None)).await;
+    assert_eq!(once.state, "scheduled");
+    let cancelled = run(schedule("cancel-me", now + 60_000, None)).await;
+    let weekly = run(schedule("weekly", now + 1_000, Some("weekly"))).await;
+    assert_eq!(weekly.repeat, Some("weekly"));
+    // The recipient does not see plans.
+    let (theirs, _) = s.transactions(b.id, None, 50, "KRW").await.expect("list");
+    assert!(theirs.is_empty());
+    let id = s.transfer_ids().parse(&cancelled.id).expect("id");
+    let view = s
+        .call(|reply| {
+            Op::Wallet(WalletOp::Cancel {
+                by: a.id,
+                id,
+                reply,
+            })
+        })
+        .await
+        .expect("cancel");
+    assert_eq!(view.state, "cancelled");
+    // Three weeks later: the one-off runs once, the weekly one 4 times
+    // (at +1 s, +7, +14 and +21 days).
+    let later = now + 21 * 86_400_000 + 2_000;
+    let next = s
+        .call(|reply| Op::Wallet(WalletOp::RunDue { now: later, reply }))
+        .await
+        .expect("run due");
+    assert!(next.is_some_and(|n| n > later), "the weekly one is next");
+    // Running again at the same time does nothing more.
+    s.call(|reply| Op::Wallet(WalletOp::RunDue { now: later, reply }))
+        .await
+        .expect("run due again");
+    assert_eq!(s.balance(b.id).await.expect("balance"), 500);
+    assert_eq!(s.balance(a.id).await.expect("balance"), 9_500);
+    let (theirs, _) = s.transactions(b.id, None, 50, "KRW").await.expect("list");
+    assert_eq!(theirs.len(), 5);
+    assert!(theirs.iter().all(|t| t.state == "executed"));
+    assert_eq!(
+        theirs.iter().filter(|t| t.recurring.is_some()).count(),
+        4,
+        "four runs of the weekly transfer"
+    );
+    // Paging a's own history: 2 at a time, every transfer once.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let before = cursor
+            .as_deref()
+            .and_then(|c: &str| s.transfer_ids().parse(c));
+        let (page, next) = s.transactions(a.id, before, 2, "KRW").await.expect("page");
+        seen.extend(page.into_iter().map(|t| t.id));
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len());
+    // credit + once + cancelled + weekly + 4 runs
+    assert_eq!(seen.len(), 8);
+    assert!(
+        s.transfer(s.transfer_ids().parse(&once.id).expect("id"), b.id, "KRW")
+            .await
+            .expect("transfer")
+            .is_some_and(|t| t.state == "executed")
+    );
+    let v = s.verify_ledger().await.expect("verify");
+    assert!(v.breaches.is_empty(), "{:?}", v.breaches);
+    assert_eq!(v.scheduled, 1, "the weekly transfer waits for its next run");
+    // The payment messages are in the pair's direct chat, in order.
+    let direct = RoomId::direct(a.id, b.id);
+    let msgs = all_messages(&*s, direct, b.id).await;
+    assert_eq!(msgs.len(), 5);
+    assert!(msgs.iter().all(|m| m.kind == Some("payment")));
     opened.close().await;
 }

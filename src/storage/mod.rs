@@ -27,6 +27,7 @@
 //! database; the embedded one answers at once.
 
 pub mod embedded;
+pub mod postgres;
 
 use std::future::Future;
 use std::pin::Pin;

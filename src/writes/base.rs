@@ -169,7 +169,7 @@ impl Op {
     /// Ops that still run while the disk is full, on the reserve: small,
     /// and what a server needs to keep its users' state honest and to stop
     /// (read positions, last seen, logouts, outbox confirmations).
-    pub(super) fn is_essential(&self) -> bool {
+    pub fn is_essential(&self) -> bool {
         matches!(
             self,
             Op::Read { .. }
@@ -183,7 +183,7 @@ impl Op {
     /// Answers an op that will not be applied with `err`: a session's send
     /// gets an `error` frame; every other op's reply is dropped, which its
     /// caller ([`WriterHandle::call`]) reports as the storage's refusal.
-    pub(super) fn refuse(self, err: &ApiError) {
+    pub fn refuse(self, err: &ApiError) {
         if let Op::Send {
             origin,
             client_id,
@@ -365,7 +365,26 @@ impl GroupCommitWriter {
     }
 }
 
-pub(super) fn fail_origin(origin: Origin, err: &ApiError, client_id: &str, room: RoomId) {
+/// Answers the effects of a batch that was not committed with `e`: each
+/// send gets its error; every other op's reply is dropped, which its caller
+/// reports as the storage's refusal.
+pub fn fail_effects(effects: Vec<Effect>, e: &ApiError) {
+    for effect in effects {
+        match effect {
+            Effect::Sent { origin, msg, .. } => fail_origin(origin, e, &msg.client_id, msg.room),
+            Effect::Rejected {
+                origin,
+                client_id,
+                room,
+                ..
+            } => fail_origin(origin, e, &client_id, room),
+            // Dropping a reply channel answers its caller with an error.
+            _ => {}
+        }
+    }
+}
+
+pub fn fail_origin(origin: Origin, err: &ApiError, client_id: &str, room: RoomId) {
     match origin {
         Origin::Http(tx) => {
             let _ = tx.send(Err(err.clone()));
@@ -382,7 +401,7 @@ pub(super) fn fail_origin(origin: Origin, err: &ApiError, client_id: &str, room:
 }
 
 /// Tells every member's sessions about a room they are in (new or changed).
-pub(super) fn announce_room(hub: &Hub, room: &Room) {
+pub fn announce_room(hub: &Hub, room: &Room) {
     let frame = OutFrame {
         bytes: ServerFrame::Room { room }.to_bytes(),
         room_seq: None,

@@ -216,15 +216,7 @@ impl GroupCommitWriter {
                     Ok((view, created))
                 };
                 match result {
-                    Ok((view, created)) => {
-                        let announce = created.then(|| view.clone());
-                        Effect::Done(Box::new(move |hub| {
-                            if let Some(room) = announce {
-                                announce_room(hub, &room);
-                            }
-                            let _ = reply.send(Ok((view, created)));
-                        }))
-                    }
+                    Ok((view, created)) => direct_opened(view, created, reply),
                     Err(e) => reply_after_commit(reply, Err(e)),
                 }
             }
@@ -358,20 +350,7 @@ impl GroupCommitWriter {
                         .ok_or_else(ApiError::room_not_found)
                 })();
                 match result {
-                    Ok(view) => Effect::Done(Box::new(move |hub| {
-                        let removed = frames::ServerFrame::RoomRemoved { room: view.id }.to_bytes();
-                        hub.send_to_user(
-                            user,
-                            &OutFrame {
-                                bytes: removed,
-                                room_seq: None,
-                                pong: false,
-                            },
-                            None,
-                        );
-                        announce_room(hub, &view);
-                        let _ = reply.send(Ok(()));
-                    })),
+                    Ok(view) => member_removed(view, user, reply),
                     Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
                     Err(e) => return Err(e),
                 }
@@ -556,14 +535,14 @@ impl GroupCommitWriter {
     }
 }
 
-pub(super) fn too_many_members(max: usize) -> ApiError {
+pub fn too_many_members(max: usize) -> ApiError {
     ApiError::bad_request(
         "too_many_members",
         format!("a group has at most {max} members"),
     )
 }
 
-pub(super) fn direct_room_error() -> ApiError {
+pub fn direct_room_error() -> ApiError {
     ApiError::bad_request(
         "direct_room",
         "a direct chat always has exactly its two members",
@@ -596,7 +575,7 @@ pub(super) fn bump_read(
     }
 }
 
-pub(super) fn reply_after_commit<T: Send + 'static>(
+pub fn reply_after_commit<T: Send + 'static>(
     reply: Reply<T>,
     result: Result<T, ApiError>,
 ) -> Effect {
@@ -605,9 +584,40 @@ pub(super) fn reply_after_commit<T: Send + 'static>(
     }))
 }
 
+/// After a commit that opened a direct chat (`created`: it is new): tell
+/// both members if it is new, then answer the caller with it.
+pub fn direct_opened(view: Room, created: bool, reply: Reply<(Room, bool)>) -> Effect {
+    let announce = created.then(|| view.clone());
+    Effect::Done(Box::new(move |hub| {
+        if let Some(room) = announce {
+            announce_room(hub, &room);
+        }
+        let _ = reply.send(Ok((view, created)));
+    }))
+}
+
+/// After a commit that removed `user` from a group: tell them, tell the
+/// remaining members the room as it is now, then answer the caller.
+pub fn member_removed(view: Room, user: UserId, reply: Reply<()>) -> Effect {
+    Effect::Done(Box::new(move |hub| {
+        let removed = frames::ServerFrame::RoomRemoved { room: view.id }.to_bytes();
+        hub.send_to_user(
+            user,
+            &OutFrame {
+                bytes: removed,
+                room_seq: None,
+                pong: false,
+            },
+            None,
+        );
+        announce_room(hub, &view);
+        let _ = reply.send(Ok(()));
+    }))
+}
+
 /// After a commit that created or changed a room: tell its members, then
 /// answer the caller with it.
-pub(super) fn announce_and_reply(view: Room, reply: Reply<Room>) -> Effect {
+pub fn announce_and_reply(view: Room, reply: Reply<Room>) -> Effect {
     Effect::Done(Box::new(move |hub| {
         announce_room(hub, &view);
         let _ = reply.send(Ok(view));

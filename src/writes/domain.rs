@@ -208,21 +208,7 @@ impl Domain for GroupCommitWriter {
         // The caches may hold what the batch did; a sender's own read
         // positions of this batch are lost (they are advisory).
         self.state = WriterState::default();
-        for effect in effects {
-            match effect {
-                Effect::Sent { origin, msg, .. } => {
-                    fail_origin(origin, e, &msg.client_id, msg.room)
-                }
-                Effect::Rejected {
-                    origin,
-                    client_id,
-                    room,
-                    ..
-                } => fail_origin(origin, e, &client_id, room),
-                // Dropping a reply channel answers its caller with an error.
-                _ => {}
-            }
-        }
+        fail_effects(effects, e);
     }
 
     fn recovered(&mut self) {

@@ -19,4 +19,11 @@ mod wallet;
 
 pub use base::{
     Contact, Effect, GroupCommitWriter, Op, Origin, Reply, WalletOp, WalletWiring, WriterHandle,
+    announce_room, fail_effects, fail_origin,
 };
+pub use chat::{
+    announce_and_reply, direct_opened, direct_room_error, member_removed, reply_after_commit,
+    too_many_members,
+};
+pub use deliver::Delivery;
+pub use wallet::{Notices, announce_wallet};

@@ -16,15 +16,16 @@ use crate::wallet::{
     TransferRequest, TransferView,
 };
 
-/// What a committed wallet change tells whom.
+/// What a committed wallet change tells whom (gathered by either backend's
+/// writer while applying, told by [`announce_wallet`] after the commit).
 #[derive(Default)]
-pub(super) struct Notices {
+pub struct Notices {
     /// Payment messages to fan out (with the room view if the room is new).
-    messages: Vec<(Message, Option<Room>)>,
+    pub messages: Vec<(Message, Option<Room>)>,
     /// `wallet` frames: (user, their view of the transfer).
-    frames: Vec<(UserId, TransferView)>,
+    pub frames: Vec<(UserId, TransferView)>,
     /// The schedule changed: wake the scheduler.
-    wake: bool,
+    pub wake: bool,
 }
 
 fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -33,6 +34,49 @@ fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
 
 fn count(outcome: &'static str) {
     metrics::counter!("confab_wallet_transfers_total", "outcome" => outcome).increment(1);
+}
+
+/// After a wallet change's commit: fans out its payment messages (and a
+/// new direct room first), sends the `wallet` frames, wakes the scheduler
+/// (`wake`: when the schedule changed), then answers the caller. Both
+/// backends' writers answer wallet ops through it.
+pub fn announce_wallet<T: Send + 'static>(
+    notices: Notices,
+    wake: Option<std::sync::Arc<tokio::sync::Notify>>,
+    reply: Reply<T>,
+    result: Result<T, ApiError>,
+) -> Effect {
+    Effect::Done(Box::new(move |hub| {
+        for (msg, new_room) in notices.messages {
+            if let Some(room) = new_room {
+                announce_room(hub, &room);
+            }
+            let frame = OutFrame {
+                bytes: frames::message(&msg),
+                room_seq: Some((msg.room, msg.seq)),
+                pong: false,
+            };
+            if let Some(p) = &msg.payment {
+                hub.send_to_user(msg.from, &frame, None);
+                hub.send_to_user(p.to, &frame, None);
+            }
+        }
+        for (user, view) in notices.frames {
+            let bytes =
+                serde_json::to_vec(&serde_json::json!({"type": "wallet", "transfer": view}))
+                    .unwrap_or_default();
+            let frame = OutFrame {
+                bytes: bytes.into(),
+                room_seq: None,
+                pong: false,
+            };
+            hub.send_to_user(user, &frame, None);
+        }
+        if let Some(w) = wake {
+            w.notify_one();
+        }
+        let _ = reply.send(result);
+    }))
 }
 
 impl GroupCommitWriter {
@@ -87,37 +131,7 @@ impl GroupCommitWriter {
         result: Result<T, ApiError>,
     ) -> Effect {
         let wake = notices.wake.then(|| self.wallet.wake.clone());
-        Effect::Done(Box::new(move |hub| {
-            for (msg, new_room) in notices.messages {
-                if let Some(room) = new_room {
-                    announce_room(hub, &room);
-                }
-                let frame = OutFrame {
-                    bytes: frames::message(&msg),
-                    room_seq: Some((msg.room, msg.seq)),
-                    pong: false,
-                };
-                if let Some(p) = &msg.payment {
-                    hub.send_to_user(msg.from, &frame, None);
-                    hub.send_to_user(p.to, &frame, None);
-                }
-            }
-            for (user, view) in notices.frames {
-                let bytes =
-                    serde_json::to_vec(&serde_json::json!({"type": "wallet", "transfer": view}))
-                        .unwrap_or_default();
-                let frame = OutFrame {
-                    bytes: bytes.into(),
-                    room_seq: None,
-                    pong: false,
-                };
-                hub.send_to_user(user, &frame, None);
-            }
-            if let Some(w) = wake {
-                w.notify_one();
-            }
-            let _ = reply.send(result);
-        }))
+        announce_wallet(notices, wake, reply, result)
     }
 
     fn balance(t: &Tables, account: u64) -> Result<u64, ApiError> {

@@ -7,6 +7,7 @@
 
 pub mod browser;
 pub mod cluster;
+pub mod pg;
 
 use std::collections::VecDeque;
 use std::future::Future;

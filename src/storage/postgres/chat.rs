@@ -1,0 +1,683 @@
+//! The chat's writes in the PostgreSQL backend, inside the writer's batch
+//! transaction: sends (a run of them as a few array statements), read
+//! positions, accounts, contacts, rooms and members, tokens, privacy. The
+//! same rules and answers as the embedded writer's (`writes/chat.rs`).
+//!
+//! Seqs: a room's `last_seq` is read and advanced under its row's lock
+//! (`FOR UPDATE`, rooms locked in id order), and `(room, seq)` is the
+//! primary key — two writers can never both give out a seq. Stream
+//! positions come from `meta.log_pos` under its row's lock, so they follow
+//! commit order across nodes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_postgres::Transaction;
+
+use super::base::{MessageColumns, add_member, ensure_direct, exists, take_positions, user_exists};
+use super::context::{BatchState, Ctx};
+use super::rows::{self, b, db_err, u};
+use crate::error::ApiError;
+use crate::frames::Message;
+use crate::ids::{RoomId, UserId};
+use crate::store::{Privacy, now_ms};
+use crate::writes::{
+    Contact, Effect, Op, Origin, announce_and_reply, direct_opened, direct_room_error, fail_origin,
+    member_removed, reply_after_commit, too_many_members,
+};
+
+/// One send of a run.
+struct Send {
+    room: RoomId,
+    from: UserId,
+    client_id: String,
+    text: String,
+    origin: Origin,
+    received: Instant,
+}
+
+/// What became of one send: (the message, whether it was a duplicate, the
+/// room's members), or why it was refused.
+type Outcome = Result<(Message, bool, Arc<[UserId]>), ApiError>;
+
+/// Applies a run of sends (every op an [`Op::Send`]): membership and
+/// `client_id` checks for the whole run at once, then one insert of every
+/// new message and one update of the rooms' last seqs.
+pub(super) async fn send_many(
+    w: &Ctx,
+    txn: &Transaction<'_>,
+    ops: Vec<Op>,
+    effects: &mut Vec<Effect>,
+    state: &mut BatchState,
+) -> Result<(), ApiError> {
+    let sends: Vec<Send> = ops
+        .into_iter()
+        .filter_map(|op| match op {
+            Op::Send {
+                room,
+                from,
+                client_id,
+                text,
+                origin,
+                received,
+            } => Some(Send {
+                room,
+                from,
+                client_id,
+                text,
+                origin,
+                received,
+            }),
+            _ => None,
+        })
+        .collect();
+    match plan(w, txn, &sends, state).await {
+        Ok(outcomes) => {
+            for (s, outcome) in sends.into_iter().zip(outcomes) {
+                effects.push(match outcome {
+                    Ok((msg, duplicate, members)) => Effect::Sent {
+                        msg,
+                        members,
+                        origin: s.origin,
+                        duplicate,
+                        received: s.received,
+                    },
+                    Err(err) => Effect::Rejected {
+                        origin: s.origin,
+                        err,
+                        client_id: s.client_id,
+                        room: s.room,
+                    },
+                });
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // Every send of the run is answered, also a WebSocket session's
+            // (its error frame), before the batch fails.
+            for s in sends {
+                fail_origin(s.origin, &e, &s.client_id, s.room);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The run's outcomes, one per send in order; its new messages inserted.
+async fn plan(
+    w: &Ctx,
+    txn: &Transaction<'_>,
+    sends: &[Send],
+    state: &mut BatchState,
+) -> Result<Vec<Outcome>, ApiError> {
+    let mut rooms: Vec<i64> = sends.iter().map(|s| b(s.room.0)).collect();
+    rooms.sort_unstable();
+    rooms.dedup();
+    // Members of every room of the run.
+    let mut members: HashMap<RoomId, Vec<UserId>> = HashMap::new();
+    for r in txn
+        .query(
+            "SELECT room, user_id FROM members WHERE room = ANY($1)",
+            &[&rooms],
+        )
+        .await
+        .map_err(db_err)?
+    {
+        members
+            .entry(RoomId(u(r.get(0))))
+            .or_default()
+            .push(UserId(u(r.get(1))));
+    }
+    let members: HashMap<RoomId, Arc<[UserId]>> = members
+        .into_iter()
+        .map(|(room, mut list)| {
+            list.sort();
+            (room, list.into())
+        })
+        .collect();
+    // Messages already stored under these client_ids.
+    let (k_rooms, k_senders, k_ids): (Vec<i64>, Vec<i64>, Vec<&str>) = sends
+        .iter()
+        .map(|s| (b(s.room.0), b(s.from.0), s.client_id.as_str()))
+        .collect();
+    let mut stored: HashMap<(RoomId, UserId, String), Message> = HashMap::new();
+    for r in txn
+        .query(
+            &format!(
+                "SELECT {} FROM messages m
+                 JOIN unnest($1::bigint[], $2::bigint[], $3::text[]) AS k(room, sender, client_id)
+                   ON m.room = k.room AND m.sender = k.sender AND m.client_id = k.client_id",
+                prefixed("m")
+            ),
+            &[&k_rooms, &k_senders, &k_ids],
+        )
+        .await
+        .map_err(db_err)?
+    {
+        let sender = UserId(u(r.get(2)));
+        let client_id: String = r.get(4);
+        let msg = rows::message(&r, &w.shared.ids);
+        stored.insert((msg.room, sender, client_id), msg);
+    }
+    // The rooms that get new messages, locked in id order, with their last seq.
+    let mut last: HashMap<RoomId, u64> = HashMap::new();
+    for r in txn
+        .query(
+            "SELECT id, last_seq FROM rooms WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&rooms],
+        )
+        .await
+        .map_err(db_err)?
+    {
+        last.insert(RoomId(u(r.get(0))), u(r.get(1)));
+    }
+    let ts = now_ms();
+    let mut new: Vec<(usize, Message)> = Vec::new();
+    let mut outcome: Vec<Outcome> = Vec::with_capacity(sends.len());
+    for s in sends {
+        let room_members = members.get(&s.room).cloned();
+        let Some(room_members) = room_members.filter(|m| m.binary_search(&s.from).is_ok()) else {
+            outcome.push(Err(ApiError::room_not_found()));
+            continue;
+        };
+        let key = (s.room, s.from, s.client_id.clone());
+        if let Some(msg) = stored.get(&key) {
+            let msg = msg.clone();
+            outcome.push(Ok((msg, true, room_members)));
+            continue;
+        }
+        let Some(seq) = last.get_mut(&s.room) else {
+            outcome.push(Err(ApiError::room_not_found()));
+            continue;
+        };
+        *seq += 1;
+        let msg = Message {
+            room: s.room,
+            seq: *seq,
+            from: s.from,
+            ts,
+            text: s.text.clone(),
+            client_id: s.client_id.clone(),
+            kind: None,
+            payment: None,
+            unreadable: false,
+        };
+        // A second copy later in this run is the same message.
+        stored.insert(key, msg.clone());
+        state
+            .reads
+            .entry((s.room, s.from))
+            .and_modify(|q| *q = (*q).max(msg.seq))
+            .or_insert(msg.seq);
+        new.push((outcome.len(), msg.clone()));
+        outcome.push(Ok((msg, false, room_members)));
+    }
+    if !new.is_empty() {
+        let first = take_positions(txn, state, new.len() as i64).await?;
+        let mut cols = MessageColumns::default();
+        for (i, (_, m)) in new.iter().enumerate() {
+            cols.push(m, first + i as i64, None);
+        }
+        cols.insert(txn).await?;
+        let (ids, seqs): (Vec<i64>, Vec<i64>) = last.iter().map(|(r, s)| (b(r.0), b(*s))).unzip();
+        txn.execute(
+            "UPDATE rooms SET last_seq = k.seq
+             FROM unnest($1::bigint[], $2::bigint[]) AS k(id, seq)
+             WHERE rooms.id = k.id AND rooms.last_seq < k.seq",
+            &[&ids, &seqs],
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    Ok(outcome)
+}
+
+/// `MESSAGE_COLUMNS` with a table alias.
+fn prefixed(alias: &str) -> String {
+    rows::MESSAGE_COLUMNS
+        .split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Moves the batch's senders' read positions to their newest messages.
+pub(super) async fn flush_reads(
+    txn: &Transaction<'_>,
+    state: &mut BatchState,
+) -> Result<(), ApiError> {
+    if state.reads.is_empty() {
+        return Ok(());
+    }
+    let mut rows: Vec<(i64, i64, i64)> = state
+        .reads
+        .drain()
+        .map(|((r, m), s)| (b(r.0), b(m.0), b(s)))
+        .collect();
+    // In key order, as every writer locks member rows.
+    rows.sort_unstable();
+    let (mut rooms, mut users, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, m, s) in rows {
+        rooms.push(r);
+        users.push(m);
+        seqs.push(s);
+    }
+    txn.execute(
+        "UPDATE members SET read_seq = k.seq
+         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS k(room, user_id, seq)
+         WHERE members.room = k.room AND members.user_id = k.user_id
+           AND members.read_seq < k.seq",
+        &[&rooms, &users, &seqs],
+    )
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+fn username_taken() -> ApiError {
+    ApiError::new(
+        hyper::StatusCode::CONFLICT,
+        "username_taken",
+        "that username is taken",
+    )
+}
+
+/// Applies one op other than a send or a wallet op.
+pub(super) async fn apply(
+    w: &Ctx,
+    txn: &Transaction<'_>,
+    op: Op,
+    _state: &mut BatchState,
+) -> Result<Effect, ApiError> {
+    Ok(match op {
+        Op::Send { .. } | Op::Wallet(_) => {
+            return Err(ApiError::internal(
+                "a send or wallet op in the chat's apply",
+            ));
+        }
+        Op::Read { room, user, seq } => {
+            let members = rows::members(txn, room).await?;
+            if members.binary_search(&user).is_err() {
+                return Ok(Effect::None);
+            }
+            let moved = txn
+                .query_opt(
+                    "UPDATE members m SET read_seq = LEAST($3, r.last_seq)
+                     FROM rooms r
+                     WHERE r.id = $1 AND m.room = $1 AND m.user_id = $2
+                       AND m.read_seq < LEAST($3, r.last_seq)
+                     RETURNING m.read_seq",
+                    &[&b(room.0), &b(user.0), &b(seq)],
+                )
+                .await
+                .map_err(db_err)?;
+            match moved {
+                Some(r) => Effect::Read {
+                    room,
+                    user,
+                    seq: u(r.get(0)),
+                    members: members.into(),
+                },
+                None => Effect::None,
+            }
+        }
+        Op::CreateUser {
+            username,
+            display_name,
+            password_hash,
+            placement: _,
+            reply,
+        } => {
+            let key = username.to_lowercase();
+            if exists(txn, "SELECT 1 FROM users WHERE username = $1", &[&key]).await? {
+                return Ok(reply_after_commit(reply, Err(username_taken())));
+            }
+            let mut id = UserId::random();
+            while user_exists(txn, id).await? {
+                id = UserId::random();
+            }
+            txn.execute(
+                "INSERT INTO users (id, username, display_name, password_hash, created_at)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&b(id.0), &key, &display_name, &password_hash, &now_ms()],
+            )
+            .await
+            .map_err(db_err)?;
+            let bonus = w.wallet.settings.signup_bonus;
+            if bonus > 0 {
+                super::wallet::signup_bonus(w, txn, id, bonus).await?;
+            }
+            reply_after_commit(
+                reply,
+                Ok(crate::frames::User {
+                    id,
+                    username: key,
+                    display_name,
+                }),
+            )
+        }
+        Op::AddContact { owner, who, reply } => {
+            let found = match who {
+                Contact::Name(name) => txn
+                    .query_opt(
+                        "SELECT id, username, display_name FROM users WHERE username = $1",
+                        &[&name.to_lowercase()],
+                    )
+                    .await
+                    .map_err(db_err)?
+                    .map(|r| rows::user(&r)),
+                Contact::Id(id) => rows::user_by_id(txn, id).await?,
+            };
+            let result = match found {
+                None => Err(ApiError::user_not_found()),
+                Some(user) if user.id == owner => Err(ApiError::bad_request(
+                    "bad_request",
+                    "you cannot add yourself as a contact",
+                )),
+                Some(user) => {
+                    let added = txn
+                        .execute(
+                            "INSERT INTO contacts (owner, contact, added_at) VALUES ($1, $2, $3)
+                             ON CONFLICT DO NOTHING",
+                            &[&b(owner.0), &b(user.id.0), &now_ms()],
+                        )
+                        .await
+                        .map_err(db_err)?;
+                    Ok((user, added == 1))
+                }
+            };
+            reply_after_commit(reply, result)
+        }
+        Op::RemoveContact {
+            owner,
+            contact,
+            reply,
+        } => {
+            txn.execute(
+                "DELETE FROM contacts WHERE owner = $1 AND contact = $2",
+                &[&b(owner.0), &b(contact.0)],
+            )
+            .await
+            .map_err(db_err)?;
+            reply_after_commit(reply, Ok(()))
+        }
+        Op::CreateDirect { a, b: other, reply } => {
+            if a == other {
+                return Ok(reply_after_commit(
+                    reply,
+                    Err(ApiError::bad_request(
+                        "bad_request",
+                        "a direct chat needs another user",
+                    )),
+                ));
+            }
+            if !user_exists(txn, other).await? {
+                return Ok(reply_after_commit(reply, Err(ApiError::user_not_found())));
+            }
+            let (room, created) = ensure_direct(txn, a, other).await?;
+            let view = rows::room_view(txn, room)
+                .await?
+                .ok_or_else(ApiError::room_not_found)?;
+            direct_opened(view, created, reply)
+        }
+        Op::CreateGroup {
+            owner,
+            name,
+            members,
+            placement: _,
+            reply,
+        } => {
+            // The owner joins first; then the others in id order.
+            let mut ids = members;
+            ids.retain(|&id| id != owner);
+            ids.sort();
+            ids.dedup();
+            ids.insert(0, owner);
+            if ids.len() > w.max_group_members {
+                return Ok(reply_after_commit(
+                    reply,
+                    Err(too_many_members(w.max_group_members)),
+                ));
+            }
+            for &id in &ids {
+                if !user_exists(txn, id).await? {
+                    return Ok(reply_after_commit(reply, Err(ApiError::user_not_found())));
+                }
+                if let Err(e) = may_add(txn, owner, id).await? {
+                    return Ok(reply_after_commit(reply, Err(e)));
+                }
+            }
+            let mut room = RoomId::new_group();
+            while exists(txn, "SELECT 1 FROM rooms WHERE id = $1", &[&b(room.0)]).await? {
+                room = RoomId::new_group();
+            }
+            txn.execute(
+                "INSERT INTO rooms (id, kind, name, owner, created_at) VALUES ($1, 1, $2, $3, $4)",
+                &[&b(room.0), &name, &b(owner.0), &now_ms()],
+            )
+            .await
+            .map_err(db_err)?;
+            for id in ids {
+                add_member(txn, room, id).await?;
+            }
+            let view = rows::room_view(txn, room)
+                .await?
+                .ok_or_else(ApiError::room_not_found)?;
+            announce_and_reply(view, reply)
+        }
+        Op::AddMember {
+            room,
+            by,
+            user,
+            reply,
+        } => match add_to_group(w, txn, room, by, user).await {
+            Ok(view) => announce_and_reply(view, reply),
+            Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
+            Err(e) => return Err(e),
+        },
+        Op::RemoveMember {
+            room,
+            by,
+            user,
+            reply,
+        } => match remove_from_group(txn, room, by, user).await {
+            Ok(view) => member_removed(view, user, reply),
+            Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
+            Err(e) => return Err(e),
+        },
+        Op::Revoke { jti, exp, reply } => {
+            txn.execute(
+                "INSERT INTO revoked (jti, exp) VALUES ($1, $2)
+                 ON CONFLICT (jti) DO UPDATE SET exp = $2",
+                &[&jti, &exp],
+            )
+            .await
+            .map_err(db_err)?;
+            reply_after_commit(reply, Ok(()))
+        }
+        // Every user is in the one database: nothing to copy.
+        Op::PutProfiles { users: _, reply } => reply_after_commit(reply, Ok(())),
+        // The outbox is the per-node cluster's; a shared database needs none.
+        Op::PostPayment { item: _, reply } => reply_after_commit(
+            reply,
+            Err(ApiError::bad_request(
+                "bad_request",
+                "payments between nodes are not posted through an outbox here",
+            )),
+        ),
+        Op::OutboxDone { .. } | Op::Stop => Effect::None,
+        Op::SetPrivacy {
+            user,
+            presence,
+            group_adds,
+            reply,
+        } => {
+            let Some(row) = txn
+                .query_opt(
+                    "SELECT presence, group_adds FROM users WHERE id = $1 FOR UPDATE",
+                    &[&b(user.0)],
+                )
+                .await
+                .map_err(db_err)?
+            else {
+                return Ok(reply_after_commit(reply, Err(ApiError::user_not_found())));
+            };
+            let before = rows::privacy(&row);
+            let after = Privacy {
+                presence: presence.unwrap_or(before.presence),
+                group_adds: group_adds.unwrap_or(before.group_adds),
+            };
+            if after != before {
+                txn.execute(
+                    "UPDATE users SET presence = $2, group_adds = $3 WHERE id = $1",
+                    &[
+                        &b(user.0),
+                        &rows::audience_code(after.presence),
+                        &rows::audience_code(after.group_adds),
+                    ],
+                )
+                .await
+                .map_err(db_err)?;
+            }
+            reply_after_commit(reply, Ok((before, after)))
+        }
+        Op::LastSeen { user, ts } => {
+            txn.execute(
+                "UPDATE users SET last_seen = $2 WHERE id = $1",
+                &[&b(user.0), &ts],
+            )
+            .await
+            .map_err(db_err)?;
+            Effect::None
+        }
+    })
+}
+
+/// Whether `by` may add `user` to a group, by `user`'s `group_adds`
+/// setting: Ok(Err(403 `not_allowed`)) when not.
+async fn may_add(
+    txn: &Transaction<'_>,
+    by: UserId,
+    user: UserId,
+) -> Result<Result<(), ApiError>, ApiError> {
+    if by == user {
+        return Ok(Ok(()));
+    }
+    let Some(row) = txn
+        .query_opt(
+            "SELECT group_adds, username,
+                    EXISTS (SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2)
+             FROM users WHERE id = $1",
+            &[&b(user.0), &b(by.0)],
+        )
+        .await
+        .map_err(db_err)?
+    else {
+        return Ok(Ok(()));
+    };
+    let admitted = match rows::audience(row.get(0)) {
+        crate::store::Audience::Everyone => true,
+        crate::store::Audience::Contacts => row.get(2),
+        crate::store::Audience::Nobody => false,
+    };
+    if admitted {
+        return Ok(Ok(()));
+    }
+    let name: String = row.get(1);
+    Ok(Err(ApiError::forbidden(
+        "not_allowed",
+        format!("{name} does not let you add them to groups (their privacy settings)"),
+    )))
+}
+
+/// The group's members, locked (membership changes of one room queue up).
+async fn locked_group(
+    txn: &Transaction<'_>,
+    room: RoomId,
+    by: UserId,
+) -> Result<(Vec<UserId>, Option<UserId>), ApiError> {
+    let Some(r) = txn
+        .query_opt(
+            "SELECT owner FROM rooms WHERE id = $1 FOR UPDATE",
+            &[&b(room.0)],
+        )
+        .await
+        .map_err(db_err)?
+    else {
+        return Err(ApiError::room_not_found());
+    };
+    let owner = r.get::<_, Option<i64>>(0).map(|o| UserId(u(o)));
+    let members = rows::members(txn, room).await?;
+    if members.binary_search(&by).is_err() {
+        return Err(ApiError::room_not_found());
+    }
+    if room.is_direct() {
+        return Err(direct_room_error());
+    }
+    Ok((members, owner))
+}
+
+async fn add_to_group(
+    w: &Ctx,
+    txn: &Transaction<'_>,
+    room: RoomId,
+    by: UserId,
+    user: UserId,
+) -> Result<crate::frames::Room, ApiError> {
+    let (members, _) = locked_group(txn, room, by).await?;
+    if !user_exists(txn, user).await? {
+        return Err(ApiError::user_not_found());
+    }
+    if members.binary_search(&user).is_err() {
+        if members.len() >= w.max_group_members {
+            return Err(too_many_members(w.max_group_members));
+        }
+        may_add(txn, by, user).await??;
+        add_member(txn, room, user).await?;
+    }
+    rows::room_view(txn, room)
+        .await?
+        .ok_or_else(ApiError::room_not_found)
+}
+
+async fn remove_from_group(
+    txn: &Transaction<'_>,
+    room: RoomId,
+    by: UserId,
+    user: UserId,
+) -> Result<crate::frames::Room, ApiError> {
+    let (members, owner) = locked_group(txn, room, by).await?;
+    if members.binary_search(&user).is_err() {
+        return Err(ApiError::not_found(
+            "user_not_found",
+            "that user is not a member of this room",
+        ));
+    }
+    if by != user && owner != Some(by) {
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "only the group's owner can remove other members",
+        ));
+    }
+    txn.execute(
+        "DELETE FROM members WHERE room = $1 AND user_id = $2",
+        &[&b(room.0), &b(user.0)],
+    )
+    .await
+    .map_err(db_err)?;
+    if owner == Some(user) {
+        // The longest-standing remaining member becomes owner.
+        txn.execute(
+            "UPDATE rooms SET owner = (SELECT user_id FROM members WHERE room = $1
+                                       ORDER BY joined_at LIMIT 1)
+             WHERE id = $1",
+            &[&b(room.0)],
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    rows::room_view(txn, room)
+        .await?
+        .ok_or_else(ApiError::room_not_found)
+}
