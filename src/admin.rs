@@ -132,17 +132,13 @@ async fn export(state: &AppState, req: &Value, write: &mut OwnedWriteHalf) -> st
     // thread and a snapshot too), not per user.
     let started = crate::export::scope_of(req)
         .and_then(|scope| {
-            let txn = state.store.db.begin_read()?;
-            crate::export::check(&txn, &scope).map(|_| scope)
+            let store = state.embedded("an export")?;
+            let txn = store.db.begin_read()?;
+            crate::export::check(&txn, &scope).map(|_| (scope, store))
         })
-        .and_then(|scope| {
+        .and_then(|(scope, store)| {
             let slot = state.exports.admit(None)?;
-            crate::export::spawn(
-                state.store.db.clone(),
-                scope,
-                state.store.transfer_ids.clone(),
-                slot,
-            )
+            crate::export::spawn(store.db.clone(), scope, store.transfer_ids.clone(), slot)
         });
     let mut rx = match started {
         Ok(rx) => rx,
@@ -183,6 +179,10 @@ async fn backup(
     if !to.is_absolute() {
         return Ok(json!({"error": "backup needs an absolute path"}));
     }
+    let db = match state.embedded("a backup") {
+        Ok(store) => store.db.clone(),
+        Err(e) => return Ok(json!({"error": e.message, "code": e.code})),
+    };
     let Some(slot) = state.backups.try_take() else {
         return Ok(json!({
             "error": "a backup is already running; try again when it has finished",
@@ -193,7 +193,6 @@ async fn backup(
     // client, and nothing piles up behind a slow one.
     let (tx, mut rx) = tokio::sync::watch::channel(None::<crate::backup::Progress>);
     let cancel = Arc::new(AtomicBool::new(false));
-    let db = state.store.db.clone();
     let secret = crate::backup::secret_file(&state.config.server.data_dir);
     let on_damage = if req["skip_damaged"] == true {
         crate::backup::OnDamage::Skip
@@ -313,6 +312,10 @@ async fn check(
     checking: &Arc<AtomicBool>,
     write: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<Value> {
+    let db = match state.embedded("`confab check`") {
+        Ok(store) => store.db.clone(),
+        Err(e) => return Ok(json!({"error": e.message, "code": e.code})),
+    };
     if checking
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
@@ -323,7 +326,6 @@ async fn check(
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let db = state.store.db.clone();
     let running = checking.clone();
     let spawned = std::thread::Builder::new()
         .name("confab-check".into())

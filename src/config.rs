@@ -30,6 +30,10 @@ pub const NOT_SETTINGS: &[(&str, &str)] = &[
     ),
     ("CONFAB_CHROMIUM", "the test suite: the Chromium to drive"),
     ("CONFAB_TEST_LOG", "the test suite: echo the servers' logs"),
+    (
+        "CONFAB_TEST_STORAGE",
+        "the test suite: `postgres` runs the servers on PostgreSQL",
+    ),
     ("CONFAB_BIN", "benches: the confab binary to start"),
     (
         "CONFAB_STARTUP_",
@@ -138,6 +142,11 @@ pub struct StoreConfig {
     pub storage_reserve_mb: usize,
     /// Seconds between two background scrub passes (0 = off).
     pub store_scrub_secs: u64,
+    /// A PostgreSQL connection string: store everything there instead of
+    /// in the embedded store ("" = embedded, the default).
+    pub database_url: String,
+    /// Connections for reads when `database_url` is set.
+    pub database_pool: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -431,6 +440,7 @@ impl Config {
             ("export_stall_secs", self.limits.export_stall_secs),
             ("commit_batch_max", self.store.commit_batch_max as u64),
             ("writer_queue", self.store.writer_queue as u64),
+            ("database_pool", self.store.database_pool as u64),
             ("index_commit_ms", self.search.index_commit_ms),
             ("backup_interval_secs", self.backup.backup_interval_secs),
             ("backup_keep", self.backup.backup_keep as u64),

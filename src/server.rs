@@ -22,12 +22,13 @@ use crate::api::{self, AppState};
 use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::hub::{Hub, close};
-use crate::search::{Indexer, SearchIndex};
+use crate::search::{Indexer, SearchIndex, Source};
 use crate::storage::Storage;
 use crate::storage::embedded::Embedded;
+use crate::storage::postgres::{PgOptions, Postgres};
 use crate::store::Store;
 use crate::wallet::WalletSettings;
-use crate::writes::{GroupCommitWriter, Op, WalletWiring};
+use crate::writes::{GroupCommitWriter, Op, WalletOp, WalletWiring};
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -44,35 +45,42 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         tracing::info!(node = %node.id, nodes = c.nodes.len(), "cluster node");
     }
     let data_dir = config.server.data_dir.clone();
-    let store = Store::open_with(
-        &data_dir,
-        config.store.cache_mb.saturating_mul(1 << 20),
-        Some(&crate::backup::before_migration(&data_dir)),
-    )?;
-    // Partial backups left by a process that stopped while writing one (a
-    // killed server's periodic or pre-migration backup) would stay for ever.
-    // Only confab's own names, and none that a running backup holds; the
-    // store is ours now, so no other server of this data directory runs.
-    let mut partial_dirs = vec![data_dir.join("backups")];
-    if !config.backup.backup_dir.is_empty() {
-        partial_dirs.push(PathBuf::from(&config.backup.backup_dir));
-    }
-    for dir in partial_dirs {
-        for path in crate::backup::remove_stale_partials(&dir) {
-            tracing::warn!(path = %path.display(), "removed a partial backup left by a process that stopped while writing it");
+    let on_postgres = !config.store.database_url.is_empty();
+    // The embedded store, unless everything is in PostgreSQL.
+    let store = if on_postgres {
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+        None
+    } else {
+        Some(Store::open_with(
+            &data_dir,
+            config.store.cache_mb.saturating_mul(1 << 20),
+            Some(&crate::backup::before_migration(&data_dir)),
+        )?)
+    };
+    if store.is_some() {
+        // Partial backups left by a process that stopped while writing one
+        // (a killed server's periodic or pre-migration backup) would stay
+        // for ever. Only confab's own names, and none that a running backup
+        // holds; the store is ours now, so no other server of this data
+        // directory runs.
+        let mut partial_dirs = vec![data_dir.join("backups")];
+        if !config.backup.backup_dir.is_empty() {
+            partial_dirs.push(PathBuf::from(&config.backup.backup_dir));
+        }
+        for dir in partial_dirs {
+            for path in crate::backup::remove_stale_partials(&dir) {
+                tracing::warn!(path = %path.display(), "removed a partial backup left by a process that stopped while writing it");
+            }
         }
     }
     let secret = auth::load_secret(&config.auth, &data_dir)?;
     // Public transfer ids under a key from the token secret: the same on
     // every node of a cluster (they share it) and after a restore that
     // brings the `jwt_secret` file back. Set before the store is cloned.
-    let store = store.with_transfer_ids(
-        crate::wallet::TransferIds::new(&secret).with_currency(&config.wallet.wallet_currency),
-    );
-    let revoked = store
-        .revoked_tokens(auth::now_secs())
-        .map_err(|e| format!("cannot load revoked tokens: {e}"))?;
-    let auth = Auth::new(&config.auth, &secret, revoked);
+    let transfer_ids =
+        crate::wallet::TransferIds::new(&secret).with_currency(&config.wallet.wallet_currency);
+    let store = store.map(|s| s.with_transfer_ids(transfer_ids.clone()));
     // The live totals for `/status`: counted by the hub's sessions, the
     // writer and the request handlers (the application state's).
     let live = Arc::new(crate::telemetry::LiveStats::default());
@@ -87,24 +95,66 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         placement: cluster.clone(),
         outbox_wake: Arc::new(tokio::sync::Notify::new()),
     };
-    let (writer, writer_thread) = GroupCommitWriter::spawn_with(
-        store.clone(),
-        hub.clone(),
-        live.clone(),
-        config.store.clone(),
-        config.limits.max_group_members,
-        wallet.clone(),
-    )
-    .map_err(|e| format!("cannot start the writer thread: {e}"))?;
-    store.health.set(crate::store::db::StorageState::Ok, "");
+    // The storage behind the interface, its writer thread, and the message
+    // stream the search indexer follows.
+    let (storage, writer_thread, source): (Arc<dyn Storage>, _, Arc<dyn Source>) = match &store {
+        Some(store) => {
+            let (writer, join) = GroupCommitWriter::spawn_with(
+                store.clone(),
+                hub.clone(),
+                live.clone(),
+                config.store.clone(),
+                config.limits.max_group_members,
+                wallet.clone(),
+            )
+            .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+            store.health.set(crate::store::db::StorageState::Ok, "");
+            (
+                Arc::new(Embedded::new(store.clone(), writer)),
+                join,
+                Arc::new(store.clone()),
+            )
+        }
+        None => {
+            let opts = PgOptions {
+                url: config.store.database_url.clone(),
+                hub: hub.clone(),
+                live: live.clone(),
+                store: config.store.clone(),
+                max_group_members: config.limits.max_group_members,
+                wallet: WalletWiring {
+                    placement: None,
+                    ..wallet.clone()
+                },
+                transfer_ids: transfer_ids.clone(),
+                pool_size: config.store.database_pool,
+            };
+            let (pg, join) = open_postgres(opts).await?;
+            let storage: Arc<dyn Storage> = Arc::new(pg);
+            let source = Arc::new(crate::search::Polled::new(
+                storage.clone(),
+                tokio::runtime::Handle::current(),
+            ));
+            (storage, join, source)
+        }
+    };
+    let revoked = storage
+        .revoked_tokens(auth::now_secs())
+        .await
+        .map_err(|e| format!("cannot load revoked tokens: {}", e.message))?;
+    let auth = Auth::new(&config.auth, &secret, revoked);
 
     // Search: open (or rebuild) the index and start the indexer, which first
     // catches up with whatever the store has that the index lacks.
     let search = if config.search.search_enabled {
-        let index = Arc::new(SearchIndex::open(&data_dir, store.feed.committed())?);
+        let head = storage
+            .head()
+            .await
+            .map_err(|e| format!("cannot read the message stream: {}", e.message))?;
+        let index = Arc::new(SearchIndex::open(&data_dir, head)?);
         let indexer = Indexer::new(
             index.clone(),
-            store.clone(),
+            source.clone(),
             Duration::from_millis(config.search.index_commit_ms.max(1)),
         )
         .spawn()
@@ -115,7 +165,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
             secs => Some(
                 crate::search::spawn_scrub(
                     index.clone(),
-                    store.feed.clone(),
+                    source.clone(),
                     Duration::from_secs(secs),
                 )
                 .map_err(|e| format!("cannot start the index scrub thread: {e}"))?,
@@ -141,8 +191,10 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     );
     let reads = Arc::new(api::reads::ReadMerger::default());
     let budgets = api::UserBudgets::new(&config.limits, reads.clone());
-    // The background scrub's status (`/status`), when it runs.
+    // The background scrub's status (`/status`), when it runs (only the
+    // embedded store has one).
     let scrub = match config.store.store_scrub_secs {
+        _ if store.is_none() => None,
         0 => None,
         secs => Some(Arc::new(crate::store::integrity::Scrub::new(
             Duration::from_secs(secs),
@@ -152,7 +204,6 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         config.limits.export_concurrency,
         Duration::from_secs(config.limits.export_stall_secs),
     );
-    let storage: Arc<dyn Storage> = Arc::new(Embedded::new(store.clone(), writer.clone()));
     let state = Arc::new(AppState {
         config,
         storage: storage.clone(),
@@ -174,7 +225,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         backups: Default::default(),
         scrub,
     });
-    let reads_task = tokio::spawn(reads.run(storage, state.shutdown.clone()));
+    let reads_task = tokio::spawn(reads.run(storage.clone(), state.shutdown.clone()));
     tokio::spawn(crate::status::sample_every_second(
         state.clone(),
         state.shutdown.clone(),
@@ -186,8 +237,19 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
 
     // Scheduled transfers: runs what is due now (missed while stopped), then
     // sleeps until the next one.
+    let run_due = {
+        let storage = storage.clone();
+        move |now: i64| {
+            let storage = storage.clone();
+            async move {
+                storage
+                    .call(|reply| Op::Wallet(WalletOp::RunDue { now, reply }))
+                    .await
+            }
+        }
+    };
     let scheduler = tokio::spawn(crate::wallet::scheduler::run(
-        writer.clone(),
+        run_due,
         wallet.wake.clone(),
         state.shutdown.clone(),
         state.config.wallet.scheduler_clock_offset_ms,
@@ -196,23 +258,32 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     // The background scrub: every record's checksum, now and then, at the
     // lowest priority (docs/STORAGE.md).
     let scrub_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store_scrub = match &state.scrub {
-        None => None,
-        Some(status) => Some(
+    let store_scrub = match (&state.scrub, &state.store) {
+        (Some(status), Some(store)) => Some(
             crate::store::integrity::spawn_scrub(
-                state.store.db.clone(),
+                store.db.clone(),
                 Duration::from_secs(state.config.store.store_scrub_secs),
                 status.clone(),
                 scrub_stop.clone(),
             )
             .map_err(|e| format!("cannot start the scrub thread: {e}"))?,
         ),
+        _ => None,
     };
-    let backups = (!state.config.backup.backup_dir.is_empty()).then(|| {
+    if state.store.is_none() && !state.config.backup.backup_dir.is_empty() {
+        tracing::warn!(
+            "backup_dir is ignored: the storage is PostgreSQL (back it up with pg_basebackup and WAL archiving, docs/SCALEOUT.md)"
+        );
+    }
+    let backups = match &state.store {
+        Some(store) if !state.config.backup.backup_dir.is_empty() => Some(store.db.clone()),
+        _ => None,
+    }
+    .map(|db| {
         let dir = PathBuf::from(&state.config.backup.backup_dir);
         tracing::info!(dir = %dir.display(), every_secs = state.config.backup.backup_interval_secs, keep = state.config.backup.backup_keep, "periodic backups on");
         tokio::spawn(crate::backup::periodic(
-            state.store.db.clone(),
+            db,
             data_dir.clone(),
             dir,
             Duration::from_secs(state.config.backup.backup_interval_secs),
@@ -305,14 +376,13 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
             }
         }
         crate::admin::remove_socket(&data_dir);
-        let _ = writer.submit(Op::Stop).await;
-        drop(writer);
+        let _ = storage.submit(Op::Stop).await;
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
         if let Some((index, indexer, scrub)) = search {
             // Index what was committed, so the next start has nothing to catch
             // up; the scrub stops between two files.
             index.status.stop.store(true, Ordering::Release);
-            state.store.feed.nudge();
+            source.nudge();
             let _ = tokio::task::spawn_blocking(move || {
                 let _ = indexer.join();
                 if let Some(s) = scrub {
@@ -334,6 +404,30 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     }
     tracing::info!("bye");
     Ok(())
+}
+
+/// Opens the PostgreSQL storage: an unreachable database is waited for
+/// (saying which, retrying with back-off up to 5 s apart) rather than a
+/// crash loop; a refusal (a newer schema, wrong credentials, a bad
+/// connection string) ends the start with its reason.
+async fn open_postgres(opts: PgOptions) -> Result<(Postgres, std::thread::JoinHandle<()>), String> {
+    let mut wait = Duration::from_millis(500);
+    let opts = Arc::new(opts);
+    loop {
+        let attempt = opts.clone();
+        let opened = tokio::task::spawn_blocking(move || Postgres::open(attempt.as_ref().clone()))
+            .await
+            .map_err(|e| format!("opening the database: {e}"))?;
+        match opened {
+            Ok(pg) => return Ok(pg),
+            Err(crate::storage::postgres::OpenError::Unreachable(why)) => {
+                tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64, "waiting for the database");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(crate::storage::postgres::OpenError::Refused(why)) => return Err(why),
+        }
+    }
 }
 
 async fn connection(state: Arc<AppState>, stream: tokio::net::TcpStream, peer: SocketAddr) {

@@ -55,7 +55,7 @@ fn stream(
 ) -> Result<Response<Body>, ApiError> {
     let slot = state.exports.admit(Some(user))?;
     let rx = export::spawn(
-        state.store.db.clone(),
+        state.embedded("an export")?.db.clone(),
         scope,
         state.storage.transfer_ids().clone(),
         slot,

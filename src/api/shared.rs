@@ -31,8 +31,9 @@ pub struct AppState {
     pub storage: Arc<dyn Storage>,
     /// The embedded store underneath, for what only it has: backups,
     /// `confab check`, export snapshots, the scrub and the search indexer
-    /// (the operator's surfaces and the services, not the handlers).
-    pub store: Store,
+    /// (the operator's surfaces and the services, not the handlers). None
+    /// on a node whose storage is PostgreSQL (`database_url`).
+    pub store: Option<Store>,
     pub hub: Arc<Hub>,
     pub auth: Auth,
     pub metrics: PrometheusHandle,
@@ -65,6 +66,24 @@ pub struct AppState {
     pub backups: crate::backup::Backups,
     /// What the store's background scrub found (None: it does not run).
     pub scrub: Option<Arc<crate::store::integrity::Scrub>>,
+}
+
+impl AppState {
+    /// The embedded store, for what only it has (backups, `confab check`,
+    /// export snapshots); on a PostgreSQL node, 501 `not_on_postgres`
+    /// saying what to use instead.
+    pub fn embedded(&self, what: &str) -> Result<&Store, ApiError> {
+        self.store.as_ref().ok_or_else(|| {
+            ApiError::new(
+                hyper::StatusCode::NOT_IMPLEMENTED,
+                "not_on_postgres",
+                format!(
+                    "{what} is not available yet on a node whose storage is PostgreSQL \
+                     (docs/SCALEOUT.md: use pg_basebackup and pg_dump)"
+                ),
+            )
+        })
+    }
 }
 
 /// Per-user budgets, shared by all of a user's sessions (here and behind

@@ -72,6 +72,7 @@ pub async fn get(
         "threads": proc_.threads,
         "totals": Totals::of(&state.live),
         "storage": {
+            "backend": state.storage.backend(),
             "state": state.storage.health().state().as_str(),
             "since": state.storage.health().since_ms(),
             "detail": state.storage.health().detail(),

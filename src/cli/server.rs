@@ -27,7 +27,11 @@ pub(crate) fn run_reindex(args: StoreArgs) -> ExitCode {
         confab::search::SearchIndex::remove(dir)?;
         let total = store.feed.committed();
         let index = std::sync::Arc::new(confab::search::SearchIndex::open(dir, total)?);
-        let indexer = confab::search::Indexer::new(index, store, std::time::Duration::from_secs(5));
+        let indexer = confab::search::Indexer::new(
+            index,
+            std::sync::Arc::new(store),
+            std::time::Duration::from_secs(5),
+        );
         let started = std::time::Instant::now();
         let mut last = std::time::Instant::now() - std::time::Duration::from_secs(1);
         let n = indexer.catch_up(|done, total| {

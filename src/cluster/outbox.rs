@@ -56,14 +56,15 @@ async fn post(
 /// Forwards outbox entries to their nodes, oldest first, until confirmed;
 /// a node that is down is retried with back-off (0.5 s doubling to 10 s).
 pub async fn run(state: Arc<AppState>, wake: Arc<tokio::sync::Notify>) {
-    let Some(cluster) = state.cluster.clone() else {
+    // Only a node with its own shard (the embedded store) has an outbox.
+    let (Some(cluster), Some(store)) = (state.cluster.clone(), state.store.clone()) else {
         return;
     };
     let me = format!("node-{}", cluster.me.as_deref().unwrap_or("?"));
     let mut backoff = Duration::from_millis(500);
     let mut shutdown = state.shutdown.clone();
     loop {
-        let items = state.store.outbox(256).unwrap_or_default();
+        let items = store.outbox(256).unwrap_or_default();
         metrics::gauge!("confab_cluster_outbox_pending").set(items.len() as f64);
         let mut failed = false;
         for (key, bytes) in &items {

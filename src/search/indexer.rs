@@ -11,7 +11,8 @@ use tantivy::{IndexWriter, TantivyDocument};
 
 use super::index::SearchIndex;
 use super::schema::{committed_position, document, payload};
-use crate::store::{Store, now_ms};
+use super::source::Source;
+use crate::store::now_ms;
 
 /// Messages read from redb per indexing step.
 pub(super) const READ_CHUNK: usize = 5000;
@@ -73,7 +74,7 @@ impl Failure {
 /// back-off from 100 ms doubling to 30 s.
 pub struct Indexer {
     pub(super) index: Arc<SearchIndex>,
-    pub(super) store: Store,
+    pub(super) source: Arc<dyn Source>,
     /// None after a failure, until a new one is made.
     pub(super) writer: Option<IndexWriter<TantivyDocument>>,
     pub(super) commit_every: Duration,
@@ -88,16 +89,20 @@ pub struct Indexer {
 }
 
 impl Indexer {
-    pub fn new(index: Arc<SearchIndex>, store: Store, commit_every: Duration) -> Indexer {
+    pub fn new(
+        index: Arc<SearchIndex>,
+        source: Arc<dyn Source>,
+        commit_every: Duration,
+    ) -> Indexer {
         // Before the first catch-up: show the backlog from the first scrape
         // on, and count its age from this start (`caught_up_at` is 0, i.e.
         // 1970, until the index first catches up).
         index.status.caught_up_at.store(now_ms(), Ordering::Release);
-        index.update_gauges(store.feed.committed());
+        index.update_gauges(source.committed());
         let start = index.status.indexed.load(Ordering::Acquire);
         Indexer {
             index,
-            store,
+            source,
             writer: None,
             commit_every,
             durable: start,
@@ -161,7 +166,7 @@ impl Indexer {
                     if stopping {
                         tracing::warn!(
                             indexed = self.durable,
-                            committed = self.store.feed.committed(),
+                            committed = self.source.committed(),
                             "stopping with the search index behind the store; the next start indexes the rest"
                         );
                         return Ok(self.durable);
@@ -171,7 +176,7 @@ impl Indexer {
                     continue;
                 }
             }
-            let committed = self.store.feed.committed();
+            let committed = self.source.committed();
             let caught_up = self.added >= committed;
             let pending = self.added > self.durable;
             if caught_up && !pending {
@@ -193,8 +198,7 @@ impl Indexer {
                 } else {
                     Duration::from_secs(1)
                 };
-                self.store
-                    .feed
+                self.source
                     .wait_beyond(self.added, wait.max(Duration::from_millis(1)));
             }
         }
@@ -226,7 +230,7 @@ impl Indexer {
             // On an error the damage stays pending: tried again after the
             // back-off.
             self.index
-                .rebuild(&why, self.store.feed.committed())
+                .rebuild(&why, self.source.committed())
                 .map_err(|e| Failure::keep_writer("rebuild", e))?;
             self.index.status.detail().damage = None;
             self.durable = 0;
@@ -237,10 +241,10 @@ impl Indexer {
         if self.writer.is_none() {
             self.reopen()?;
         }
-        let target = self.store.feed.committed();
+        let target = self.source.committed();
         if target > self.added {
             let batch = self
-                .store
+                .source
                 .log_after(self.added, READ_CHUNK)
                 .map_err(|e| Failure::keep_writer("read", e))?;
             let fields = self.index.fields;
@@ -260,7 +264,7 @@ impl Indexer {
             }
             progress(self.added, target);
         }
-        let caught_up = self.added >= self.store.feed.committed();
+        let caught_up = self.added >= self.source.committed();
         let due = last_commit.elapsed() >= self.commit_every;
         if self.added > self.durable && (due || (stopping && caught_up)) {
             *last_commit = Instant::now();

@@ -2,8 +2,10 @@
 //! store and never trusted over it.
 //!
 //! - **Feeding.** Every stored message has a `message_log` position. The
-//!   [`Indexer`] thread waits on the store's [`CommitFeed`](crate::store::CommitFeed),
-//!   reads newly committed messages from redb, adds them, and commits the
+//!   [`Indexer`] thread waits on its [`Source`] — the embedded store's
+//!   [`CommitFeed`](crate::store::CommitFeed), or a PostgreSQL database's
+//!   head polled every 100 ms ([`Polled`]: other nodes write it too) —
+//!   reads newly committed messages, adds them, and commits the
 //!   index about every `index_commit_ms` (at once when it was idle), with the
 //!   last indexed position in the commit payload; the reader is reloaded
 //!   right after each commit (`ReloadPolicy::Manual`).
@@ -39,12 +41,14 @@ mod indexer;
 mod query;
 mod schema;
 mod scrub;
+mod source;
 mod status;
 
 pub use index::SearchIndex;
 pub use indexer::Indexer;
 pub use query::{Hit, MAX_WINDOW, SearchRequest, SearchResponse};
 pub use scrub::spawn_scrub;
+pub use source::{Polled, Source};
 pub use status::IndexStatus;
 
 #[cfg(test)]

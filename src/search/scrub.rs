@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use super::checksums::{CheckError, FileCheck, check_files};
 use super::index::SearchIndex;
+use super::source::Source;
 use super::status::ScrubReport;
-use crate::store::{CommitFeed, now_ms};
+use crate::store::now_ms;
 
 /// Starts the background scrub (`index_scrub_secs`): every `every`, the
 /// checksums of all of the index's files are verified ([`check_files`]) on
@@ -19,7 +20,7 @@ use crate::store::{CommitFeed, now_ms};
 /// `status.stop` is set.
 pub fn spawn_scrub(
     index: Arc<SearchIndex>,
-    wake: Arc<CommitFeed>,
+    wake: Arc<dyn Source>,
     every: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -38,7 +39,7 @@ pub fn spawn_scrub(
                     }
                     std::thread::sleep(left.min(Duration::from_millis(100)));
                 }
-                index.scrub(&wake);
+                index.scrub(wake.as_ref());
             }
         })
 }
@@ -58,7 +59,7 @@ pub(super) fn lower_priority() {
 
 impl SearchIndex {
     /// One scrub pass over the index in use.
-    pub(super) fn scrub(&self, wake: &CommitFeed) {
+    pub(super) fn scrub(&self, wake: &dyn Source) {
         // A rebuild replaces these files anyway.
         if self.status.rebuilding().is_some() || self.status.damage_pending() {
             return;

@@ -46,6 +46,9 @@ pub type Pending<'a, T> = Pin<Box<dyn Future<Output = Result<T, ApiError>> + Sen
 /// What the domains' operations and the surfaces' reads need from a durable
 /// store (see the module docs for the contract).
 pub trait Storage: Send + Sync + 'static {
+    /// Which backend this is: `"embedded"` or `"postgres"` (`/status`).
+    fn backend(&self) -> &'static str;
+
     // --- writes ---------------------------------------------------------
 
     /// Queues `op` (waiting while the backend's queue is full). Its answer
@@ -57,6 +60,9 @@ pub trait Storage: Send + Sync + 'static {
     /// The last committed position of the message stream (every stored
     /// message has one, in commit order); the search indexer follows it.
     fn committed(&self) -> u64;
+    /// The last committed position of the whole store's message stream,
+    /// whoever wrote it (other nodes too, on a shared database).
+    fn head(&self) -> Pending<'_, u64>;
     /// Stored records found damaged since the start.
     fn damaged_records(&self) -> u64;
     /// How transfer ids are shown to clients and parsed from them.

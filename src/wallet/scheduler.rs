@@ -9,24 +9,27 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
+use crate::error::ApiError;
 use crate::store::now_ms;
-use crate::writes::{Op, WalletOp, WriterHandle};
 
 /// Longest sleep between checks (a safety net; changes wake it at once).
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
-/// Runs until shutdown. `offset_ms` shifts the scheduler's clock (drills, tests).
-pub async fn run(
-    writer: WriterHandle,
+/// Runs until shutdown. `run_due(now)` runs what is due at `now` through
+/// the storage (`WalletOp::RunDue`) and answers the next due time.
+/// `offset_ms` shifts the scheduler's clock (drills, tests).
+pub async fn run<F, Fut>(
+    run_due: F,
     wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
     offset_ms: i64,
-) {
+) where
+    F: Fn(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<i64>, ApiError>>,
+{
     let now = || now_ms() + offset_ms;
     loop {
-        let next = writer
-            .call(|reply| Op::Wallet(WalletOp::RunDue { now: now(), reply }))
-            .await;
+        let next = run_due(now()).await;
         let sleep = match next {
             Ok(Some(at)) => {
                 Duration::from_millis((at - now()).clamp(0, MAX_SLEEP.as_millis() as i64) as u64)

@@ -242,6 +242,32 @@ pub fn confab_command(args: &[&str], cwd: &Path) -> Command {
     cmd
 }
 
+/// With `CONFAB_TEST_STORAGE=postgres`, the database a server of this
+/// data directory stores everything in: a fresh one on the test binary's
+/// PostgreSQL server (`pg.rs`) the first time, the same one when a test
+/// starts a server on the directory again (its name is kept in the
+/// directory). None otherwise, or when the test chose its own storage.
+fn test_database(dir: &Path, settings: &[String]) -> Option<String> {
+    if std::env::var("CONFAB_TEST_STORAGE").ok().as_deref() != Some("postgres")
+        || settings.iter().any(|s| s.starts_with("database_url="))
+    {
+        return None;
+    }
+    let kept = dir.join(".test-database-url");
+    if let Ok(url) = std::fs::read_to_string(&kept) {
+        return Some(url);
+    }
+    let server = pg::server();
+    let conn = server.fresh_database("node");
+    let dbname = conn
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .expect("dbname");
+    let url = format!("postgresql://postgres@127.0.0.1:{}/{dbname}", server.port());
+    std::fs::write(&kept, &url).expect("keep the test database's name");
+    Some(url)
+}
+
 fn spawn_server(
     data_dir: &Path,
     settings: &[String],
@@ -253,6 +279,9 @@ fn spawn_server(
     cmd.arg(data_dir);
     for s in settings {
         cmd.arg("--set").arg(s);
+    }
+    if let Some(url) = test_database(data_dir, settings) {
+        cmd.arg("--set").arg(format!("database_url={url}"));
     }
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn confab binary");

@@ -29,6 +29,10 @@ impl Embedded {
 }
 
 impl Storage for Embedded {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
     fn submit(&self, op: Op) -> Pending<'_, ()> {
         Box::pin(self.writer.submit(op))
     }
@@ -39,6 +43,11 @@ impl Storage for Embedded {
 
     fn committed(&self) -> u64 {
         self.store.feed.committed()
+    }
+
+    fn head(&self) -> Pending<'_, u64> {
+        // Only this process writes it.
+        ready(Ok(self.store.feed.committed()))
     }
 
     fn damaged_records(&self) -> u64 {

@@ -16,6 +16,7 @@ use crate::wallet::TransferIds;
 use crate::writes::WalletWiring;
 
 /// What opening a PostgreSQL store needs.
+#[derive(Clone)]
 pub struct PgOptions {
     /// A libpq-style connection string (`host=… port=… user=… dbname=…`;
     /// several hosts with `target_session_attrs=read-write` for failover).
@@ -54,4 +55,30 @@ pub struct BatchState {
     pub last_pos: Option<u64>,
     /// Senders' read positions, moved to their own newest message.
     pub reads: HashMap<(RoomId, UserId), u64>,
+}
+
+/// Why a PostgreSQL store did not open.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The database did not answer (down, failing over, not reachable):
+    /// worth trying again.
+    Unreachable(String),
+    /// It answered no, or cannot be used as configured (wrong credentials,
+    /// no such database, a newer schema, a bad connection string): trying
+    /// again changes nothing.
+    Refused(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Unreachable(why) | OpenError::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<OpenError> for String {
+    fn from(e: OpenError) -> String {
+        e.to_string()
+    }
 }

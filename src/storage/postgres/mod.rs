@@ -25,8 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 
-pub use context::PgOptions;
 use context::Shared;
+pub use context::{OpenError, PgOptions};
 
 use super::{Pending, Storage};
 use crate::error::ApiError;
@@ -66,8 +66,8 @@ impl Postgres {
     /// Connects, brings the schema up to date (refusing a newer one) and
     /// starts the writer thread. Blocks until the database answered; the
     /// error says which database and why.
-    pub fn open(opts: PgOptions) -> Result<(Postgres, std::thread::JoinHandle<()>), String> {
-        let config = pg_config(&opts.url)?;
+    pub fn open(opts: PgOptions) -> Result<(Postgres, std::thread::JoinHandle<()>), OpenError> {
+        let config = pg_config(&opts.url).map_err(OpenError::Refused)?;
         let manager = Manager::from_config(
             config.clone(),
             tokio_postgres::NoTls,
@@ -79,7 +79,7 @@ impl Postgres {
             .max_size(opts.pool_size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
-            .map_err(|e| format!("the database pool: {e}"))?;
+            .map_err(|e| OpenError::Refused(format!("the database pool: {e}")))?;
         let shared = Arc::new(Shared {
             health: Arc::new(StorageHealth::default()),
             committed: AtomicU64::new(0),
@@ -111,6 +111,10 @@ macro_rules! with_conn {
 }
 
 impl Storage for Postgres {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
     fn submit(&self, op: Op) -> Pending<'_, ()> {
         Box::pin(async move {
             self.tx
@@ -126,6 +130,10 @@ impl Storage for Postgres {
 
     fn committed(&self) -> u64 {
         self.shared.committed.load(Ordering::Acquire)
+    }
+
+    fn head(&self) -> Pending<'_, u64> {
+        with_conn!(self, |c| reads::head(c))
     }
 
     fn damaged_records(&self) -> u64 {

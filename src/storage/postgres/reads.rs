@@ -578,3 +578,13 @@ pub async fn messages_at(
         .map_err(db_err)?;
     Ok(rows.iter().map(|r| rows::message(r, ids)).collect())
 }
+
+/// The last committed position of the message stream (`meta.log_pos`: a
+/// writer's increment is invisible until its commit).
+pub async fn head(c: &Client) -> Result<u64, ApiError> {
+    let row = c
+        .query_one("SELECT value FROM meta WHERE key = 'log_pos'", &[])
+        .await
+        .map_err(db_err)?;
+    Ok(row.get::<_, i64>(0) as u64)
+}

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, Transaction};
 
 use super::chat;
-use super::context::{BatchState, Ctx, PgOptions, Shared};
+use super::context::{BatchState, Ctx, OpenError, PgOptions, Shared};
 use super::rows::db_err;
 use super::schema;
 use super::wallet;
@@ -58,11 +58,11 @@ pub(super) fn spawn(
     opts: PgOptions,
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Op>,
-) -> Result<std::thread::JoinHandle<()>, String> {
+) -> Result<std::thread::JoinHandle<()>, OpenError> {
     let mut config = config;
     // Told apart from the readers' connections in `pg_stat_activity`.
     config.application_name("confab-writer");
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), OpenError>>();
     let join = std::thread::Builder::new()
         .name("pg-writer".into())
         .spawn(move || {
@@ -72,7 +72,9 @@ pub(super) fn spawn(
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(format!("the writer's runtime: {e}")));
+                    let _ = ready_tx.send(Err(OpenError::Refused(format!(
+                        "the writer's runtime: {e}"
+                    ))));
                     return;
                 }
             };
@@ -80,16 +82,27 @@ pub(super) fn spawn(
                 let mut client = match connect(&config).await {
                     Ok(c) => c,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(format!(
+                        let why = format!(
                             "cannot reach the database at {}: {}",
                             describe(&config),
                             super::rows::describe_error(&e)
-                        )));
+                        );
+                        let _ = ready_tx.send(Err(if refused(&e) {
+                            OpenError::Refused(why)
+                        } else {
+                            OpenError::Unreachable(why)
+                        }));
                         return;
                     }
                 };
                 if let Err(e) = schema::migrate(&mut client).await {
-                    let _ = ready_tx.send(Err(e));
+                    // A migration cut short by a lost connection is tried
+                    // again; any other failure is the database's answer.
+                    let _ = ready_tx.send(Err(if client.is_closed() {
+                        OpenError::Unreachable(e)
+                    } else {
+                        OpenError::Refused(e)
+                    }));
                     return;
                 }
                 match client
@@ -100,10 +113,10 @@ pub(super) fn spawn(
                         .committed
                         .store(row.get::<_, i64>(0) as u64, Ordering::Release),
                     Err(e) => {
-                        let _ = ready_tx.send(Err(format!(
+                        let _ = ready_tx.send(Err(OpenError::Unreachable(format!(
                             "reading the database: {}",
                             super::rows::describe_error(&e)
-                        )));
+                        ))));
                         return;
                     }
                 }
@@ -131,7 +144,7 @@ pub(super) fn spawn(
                 writer.run(client, rx).await;
             });
         })
-        .map_err(|e| format!("starting the database writer: {e}"))?;
+        .map_err(|e| OpenError::Refused(format!("starting the database writer: {e}")))?;
     match ready_rx.recv() {
         Ok(Ok(())) => Ok(join),
         Ok(Err(e)) => {
@@ -140,9 +153,19 @@ pub(super) fn spawn(
         }
         Err(_) => {
             let _ = join.join();
-            Err("the database writer stopped while starting".into())
+            Err(OpenError::Refused(
+                "the database writer stopped while starting".into(),
+            ))
         }
     }
+}
+
+/// Whether a failed connection is the database's refusal (wrong
+/// credentials or no such database: SQLSTATE classes 28 and 3D) rather
+/// than an unreachable host.
+fn refused(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|d| matches!(&d.code().code()[..2], "28" | "3D"))
 }
 
 /// Hosts and database of a config, for messages (never the password).
@@ -341,14 +364,15 @@ impl Writer {
     }
 
     fn failed(&mut self, effects: Vec<Effect>, e: &ApiError) {
+        metrics::counter!("confab_commit_failures_total").increment(1);
         self.ctx.shared.health.batch_failed(e);
         fail_effects(effects, e);
     }
 
     fn measured(&mut self, ops: usize, started: Instant) {
         let secs = started.elapsed().as_secs_f64();
-        metrics::histogram!("confab_db_commit_seconds").record(secs);
-        metrics::histogram!("confab_db_batch_ops").record(ops as f64);
+        metrics::histogram!("confab_commit_duration_seconds").record(secs);
+        metrics::histogram!("confab_commit_batch_size").record(ops as f64);
         for s in &mut self.subscribers {
             s.measured(ops, secs);
         }
