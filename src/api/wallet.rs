@@ -16,9 +16,9 @@ use crate::wallet;
 use crate::writes::{Op, WalletOp};
 
 /// The one answer for a transfer that is missing, malformed or not the
-/// caller's to see (the writer's `cancel` answers the same).
+/// caller's to see (the writers' cancel answers the same).
 fn not_found() -> ApiError {
-    ApiError::not_found("transfer_not_found", "no such transfer")
+    wallet::rules::transfer_not_found()
 }
 
 /// The stored id behind a public transfer id.

@@ -21,6 +21,44 @@ use crate::error::ApiError;
 use crate::frames::{Message, Room, User};
 use crate::ids::{RoomId, UserId};
 
+/// One room of `user`'s room list: its view with `last_message`, the
+/// user's `unread` count and `reads` (every member's read position by user
+/// id, from `reads`: the caller's gives `unread`, the others' let a client
+/// show read ticks right after a reload); and its activity, which orders
+/// the list: the last message's time, else the room's creation (an
+/// unreadable last message has no time of its own).
+pub fn room_list_entry(
+    view: &Room,
+    last: Option<&Message>,
+    reads: &[(UserId, u64)],
+    user: UserId,
+) -> Result<(i64, serde_json::Value), ApiError> {
+    let mut by_user = serde_json::Map::new();
+    let mut read_seq = 0;
+    for &(member, seq) in reads {
+        if member == user {
+            read_seq = seq;
+        }
+        by_user.insert(member.to_string(), seq.into());
+    }
+    let activity = last
+        .filter(|m| !m.unreadable)
+        .map(|m| m.ts)
+        .unwrap_or(view.created_at);
+    let mut v = serde_json::to_value(view).map_err(ApiError::internal)?;
+    v["last_message"] = serde_json::to_value(last).map_err(ApiError::internal)?;
+    v["unread"] = view.last_seq.saturating_sub(read_seq).into();
+    v["reads"] = by_user.into();
+    Ok((activity, v))
+}
+
+/// A room list of [`room_list_entry`]s, most recent activity first; the
+/// sort is stable (equal activity keeps the order given: room ids').
+pub fn by_activity(mut entries: Vec<(i64, serde_json::Value)>) -> Vec<serde_json::Value> {
+    entries.sort_by_key(|x| std::cmp::Reverse(x.0));
+    entries.into_iter().map(|(_, v)| v).collect()
+}
+
 /// The read side of the store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -302,34 +340,15 @@ impl Store {
                     continue;
                 };
                 let last = last_message(&messages, room, &self.transfer_ids)?;
-                // Every member's read position: the caller's gives `unread`, the
-                // others' let a client show read ticks right after a reload.
-                let mut reads = serde_json::Map::new();
-                let mut read_seq = 0;
+                let mut reads = Vec::new();
                 for entry in members.range((room.0, 0)..=(room.0, u64::MAX))? {
                     let (k, g) = entry?;
-                    let member = k.value().1;
-                    let seq =
-                        seal::open::<MemberRecord, _>(Rec::Members, k.value(), g.value())?.read_seq;
-                    if member == user.0 {
-                        read_seq = seq;
-                    }
-                    reads.insert(UserId(member).to_string(), seq.into());
+                    let rec: MemberRecord = seal::open(Rec::Members, k.value(), g.value())?;
+                    reads.push((UserId(k.value().1), rec.read_seq));
                 }
-                // An unreadable last message has no time of its own.
-                let activity = last
-                    .as_ref()
-                    .filter(|m| !m.unreadable)
-                    .map(|m| m.ts)
-                    .unwrap_or(view.created_at);
-                let mut v = serde_json::to_value(&view).map_err(ApiError::internal)?;
-                v["last_message"] = serde_json::to_value(&last).map_err(ApiError::internal)?;
-                v["unread"] = view.last_seq.saturating_sub(read_seq).into();
-                v["reads"] = reads.into();
-                out.push((activity, v));
+                out.push(room_list_entry(&view, last.as_ref(), &reads, user)?);
             }
-            out.sort_by_key(|x| std::cmp::Reverse(x.0));
-            Ok(out.into_iter().map(|(_, v)| v).collect())
+            Ok(by_activity(out))
         })
     }
 

@@ -40,12 +40,22 @@ impl Audience {
         owner: UserId,
         viewer: UserId,
     ) -> Result<bool, ApiError> {
-        Ok(owner == viewer
+        let is_contact = self == Audience::Contacts
+            && owner != viewer
+            && contacts.get((owner.0, viewer.0))?.is_some();
+        Ok(self.admits_given(owner, viewer, is_contact))
+    }
+
+    /// Whether `viewer` is in `owner`'s audience, `is_contact` saying
+    /// whether `viewer` is in `owner`'s contacts: `owner` themselves
+    /// always is.
+    pub fn admits_given(self, owner: UserId, viewer: UserId, is_contact: bool) -> bool {
+        owner == viewer
             || match self {
                 Audience::Everyone => true,
-                Audience::Contacts => contacts.get((owner.0, viewer.0))?.is_some(),
+                Audience::Contacts => is_contact,
                 Audience::Nobody => false,
-            })
+            }
     }
 }
 

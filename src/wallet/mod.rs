@@ -11,10 +11,12 @@
 //! the transfer's state and its chat message, so it happens once or not at
 //! all. All wallet writes run in the `GroupCommitWriter` (`writes/mod.rs`,
 //! `apply_wallet`), never elsewhere; this module holds the types, the rules
-//! and the client's view of a transfer. The reads are the storage's
+//! (what both backends' writers apply, in [`rules`]) and the client's view
+//! of a transfer. The reads are the storage's
 //! (`storage::Storage::balance`, …; the embedded store's in
 //! `storage/embedded/ledger.rs`).
 
+pub mod rules;
 pub mod scheduler;
 
 pub use crate::store::ledger::{EntryRecord, Repeat, State, TransferRecord, decode_transfer};

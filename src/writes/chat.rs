@@ -2,11 +2,13 @@
 //! big match over [`Op`] (messages with seq assignment and `client_id`
 //! dedup, rooms, members, contacts, accounts, tokens, privacy, read
 //! positions), and the records and effects each one leaves; the wallet's
-//! ops are handed to `writes/wallet.rs`.
+//! ops are handed to `writes/wallet.rs`. What is allowed is decided by
+//! [`super::rules`], which the PostgreSQL backend applies too.
 
 use redb::{ReadableTable, Table};
 
 use super::base::*;
+use super::rules;
 use crate::error::ApiError;
 use crate::frames::{self};
 use crate::hub::OutFrame;
@@ -115,11 +117,7 @@ impl GroupCommitWriter {
             } => {
                 let key = username.to_lowercase();
                 let result = if t.usernames.get(key.as_str())?.is_some() {
-                    Err(ApiError::new(
-                        hyper::StatusCode::CONFLICT,
-                        "username_taken",
-                        "that username is taken",
-                    ))
+                    Err(rules::username_taken())
                 } else {
                     let mut id = UserId::random();
                     while t.users.get(id.0)?.is_some()
@@ -143,9 +141,7 @@ impl GroupCommitWriter {
                     if bonus > 0 && wallet_here {
                         let mut ignored = Default::default();
                         self.credit(t, id, bonus, None, &mut ignored)?
-                            .map_err(|e| {
-                                ApiError::internal(format!("signup bonus: {}", e.message))
-                            })?;
+                            .map_err(crate::wallet::rules::signup_bonus_failed)?;
                     } else if bonus > 0 {
                         // The ledger lives on the wallet node: credit there,
                         // once, through the outbox.
@@ -177,10 +173,7 @@ impl GroupCommitWriter {
                 };
                 let result = match found {
                     None => Err(ApiError::user_not_found()),
-                    Some(id) if id == owner.0 => Err(ApiError::bad_request(
-                        "bad_request",
-                        "you cannot add yourself as a contact",
-                    )),
+                    Some(id) if id == owner.0 => Err(rules::cannot_add_yourself()),
                     Some(id) => {
                         let user =
                             user_in(&t.users, UserId(id))?.ok_or_else(ApiError::user_not_found)?;
@@ -203,10 +196,7 @@ impl GroupCommitWriter {
             }
             Op::CreateDirect { a, b, reply } => {
                 let result = if a == b {
-                    Err(ApiError::bad_request(
-                        "bad_request",
-                        "a direct chat needs another user",
-                    ))
+                    Err(rules::direct_needs_another_user())
                 } else if t.users.get(b.0)?.is_none() {
                     Err(ApiError::user_not_found())
                 } else {
@@ -227,17 +217,9 @@ impl GroupCommitWriter {
                 placement,
                 reply,
             } => {
-                // The owner joins first; then the others in id order.
-                let mut ids = members;
-                ids.retain(|&id| id != owner);
-                ids.sort();
-                ids.dedup();
-                ids.insert(0, owner);
-                if ids.len() > self.max_group_members {
-                    return Ok(reply_after_commit(
-                        reply,
-                        Err(too_many_members(self.max_group_members)),
-                    ));
+                let ids = rules::group_members_in_order(owner, members);
+                if let Err(e) = rules::check_group_size(ids.len(), self.max_group_members) {
+                    return Ok(reply_after_commit(reply, Err(e)));
                 }
                 for id in &ids {
                     if t.users.get(id.0)?.is_none() {
@@ -275,28 +257,20 @@ impl GroupCommitWriter {
                 reply,
             } => {
                 let result = (|| {
-                    let members = self.check_member(t, room, by)?;
-                    if room.is_direct() {
-                        return Err(direct_room_error());
-                    }
+                    let members = self.members(t, room)?;
+                    rules::check_member_change(room, &members, by)?;
                     if t.users.get(user.0)?.is_none() {
                         return Err(ApiError::user_not_found());
                     }
                     if members.binary_search(&user).is_err() {
-                        if members.len() >= self.max_group_members {
-                            return Err(too_many_members(self.max_group_members));
-                        }
+                        rules::check_group_size(members.len() + 1, self.max_group_members)?;
                         Self::may_add(t, by, user)??;
                         self.add_member(t, room, user)?;
                     }
                     room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
                         .ok_or_else(ApiError::room_not_found)
                 })();
-                match result {
-                    Ok(view) => announce_and_reply(view, reply),
-                    Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
-                    Err(e) => return Err(e),
-                }
+                answer_change(result, reply, announce_and_reply)?
             }
             Op::RemoveMember {
                 room,
@@ -305,26 +279,14 @@ impl GroupCommitWriter {
                 reply,
             } => {
                 let result = (|| {
-                    let members = self.check_member(t, room, by)?;
-                    if room.is_direct() {
-                        return Err(direct_room_error());
-                    }
-                    if members.binary_search(&user).is_err() {
-                        return Err(ApiError::not_found(
-                            "user_not_found",
-                            "that user is not a member of this room",
-                        ));
-                    }
+                    let members = self.members(t, room)?;
+                    rules::check_member_change(room, &members, by)?;
+                    rules::check_is_member(&members, user)?;
                     let rec: RoomRecord = match t.rooms.get(room.0)? {
                         Some(g) => seal::open(Rec::Rooms, room.0, g.value())?,
                         None => return Err(ApiError::room_not_found()),
                     };
-                    if by != user && rec.owner != Some(by.0) {
-                        return Err(ApiError::forbidden(
-                            "forbidden",
-                            "only the group's owner can remove other members",
-                        ));
-                    }
+                    rules::check_may_remove(by, user, rec.owner.map(UserId))?;
                     t.members.remove((room.0, user.0))?;
                     t.user_rooms.remove((user.0, room.0))?;
                     self.state.members.remove(&room);
@@ -349,11 +311,9 @@ impl GroupCommitWriter {
                     room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
                         .ok_or_else(ApiError::room_not_found)
                 })();
-                match result {
-                    Ok(view) => member_removed(view, user, reply),
-                    Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
-                    Err(e) => return Err(e),
-                }
+                answer_change(result, reply, |view, reply| {
+                    member_removed(view, user, reply)
+                })?
             }
             Op::Revoke { jti, exp, reply } => {
                 t.revoked.insert(jti.as_str(), exp)?;
@@ -377,10 +337,7 @@ impl GroupCommitWriter {
                 reply,
             } => {
                 let before = privacy_in(&t.privacy, user)?;
-                let after = Privacy {
-                    presence: presence.unwrap_or(before.presence),
-                    group_adds: group_adds.unwrap_or(before.group_adds),
-                };
+                let after = rules::privacy_after(before, presence, group_adds);
                 if after != before {
                     t.privacy.insert(
                         user.0,
@@ -441,10 +398,7 @@ impl GroupCommitWriter {
             Some(g) => seal::open::<UserRecord, _>(Rec::Users, user.0, g.value())?.username,
             None => user.to_string(),
         };
-        Ok(Err(ApiError::forbidden(
-            "not_allowed",
-            format!("{name} does not let you add them to groups (their privacy settings)"),
-        )))
+        Ok(Err(rules::not_allowed_to_add(&name)))
     }
 }
 /// Stores a profile-only record of a user from another node, unless known.
@@ -535,20 +489,6 @@ impl GroupCommitWriter {
     }
 }
 
-pub fn too_many_members(max: usize) -> ApiError {
-    ApiError::bad_request(
-        "too_many_members",
-        format!("a group has at most {max} members"),
-    )
-}
-
-pub fn direct_room_error() -> ApiError {
-    ApiError::bad_request(
-        "direct_room",
-        "a direct chat always has exactly its two members",
-    )
-}
-
 /// Moves a member's read position forward; returns whether it moved.
 pub(super) fn bump_read(
     members: &mut Table<(u64, u64), &'static [u8]>,
@@ -582,6 +522,21 @@ pub fn reply_after_commit<T: Send + 'static>(
     Effect::Done(Box::new(move |_| {
         let _ = reply.send(result);
     }))
+}
+
+/// The effect of a change that may be refused: done, `then`'s (what it
+/// tells and answers after the commit); refused (a client error), that
+/// answer after the commit; any other error fails the batch.
+pub fn answer_change<T, R: Send + 'static>(
+    result: Result<T, ApiError>,
+    reply: Reply<R>,
+    then: impl FnOnce(T, Reply<R>) -> Effect,
+) -> Result<Effect, ApiError> {
+    match result {
+        Ok(done) => Ok(then(done, reply)),
+        Err(e) if e.status.is_client_error() => Ok(reply_after_commit(reply, Err(e))),
+        Err(e) => Err(e),
+    }
 }
 
 /// After a commit that opened a direct chat (`created`: it is new): tell

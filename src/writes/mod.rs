@@ -15,6 +15,7 @@ mod deliver;
 mod domain;
 pub mod outbox;
 pub mod publish;
+pub mod rules;
 mod wallet;
 
 pub use base::{
@@ -22,8 +23,7 @@ pub use base::{
     announce_room, fail_effects, fail_origin,
 };
 pub use chat::{
-    announce_and_reply, direct_opened, direct_room_error, member_removed, reply_after_commit,
-    too_many_members,
+    announce_and_reply, answer_change, direct_opened, member_removed, reply_after_commit,
 };
 pub use deliver::Delivery;
 pub use wallet::{Notices, announce_wallet};

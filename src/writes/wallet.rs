@@ -1,6 +1,8 @@
 //! Wallet writes, applied inside the writer's transaction (see
-//! [`crate::wallet`] for the model). A transfer's ledger entries, balances,
-//! state change and payment message commit together or not at all.
+//! [`crate::wallet`] for the model, and [`crate::wallet::rules`] for the
+//! rules this and the PostgreSQL backend apply). A transfer's ledger
+//! entries, balances, state change and payment message commit together or
+//! not at all.
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
@@ -11,9 +13,9 @@ use crate::hub::OutFrame;
 use crate::ids::{RoomId, UserId};
 use crate::store::seal::seal;
 use crate::store::*;
+use crate::wallet::rules::{self, Cancelling, count};
 use crate::wallet::{
-    self, EntryRecord, ISSUER, MAX_AMOUNT, MAX_CATCH_UP_RUNS, State, TransferRecord,
-    TransferRequest, TransferView,
+    self, EntryRecord, ISSUER, State, TransferRecord, TransferRequest, TransferView,
 };
 
 /// What a committed wallet change tells whom (gathered by either backend's
@@ -26,14 +28,6 @@ pub struct Notices {
     pub frames: Vec<(UserId, TransferView)>,
     /// The schedule changed: wake the scheduler.
     pub wake: bool,
-}
-
-fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(hyper::StatusCode::CONFLICT, code, message)
-}
-
-fn count(outcome: &'static str) {
-    metrics::counter!("confab_wallet_transfers_total", "outcome" => outcome).increment(1);
 }
 
 /// After a wallet change's commit: fans out its payment messages (and a
@@ -178,15 +172,17 @@ impl GroupCommitWriter {
         )
     }
 
+    /// Appends a transfer's ledger entries ([`rules::entries`]) and sets
+    /// the accounts' balances.
+    fn entries(t: &mut Tables, entries: [(u64, EntryRecord); 2]) -> Result<(), ApiError> {
+        for (account, rec) in entries {
+            Self::entry(t, account, &rec)?;
+        }
+        Ok(())
+    }
+
     /// Appends one ledger entry and sets the account's balance.
-    fn entry(
-        t: &mut Tables,
-        account: u64,
-        transfer: u64,
-        delta: i64,
-        balance: u64,
-        ts: i64,
-    ) -> Result<(), ApiError> {
+    fn entry(t: &mut Tables, account: u64, rec: &EntryRecord) -> Result<(), ApiError> {
         let n = t
             .wallet_entries
             .range((account, 0)..=(account, u64::MAX))?
@@ -194,17 +190,11 @@ impl GroupCommitWriter {
             .transpose()?
             .map(|(k, _)| k.value().1 + 1)
             .unwrap_or(1);
-        let rec = EntryRecord {
-            transfer,
-            delta,
-            balance_after: balance,
-            ts,
-        };
         t.wallet_entries.insert(
             (account, n),
-            seal(Rec::WalletEntries, (account, n), encode(&rec)).as_slice(),
+            seal(Rec::WalletEntries, (account, n), encode(rec)).as_slice(),
         )?;
-        t.wallet_accounts.insert(account, balance)?;
+        t.wallet_accounts.insert(account, rec.balance_after)?;
         Ok(())
     }
 
@@ -216,42 +206,20 @@ impl GroupCommitWriter {
         key: Option<&str>,
         notices: &mut Notices,
     ) -> Result<Result<u64, ApiError>, ApiError> {
-        if amount == 0 || amount > MAX_AMOUNT {
-            return Ok(Err(ApiError::bad_request(
-                "invalid_amount",
-                format!("amount must be 1..={MAX_AMOUNT}"),
-            )));
-        }
-        let balance = Self::balance(t, user.0)?;
-        let Some(new_balance) = balance.checked_add(amount).filter(|b| *b <= MAX_AMOUNT) else {
-            return Ok(Err(conflict(
-                "balance_limit",
-                format!("a balance may not exceed {MAX_AMOUNT}"),
-            )));
+        let new_balance = match rules::credited_balance(Self::balance(t, user.0)?, amount) {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(e)),
         };
         let issued = Self::balance(t, ISSUER)?
             .checked_add(amount)
             .ok_or_else(|| ApiError::internal("issued total overflow"))?;
         let now = now_ms();
         let id = Self::next_transfer_id(t)?;
-        let rec = TransferRecord {
-            from: ISSUER,
-            to: user.0,
-            amount,
-            note: Some("credit".into()),
-            key: key.map_or_else(|| format!("credit-{id}"), str::to_string),
-            state: State::Executed,
-            created_at: now,
-            execute_at: now,
-            executed_at: Some(now),
-            repeat: None,
-            parent: None,
-            runs: 0,
-            failure: None,
-            requested_at: None,
-        };
-        Self::entry(t, ISSUER, id, -(amount as i64), issued, now)?;
-        Self::entry(t, user.0, id, amount as i64, new_balance, now)?;
+        let rec = rules::credit_record(id, user, amount, key, now);
+        Self::entries(
+            t,
+            rules::entries(id, (ISSUER, issued), (user.0, new_balance), amount, now),
+        )?;
         Self::save(t, id, &rec)?;
         if let Some(k) = key {
             t.wallet_keys.insert((ISSUER, k), id)?;
@@ -278,47 +246,26 @@ impl GroupCommitWriter {
         {
             let rec = Self::load(t, id)?
                 .ok_or_else(|| ApiError::internal("idempotency key without transfer"))?;
-            if !req.same_as(&rec) {
-                count("conflict");
-                return Ok(Err(conflict(
-                    "idempotency_conflict",
-                    "this idempotency_key was already used for a different transfer",
-                )));
+            if let Err(e) = rules::check_replay(&req, &rec) {
+                return Ok(Err(e));
             }
-            count("replayed");
             return Ok(Ok((self.view_for(t, id, &rec, from.0), true)));
         }
         let now = now_ms();
-        if let Err(e) = req.check_new(now) {
-            count("rejected");
+        let to_exists = t.users.get(req.to.0)?.is_some();
+        if let Err(e) = rules::check_new_transfer(&req, now, to_exists) {
             return Ok(Err(e));
         }
-        if t.users.get(req.to.0)?.is_none() {
-            count("rejected");
-            return Ok(Err(ApiError::user_not_found()));
-        }
-        let scheduled = req.repeat.is_some() || req.execute_at.is_some_and(|at| at > now);
-        if scheduled && let Err(e) = self.room_to_schedule(t, from)? {
-            // Nothing is stored: the same key may be retried later.
-            count("rejected");
+        let scheduled = req.is_scheduled(now);
+        if scheduled
+            && let Err(e) = rules::check_room_to_schedule(
+                self.pending(t, from)?,
+                self.wallet.settings.max_scheduled,
+            )
+        {
             return Ok(Err(e));
         }
-        let mut rec = TransferRecord {
-            from: from.0,
-            to: req.to.0,
-            amount: req.amount,
-            note: req.note.clone(),
-            key: req.key.clone(),
-            state: State::Scheduled,
-            created_at: now,
-            execute_at: req.execute_at.unwrap_or(now),
-            executed_at: None,
-            repeat: req.repeat,
-            parent: None,
-            runs: 0,
-            failure: None,
-            requested_at: req.execute_at,
-        };
+        let mut rec = req.record(from, now);
         let id = Self::next_transfer_id(t)?;
         if scheduled {
             t.wallet_schedule.insert((rec.execute_at, id), ())?;
@@ -342,29 +289,20 @@ impl GroupCommitWriter {
         Ok(Ok((self.view_for(t, id, &rec, from.0), false)))
     }
 
-    /// Room for one more scheduled transfer of `from`: fewer than
-    /// `max_scheduled_transfers` in `wallet_pending` (a range of at most
-    /// that many keys), else 409 `too_many_scheduled`.
-    fn room_to_schedule(&self, t: &Tables, from: UserId) -> Result<Result<(), ApiError>, ApiError> {
-        let max = self.wallet.settings.max_scheduled;
+    /// How many scheduled transfers of `from` wait in `wallet_pending`,
+    /// counted up to `max_scheduled_transfers` (a range of at most that
+    /// many keys): what [`rules::check_room_to_schedule`] needs.
+    fn pending(&self, t: &Tables, from: UserId) -> Result<usize, ApiError> {
         let mut pending = 0usize;
         for entry in t
             .wallet_pending
             .range((from.0, 0)..=(from.0, u64::MAX))?
-            .take(max)
+            .take(self.wallet.settings.max_scheduled)
         {
             entry?;
             pending += 1;
         }
-        if pending < max {
-            return Ok(Ok(()));
-        }
-        Ok(Err(conflict(
-            "too_many_scheduled",
-            format!(
-                "at most {max} scheduled transfers may wait at a time: cancel one, or wait until one has run"
-            ),
-        )))
+        Ok(pending)
     }
 
     /// Moves the money of `rec` now and posts its payment message. A refusal
@@ -379,30 +317,14 @@ impl GroupCommitWriter {
         now: i64,
         notices: &mut Notices,
     ) -> Result<Result<(), ApiError>, ApiError> {
-        let from_balance = Self::balance(t, rec.from)?;
-        let Some(from_after) = from_balance.checked_sub(rec.amount) else {
-            return Ok(Err(conflict(
-                "insufficient_funds",
-                format!(
-                    "not enough money: the balance is {}",
-                    wallet::format_amount(from_balance, &self.wallet.settings.currency)
-                ),
-            )));
+        let balances = (Self::balance(t, rec.from)?, Self::balance(t, rec.to)?);
+        let currency = &self.wallet.settings.currency;
+        let moved = match rules::transfer_entries(id, rec, balances, currency, now) {
+            Ok(moved) => moved,
+            Err(e) => return Ok(Err(e)),
         };
-        let to_balance = Self::balance(t, rec.to)?;
-        let Some(to_after) = to_balance
-            .checked_add(rec.amount)
-            .filter(|b| *b <= MAX_AMOUNT)
-        else {
-            return Ok(Err(conflict(
-                "balance_limit",
-                "the recipient's balance would exceed the limit",
-            )));
-        };
-        Self::entry(t, rec.from, id, -(rec.amount as i64), from_after, now)?;
-        Self::entry(t, rec.to, id, rec.amount as i64, to_after, now)?;
-        rec.state = State::Executed;
-        rec.executed_at = Some(now);
+        Self::entries(t, moved)?;
+        rules::mark_executed(rec, now);
         t.wallet_user_transfers.insert((rec.to, id), ())?;
         if let Some(msg) = self.payment_message(t, id, rec, now)? {
             notices.messages.push(msg);
@@ -427,11 +349,7 @@ impl GroupCommitWriter {
         now: i64,
     ) -> Result<Option<(Message, Option<Room>)>, ApiError> {
         let (from, to) = (UserId(rec.from), UserId(rec.to));
-        let amount = wallet::format_amount(rec.amount, &self.wallet.settings.currency);
-        let text = match &rec.note {
-            Some(n) => format!("💸 {amount} · {n}"),
-            None => format!("💸 {amount}"),
-        };
+        let pay = rules::payment_message(id, rec, &self.wallet.settings.currency);
         if let Some(c) = &self.wallet.placement
             && !c.owns(RoomId::direct(from, to).0)
         {
@@ -443,11 +361,11 @@ impl GroupCommitWriter {
             let item = crate::writes::outbox::OutboxItem::Payment {
                 from: from_user,
                 to: to_user,
-                client_id: format!("pay-{}", wallet::stored_hex(id)),
-                text,
-                transfer: id,
-                amount: rec.amount,
-                note: rec.note.clone(),
+                client_id: pay.client_id,
+                text: pay.text,
+                transfer: pay.payment.transfer,
+                amount: pay.payment.amount,
+                note: pay.payment.note,
             };
             self.outbox_push(t, &item)?;
             return Ok(None);
@@ -457,16 +375,10 @@ impl GroupCommitWriter {
         let mrec = MessageRecord {
             from: rec.from,
             ts: now,
-            // The stored id: stable whatever the key of public ids (shown
-            // as the public id by `Message::from_record`).
-            client_id: format!("pay-{}", wallet::stored_hex(id)),
-            text,
-            payment: Some(PaymentInfo {
-                transfer: id,
-                amount: rec.amount,
-                to: rec.to,
-                note: rec.note.clone(),
-            }),
+            // Shown as the transfer's public id by `Message::from_record`.
+            client_id: pay.client_id,
+            text: pay.text,
+            payment: Some(pay.payment),
         };
         t.messages
             .insert((room.0, seq), mrec.sealed(room, seq).as_slice())?;
@@ -502,33 +414,13 @@ impl GroupCommitWriter {
         id: u64,
         notices: &mut Notices,
     ) -> Result<Result<TransferView, ApiError>, ApiError> {
-        let not_found = || ApiError::not_found("transfer_not_found", "no such transfer");
-        let Some(mut rec) = Self::load(t, id)? else {
-            return Ok(Err(not_found()));
+        let rec = match rules::cancelling(Self::load(t, id)?, by) {
+            Ok(Cancelling::Now(rec)) => rec,
+            Ok(Cancelling::Already(rec)) => return Ok(Ok(self.view_for(t, id, &rec, by.0))),
+            Err(e) => return Ok(Err(e)),
         };
-        // A transfer the caller may not see answers exactly as a missing one.
-        if !rec.visible_to(by.0) {
-            return Ok(Err(not_found()));
-        }
-        if rec.from != by.0 {
-            return Ok(Err(ApiError::forbidden(
-                "forbidden",
-                "only the sender can cancel a transfer",
-            )));
-        }
-        match rec.state {
-            State::Cancelled => return Ok(Ok(self.view_for(t, id, &rec, by.0))),
-            State::Scheduled => {}
-            State::Executed | State::Failed => {
-                return Ok(Err(conflict(
-                    "not_cancellable",
-                    format!("the transfer has already {}", rec.state.name()),
-                )));
-            }
-        }
         t.wallet_schedule.remove((rec.execute_at, id))?;
         t.wallet_pending.remove((rec.from, id))?;
-        rec.state = State::Cancelled;
         Self::save(t, id, &rec)?;
         notices.wake = true;
         let view = self.view_for(t, id, &rec, by.0);
@@ -552,8 +444,7 @@ impl GroupCommitWriter {
             if rec.state != State::Scheduled {
                 continue;
             }
-            metrics::histogram!("confab_wallet_scheduler_lag_seconds")
-                .record((now - at).max(0) as f64 / 1000.0);
+            rules::record_lag(at, now);
             match rec.repeat {
                 None => {
                     // Executed or failed: either way no longer pending.
@@ -561,36 +452,16 @@ impl GroupCommitWriter {
                     self.run_once(t, id, &mut rec, now, notices)?;
                 }
                 Some(repeat) => {
-                    let first = rec.requested_at.unwrap_or(rec.execute_at);
-                    let mut made = 0;
-                    while made < MAX_CATCH_UP_RUNS {
-                        let k = rec.runs;
-                        let run_at = wallet::run_time(first, repeat, k);
-                        if run_at > now {
-                            break;
-                        }
+                    for (k, run_at) in rules::due_runs(&rec, repeat, now) {
                         // One run: its own transfer, keyed by (recurring id, run number).
                         let child_id = Self::next_transfer_id(t)?;
-                        let mut child = TransferRecord {
-                            key: format!("{}#{k}", rec.key),
-                            state: State::Scheduled,
-                            created_at: now,
-                            execute_at: run_at,
-                            executed_at: None,
-                            repeat: None,
-                            parent: Some((id, k)),
-                            runs: 0,
-                            failure: None,
-                            requested_at: Some(run_at),
-                            ..rec.clone()
-                        };
+                        let mut child = rules::run_record(id, &rec, k, run_at, now);
                         self.run_once(t, child_id, &mut child, now, notices)?;
                         // The recipient's row only if it ran (`execute`).
                         t.wallet_user_transfers.insert((rec.from, child_id), ())?;
                         rec.runs += 1;
-                        made += 1;
                     }
-                    rec.execute_at = wallet::run_time(first, repeat, rec.runs);
+                    rec.execute_at = rules::next_run(&rec, repeat);
                     t.wallet_schedule.insert((rec.execute_at, id), ())?;
                     Self::save(t, id, &rec)?;
                 }
@@ -609,9 +480,7 @@ impl GroupCommitWriter {
         notices: &mut Notices,
     ) -> Result<(), ApiError> {
         if let Err(e) = self.execute(t, id, rec, now, notices)? {
-            rec.state = State::Failed;
-            rec.executed_at = Some(now);
-            rec.failure = Some(e.message.clone());
+            rules::mark_failed(rec, now, &e);
             notices
                 .frames
                 .push((UserId(rec.from), self.view_for(t, id, rec, rec.from)));

@@ -8,7 +8,7 @@ use super::context::Ctx;
 use super::ledger::{self, TRANSFER_COLUMNS, repeat_code, state_code, transfer_record};
 use super::rows::{b, db_err, u};
 use crate::error::ApiError;
-use crate::wallet::{TransferRecord, TransferView};
+use crate::wallet::{EntryRecord, TransferRecord, TransferView};
 
 /// Locks these accounts' rows (inserting a missing one with balance 0
 /// first), in ascending `bigint` order. Locking again what this
@@ -165,16 +165,21 @@ pub(super) async fn view_for(
     .await
 }
 
+/// Appends a transfer's ledger entries (`wallet::rules::entries`) and
+/// sets the accounts' balances. The caller holds the accounts' locks.
+pub(super) async fn entries(
+    txn: &Transaction<'_>,
+    entries: [(u64, EntryRecord); 2],
+) -> Result<(), ApiError> {
+    for (account, rec) in &entries {
+        entry(txn, *account, rec).await?;
+    }
+    Ok(())
+}
+
 /// Appends one ledger entry (number: the account's last plus one) and sets
 /// the account's balance. The caller holds the account's lock.
-pub(super) async fn entry(
-    txn: &Transaction<'_>,
-    account: u64,
-    transfer: u64,
-    delta: i64,
-    balance: u64,
-    ts: i64,
-) -> Result<(), ApiError> {
+async fn entry(txn: &Transaction<'_>, account: u64, rec: &EntryRecord) -> Result<(), ApiError> {
     txn.execute(
         "WITH e AS (
              INSERT INTO wallet_entries (account, n, transfer, delta, balance_after, ts)
@@ -183,7 +188,13 @@ pub(super) async fn entry(
          )
          INSERT INTO wallet_accounts (account, balance) VALUES ($1, $4)
          ON CONFLICT (account) DO UPDATE SET balance = EXCLUDED.balance",
-        &[&b(account), &b(transfer), &delta, &b(balance), &ts],
+        &[
+            &b(account),
+            &b(rec.transfer),
+            &rec.delta,
+            &b(rec.balance_after),
+            &rec.ts,
+        ],
     )
     .await
     .map_err(db_err)?;

@@ -9,12 +9,13 @@
 //! under its row's lock, held to the commit, so they follow commit order
 //! across nodes.
 
-use tokio_postgres::Transaction;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Transaction};
 
 use super::context::{BatchState, Ctx};
 use super::rows::{self, b, db_err, u};
 use crate::error::ApiError;
-use crate::frames::Message;
+use crate::frames::{Message, Room};
 use crate::ids::{RoomId, UserId};
 use crate::store::{PaymentInfo, now_ms};
 
@@ -147,13 +148,29 @@ pub(super) async fn append_message(
     Ok(rows::message(&row, &w.shared.ids))
 }
 
+/// The view of `room`, which exists (else 404 `room_not_found`).
+pub(super) async fn room_view_of(txn: &Transaction<'_>, room: RoomId) -> Result<Room, ApiError> {
+    rows::room_view(txn, room)
+        .await?
+        .ok_or_else(ApiError::room_not_found)
+}
+
+/// The row `sql` finds, if any (an error if it finds several).
+pub(super) async fn find_row(
+    txn: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>, ApiError> {
+    txn.query_opt(sql, params).await.map_err(db_err)
+}
+
 /// Whether a row exists.
 pub(super) async fn exists(
     txn: &Transaction<'_>,
     sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    params: &[&(dyn ToSql + Sync)],
 ) -> Result<bool, ApiError> {
-    Ok(txn.query_opt(sql, params).await.map_err(db_err)?.is_some())
+    Ok(find_row(txn, sql, params).await?.is_some())
 }
 
 pub(super) async fn user_exists(txn: &Transaction<'_>, id: UserId) -> Result<bool, ApiError> {

@@ -1,7 +1,8 @@
 //! The chat's writes in the PostgreSQL backend, inside the writer's batch
 //! transaction: sends (a run of them as a few array statements), read
 //! positions, accounts, contacts, rooms and members, tokens, privacy. The
-//! same rules and answers as the embedded writer's (`writes/chat.rs`).
+//! same answers as the embedded writer's (`writes/chat.rs`): the rules
+//! both apply are `writes::rules`.
 //!
 //! Seqs: a room's `last_seq` is read and advanced under its row's lock
 //! (`FOR UPDATE`, rooms locked in id order), and `(room, seq)` is the
@@ -15,16 +16,20 @@ use std::time::Instant;
 
 use tokio_postgres::Transaction;
 
-use super::base::{MessageColumns, add_member, ensure_direct, exists, take_positions, user_exists};
+use super::base::{
+    MessageColumns, add_member, ensure_direct, exists, find_row, room_view_of, take_positions,
+    user_exists,
+};
 use super::context::{BatchState, Ctx};
 use super::rows::{self, b, db_err, u};
 use crate::error::ApiError;
-use crate::frames::Message;
+use crate::frames::{Message, Room};
 use crate::ids::{RoomId, UserId};
-use crate::store::{Privacy, now_ms};
+use crate::store::now_ms;
+use crate::writes::rules;
 use crate::writes::{
-    Contact, Effect, Op, Origin, announce_and_reply, direct_opened, direct_room_error, fail_origin,
-    member_removed, reply_after_commit, too_many_members,
+    Contact, Effect, Op, Origin, announce_and_reply, answer_change, direct_opened, fail_origin,
+    member_removed, reply_after_commit,
 };
 
 /// One send of a run.
@@ -275,14 +280,6 @@ pub(super) async fn flush_reads(
     Ok(())
 }
 
-fn username_taken() -> ApiError {
-    ApiError::new(
-        hyper::StatusCode::CONFLICT,
-        "username_taken",
-        "that username is taken",
-    )
-}
-
 /// Applies one op other than a send or a wallet op.
 pub(super) async fn apply(
     w: &Ctx,
@@ -331,7 +328,7 @@ pub(super) async fn apply(
         } => {
             let key = username.to_lowercase();
             if exists(txn, "SELECT 1 FROM users WHERE username = $1", &[&key]).await? {
-                return Ok(reply_after_commit(reply, Err(username_taken())));
+                return Ok(reply_after_commit(reply, Err(rules::username_taken())));
             }
             let mut id = UserId::random();
             while user_exists(txn, id).await? {
@@ -359,22 +356,17 @@ pub(super) async fn apply(
         }
         Op::AddContact { owner, who, reply } => {
             let found = match who {
-                Contact::Name(name) => txn
-                    .query_opt(
-                        "SELECT id, username, display_name FROM users WHERE username = $1",
-                        &[&name.to_lowercase()],
-                    )
-                    .await
-                    .map_err(db_err)?
-                    .map(|r| rows::user(&r)),
+                Contact::Name(name) => {
+                    let sql = "SELECT id, username, display_name FROM users WHERE username = $1";
+                    find_row(txn, sql, &[&name.to_lowercase()])
+                        .await?
+                        .map(|r| rows::user(&r))
+                }
                 Contact::Id(id) => rows::user_by_id(txn, id).await?,
             };
             let result = match found {
                 None => Err(ApiError::user_not_found()),
-                Some(user) if user.id == owner => Err(ApiError::bad_request(
-                    "bad_request",
-                    "you cannot add yourself as a contact",
-                )),
+                Some(user) if user.id == owner => Err(rules::cannot_add_yourself()),
                 Some(user) => {
                     let added = txn
                         .execute(
@@ -406,20 +398,14 @@ pub(super) async fn apply(
             if a == other {
                 return Ok(reply_after_commit(
                     reply,
-                    Err(ApiError::bad_request(
-                        "bad_request",
-                        "a direct chat needs another user",
-                    )),
+                    Err(rules::direct_needs_another_user()),
                 ));
             }
             if !user_exists(txn, other).await? {
                 return Ok(reply_after_commit(reply, Err(ApiError::user_not_found())));
             }
             let (room, created) = ensure_direct(txn, a, other).await?;
-            let view = rows::room_view(txn, room)
-                .await?
-                .ok_or_else(ApiError::room_not_found)?;
-            direct_opened(view, created, reply)
+            direct_opened(room_view_of(txn, room).await?, created, reply)
         }
         Op::CreateGroup {
             owner,
@@ -428,17 +414,9 @@ pub(super) async fn apply(
             placement: _,
             reply,
         } => {
-            // The owner joins first; then the others in id order.
-            let mut ids = members;
-            ids.retain(|&id| id != owner);
-            ids.sort();
-            ids.dedup();
-            ids.insert(0, owner);
-            if ids.len() > w.max_group_members {
-                return Ok(reply_after_commit(
-                    reply,
-                    Err(too_many_members(w.max_group_members)),
-                ));
+            let ids = rules::group_members_in_order(owner, members);
+            if let Err(e) = rules::check_group_size(ids.len(), w.max_group_members) {
+                return Ok(reply_after_commit(reply, Err(e)));
             }
             for &id in &ids {
                 if !user_exists(txn, id).await? {
@@ -461,31 +439,28 @@ pub(super) async fn apply(
             for id in ids {
                 add_member(txn, room, id).await?;
             }
-            let view = rows::room_view(txn, room)
-                .await?
-                .ok_or_else(ApiError::room_not_found)?;
-            announce_and_reply(view, reply)
+            announce_and_reply(room_view_of(txn, room).await?, reply)
         }
         Op::AddMember {
             room,
             by,
             user,
             reply,
-        } => match add_to_group(w, txn, room, by, user).await {
-            Ok(view) => announce_and_reply(view, reply),
-            Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
-            Err(e) => return Err(e),
-        },
+        } => answer_change(
+            add_to_group(w, txn, room, by, user).await,
+            reply,
+            announce_and_reply,
+        )?,
         Op::RemoveMember {
             room,
             by,
             user,
             reply,
-        } => match remove_from_group(txn, room, by, user).await {
-            Ok(view) => member_removed(view, user, reply),
-            Err(e) if e.status.is_client_error() => reply_after_commit(reply, Err(e)),
-            Err(e) => return Err(e),
-        },
+        } => answer_change(
+            remove_from_group(txn, room, by, user).await,
+            reply,
+            |view, reply| member_removed(view, user, reply),
+        )?,
         Op::Revoke { jti, exp, reply } => {
             txn.execute(
                 "INSERT INTO revoked (jti, exp) VALUES ($1, $2)
@@ -513,21 +488,12 @@ pub(super) async fn apply(
             group_adds,
             reply,
         } => {
-            let Some(row) = txn
-                .query_opt(
-                    "SELECT presence, group_adds FROM users WHERE id = $1 FOR UPDATE",
-                    &[&b(user.0)],
-                )
-                .await
-                .map_err(db_err)?
-            else {
+            let sql = "SELECT presence, group_adds FROM users WHERE id = $1 FOR UPDATE";
+            let Some(row) = find_row(txn, sql, &[&b(user.0)]).await? else {
                 return Ok(reply_after_commit(reply, Err(ApiError::user_not_found())));
             };
             let before = rows::privacy(&row);
-            let after = Privacy {
-                presence: presence.unwrap_or(before.presence),
-                group_adds: group_adds.unwrap_or(before.group_adds),
-            };
+            let after = rules::privacy_after(before, presence, group_adds);
             if after != before {
                 txn.execute(
                     "UPDATE users SET presence = $2, group_adds = $3 WHERE id = $1",
@@ -564,57 +530,33 @@ async fn may_add(
     if by == user {
         return Ok(Ok(()));
     }
-    let Some(row) = txn
-        .query_opt(
-            "SELECT group_adds, username,
-                    EXISTS (SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2)
-             FROM users WHERE id = $1",
-            &[&b(user.0), &b(by.0)],
-        )
-        .await
-        .map_err(db_err)?
-    else {
+    let sql = "SELECT group_adds, username,
+                      EXISTS (SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2)
+               FROM users WHERE id = $1";
+    let Some(row) = find_row(txn, sql, &[&b(user.0), &b(by.0)]).await? else {
         return Ok(Ok(()));
     };
-    let admitted = match rows::audience(row.get(0)) {
-        crate::store::Audience::Everyone => true,
-        crate::store::Audience::Contacts => row.get(2),
-        crate::store::Audience::Nobody => false,
-    };
-    if admitted {
+    if rows::audience(row.get(0)).admits_given(user, by, row.get(2)) {
         return Ok(Ok(()));
     }
     let name: String = row.get(1);
-    Ok(Err(ApiError::forbidden(
-        "not_allowed",
-        format!("{name} does not let you add them to groups (their privacy settings)"),
-    )))
+    Ok(Err(rules::not_allowed_to_add(&name)))
 }
 
-/// The group's members, locked (membership changes of one room queue up).
+/// The group's members and owner, its row locked (membership changes of
+/// one room queue up), for a change by `by` ([`rules::check_member_change`]).
 async fn locked_group(
     txn: &Transaction<'_>,
     room: RoomId,
     by: UserId,
 ) -> Result<(Vec<UserId>, Option<UserId>), ApiError> {
-    let Some(r) = txn
-        .query_opt(
-            "SELECT owner FROM rooms WHERE id = $1 FOR UPDATE",
-            &[&b(room.0)],
-        )
-        .await
-        .map_err(db_err)?
-    else {
+    let sql = "SELECT owner FROM rooms WHERE id = $1 FOR UPDATE";
+    let Some(r) = find_row(txn, sql, &[&b(room.0)]).await? else {
         return Err(ApiError::room_not_found());
     };
     let owner = r.get::<_, Option<i64>>(0).map(|o| UserId(u(o)));
     let members = rows::members(txn, room).await?;
-    if members.binary_search(&by).is_err() {
-        return Err(ApiError::room_not_found());
-    }
-    if room.is_direct() {
-        return Err(direct_room_error());
-    }
+    rules::check_member_change(room, &members, by)?;
     Ok((members, owner))
 }
 
@@ -624,21 +566,17 @@ async fn add_to_group(
     room: RoomId,
     by: UserId,
     user: UserId,
-) -> Result<crate::frames::Room, ApiError> {
+) -> Result<Room, ApiError> {
     let (members, _) = locked_group(txn, room, by).await?;
     if !user_exists(txn, user).await? {
         return Err(ApiError::user_not_found());
     }
     if members.binary_search(&user).is_err() {
-        if members.len() >= w.max_group_members {
-            return Err(too_many_members(w.max_group_members));
-        }
+        rules::check_group_size(members.len() + 1, w.max_group_members)?;
         may_add(txn, by, user).await??;
         add_member(txn, room, user).await?;
     }
-    rows::room_view(txn, room)
-        .await?
-        .ok_or_else(ApiError::room_not_found)
+    room_view_of(txn, room).await
 }
 
 async fn remove_from_group(
@@ -646,20 +584,10 @@ async fn remove_from_group(
     room: RoomId,
     by: UserId,
     user: UserId,
-) -> Result<crate::frames::Room, ApiError> {
+) -> Result<Room, ApiError> {
     let (members, owner) = locked_group(txn, room, by).await?;
-    if members.binary_search(&user).is_err() {
-        return Err(ApiError::not_found(
-            "user_not_found",
-            "that user is not a member of this room",
-        ));
-    }
-    if by != user && owner != Some(by) {
-        return Err(ApiError::forbidden(
-            "forbidden",
-            "only the group's owner can remove other members",
-        ));
-    }
+    rules::check_is_member(&members, user)?;
+    rules::check_may_remove(by, user, owner)?;
     txn.execute(
         "DELETE FROM members WHERE room = $1 AND user_id = $2",
         &[&b(room.0), &b(user.0)],
@@ -677,7 +605,5 @@ async fn remove_from_group(
         .await
         .map_err(db_err)?;
     }
-    rows::room_view(txn, room)
-        .await?
-        .ok_or_else(ApiError::room_not_found)
+    room_view_of(txn, room).await
 }

@@ -16,7 +16,7 @@ use super::rows::{self, MESSAGE_COLUMNS, b, db_err, u};
 use crate::error::ApiError;
 use crate::frames::{Message, Room, User};
 use crate::ids::{RoomId, UserId};
-use crate::store::{Audience, Privacy, UserRecord};
+use crate::store::{Audience, Privacy, UserRecord, by_activity, room_list_entry};
 use crate::wallet::TransferIds;
 
 /// The largest id, seq or position that fits a `bigint`: bounds beyond it
@@ -146,18 +146,6 @@ pub async fn last_seen(c: &Client, user: UserId) -> Result<Option<i64>, ApiError
     Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
 }
 
-/// Whether `viewer` may see the presence of `owner`, whose presence
-/// audience is `audience` and who has `viewer` in their contacts or not
-/// (`Audience::admits`).
-fn admits(audience: Audience, owner: UserId, viewer: UserId, is_contact: bool) -> bool {
-    owner == viewer
-        || match audience {
-            Audience::Everyone => true,
-            Audience::Contacts => is_contact,
-            Audience::Nobody => false,
-        }
-}
-
 /// Of `viewers` (in their order), those who may see `owner`'s presence.
 pub async fn presence_audience(
     c: &Client,
@@ -187,7 +175,7 @@ pub async fn presence_audience(
     Ok(viewers
         .iter()
         .copied()
-        .filter(|v| admits(audience, owner, *v, contacts.contains(&v.0)))
+        .filter(|v| audience.admits_given(owner, *v, contacts.contains(&v.0)))
         .collect())
 }
 
@@ -222,7 +210,7 @@ pub async fn presences_seen_by(
         .copied()
         .filter(|o| {
             let (audience, is_contact) = known.get(&o.0).copied().unwrap_or_default();
-            admits(audience, *o, viewer, is_contact)
+            audience.admits_given(*o, viewer, is_contact)
         })
         .collect())
 }
@@ -389,30 +377,11 @@ pub async fn rooms_of(
     for (room, last) in rooms {
         let list = members.get(&room.id).map_or(&[][..], Vec::as_slice);
         let view = room_view(&room, list);
-        // Every member's read position: the caller's gives `unread`, the
-        // others' let a client show read ticks right after a reload.
-        let mut reads = serde_json::Map::new();
-        let mut read_seq = 0;
-        for m in list {
-            if m.user == user {
-                read_seq = m.read_seq;
-            }
-            reads.insert(m.user.to_string(), m.read_seq.into());
-        }
-        let activity = last
-            .as_ref()
-            .filter(|m| !m.unreadable)
-            .map(|m| m.ts)
-            .unwrap_or(view.created_at);
-        let mut v = serde_json::to_value(&view).map_err(ApiError::internal)?;
-        v["last_message"] = serde_json::to_value(&last).map_err(ApiError::internal)?;
-        v["unread"] = view.last_seq.saturating_sub(read_seq).into();
-        v["reads"] = reads.into();
-        out.push((activity, v));
+        let reads: Vec<(UserId, u64)> = list.iter().map(|m| (m.user, m.read_seq)).collect();
+        out.push(room_list_entry(&view, last.as_ref(), &reads, user)?);
     }
-    // Stable: equal activity keeps room-id order, as in the embedded store.
-    out.sort_by_key(|x| std::cmp::Reverse(x.0));
-    Ok(out.into_iter().map(|(_, v)| v).collect())
+    // Equal activity keeps room-id order, as in the embedded store.
+    Ok(by_activity(out))
 }
 
 /// The rooms `user` is a member of, in room-id order.

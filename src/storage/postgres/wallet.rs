@@ -1,8 +1,8 @@
 //! Wallet writes in the PostgreSQL backend, inside the writer's batch
 //! transaction (see [`crate::wallet`] for the model): a transfer's entries,
 //! balances, state and payment message commit together or not at all. The
-//! same rules, answers, metrics and notices as the embedded writer's
-//! (`writes/wallet.rs`).
+//! same answers, metrics and notices as the embedded writer's
+//! (`writes/wallet.rs`): the rules both apply are `wallet::rules`.
 //!
 //! Several nodes may run wallet ops on the database at once:
 //!
@@ -23,7 +23,7 @@
 use tokio_postgres::Transaction;
 
 use super::accounts::{
-    balance, by_key, entry, insert_transfer, lock_accounts, next_transfer_id, update_transfer,
+    balance, by_key, entries, insert_transfer, lock_accounts, next_transfer_id, update_transfer,
     view_for,
 };
 use super::base;
@@ -33,11 +33,9 @@ use super::rows::{self, b, db_err};
 use crate::error::ApiError;
 use crate::frames::{Message, Room};
 use crate::ids::UserId;
-use crate::store::{PaymentInfo, now_ms};
-use crate::wallet::{
-    self, ISSUER, MAX_AMOUNT, MAX_CATCH_UP_RUNS, State, TransferRecord, TransferRequest,
-    TransferView,
-};
+use crate::store::now_ms;
+use crate::wallet::rules::{self, Cancelling, count};
+use crate::wallet::{ISSUER, TransferRecord, TransferRequest, TransferView};
 use crate::writes::{Effect, Notices, Reply, WalletOp, announce_wallet};
 
 /// Most due transfers one run of the scheduler takes.
@@ -46,14 +44,6 @@ const DUE_BATCH: i64 = 500;
 /// When everything due is being run by another node (locked, so skipped
 /// here), the scheduler asks again this much later rather than at once.
 const BUSY_RETRY_MS: i64 = 1_000;
-
-fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(hyper::StatusCode::CONFLICT, code, message)
-}
-
-fn count(outcome: &'static str) {
-    metrics::counter!("confab_wallet_transfers_total", "outcome" => outcome).increment(1);
-}
 
 /// Applies one wallet op; a refusal (insufficient funds, a reused key, …)
 /// is answered after the commit, a database error fails the batch.
@@ -134,7 +124,7 @@ pub(super) async fn signup_bonus(
     credit(w, txn, user, amount, None, &mut ignored)
         .await?
         .map(|_| ())
-        .map_err(|e| ApiError::internal(format!("signup bonus: {}", e.message)))
+        .map_err(rules::signup_bonus_failed)
 }
 
 /// After the commit: the notices, the scheduler's wake-up, the reply.
@@ -158,18 +148,9 @@ async fn credit(
     key: Option<&str>,
     notices: &mut Notices,
 ) -> Result<Result<u64, ApiError>, ApiError> {
-    if amount == 0 || amount > MAX_AMOUNT {
-        return Ok(Err(ApiError::bad_request(
-            "invalid_amount",
-            format!("amount must be 1..={MAX_AMOUNT}"),
-        )));
-    }
-    let balance_now = balance(txn, user.0).await?;
-    let Some(new_balance) = balance_now.checked_add(amount).filter(|b| *b <= MAX_AMOUNT) else {
-        return Ok(Err(conflict(
-            "balance_limit",
-            format!("a balance may not exceed {MAX_AMOUNT}"),
-        )));
+    let new_balance = match rules::credited_balance(balance(txn, user.0).await?, amount) {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e)),
     };
     let issued = balance(txn, ISSUER)
         .await?
@@ -178,24 +159,9 @@ async fn credit(
         .ok_or_else(|| ApiError::internal("issued total overflow"))?;
     let now = now_ms();
     let id = next_transfer_id(txn).await?;
-    let rec = TransferRecord {
-        from: ISSUER,
-        to: user.0,
-        amount,
-        note: Some("credit".into()),
-        key: key.map_or_else(|| format!("credit-{id}"), str::to_string),
-        state: State::Executed,
-        created_at: now,
-        execute_at: now,
-        executed_at: Some(now),
-        repeat: None,
-        parent: None,
-        runs: 0,
-        failure: None,
-        requested_at: None,
-    };
-    entry(txn, ISSUER, id, -(amount as i64), issued, now).await?;
-    entry(txn, user.0, id, amount as i64, new_balance, now).await?;
+    let rec = rules::credit_record(id, user, amount, key, now);
+    let moved = rules::entries(id, (ISSUER, issued), (user.0, new_balance), amount, now);
+    entries(txn, moved).await?;
     insert_transfer(txn, id, &rec).await?;
     notices
         .frames
@@ -225,47 +191,23 @@ async fn transfer(
         lock_accounts(txn, &[from.0]).await?;
     }
     if let Some((id, rec)) = by_key(txn, from.0, &req.key).await? {
-        if !req.same_as(&rec) {
-            count("conflict");
-            return Ok(Err(conflict(
-                "idempotency_conflict",
-                "this idempotency_key was already used for a different transfer",
-            )));
+        if let Err(e) = rules::check_replay(&req, &rec) {
+            return Ok(Err(e));
         }
-        count("replayed");
         return Ok(Ok((view_for(w, txn, id, &rec, from.0).await?, true)));
     }
     let now = now_ms();
-    if let Err(e) = req.check_new(now) {
-        count("rejected");
+    if let Err(e) = rules::check_new_transfer(&req, now, to_exists) {
         return Ok(Err(e));
     }
-    if !to_exists {
-        count("rejected");
-        return Ok(Err(ApiError::user_not_found()));
+    let scheduled = req.is_scheduled(now);
+    if scheduled {
+        let max = w.wallet.settings.max_scheduled;
+        if let Err(e) = rules::check_room_to_schedule(pending(txn, from, max).await?, max) {
+            return Ok(Err(e));
+        }
     }
-    let scheduled = req.repeat.is_some() || req.execute_at.is_some_and(|at| at > now);
-    if scheduled && let Err(e) = room_to_schedule(w, txn, from).await? {
-        // Nothing is stored: the same key may be retried later.
-        count("rejected");
-        return Ok(Err(e));
-    }
-    let mut rec = TransferRecord {
-        from: from.0,
-        to: req.to.0,
-        amount: req.amount,
-        note: req.note.clone(),
-        key: req.key.clone(),
-        state: State::Scheduled,
-        created_at: now,
-        execute_at: req.execute_at.unwrap_or(now),
-        executed_at: None,
-        repeat: req.repeat,
-        parent: None,
-        runs: 0,
-        failure: None,
-        requested_at: req.execute_at,
-    };
+    let mut rec = req.record(from, now);
     let id = next_transfer_id(txn).await?;
     if scheduled {
         notices.wake = true;
@@ -283,15 +225,10 @@ async fn transfer(
     Ok(Ok((view, false)))
 }
 
-/// Room for one more scheduled transfer of `from`: fewer than
-/// `max_scheduled_transfers` of theirs waiting (state 0), else 409
-/// `too_many_scheduled`. The caller holds the sender's account lock.
-async fn room_to_schedule(
-    w: &Ctx,
-    txn: &Transaction<'_>,
-    from: UserId,
-) -> Result<Result<(), ApiError>, ApiError> {
-    let max = w.wallet.settings.max_scheduled;
+/// How many scheduled transfers of `from` wait (state 0), counted up to
+/// `max`: what `rules::check_room_to_schedule` needs. The caller holds the
+/// sender's account lock.
+async fn pending(txn: &Transaction<'_>, from: UserId, max: usize) -> Result<usize, ApiError> {
     let row = txn
         .query_one(
             "SELECT count(*) FROM (SELECT 1 FROM wallet_transfers
@@ -301,15 +238,7 @@ async fn room_to_schedule(
         .await
         .map_err(db_err)?;
     let pending: i64 = row.try_get(0).map_err(db_err)?;
-    if usize::try_from(pending).is_ok_and(|p| p < max) {
-        return Ok(Ok(()));
-    }
-    Ok(Err(conflict(
-        "too_many_scheduled",
-        format!(
-            "at most {max} scheduled transfers may wait at a time: cancel one, or wait until one has run"
-        ),
-    )))
+    Ok(usize::try_from(pending).unwrap_or(usize::MAX))
 }
 
 /// Moves the money of `rec` now and posts its payment message. A refusal
@@ -324,30 +253,14 @@ async fn execute(
     now: i64,
     notices: &mut Notices,
 ) -> Result<Result<(), ApiError>, ApiError> {
-    let from_balance = balance(txn, rec.from).await?;
-    let Some(from_after) = from_balance.checked_sub(rec.amount) else {
-        return Ok(Err(conflict(
-            "insufficient_funds",
-            format!(
-                "not enough money: the balance is {}",
-                wallet::format_amount(from_balance, &w.wallet.settings.currency)
-            ),
-        )));
+    let balances = (balance(txn, rec.from).await?, balance(txn, rec.to).await?);
+    let currency = &w.wallet.settings.currency;
+    let moved = match rules::transfer_entries(id, rec, balances, currency, now) {
+        Ok(moved) => moved,
+        Err(e) => return Ok(Err(e)),
     };
-    let to_balance = balance(txn, rec.to).await?;
-    let Some(to_after) = to_balance
-        .checked_add(rec.amount)
-        .filter(|b| *b <= MAX_AMOUNT)
-    else {
-        return Ok(Err(conflict(
-            "balance_limit",
-            "the recipient's balance would exceed the limit",
-        )));
-    };
-    entry(txn, rec.from, id, -(rec.amount as i64), from_after, now).await?;
-    entry(txn, rec.to, id, rec.amount as i64, to_after, now).await?;
-    rec.state = State::Executed;
-    rec.executed_at = Some(now);
+    entries(txn, moved).await?;
+    rules::mark_executed(rec, now);
     notices
         .messages
         .push(payment_message(w, txn, state, id, rec, now).await?);
@@ -374,30 +287,18 @@ async fn payment_message(
     now: i64,
 ) -> Result<(Message, Option<Room>), ApiError> {
     let (from, to) = (UserId(rec.from), UserId(rec.to));
-    let amount = wallet::format_amount(rec.amount, &w.wallet.settings.currency);
-    let text = match &rec.note {
-        Some(n) => format!("💸 {amount} · {n}"),
-        None => format!("💸 {amount}"),
-    };
+    let pay = rules::payment_message(id, rec, &w.wallet.settings.currency);
     let (room, created) = base::ensure_direct(txn, from, to).await?;
-    let payment = PaymentInfo {
-        transfer: id,
-        amount: rec.amount,
-        to: rec.to,
-        note: rec.note.clone(),
-    };
-    // The stored id: stable whatever the key of public ids (shown as the
-    // public id by `rows::message`).
-    let client_id = format!("pay-{}", wallet::stored_hex(id));
+    // Shown as the transfer's public id by `rows::message`.
     let msg = base::append_message(
         w,
         txn,
         state,
         room,
         from,
-        &client_id,
-        &text,
-        Some(&payment),
+        &pay.client_id,
+        &pay.text,
+        Some(&pay.payment),
         now,
     )
     .await?;
@@ -418,7 +319,6 @@ async fn cancel(
     id: u64,
     notices: &mut Notices,
 ) -> Result<Result<TransferView, ApiError>, ApiError> {
-    let not_found = || ApiError::not_found("transfer_not_found", "no such transfer");
     // Locked: a run in progress on another node finishes first (then this
     // finds it executed or failed).
     let row = txn
@@ -428,30 +328,12 @@ async fn cancel(
         )
         .await
         .map_err(db_err)?;
-    let Some((id, mut rec)) = row.as_ref().map(transfer_record).transpose()? else {
-        return Ok(Err(not_found()));
+    let found = row.as_ref().map(transfer_record).transpose()?;
+    let rec = match rules::cancelling(found.map(|(_, rec)| rec), by) {
+        Ok(Cancelling::Now(rec)) => rec,
+        Ok(Cancelling::Already(rec)) => return Ok(Ok(view_for(w, txn, id, &rec, by.0).await?)),
+        Err(e) => return Ok(Err(e)),
     };
-    // A transfer the caller may not see answers exactly as a missing one.
-    if !rec.visible_to(by.0) {
-        return Ok(Err(not_found()));
-    }
-    if rec.from != by.0 {
-        return Ok(Err(ApiError::forbidden(
-            "forbidden",
-            "only the sender can cancel a transfer",
-        )));
-    }
-    match rec.state {
-        State::Cancelled => return Ok(Ok(view_for(w, txn, id, &rec, by.0).await?)),
-        State::Scheduled => {}
-        State::Executed | State::Failed => {
-            return Ok(Err(conflict(
-                "not_cancellable",
-                format!("the transfer has already {}", rec.state.name()),
-            )));
-        }
-    }
-    rec.state = State::Cancelled;
     update_transfer(txn, id, &rec).await?;
     notices.wake = true;
     let view = view_for(w, txn, id, &rec, by.0).await?;
@@ -462,8 +344,8 @@ async fn cancel(
 
 /// Runs what is due at `now` (at most [`DUE_BATCH`] transfers, the
 /// earliest first): a one-off transfer runs itself; a recurring one makes
-/// each due run (up to [`MAX_CATCH_UP_RUNS`] at once) as a transfer of its
-/// own, keyed `{key}#{k}`, and moves on to its next run time. Returns how
+/// each due run ([`rules::due_runs`]) as a transfer of its own
+/// ([`rules::run_record`]) and moves on to its next run time. Returns how
 /// many transfers it claimed.
 async fn run_due(
     w: &Ctx,
@@ -497,8 +379,7 @@ async fn run_due(
     lock_accounts(txn, &accounts).await?;
     let claimed = due.len();
     for (id, mut rec) in due {
-        metrics::histogram!("confab_wallet_scheduler_lag_seconds")
-            .record((now - rec.execute_at).max(0) as f64 / 1000.0);
+        rules::record_lag(rec.execute_at, now);
         match rec.repeat {
             None => {
                 // Executed or failed: either way no longer scheduled.
@@ -506,35 +387,15 @@ async fn run_due(
                 update_transfer(txn, id, &rec).await?;
             }
             Some(repeat) => {
-                let first = rec.requested_at.unwrap_or(rec.execute_at);
-                let mut made = 0;
-                while made < MAX_CATCH_UP_RUNS {
-                    let k = rec.runs;
-                    let run_at = wallet::run_time(first, repeat, k);
-                    if run_at > now {
-                        break;
-                    }
+                for (k, run_at) in rules::due_runs(&rec, repeat, now) {
                     // One run: its own transfer, keyed by (recurring id, run number).
                     let child_id = next_transfer_id(txn).await?;
-                    let mut child = TransferRecord {
-                        key: format!("{}#{k}", rec.key),
-                        state: State::Scheduled,
-                        created_at: now,
-                        execute_at: run_at,
-                        executed_at: None,
-                        repeat: None,
-                        parent: Some((id, k)),
-                        runs: 0,
-                        failure: None,
-                        requested_at: Some(run_at),
-                        ..rec.clone()
-                    };
+                    let mut child = rules::run_record(id, &rec, k, run_at, now);
                     run_once(w, txn, state, child_id, &mut child, now, notices).await?;
                     insert_transfer(txn, child_id, &child).await?;
                     rec.runs += 1;
-                    made += 1;
                 }
-                rec.execute_at = wallet::run_time(first, repeat, rec.runs);
+                rec.execute_at = rules::next_run(&rec, repeat);
                 update_transfer(txn, id, &rec).await?;
             }
         }
@@ -554,9 +415,7 @@ async fn run_once(
     notices: &mut Notices,
 ) -> Result<(), ApiError> {
     if let Err(e) = execute(w, txn, state, id, rec, now, notices).await? {
-        rec.state = State::Failed;
-        rec.executed_at = Some(now);
-        rec.failure = Some(e.message.clone());
+        rules::mark_failed(rec, now, &e);
         notices
             .frames
             .push((UserId(rec.from), view_for(w, txn, id, rec, rec.from).await?));
