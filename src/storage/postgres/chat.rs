@@ -280,12 +280,85 @@ pub(super) async fn flush_reads(
     Ok(())
 }
 
+/// Applies the batch's reported read positions in one statement (each
+/// clamped to the room's last seq, only forward, only for members), and
+/// adds a receipt (`Effect::Read`) for each position that moved.
+pub(super) async fn apply_reads(
+    txn: &Transaction<'_>,
+    state: &mut BatchState,
+    effects: &mut Vec<Effect>,
+) -> Result<(), ApiError> {
+    if state.read_ops.is_empty() {
+        return Ok(());
+    }
+    let mut keys: Vec<(i64, i64, i64)> = state
+        .read_ops
+        .drain()
+        .map(|((r, m), s)| (b(r.0), b(m.0), b(s.min(i64::MAX as u64))))
+        .collect();
+    // In key order, as every writer locks member rows.
+    keys.sort_unstable();
+    let (mut rooms, mut users, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, m, s) in keys {
+        rooms.push(r);
+        users.push(m);
+        seqs.push(s);
+    }
+    let moved = txn
+        .query(
+            "UPDATE members m SET read_seq = LEAST(k.seq, r.last_seq)
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS k(room, user_id, seq)
+             JOIN rooms r ON r.id = k.room
+             WHERE m.room = k.room AND m.user_id = k.user_id
+               AND m.read_seq < LEAST(k.seq, r.last_seq)
+             RETURNING m.room, m.user_id, m.read_seq",
+            &[&rooms, &users, &seqs],
+        )
+        .await
+        .map_err(db_err)?;
+    if moved.is_empty() {
+        return Ok(());
+    }
+    let changed: Vec<i64> = moved.iter().map(|r| r.get::<_, i64>(0)).collect();
+    let mut members: HashMap<RoomId, Vec<UserId>> = HashMap::new();
+    for r in txn
+        .query(
+            "SELECT room, user_id FROM members WHERE room = ANY($1)",
+            &[&changed],
+        )
+        .await
+        .map_err(db_err)?
+    {
+        members
+            .entry(RoomId(u(r.get(0))))
+            .or_default()
+            .push(UserId(u(r.get(1))));
+    }
+    let members: HashMap<RoomId, Arc<[UserId]>> = members
+        .into_iter()
+        .map(|(room, mut list)| {
+            list.sort();
+            (room, list.into())
+        })
+        .collect();
+    for r in moved {
+        let room = RoomId(u(r.get(0)));
+        effects.push(Effect::Read {
+            room,
+            user: UserId(u(r.get(1))),
+            seq: u(r.get(2)),
+            members: members.get(&room).cloned().unwrap_or_else(|| Arc::from([])),
+        });
+    }
+    Ok(())
+}
+
 /// Applies one op other than a send or a wallet op.
 pub(super) async fn apply(
     w: &Ctx,
     txn: &Transaction<'_>,
     op: Op,
-    _state: &mut BatchState,
+    state: &mut BatchState,
 ) -> Result<Effect, ApiError> {
     Ok(match op {
         Op::Send { .. } | Op::Wallet(_) => {
@@ -294,30 +367,10 @@ pub(super) async fn apply(
             ));
         }
         Op::Read { room, user, seq } => {
-            let members = rows::members(txn, room).await?;
-            if members.binary_search(&user).is_err() {
-                return Ok(Effect::None);
-            }
-            let moved = txn
-                .query_opt(
-                    "UPDATE members m SET read_seq = LEAST($3, r.last_seq)
-                     FROM rooms r
-                     WHERE r.id = $1 AND m.room = $1 AND m.user_id = $2
-                       AND m.read_seq < LEAST($3, r.last_seq)
-                     RETURNING m.read_seq",
-                    &[&b(room.0), &b(user.0), &b(seq)],
-                )
-                .await
-                .map_err(db_err)?;
-            match moved {
-                Some(r) => Effect::Read {
-                    room,
-                    user,
-                    seq: u(r.get(0)),
-                    members: members.into(),
-                },
-                None => Effect::None,
-            }
+            // Applied with the batch's other reads ([`apply_reads`]).
+            let at = state.read_ops.entry((room, user)).or_insert(seq);
+            *at = (*at).max(seq);
+            Effect::None
         }
         Op::CreateUser {
             username,

@@ -55,6 +55,9 @@ pub struct BatchState {
     pub last_pos: Option<u64>,
     /// Senders' read positions, moved to their own newest message.
     pub reads: HashMap<(RoomId, UserId), u64>,
+    /// Read positions members reported (`Op::Read`), the highest per
+    /// member and room: applied together at the end of the batch.
+    pub read_ops: HashMap<(RoomId, UserId), u64>,
 }
 
 /// Why a PostgreSQL store did not open.

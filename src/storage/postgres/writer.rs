@@ -413,6 +413,7 @@ impl Writer {
                 return Err(e);
             }
         }
+        chat::apply_reads(txn, state, effects).await?;
         chat::flush_reads(txn, state).await?;
         txn.execute(
             "INSERT INTO writer_marks (writer, batch) VALUES ($1, $2)
