@@ -190,6 +190,10 @@ fn describe() {
         "Group commits that failed (their batch was refused)."
     );
     describe_gauge!(
+        "confab_db_pool_connections",
+        "PostgreSQL storage: the read pool's connections, by state (in_use, idle)."
+    );
+    describe_gauge!(
         "confab_storage_state",
         "The store's state: 0 ok, 1 full (only essential writes), 2 failing (writes refused, retrying)."
     );

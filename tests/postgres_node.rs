@@ -42,6 +42,7 @@ async fn a_node_on_postgres_serves_and_keeps_everything_across_restarts() {
     assert_eq!(code, StatusCode::OK, "{status}");
     assert_eq!(status["storage"]["backend"], "postgres");
     assert_eq!(status["storage"]["state"], "ok");
+    assert_eq!(status["storage"]["database"]["pool_max"], 16);
     let a = api.new_user("pga").await;
     let b = api.new_user("pgb").await;
     let room = api.direct_room(&a.token, &b.id).await;

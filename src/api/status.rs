@@ -76,6 +76,7 @@ pub async fn get(
             "state": state.storage.health().state().as_str(),
             "since": state.storage.health().since_ms(),
             "detail": state.storage.health().detail(),
+            "database": state.storage.database(),
         },
         "search": state
             .search

@@ -48,6 +48,11 @@ pub type Pending<'a, T> = Pin<Box<dyn Future<Output = Result<T, ApiError>> + Sen
 pub trait Storage: Send + Sync + 'static {
     /// Which backend this is: `"embedded"` or `"postgres"` (`/status`).
     fn backend(&self) -> &'static str;
+    /// Figures of a database server behind the storage, for `/status`
+    /// (None: there is none).
+    fn database(&self) -> Option<serde_json::Value> {
+        None
+    }
 
     // --- writes ---------------------------------------------------------
 

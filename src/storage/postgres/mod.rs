@@ -92,10 +92,15 @@ impl Postgres {
 
     /// A pooled connection for a read.
     async fn conn(&self) -> Result<deadpool_postgres::Object, ApiError> {
-        self.pool.get().await.map_err(|e| {
+        let got = self.pool.get().await.map_err(|e| {
             tracing::warn!(error = %e, "no database connection for a read");
             crate::error::storage_error()
-        })
+        });
+        let pool = self.pool.status();
+        metrics::gauge!("confab_db_pool_connections", "state" => "idle").set(pool.available as f64);
+        metrics::gauge!("confab_db_pool_connections", "state" => "in_use")
+            .set(pool.size.saturating_sub(pool.available) as f64);
+        got
     }
 }
 
@@ -113,6 +118,16 @@ macro_rules! with_conn {
 impl Storage for Postgres {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn database(&self) -> Option<serde_json::Value> {
+        let pool = self.pool.status();
+        Some(serde_json::json!({
+            "pool_max": pool.max_size,
+            "pool_open": pool.size,
+            "pool_idle": pool.available,
+            "pool_waiting": pool.waiting,
+        }))
     }
 
     fn submit(&self, op: Op) -> Pending<'_, ()> {
