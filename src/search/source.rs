@@ -72,9 +72,7 @@ impl Polled {
         if let Ok(h) = self.runtime.block_on(self.storage.head()) {
             self.head.fetch_max(h, Ordering::AcqRel);
         }
-        self.head
-            .fetch_max(self.storage.committed(), Ordering::AcqRel)
-            .max(self.storage.committed())
+        self.committed()
     }
 }
 

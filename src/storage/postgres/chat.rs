@@ -120,27 +120,7 @@ async fn plan(
     rooms.sort_unstable();
     rooms.dedup();
     // Members of every room of the run.
-    let mut members: HashMap<RoomId, Vec<UserId>> = HashMap::new();
-    for r in txn
-        .query(
-            "SELECT room, user_id FROM members WHERE room = ANY($1)",
-            &[&rooms],
-        )
-        .await
-        .map_err(db_err)?
-    {
-        members
-            .entry(RoomId(u(r.get(0))))
-            .or_default()
-            .push(UserId(u(r.get(1))));
-    }
-    let members: HashMap<RoomId, Arc<[UserId]>> = members
-        .into_iter()
-        .map(|(room, mut list)| {
-            list.sort();
-            (room, list.into())
-        })
-        .collect();
+    let members = rows::members_of(txn, &rooms).await?;
     // Messages already stored under these client_ids.
     let (k_rooms, k_senders, k_ids): (Vec<i64>, Vec<i64>, Vec<&str>) = sends
         .iter()
@@ -247,6 +227,25 @@ fn prefixed(alias: &str) -> String {
         .join(", ")
 }
 
+/// (room, member) → seq entries as three `bigint` columns for `unnest`,
+/// in key order (the order every writer locks member rows in); a seq past
+/// `i64::MAX` is clamped to it.
+fn member_columns(
+    entries: impl Iterator<Item = ((RoomId, UserId), u64)>,
+) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+    let mut keys: Vec<(i64, i64, i64)> = entries
+        .map(|((r, m), s)| (b(r.0), b(m.0), b(s.min(i64::MAX as u64))))
+        .collect();
+    keys.sort_unstable();
+    let mut cols = (Vec::with_capacity(keys.len()), Vec::new(), Vec::new());
+    for (r, m, s) in keys {
+        cols.0.push(r);
+        cols.1.push(m);
+        cols.2.push(s);
+    }
+    cols
+}
+
 /// Moves the batch's senders' read positions to their newest messages.
 pub(super) async fn flush_reads(
     txn: &Transaction<'_>,
@@ -255,19 +254,7 @@ pub(super) async fn flush_reads(
     if state.reads.is_empty() {
         return Ok(());
     }
-    let mut rows: Vec<(i64, i64, i64)> = state
-        .reads
-        .drain()
-        .map(|((r, m), s)| (b(r.0), b(m.0), b(s)))
-        .collect();
-    // In key order, as every writer locks member rows.
-    rows.sort_unstable();
-    let (mut rooms, mut users, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
-    for (r, m, s) in rows {
-        rooms.push(r);
-        users.push(m);
-        seqs.push(s);
-    }
+    let (rooms, users, seqs) = member_columns(state.reads.drain());
     txn.execute(
         "UPDATE members SET read_seq = k.seq
          FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS k(room, user_id, seq)
@@ -291,19 +278,7 @@ pub(super) async fn apply_reads(
     if state.read_ops.is_empty() {
         return Ok(());
     }
-    let mut keys: Vec<(i64, i64, i64)> = state
-        .read_ops
-        .drain()
-        .map(|((r, m), s)| (b(r.0), b(m.0), b(s.min(i64::MAX as u64))))
-        .collect();
-    // In key order, as every writer locks member rows.
-    keys.sort_unstable();
-    let (mut rooms, mut users, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
-    for (r, m, s) in keys {
-        rooms.push(r);
-        users.push(m);
-        seqs.push(s);
-    }
+    let (rooms, users, seqs) = member_columns(state.read_ops.drain());
     let moved = txn
         .query(
             "UPDATE members m SET read_seq = LEAST(k.seq, r.last_seq)
@@ -320,27 +295,7 @@ pub(super) async fn apply_reads(
         return Ok(());
     }
     let changed: Vec<i64> = moved.iter().map(|r| r.get::<_, i64>(0)).collect();
-    let mut members: HashMap<RoomId, Vec<UserId>> = HashMap::new();
-    for r in txn
-        .query(
-            "SELECT room, user_id FROM members WHERE room = ANY($1)",
-            &[&changed],
-        )
-        .await
-        .map_err(db_err)?
-    {
-        members
-            .entry(RoomId(u(r.get(0))))
-            .or_default()
-            .push(UserId(u(r.get(1))));
-    }
-    let members: HashMap<RoomId, Arc<[UserId]>> = members
-        .into_iter()
-        .map(|(room, mut list)| {
-            list.sort();
-            (room, list.into())
-        })
-        .collect();
+    let members = rows::members_of(txn, &changed).await?;
     for r in moved {
         let room = RoomId(u(r.get(0)));
         effects.push(Effect::Read {

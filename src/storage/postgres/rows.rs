@@ -1,6 +1,9 @@
 //! Rows of the cluster database as confab's types, and the few queries
 //! both the writer and the reads build views with.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use tokio_postgres::{GenericClient, Row};
 
 use crate::error::ApiError;
@@ -124,6 +127,34 @@ pub async fn members(c: &impl GenericClient, room: RoomId) -> Result<Vec<UserId>
     let mut out: Vec<UserId> = rows.iter().map(|r| UserId(u(r.get(0)))).collect();
     out.sort();
     Ok(out)
+}
+
+/// The members of these rooms (`bigint` ids), each room's in id order.
+pub async fn members_of(
+    c: &impl GenericClient,
+    rooms: &[i64],
+) -> Result<HashMap<RoomId, Arc<[UserId]>>, ApiError> {
+    let mut members: HashMap<RoomId, Vec<UserId>> = HashMap::new();
+    for r in c
+        .query(
+            "SELECT room, user_id FROM members WHERE room = ANY($1)",
+            &[&rooms],
+        )
+        .await
+        .map_err(db_err)?
+    {
+        members
+            .entry(RoomId(u(r.get(0))))
+            .or_default()
+            .push(UserId(u(r.get(1))));
+    }
+    Ok(members
+        .into_iter()
+        .map(|(room, mut list)| {
+            list.sort();
+            (room, list.into())
+        })
+        .collect())
 }
 
 /// The client view of a room (None when there is no such room).
