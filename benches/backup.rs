@@ -259,7 +259,6 @@ async fn seed(dir: &Path, o: &Opts) -> Result<Manifest, String> {
             username: format!("bk{i}"),
             display_name: format!("Backup bench {i}"),
             password_hash: hash.clone(),
-            placement: None,
             reply,
         },
         |i, u| users[i] = u.id,
@@ -282,7 +281,6 @@ async fn seed(dir: &Path, o: &Opts) -> Result<Manifest, String> {
             owner: members_of[g][0],
             name: format!("team {g}"),
             members: members_of[g][1..].to_vec(),
-            placement: None,
             reply,
         },
         |g, room| {

@@ -295,7 +295,6 @@ fn start_writer() -> Writer {
                     username: name.to_owned(),
                     display_name: name.to_owned(),
                     password_hash: "x".to_owned(),
-                    placement: None,
                     reply,
                 })
                 .await

@@ -283,7 +283,6 @@ async fn create_users(
                     username: name.clone(),
                     display_name: name,
                     password_hash: hash,
-                    placement: None,
                     reply,
                 })
                 .await;
@@ -338,7 +337,6 @@ async fn seed(dir: &Path, o: &Opts, corpus: &Corpus, rng: &mut StdRng) -> Result
                         owner: members[0],
                         name: format!("group {round}.{g}"),
                         members: members[1..].to_vec(),
-                        placement: None,
                         reply,
                     })
                     .await;

@@ -228,6 +228,17 @@ impl Auth {
         revoked.insert(jti, exp);
     }
 
+    /// Adds revocations another node of the cluster recorded (read back from
+    /// the shared store); returns how many were new here.
+    pub fn absorb(&self, list: Vec<(String, i64)>) -> usize {
+        let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut new = 0;
+        for (jti, exp) in list {
+            new += usize::from(revoked.insert(jti, exp).is_none());
+        }
+        new
+    }
+
     /// Whether a login for `username` (well-formed) from `ip` may be tried:
     /// 429 while that pair, or that address, has used up its failures.
     pub fn check_login(&self, username: &str, ip: IpAddr) -> Result<(), ApiError> {

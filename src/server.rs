@@ -46,6 +46,9 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     }
     let data_dir = config.server.data_dir.clone();
     let on_postgres = !config.store.database_url.is_empty();
+    if cluster.is_some() && !on_postgres {
+        return Err("a cluster's nodes keep everything in one PostgreSQL database: set [store] database_url (or CONFAB_DATABASE_URL) for every node (docs/SCALEOUT.md)".into());
+    }
     // The embedded store, unless everything is in PostgreSQL.
     let store = if on_postgres {
         std::fs::create_dir_all(&data_dir)
@@ -92,8 +95,6 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
             max_scheduled: config.wallet.max_scheduled_transfers,
         },
         wake: Arc::new(tokio::sync::Notify::new()),
-        placement: cluster.clone(),
-        outbox_wake: Arc::new(tokio::sync::Notify::new()),
     };
     // The storage behind the interface, its writer thread, and the message
     // stream the search indexer follows.
@@ -122,10 +123,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
                 live: live.clone(),
                 store: config.store.clone(),
                 max_group_members: config.limits.max_group_members,
-                wallet: WalletWiring {
-                    placement: None,
-                    ..wallet.clone()
-                },
+                wallet: wallet.clone(),
                 transfer_ids: transfer_ids.clone(),
                 pool_size: config.store.database_pool,
             };
@@ -226,13 +224,12 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         scrub,
     });
     let reads_task = tokio::spawn(reads.run(storage.clone(), state.shutdown.clone()));
+    if state.cluster.is_some() {
+        tokio::spawn(absorb_revocations(state.clone()));
+    }
     tokio::spawn(crate::status::sample_every_second(
         state.clone(),
         state.shutdown.clone(),
-    ));
-    let outbox = tokio::spawn(crate::cluster::outbox::run(
-        state.clone(),
-        wallet.outbox_wake.clone(),
     ));
 
     // Scheduled transfers: runs what is due now (missed while stopped), then
@@ -253,6 +250,11 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
         wallet.wake.clone(),
         state.shutdown.clone(),
         state.config.wallet.scheduler_clock_offset_ms,
+        if state.cluster.is_some() {
+            crate::wallet::scheduler::MAX_SLEEP_CLUSTER
+        } else {
+            crate::wallet::scheduler::MAX_SLEEP
+        },
     ));
     let admin = crate::admin::listen(state.clone(), &data_dir)?;
     // The background scrub: every record's checksum, now and then, at the
@@ -346,7 +348,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     hub.close_all(close::GOING_AWAY);
     // Everything below ends within the grace period, whatever state the
     // storage is in: connections get most of it, the rest (the scheduler,
-    // the outbox, read positions, a running backup, the writer's last
+    // read positions, a running backup, the writer's last
     // commit, the indexer) what is left, and what is not done by then is
     // left (everything acknowledged is already durable).
     let deadline = tokio::time::Instant::now() + grace;
@@ -356,7 +358,6 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
     }
     let finish = async {
         let _ = scheduler.await;
-        let _ = outbox.await;
         let _ = reads_task.await;
         if let Some(b) = backups {
             let _ = b.await;
@@ -410,6 +411,24 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
 /// (saying which, retrying with back-off up to 5 s apart) rather than a
 /// crash loop; a refusal (a newer schema, wrong credentials, a bad
 /// connection string) ends the start with its reason.
+/// A cluster node: the logouts other nodes recorded in the shared store,
+/// read back every [`REVOCATIONS_EVERY`], so that this node refuses those
+/// tokens too (the proxies hear of each logout from the node that took it).
+async fn absorb_revocations(state: Arc<AppState>) {
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REVOCATIONS_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Ok(list) = state.storage.revoked_tokens(auth::now_secs()).await {
+            state.auth.absorb(list);
+        }
+    }
+}
+
+const REVOCATIONS_EVERY: Duration = Duration::from_secs(1);
+
 async fn open_postgres(opts: PgOptions) -> Result<(Postgres, std::thread::JoinHandle<()>), String> {
     let mut wait = Duration::from_millis(500);
     let opts = Arc::new(opts);

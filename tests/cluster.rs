@@ -1,10 +1,10 @@
 //! Scale-out groundwork (docs/SCALEOUT.md): three `confab serve --node`
 //! processes from one cluster config listen on their own addresses, sign
-//! tokens with the shared secret, own the usernames the ring gives them
-//! (others are refused with 421 `wrong_node`) and draw user ids they own;
-//! a bad cluster config is refused with a clear message; a node also speaks
-//! HTTP/2 with prior knowledge on its port (the proxies' multiplexed link),
-//! a single node does not.
+//! tokens with the shared secret and share one PostgreSQL database (any
+//! node signs anyone up, serves any room, refuses a token logged out on
+//! another); a bad cluster config is refused with a clear message; a node
+//! also speaks HTTP/2 with prior knowledge on its port (the proxies'
+//! multiplexed link), a single node does not.
 
 mod common;
 
@@ -15,8 +15,6 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::*;
-use confab::cluster::Ring;
-use confab::ids::UserId;
 use serde_json::json;
 
 const SECRET: &str = "test-cluster-secret-0123456789abcdef";
@@ -77,7 +75,7 @@ fn start_node(dir: &Path, config: &Path, id: &str) -> Node {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_listen_on_their_addresses_and_own_what_the_ring_gives_them() {
+async fn nodes_listen_on_their_addresses_and_share_one_database() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ids = ["n1", "n2", "n3"];
     let addrs: Vec<SocketAddr> = ids
@@ -89,13 +87,14 @@ async fn nodes_listen_on_their_addresses_and_own_what_the_ring_gives_them() {
         .zip(&addrs)
         .map(|(id, a)| format!("\"{id}={a}\""))
         .collect();
+    let database_url = common::pg::server().fresh_database("nodes");
     let config = dir.path().join("cluster.toml");
     std::fs::write(
         &config,
         format!(
             // Ten signups at once from one address over one HTTP/2
             // connection, below: more than the default `hash_per_ip`.
-            "[auth]\nhash_per_ip = 16\n[cluster]\ncluster_secret = \"{SECRET}\"\ncluster_nodes = [{}]\n",
+            "[store]\ndatabase_url = \"{database_url}\"\n[auth]\nhash_per_ip = 16\n[cluster]\ncluster_secret = \"{SECRET}\"\ncluster_nodes = [{}]\n",
             entries.join(", ")
         ),
     )
@@ -107,76 +106,64 @@ async fn nodes_listen_on_their_addresses_and_own_what_the_ring_gives_them() {
     for (n, want) in nodes.iter().zip(&addrs) {
         assert_eq!(&n.addr, want, "a node listens on its address from the list");
     }
-    let ring = Ring::new(&ids.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-    let index = |id: &str| ids.iter().position(|x| *x == id).expect("a node id");
 
-    let mut per_node = [0usize; 3];
-    let mut tokens = Vec::new();
-    for i in 0..30 {
-        let name = uname("cl");
-        let owner = index(ring.username_owner(&name));
-        let other = (owner + 1 + i % 2) % 3;
-        // The wrong node refuses, saying which one owns the name.
-        let (status, body) = Api(nodes[other].addr)
+    // Any node signs anyone up; the name is taken on every node at once.
+    let mut users = Vec::new();
+    for i in 0..6 {
+        let user = Api(nodes[i % 3].addr).signup(&uname("cl")).await;
+        let (status, body) = Api(nodes[(i + 1) % 3].addr)
             .post(
                 "/api/v1/signup",
                 "",
-                &json!({"username": name, "password": PASSWORD}),
+                &json!({"username": user.username.to_uppercase(), "password": PASSWORD}),
             )
             .await;
-        assert_err(&(status, body.clone()), 421, "wrong_node");
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains(&format!("node {} does", ids[owner])),
-            "{body}"
-        );
-        let user = Api(nodes[owner].addr).signup(&name).await;
-        let id: UserId = user.id.parse().expect("user id");
-        assert_eq!(
-            ring.user_owner(id),
-            ids[owner],
-            "the id belongs to its node"
-        );
-        per_node[owner] += 1;
-        tokens.push((owner, user));
+        assert_err(&(status, body), 409, "username_taken");
+        users.push(user);
     }
-    assert!(
-        per_node.iter().all(|&n| n >= 3),
-        "users spread over all three nodes: {per_node:?}"
-    );
-    // Tokens carry the cluster's signature: another node accepts the
-    // signature (and then finds that the user is not one of its own).
-    let (owner, user) = &tokens[0];
-    let (status, body) = Api(nodes[(owner + 1) % 3].addr)
-        .get("/api/v1/me", &user.token)
+    // A token from one node is valid on the others (the cluster's secret),
+    // and every node knows every user, room and message.
+    let (a, b) = (&users[0], &users[1]);
+    for n in &nodes {
+        let (status, me) = Api(n.addr).get("/api/v1/me", &a.token).await;
+        assert_eq!(status.as_u16(), 200, "{me}");
+        assert_eq!(me["id"], a.id.as_str());
+    }
+    let room = Api(nodes[1].addr).direct_room(&a.token, &b.id).await;
+    let room = room["id"].as_str().expect("room id").to_string();
+    let mut ws = Ws::connect_auth(nodes[2].addr, &a.token).await;
+    let ack = ws.send_and_ack(&room, &cid("c"), "written on n3").await;
+    assert_eq!(ack["seq"], 1);
+    let (status, history) = Api(nodes[0].addr)
+        .get(&format!("/api/v1/rooms/{room}/messages"), &b.token)
         .await;
-    assert_eq!(status.as_u16(), 401, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("no longer exists"),
-        "the signature verified: {body}"
-    );
-    let (status, _) = Api(nodes[*owner].addr).get("/api/v1/me", &user.token).await;
-    assert_eq!(status.as_u16(), 200);
-    // WebSockets (HTTP/1.1 upgrades) still work beside HTTP/2 on a node.
-    let _ws = Ws::connect_auth(nodes[*owner].addr, &user.token).await;
+    assert_eq!(status.as_u16(), 200, "{history}");
+    assert_eq!(history["messages"][0]["text"], "written on n3", "{history}");
+    // A logout on one node: another refuses the token within a few seconds
+    // (nodes read the revocations back from the database).
+    let (status, _) = Api(nodes[0].addr)
+        .post("/api/v1/logout", &b.token, &json!({}))
+        .await;
+    assert_eq!(status.as_u16(), 204);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = Api(nodes[2].addr).get("/api/v1/me", &b.token).await;
+        if status.as_u16() == 401 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "another node refuses a token logged out on n1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // One HTTP/2 connection carries many requests at once: health checks and
     // the owner's signups, interleaved on one socket.
     let node = &nodes[0];
     let mut h2 = h2_connect(node.addr).await.expect("an HTTP/2 connection");
     let mut calls = Vec::new();
-    let mut names = Vec::new();
-    while names.len() < 10 {
-        let name = uname("h2");
-        if ring.username_owner(&name) == "n1" {
-            names.push(name);
-        }
-    }
+    let names: Vec<String> = (0..10).map(|_| uname("h2")).collect();
     for i in 0..40 {
         let req = if i % 4 == 0 {
             let body = json!({"username": names[i / 4], "password": PASSWORD}).to_string();
@@ -241,13 +228,16 @@ async fn a_single_node_speaks_only_http1() {
 fn a_bad_cluster_config_is_refused_clearly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("cluster.toml");
-    let write = |nodes: &str, secret: &str| {
+    let write_with = |store: &str, nodes: &str, secret: &str| {
         std::fs::write(
             &config,
-            format!("[cluster]\ncluster_secret = \"{secret}\"\ncluster_nodes = [{nodes}]\n"),
+            format!("{store}[cluster]\ncluster_secret = \"{secret}\"\ncluster_nodes = [{nodes}]\n"),
         )
         .expect("write config");
     };
+    // Checked before the database is reached: nothing listens here.
+    let store = "[store]\ndatabase_url = \"postgresql://confab@127.0.0.1:1/confab\"\n";
+    let write = |nodes: &str, secret: &str| write_with(store, nodes, secret);
     let run = |args: &[&str]| {
         let mut full = vec!["serve", "--config", config.to_str().expect("path")];
         full.extend_from_slice(args);
@@ -268,4 +258,7 @@ fn a_bad_cluster_config_is_refused_clearly() {
     assert!(run(&["--node", "n1"]).contains("listed twice"));
     write("\"n1 127.0.0.1:1\"", SECRET);
     assert!(run(&["--node", "n1"]).contains("id=host:port"));
+    // A cluster keeps everything in one PostgreSQL database.
+    write_with("", "\"n1=127.0.0.1:1\", \"n2=127.0.0.1:2\"", SECRET);
+    assert!(run(&["--node", "n1"]).contains("set [store] database_url"));
 }

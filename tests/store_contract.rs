@@ -246,7 +246,6 @@ async fn new_user(s: &dyn Storage, name: &str) -> User {
         username: name.to_string(),
         display_name: name.to_uppercase(),
         password_hash: "not-a-real-hash".to_string(),
-        placement: None,
         reply,
     })
     .await
@@ -258,7 +257,6 @@ async fn group(s: &dyn Storage, owner: &User, members: &[&User], name: &str) -> 
         owner: owner.id,
         name: name.to_string(),
         members: members.iter().map(|u| u.id).collect(),
-        placement: None,
         reply,
     })
     .await
@@ -638,7 +636,6 @@ async fn groups_privacy_history(backend: &dyn Backend) {
             owner: owner.id,
             name: "nope".into(),
             members: vec![shy.id],
-            placement: None,
             reply,
         })
         .await

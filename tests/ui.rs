@@ -763,7 +763,7 @@ async fn money_sent_from_a_direct_chat_shows_on_both_sides_and_in_the_wallet() {
 }
 
 /// The same UI through `confab proxy` in front of three nodes: two people on
-/// different proxies (and, usually, different nodes) find each other, chat
+/// different proxies (and, usually, served by different nodes) find each other, chat
 /// live with ticks to read, send money, and a reload resumes the chat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ui_works_the_same_through_proxies_of_a_cluster() {
@@ -788,7 +788,7 @@ async fn the_ui_works_the_same_through_proxies_of_a_cluster() {
         wait_text(to, text, WAIT).await;
         wait_tick(from, text, "read", WAIT).await;
     }
-    // Money: the ledger is on one node, the chat perhaps on another.
+    // Money: a transfer and its payment message in one transaction.
     a.click("button", "Send money").await;
     a.wait_for(
         "document.querySelector('dialog .balance')?.textContent === 'Balance: ₩50,000'",

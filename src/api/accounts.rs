@@ -117,19 +117,6 @@ pub async fn signup(
     }
     crate::auth::check_password(&body.username, &body.password)?;
     let display_name = display_name(body.display_name.as_deref().unwrap_or(&body.username))?;
-    if let Some(c) = &state.cluster
-        && !c.owns(crate::cluster::ring::username_key(&body.username))
-    {
-        return Err(ApiError::new(
-            StatusCode::MISDIRECTED_REQUEST,
-            "wrong_node",
-            format!(
-                "node {} does not own this username (node {} does); sign up through confab proxy",
-                c.me.as_deref().unwrap_or("?"),
-                c.ring.username_owner(&body.username)
-            ),
-        ));
-    }
     if state.storage.user_by_name(&body.username).await?.is_some() {
         return Err(taken());
     }
@@ -149,7 +136,6 @@ pub async fn signup(
             username: body.username,
             display_name,
             password_hash,
-            placement: state.cluster.clone(),
             reply,
         })
         .await?;

@@ -74,7 +74,6 @@ pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response
                     owner: c.user,
                     name,
                     members: member_ids,
-                    placement: state.cluster.clone(),
                     reply,
                 })
                 .await?;

@@ -1,10 +1,9 @@
-//! Scale-out: a node's side of the cluster — link tokens, the endpoints the
-//! proxies and other nodes call, and the outbox of what one node owes
-//! another. The design, and what of it is built, is in docs/SCALEOUT.md;
-//! placement (the ring, who owns what) is `placement/`.
+//! Scale-out: a node's side of the cluster — link tokens and the endpoints
+//! the proxies call. Every node keeps its data in the one PostgreSQL
+//! database they share; the design is in docs/SCALEOUT.md, and placement
+//! (the ring, which live node serves a room) is `placement/`.
 
 pub mod link;
 pub mod node;
-pub mod outbox;
 
 pub use crate::placement::{Cluster, Node, Ring, ring};

@@ -16,11 +16,6 @@
 //!   runs as the node runs its own sessions' frames; the answer (ack, error)
 //!   goes down the event stream with `"only":session`, in order with the
 //!   receipts and messages it precedes on a single node.
-//! - `POST /cluster/v1/profiles`: `{"users":[…]}` stores profile-only
-//!   records of members who live on other nodes.
-//! - `POST /cluster/v1/payment`, `POST /cluster/v1/credit`: another node's
-//!   outbox entries ([`crate::cluster::outbox`]): a payment message for a
-//!   chat here, a signup bonus for the ledger here. Both idempotent.
 //!
 //! Link requests may also use the public API for a user by id
 //! (`x-confab-user` instead of a bearer token; see [`crate::api::caller`]).
@@ -36,22 +31,19 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 
-use crate::api::shared::{AppState, Body, no_content};
+use crate::api::shared::{AppState, Body};
 use crate::api::ws::{ClientFrame, execute, explain_bad_frame, presence_of, went_offline};
-use crate::cluster::outbox::OutboxItem;
 use crate::error::ApiError;
 use crate::frames;
 use crate::hub::{LinkEvent, ProxyLink, SessionOutbox};
 use crate::ids::UserId;
-use crate::store::User;
-use crate::writes::Op;
 
 /// Events queued for one proxy before its stream counts as stuck and is
 /// closed (the proxy reconnects and catches its sessions up).
 const LINK_QUEUE: usize = 1 << 17;
 /// An idle event stream carries a ping line this often, so both ends notice
-/// a dead peer.
-pub const PING_EVERY: Duration = Duration::from_secs(5);
+/// a dead (or stopped) peer within a few seconds.
+pub const PING_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn route(
     state: &Arc<AppState>,
@@ -69,9 +61,6 @@ pub async fn route(
         }
         ["attach"] if post => ("/cluster/v1/attach", attach(state, &proxy, req).await),
         ["frames"] if post => ("/cluster/v1/frames", frames(state, &proxy, req)),
-        ["profiles"] if post => ("/cluster/v1/profiles", profiles(state, req).await),
-        ["payment"] if post => ("/cluster/v1/payment", payment(state, req).await),
-        ["credit"] if post => ("/cluster/v1/credit", credit(state, req).await),
         _ => (
             "/cluster",
             Err(ApiError::not_found("not_found", "no such cluster endpoint")),
@@ -308,63 +297,4 @@ async fn run_line(state: &AppState, link: &Arc<ProxyLink>, line: &[u8]) {
             outbox.push_bytes(frames::error(code, &message, client_id.as_deref(), None));
         }
     }
-}
-
-#[derive(Deserialize)]
-struct ProfilesBody {
-    users: Vec<User>,
-}
-
-async fn profiles(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let body: ProfilesBody = crate::api::shared::read_json(state, req).await?;
-    if body.users.len() > state.config.limits.max_group_members + 1 {
-        return Err(ApiError::bad_request("bad_request", "too many profiles"));
-    }
-    state
-        .storage
-        .call(|reply| Op::PutProfiles {
-            users: body.users,
-            reply,
-        })
-        .await?;
-    no_content()
-}
-
-async fn payment(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let item: OutboxItem = crate::api::shared::read_json(state, req).await?;
-    if !matches!(item, OutboxItem::Payment { .. }) {
-        return Err(ApiError::bad_request("bad_request", "not a payment"));
-    }
-    state
-        .storage
-        .call(|reply| Op::PostPayment { item, reply })
-        .await?;
-    no_content()
-}
-
-async fn credit(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let item: OutboxItem = crate::api::shared::read_json(state, req).await?;
-    let OutboxItem::Bonus { user, amount } = item else {
-        return Err(ApiError::bad_request("bad_request", "not a signup bonus"));
-    };
-    let id = user.id;
-    state
-        .storage
-        .call(|reply| Op::PutProfiles {
-            users: vec![user],
-            reply,
-        })
-        .await?;
-    state
-        .storage
-        .call(|reply| {
-            Op::Wallet(crate::writes::WalletOp::Credit {
-                user: id,
-                amount,
-                key: Some(format!("signup-{id}")),
-                reply,
-            })
-        })
-        .await?;
-    no_content()
 }

@@ -88,6 +88,24 @@ impl Ring {
         self.points[i % self.points.len()].1
     }
 
+    /// The index of the node owning `key` among the nodes for which `live`
+    /// holds: the first point at or after `mix(key)` whose node is live. A
+    /// node that is not live gives each of its keys to the node after it on
+    /// the ring, so its keys spread over the others and no other key moves;
+    /// when it is live again, exactly those keys come back. None when no
+    /// node is live.
+    pub fn live_owner_index(&self, key: u64, live: impl Fn(usize) -> bool) -> Option<usize> {
+        if self.points.is_empty() {
+            return None;
+        }
+        let h = mix(key);
+        let start = self.points.partition_point(|&(p, _)| p < h);
+        let n = self.points.len();
+        (0..n)
+            .map(|k| self.points[(start + k) % n].1)
+            .find(|&i| live(i))
+    }
+
     pub fn owner(&self, key: u64) -> &str {
         self.nodes
             .get(self.owner_index(key))
@@ -134,6 +152,32 @@ mod tests {
             owners, owners_again,
             "the order of the list does not matter"
         );
+    }
+
+    #[test]
+    fn a_node_that_is_down_hands_only_its_keys_to_the_others() {
+        let r = ring(&["n1", "n2", "n3", "n4"]);
+        let mut moved_to = [0usize; 4];
+        for k in 0..20_000u64 {
+            let key = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let all = r.owner_index(key);
+            assert_eq!(r.live_owner_index(key, |_| true), Some(all));
+            let without = r.live_owner_index(key, |i| i != 1).expect("live");
+            if all == 1 {
+                assert_ne!(without, 1);
+                moved_to[without] += 1;
+            } else {
+                assert_eq!(without, all, "a key of another node stays");
+            }
+        }
+        // n2's keys spread over the three others.
+        let total: usize = moved_to.iter().sum();
+        for (i, &n) in moved_to.iter().enumerate() {
+            if i != 1 {
+                assert!(n * 5 > total, "{moved_to:?}");
+            }
+        }
+        assert_eq!(r.live_owner_index(7, |_| false), None);
     }
 
     #[test]

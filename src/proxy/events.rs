@@ -25,10 +25,22 @@ impl NodeEvents for Proxy {
         on_line(self, link, line);
     }
 
-    fn down(&self, node: usize) {
+    fn down(self: &Arc<Self>, node: usize) {
         self.fail_inflight(node);
+        // The node's rooms are served by others now. What it committed and
+        // could not send any more is in the database: fetch it, once the
+        // commits it had under way have settled.
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SETTLE).await;
+            proxy.catch_up_node(node);
+        });
     }
 }
+
+/// How long after a link went down the sessions fetch what its node
+/// committed last (a commit it sent just before it died still lands).
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
 
 impl Proxy {
     pub fn revoke(&self, jti: String, exp: i64) {
@@ -94,7 +106,8 @@ impl Proxy {
         }
     }
 
-    /// After node `index` came back: every session fetches what it missed.
+    /// After the link to node `index` came back or went down: every session
+    /// fetches what it missed in the rooms that node serves when it is up.
     pub fn catch_up_node(self: &Arc<Self>, index: usize) {
         let sessions: Vec<Arc<PSession>> = {
             let map = self.sessions.read().unwrap_or_else(|e| e.into_inner());
@@ -146,6 +159,9 @@ fn on_line(proxy: &Arc<Proxy>, link: &Arc<Link>, line: Bytes) {
             return;
         }
         let room_seq = head.room.zip(head.seq);
+        if room_seq.is_none() && !proxy.announces_presence(link.index, &frame) {
+            return;
+        }
         proxy.fan_out(&head.to, head.skip, frame, room_seq);
         return;
     }

@@ -17,7 +17,6 @@ use hyper::client::conn::http2;
 use hyper::header;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cluster::{Node, link};
@@ -29,7 +28,7 @@ pub trait NodeEvents: Send + Sync + 'static {
     /// One line of the node's event stream.
     fn line(self: &Arc<Self>, link: &Arc<Link>, line: Bytes);
     /// The link to node `node` went down.
-    fn down(&self, node: usize);
+    fn down(self: &Arc<Self>, node: usize);
 }
 
 type Sender = http2::SendRequest<crate::api::Body>;
@@ -73,8 +72,12 @@ pub struct Link {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// An event stream silent for this long (pings come every 5 s) is dead.
-const SILENCE: Duration = Duration::from_secs(15);
+/// An event stream silent for this long (pings come every second) is dead:
+/// a node that stopped (SIGSTOP, a frozen VM) loses its rooms to the others
+/// after this, one that died as soon as its connection closes.
+const SILENCE: Duration = Duration::from_secs(3);
+/// How long a request waits for a link that is (re)connecting.
+const LINK_WAIT: Duration = Duration::from_secs(2);
 
 pub fn node_unavailable(node: &str) -> ApiError {
     let mut e = ApiError::new(
@@ -84,22 +87,6 @@ pub fn node_unavailable(node: &str) -> ApiError {
     );
     e.retry_after = Some(1);
     e
-}
-
-/// A node's error answer, passed on as it was.
-pub fn upstream_error(status: StatusCode, body: &[u8]) -> ApiError {
-    let v: Value = serde_json::from_slice(body).unwrap_or_default();
-    let code = match v["error"].as_str().or(v["code"].as_str()) {
-        Some("user_not_found") => "user_not_found",
-        Some("room_not_found") => "room_not_found",
-        Some("forbidden") => "forbidden",
-        Some("bad_request") => "bad_request",
-        _ => "node_error",
-    };
-    let message = v["message"]
-        .as_str()
-        .unwrap_or("the node refused the request");
-    ApiError::new(status, code, message.to_string())
 }
 
 /// The token this proxy names itself with on its links: HS256 under the
@@ -171,6 +158,21 @@ impl Link {
             .clone()
     }
 
+    /// The connection, waiting up to `wait` for a link that is
+    /// (re)connecting.
+    async fn sender_within(&self, wait: Duration) -> Result<Sender, ApiError> {
+        let until = Instant::now() + wait;
+        loop {
+            if let Some(s) = self.sender() {
+                return Ok(s);
+            }
+            if Instant::now() >= until {
+                return Err(node_unavailable(&self.node.id));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn set_error(&self, e: &str) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string();
     }
@@ -211,9 +213,7 @@ impl Link {
         headers: &[(&'static str, String)],
         body: Bytes,
     ) -> Result<Response<hyper::body::Incoming>, ApiError> {
-        let mut sender = self
-            .sender()
-            .ok_or_else(|| node_unavailable(&self.node.id))?;
+        let mut sender = self.sender_within(LINK_WAIT).await?;
         let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{}{}", self.node.addr, path))
@@ -389,11 +389,12 @@ pub async fn attach_loop(link: Arc<Link>, mut rx: mpsc::UnboundedReceiver<Attach
             .collect();
         let body = serde_json::to_vec(&serde_json::json!({ "ops": ops })).unwrap_or_default();
         let mut lines: Vec<(UserId, Attached)> = Vec::new();
-        // A link that is down drops the batch: the users are re-attached
-        // when it comes back.
-        if let Ok(resp) = link
-            .request(Method::POST, "/cluster/v1/attach", &[], Bytes::from(body))
-            .await
+        // A link that is down drops the batch (at once: a new session does
+        // not wait for it): the users are re-attached when it comes back.
+        if link.is_up()
+            && let Ok(resp) = link
+                .request(Method::POST, "/cluster/v1/attach", &[], Bytes::from(body))
+                .await
             && let Ok((StatusCode::OK, _, bytes)) = read_all(resp).await
         {
             for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {

@@ -1,13 +1,18 @@
-//! Which node owns what, as the proxy sees the cluster: [`Nodes`] holds
-//! the cluster's ring and the link to each node, and answers for a user, a
-//! room, a username or the wallet which node owns it; a new group goes to
+//! Which node serves what, as the proxy sees the cluster: [`Nodes`] holds
+//! the cluster's ring and the link to each node. Every node reads and
+//! writes the one database, so any node *can* serve anything; the ring
+//! picks, among the nodes whose link is up, the one that serves each room
+//! (it sequences and fans out the room's messages), each user's requests,
+//! each username's signup and login, and the wallet's transfers. A node
+//! whose link goes down hands exactly its share to the others, and gets
+//! exactly that share back when its link is up again. A new group goes to
 //! the next node that is up, in turn.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::link::Link;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ring};
 use crate::error::ApiError;
 use crate::ids::{RoomId, UserId};
 
@@ -27,26 +32,38 @@ impl Nodes {
         }
     }
 
-    pub fn node_index(&self, id: &str) -> usize {
+    /// The node serving ring key `key`: its owner among the nodes whose
+    /// link is up (when none is, its owner on the whole ring, whose link
+    /// then waits briefly and answers `node_unavailable`).
+    pub fn serving(&self, key: u64) -> usize {
+        let ring = &self.cluster.ring;
+        ring.live_owner_index(key, |i| self.links[i].is_up())
+            .unwrap_or_else(|| ring.owner_index(key))
+    }
+
+    /// Whether node `node` would serve `key` if its link were up (what moved
+    /// off it when its link went down, and comes back when it is up).
+    pub fn served_by_when_up(&self, key: u64, node: usize) -> bool {
         self.cluster
-            .nodes
-            .iter()
-            .position(|n| n.id == id)
-            .unwrap_or(0)
+            .ring
+            .live_owner_index(key, |i| i == node || self.links[i].is_up())
+            == Some(node)
     }
 
     pub fn room_node(&self, room: RoomId) -> usize {
-        self.cluster.ring.owner_index(room.0)
+        self.serving(room.0)
     }
 
     pub fn user_node(&self, user: UserId) -> usize {
-        self.cluster.ring.owner_index(user.0)
+        self.serving(user.0)
+    }
+
+    pub fn name_node(&self, name: &str) -> usize {
+        self.serving(ring::username_key(name))
     }
 
     pub fn wallet_node(&self) -> usize {
-        self.cluster
-            .ring
-            .owner_index(crate::cluster::ring::wallet_key())
+        self.serving(ring::wallet_key())
     }
 }
 

@@ -1,7 +1,7 @@
 //! The proxy's route table: each request's route name (for the metrics)
 //! and where it goes — answered here (health, status, metrics, the UI),
-//! upgraded to a WebSocket session, forwarded to the node that owns its
-//! user, room or the wallet, prepared across nodes, or gathered from all.
+//! upgraded to a WebSocket session, or forwarded to the node that serves
+//! its room, its caller, its username or the wallet.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,9 +10,8 @@ use std::time::Instant;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::cross_node::{add_contact, add_member, by_username, create_room, transfer};
+use super::cross_node::{by_username, create_room};
 use super::forward::{forward, forward_checked};
-use super::gather::{Merge, gather};
 use super::state::Proxy;
 use super::status::{metrics_page, readiness, status_json, status_page};
 use super::ws;
@@ -74,13 +73,12 @@ async fn route(
             ["ws"] => on!("/ws", get, ws::upgrade(p, req)),
             ["signup"] => on!("/signup", post, by_username(p, req, peer)),
             ["login"] => on!("/login", post, by_username(p, req, peer)),
-            ["users"] => on!("/users", get, gather(p, req, Merge::Users)),
-            ["search"] => on!("/search", get, gather(p, req, Merge::Search)),
-            ["rooms"] if get => ("/rooms", gather(p, req, Merge::Rooms).await),
+            // Lists and searches: every node has every room and the whole
+            // search index; the caller's node answers.
+            ["users"] => on!("/users", get, by_caller(p, req, false)),
+            ["search"] => on!("/search", get, by_caller(p, req, false)),
+            ["rooms"] if get => ("/rooms", by_caller(p, req, false).await),
             ["rooms"] => on!("/rooms", post, create_room(p, req)),
-            ["rooms", id, "members"] if post => {
-                ("/rooms/{id}/members", add_member(p, req, id).await)
-            }
             ["rooms", id, rest @ ..] => {
                 let stream = rest == ["export"];
                 (
@@ -98,25 +96,28 @@ async fn route(
                     Err(_) => Err(ApiError::bad_id()),
                 },
             ),
-            ["wallet", "transfers"] if post => ("/wallet/transfers", transfer(p, req).await),
-            ["contacts"] if post => ("/contacts", add_contact(p, req).await),
             ["wallet", ..] => (
                 "/wallet",
                 forward_checked(p, p.nodes.wallet_node(), req, false).await,
             ),
             ["logout"] | ["me"] | ["me", "export" | "privacy"] | ["contacts", ..] => {
                 let stream = rest == ["me", "export"];
-                (
-                    "/me",
-                    match p.caller(&req) {
-                        Ok(c) => forward(p, p.nodes.user_node(c.user), req, stream).await,
-                        Err(e) => Err(e),
-                    },
-                )
+                ("/me", by_caller(p, req, stream).await)
             }
             _ => ("other", Err(no_such_endpoint(&path))),
         },
         ["api", ..] | ["cluster", ..] => ("other", Err(no_such_endpoint(&path))),
         _ => on!("/ui", get, async { Ok(crate::api::assets::serve(&path)) }),
     }
+}
+
+/// A request about the caller: to the node that serves the caller, after
+/// the token is checked here.
+async fn by_caller(
+    p: &Arc<Proxy>,
+    req: Request<Incoming>,
+    stream: bool,
+) -> Result<Response<Body>, ApiError> {
+    let c = p.caller(&req)?;
+    forward(p, p.nodes.user_node(c.user), req, stream).await
 }

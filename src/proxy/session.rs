@@ -69,10 +69,11 @@ pub struct PSession {
     pub(super) rooms: Mutex<HashMap<RoomId, Cursor>>,
     /// Until the attach answers are in (see [`Cursor::held`]).
     pub(super) starting: std::sync::atomic::AtomicBool,
-    /// This session's sends on their way to a node: client_id → room. A
-    /// catch-up that meets one before its ack does not deliver it as a
-    /// `message`; a link that goes down answers them `node_unavailable`.
-    pub(super) inflight: Mutex<HashMap<String, RoomId>>,
+    /// This session's sends on their way to a node: client_id → (room, the
+    /// node it went to). A catch-up that meets one before its ack does not
+    /// deliver it as a `message`; a link that goes down answers the ones
+    /// on their way to its node `node_unavailable`.
+    pub(super) inflight: Mutex<HashMap<String, (RoomId, usize)>>,
 }
 
 impl PSession {
@@ -101,14 +102,14 @@ impl PSession {
 
     /// The link to `node` went down: its sends in flight get no ack.
     pub fn fail_inflight(&self, nodes: &Nodes, node: usize) {
-        let failed: Vec<(String, RoomId)> = self
+        let failed: Vec<(String, (RoomId, usize))> = self
             .inflight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extract_if(|_, r| nodes.room_node(*r) == node)
+            .extract_if(|_, (_, n)| *n == node)
             .collect();
         let e = super::link::node_unavailable(&nodes.links[node].node.id);
-        for (c, room) in failed {
+        for (c, (room, _)) in failed {
             self.outbox
                 .push_bytes(frames::error(e.code, &e.message, Some(&c), Some(room)));
         }
@@ -238,11 +239,14 @@ impl PSession {
         }
     }
 
-    /// Fetches what the session missed in every room `node` owns.
+    /// Fetches what the session missed in every room that node `node`
+    /// serves when its link is up: after the link came back (what the node
+    /// committed meanwhile), and after it went down (what it committed and
+    /// could not send: the rooms' new nodes answer from the database).
     pub fn catch_up_node(self: &Arc<Self>, nodes: &Arc<Nodes>, node: usize) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
         for (&room, c) in rooms.iter_mut() {
-            if nodes.room_node(room) == node && !c.fetching {
+            if nodes.served_by_when_up(room.0, node) && !c.fetching {
                 c.fetching = true;
                 tokio::spawn(catch_up(nodes.clone(), self.clone(), room));
             }
@@ -255,7 +259,8 @@ struct History {
     messages: Vec<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// Fills the room's gap from its node's store, then delivers what waited.
+/// Fills the room's gap from the database (through the node that serves
+/// the room now), then delivers what waited.
 pub(super) async fn catch_up(nodes: Arc<Nodes>, s: Arc<PSession>, room: RoomId) {
     loop {
         if s.outbox.is_kicked() {

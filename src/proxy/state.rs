@@ -14,6 +14,7 @@ use hyper::Request;
 use hyper::body::Incoming;
 use hyper::header;
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
 
 use super::link::{AttachCmd, Attached};
 use super::placement::Nodes;
@@ -23,8 +24,8 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::ids::UserId;
 
-/// How long a scatter-gather waits for each node.
-pub(super) const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a new session waits for each node's answer to its attach.
+pub(super) const ATTACH_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Proxy {
     pub config: Config,
@@ -92,8 +93,8 @@ impl Proxy {
     }
 
     /// Attaches `user` on every node; returns what the nodes that answered
-    /// within 2 s said: presence frames of their peers, and their rooms'
-    /// highest seqs.
+    /// within 2 s said: presence frames of their peers (each peer's from
+    /// the node that serves the peer), and their rooms' highest seqs.
     pub(super) async fn attach_everywhere(&self, user: UserId) -> Vec<Attached> {
         let mut waits = Vec::new();
         for l in &self.nodes.links {
@@ -105,12 +106,26 @@ impl Proxy {
             waits.push(rx);
         }
         let mut out = Vec::new();
-        for rx in waits {
-            if let Ok(Ok(lines)) = tokio::time::timeout(GATHER_TIMEOUT, rx).await {
-                out.extend(lines.into_iter().map(|(_, a)| a));
+        for (node, rx) in waits.into_iter().enumerate() {
+            if let Ok(Ok(lines)) = tokio::time::timeout(ATTACH_TIMEOUT, rx).await {
+                out.extend(lines.into_iter().map(|(_, a)| a).filter(|a| match a {
+                    Attached::Presence(f) => self.announces_presence(node, f),
+                    Attached::Head(..) => true,
+                }));
             }
         }
         out
+    }
+
+    /// Every node sees every proxy's users attach and detach, so every node
+    /// announces each presence change; the one that serves the user speaks
+    /// for them (false: a `presence` frame about a user node `node` does not
+    /// serve, dropped). Other frames pass.
+    pub fn announces_presence(&self, node: usize, frame: &[u8]) -> bool {
+        match presence_user(frame) {
+            Some(user) => self.nodes.user_node(user) == node,
+            None => true,
+        }
     }
 
     pub(super) fn caller(&self, req: &Request<Incoming>) -> Result<Caller, ApiError> {
@@ -120,4 +135,19 @@ impl Proxy {
             .ok_or_else(crate::auth::no_bearer_token)?;
         self.auth.verify(crate::auth::bearer_token(value)?)
     }
+}
+
+/// The user a `presence` frame is about (None: another frame).
+fn presence_user(frame: &[u8]) -> Option<UserId> {
+    #[derive(Deserialize)]
+    struct Presence {
+        #[serde(rename = "type")]
+        kind: String,
+        user: Option<UserId>,
+    }
+    if !frame.starts_with(b"{\"type\":\"presence\"") {
+        return None;
+    }
+    let p: Presence = serde_json::from_slice(frame).ok()?;
+    (p.kind == "presence").then_some(p.user).flatten()
 }

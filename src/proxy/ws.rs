@@ -229,8 +229,8 @@ async fn read_loop(
     }
 }
 
-/// Sends a client frame to the room's node, on the link's frame stream; the
-/// answer comes back as an event ([`PSession::answer`]).
+/// Sends a client frame to the node serving the room, on the link's frame
+/// stream; the answer comes back as an event ([`PSession::answer`]).
 fn forward(
     proxy: &Arc<Proxy>,
     s: &Arc<PSession>,
@@ -239,7 +239,8 @@ fn forward(
     text: Vec<u8>,
 ) {
     use std::io::Write;
-    let link = &proxy.nodes.links[proxy.nodes.room_node(room)];
+    let node = proxy.nodes.room_node(room);
+    let link = &proxy.nodes.links[node];
     let mut line = Vec::with_capacity(text.len() + 48);
     let _ = write!(line, "{}\t{}\t", s.id, s.user);
     line.extend_from_slice(&text);
@@ -248,7 +249,7 @@ fn forward(
         s.inflight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(c.to_string(), room);
+            .insert(c.to_string(), (room, node));
     }
     if let Err(e) = link.send_frame(Bytes::from(line)) {
         if let Some(c) = client_id {

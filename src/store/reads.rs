@@ -13,8 +13,8 @@ use super::records::{MemberRecord, Privacy, RoomKind, RoomRecord, UserRecord, pr
 use super::seal;
 use super::seal::Rec;
 use super::tables::{
-    CLUSTER_OUTBOX, CONTACTS, LAST_SEEN, MEMBERS, MESSAGE_LOG, MESSAGES, PRIVACY, REVOKED, ROOMS,
-    USER_ROOMS, USERNAMES, USERS,
+    CONTACTS, LAST_SEEN, MEMBERS, MESSAGE_LOG, MESSAGES, PRIVACY, REVOKED, ROOMS, USER_ROOMS,
+    USERNAMES, USERS,
 };
 use super::transfer_ids;
 use crate::error::ApiError;
@@ -282,23 +282,6 @@ impl Store {
             let mut out = Vec::new();
             for entry in user_rooms.range((user.0, 0)..=(user.0, u64::MAX))? {
                 out.push(RoomId(entry?.0.value().1));
-            }
-            Ok(out)
-        })
-    }
-
-    /// The oldest `limit` entries of the cluster outbox.
-    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ApiError> {
-        self.guard("outbox", || {
-            let txn = self.read()?;
-            let t = txn.open_table(CLUSTER_OUTBOX)?;
-            let mut out = Vec::new();
-            for e in t.iter()?.take(limit) {
-                let (k, v) = e?;
-                // A damaged entry stays where it is (reported), never sent.
-                if let Ok(body) = seal::unseal(Rec::ClusterOutbox, k.value(), v.value()) {
-                    out.push((k.value(), body.to_vec()));
-                }
             }
             Ok(out)
         })

@@ -61,10 +61,10 @@ pub const WALLET_PENDING: TableDefinition<(u64, u64), ()> = TableDefinition::new
 /// `meta` key: the `next_transfer_id` as of the last change the writer made
 /// with `wallet_pending` kept up to date (see [`rebuild_wallet_pending`]).
 pub const PENDING_SYNCED: &str = "wallet_pending_synced";
-/// Cluster nodes: operations for another node, written in the transaction
-/// that caused them and deleted once that node confirmed them (payment
-/// messages for chats elsewhere, signup bonuses for the wallet node).
-/// Key: a counter; value: a JSON [`crate::cluster::outbox::OutboxItem`].
+/// The outbox of the cluster that kept a shard per node (retired: a
+/// cluster now shares one PostgreSQL database). Always empty on a single
+/// node; kept in the format so that stores and backups written by earlier
+/// versions still open, check and restore.
 pub const CLUSTER_OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("cluster_outbox");
 /// user id → [`Privacy`] (postcard); no row: the defaults (schema 3).
 pub const PRIVACY: TableDefinition<u64, &[u8]> = TableDefinition::new("privacy");

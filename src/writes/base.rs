@@ -55,8 +55,6 @@ pub enum Op {
         username: String,
         display_name: String,
         password_hash: String,
-        /// In a cluster: the new id must be one this node owns.
-        placement: Option<Arc<crate::placement::Cluster>>,
         reply: Reply<User>,
     },
     AddContact {
@@ -78,26 +76,7 @@ pub enum Op {
         owner: UserId,
         name: String,
         members: Vec<UserId>,
-        /// In a cluster: the new id must be one this node owns.
-        placement: Option<Arc<crate::placement::Cluster>>,
         reply: Reply<Room>,
-    },
-    /// Cluster nodes: profile-only records of users who live on other nodes
-    /// and are members of rooms here (no password, not in `usernames`).
-    /// Existing records are left as they are.
-    PutProfiles {
-        users: Vec<User>,
-        reply: Reply<()>,
-    },
-    /// Cluster nodes: a payment message from the wallet node's outbox for
-    /// the direct chat of `from` and `to` here. Idempotent by `client_id`.
-    PostPayment {
-        item: crate::writes::outbox::OutboxItem,
-        reply: Reply<()>,
-    },
-    /// The outbox entry `key` was confirmed by its node.
-    OutboxDone {
-        key: u64,
     },
     AddMember {
         room: RoomId,
@@ -168,15 +147,11 @@ impl WriterHandle {
 impl Op {
     /// Ops that still run while the disk is full, on the reserve: small,
     /// and what a server needs to keep its users' state honest and to stop
-    /// (read positions, last seen, logouts, outbox confirmations).
+    /// (read positions, last seen, logouts).
     pub fn is_essential(&self) -> bool {
         matches!(
             self,
-            Op::Read { .. }
-                | Op::LastSeen { .. }
-                | Op::Revoke { .. }
-                | Op::OutboxDone { .. }
-                | Op::Stop
+            Op::Read { .. } | Op::LastSeen { .. } | Op::Revoke { .. } | Op::Stop
         )
     }
 
@@ -242,7 +217,6 @@ pub(super) struct Tables<'t> {
     pub(super) wallet_user_transfers: Table<'t, (u64, u64), ()>,
     pub(super) wallet_schedule: Table<'t, (i64, u64), ()>,
     pub(super) wallet_pending: Table<'t, (u64, u64), ()>,
-    pub(super) cluster_outbox: Table<'t, u64, &'static [u8]>,
     pub(super) privacy: Table<'t, u64, &'static [u8]>,
 }
 
@@ -277,8 +251,6 @@ pub struct GroupCommitWriter {
     pub(super) pending_reads: HashMap<(RoomId, UserId), u64>,
     pub(super) reads_flushed: Instant,
     pub(super) wallet: WalletWiring,
-    /// This batch queued outbox entries: wake the forwarder after the commit.
-    pub(super) outbox_woken: bool,
     /// The session send being applied, so that it is answered also when
     /// redb panics inside `apply` (the op is consumed by then).
     pub(super) in_flight: Option<(Arc<SessionOutbox>, String, RoomId)>,
@@ -466,10 +438,4 @@ pub enum WalletOp {
 pub struct WalletWiring {
     pub settings: crate::wallet::WalletSettings,
     pub wake: Arc<tokio::sync::Notify>,
-    /// In a cluster: which node holds what, so that payment messages for
-    /// chats elsewhere and signup bonuses (the ledger lives on one node) go
-    /// through the cluster outbox.
-    pub placement: Option<Arc<crate::placement::Cluster>>,
-    /// Wakes the outbox forwarder.
-    pub outbox_wake: Arc<tokio::sync::Notify>,
 }

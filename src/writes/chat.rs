@@ -112,7 +112,6 @@ impl GroupCommitWriter {
                 username,
                 display_name,
                 password_hash,
-                placement,
                 reply,
             } => {
                 let key = username.to_lowercase();
@@ -120,9 +119,7 @@ impl GroupCommitWriter {
                     Err(rules::username_taken())
                 } else {
                     let mut id = UserId::random();
-                    while t.users.get(id.0)?.is_some()
-                        || placement.as_ref().is_some_and(|c| !c.owns(id.0))
-                    {
+                    while t.users.get(id.0)?.is_some() {
                         id = UserId::random();
                     }
                     let rec = UserRecord {
@@ -135,25 +132,10 @@ impl GroupCommitWriter {
                         .insert(id.0, seal(Rec::Users, id.0, encode(&rec)).as_slice())?;
                     t.usernames.insert(key.as_str(), id.0)?;
                     let bonus = self.wallet.settings.signup_bonus;
-                    let wallet_here = placement
-                        .as_ref()
-                        .is_none_or(|c| c.owns(crate::placement::ring::wallet_key()));
-                    if bonus > 0 && wallet_here {
+                    if bonus > 0 {
                         let mut ignored = Default::default();
                         self.credit(t, id, bonus, None, &mut ignored)?
                             .map_err(crate::wallet::rules::signup_bonus_failed)?;
-                    } else if bonus > 0 {
-                        // The ledger lives on the wallet node: credit there,
-                        // once, through the outbox.
-                        let item = crate::writes::outbox::OutboxItem::Bonus {
-                            user: User {
-                                id,
-                                username: key.clone(),
-                                display_name: display_name.clone(),
-                            },
-                            amount: bonus,
-                        };
-                        self.outbox_push(t, &item)?;
                     }
                     Ok(User {
                         id,
@@ -214,7 +196,6 @@ impl GroupCommitWriter {
                 owner,
                 name,
                 members,
-                placement,
                 reply,
             } => {
                 let ids = rules::group_members_in_order(owner, members);
@@ -230,9 +211,7 @@ impl GroupCommitWriter {
                     }
                 }
                 let mut room = RoomId::new_group();
-                while t.rooms.get(room.0)?.is_some()
-                    || placement.as_ref().is_some_and(|c| !c.owns(room.0))
-                {
+                while t.rooms.get(room.0)?.is_some() {
                     room = RoomId::new_group();
                 }
                 let rec = RoomRecord {
@@ -319,17 +298,6 @@ impl GroupCommitWriter {
                 t.revoked.insert(jti.as_str(), exp)?;
                 reply_after_commit(reply, Ok(()))
             }
-            Op::PutProfiles { users, reply } => {
-                for u in &users {
-                    put_profile(t, u)?;
-                }
-                reply_after_commit(reply, Ok(()))
-            }
-            Op::PostPayment { item, reply } => self.post_payment(t, item, reply)?,
-            Op::OutboxDone { key } => {
-                t.cluster_outbox.remove(key)?;
-                Effect::None
-            }
             Op::SetPrivacy {
                 user,
                 presence,
@@ -399,93 +367,6 @@ impl GroupCommitWriter {
             None => user.to_string(),
         };
         Ok(Err(rules::not_allowed_to_add(&name)))
-    }
-}
-/// Stores a profile-only record of a user from another node, unless known.
-pub(super) fn put_profile(t: &mut Tables, u: &User) -> Result<(), ApiError> {
-    if t.users.get(u.id.0)?.is_none() {
-        let rec = UserRecord {
-            username: u.username.to_lowercase(),
-            display_name: u.display_name.clone(),
-            password_hash: String::new(),
-            created_at: now_ms(),
-        };
-        t.users
-            .insert(u.id.0, seal(Rec::Users, u.id.0, encode(&rec)).as_slice())?;
-    }
-    Ok(())
-}
-
-impl GroupCommitWriter {
-    pub(super) fn post_payment(
-        &mut self,
-        t: &mut Tables,
-        item: crate::writes::outbox::OutboxItem,
-        reply: Reply<()>,
-    ) -> Result<Effect, ApiError> {
-        let crate::writes::outbox::OutboxItem::Payment {
-            from,
-            to,
-            client_id,
-            text,
-            transfer,
-            amount,
-            note,
-        } = item
-        else {
-            return Ok(reply_after_commit(
-                reply,
-                Err(ApiError::bad_request("bad_request", "not a payment")),
-            ));
-        };
-        put_profile(t, &from)?;
-        put_profile(t, &to)?;
-        let (room, created) = self.ensure_direct(t, from.id, to.id)?;
-        if t.client_ids
-            .get((room.0, from.id.0, client_id.as_str()))?
-            .is_some()
-        {
-            // Delivered before: the wallet node retried.
-            return Ok(reply_after_commit(reply, Ok(())));
-        }
-        let seq = self.next_seq(t, room)?;
-        let mrec = MessageRecord {
-            from: from.id.0,
-            ts: now_ms(),
-            client_id,
-            text,
-            payment: Some(PaymentInfo {
-                transfer,
-                amount,
-                to: to.id.0,
-                note,
-            }),
-        };
-        t.messages
-            .insert((room.0, seq), mrec.sealed(room, seq).as_slice())?;
-        let pos = self.next_log_pos(t)?;
-        t.message_log.insert(pos, (room.0, seq))?;
-        t.client_ids
-            .insert((room.0, from.id.0, mrec.client_id.as_str()), seq)?;
-        let view = if created {
-            room_view(&t.rooms, &t.members, &t.users, &t.messages, room)?
-        } else {
-            None
-        };
-        let msg = Message::from_record(room, seq, mrec, &self.store.transfer_ids);
-        Ok(Effect::Done(Box::new(move |hub| {
-            if let Some(r) = view {
-                announce_room(hub, &r);
-            }
-            let frame = OutFrame {
-                bytes: frames::message(&msg),
-                room_seq: Some((msg.room, msg.seq)),
-                pong: false,
-            };
-            hub.send_to_user(from.id, &frame, None);
-            hub.send_to_user(to.id, &frame, None);
-            let _ = reply.send(Ok(()));
-        })))
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::base::*;
 use super::chat::bump_read;
 use super::deliver::Delivery;
-use super::publish::{Committed, Indexing, OutboxForwarder, Subscriber};
+use super::publish::{Committed, Indexing, Subscriber};
 use crate::config::StoreConfig;
 use crate::error::ApiError;
 use crate::hub::Hub;
@@ -51,11 +51,10 @@ impl GroupCommitWriter {
         let (tx, rx) = mpsc::channel(config.writer_queue);
         let health = store.health.clone();
         let db = store.db.clone();
-        // After each commit, in this order: the search feed, the outbox's
-        // forwarder, then acks and fan-out.
+        // After each commit, in this order: the search feed, then acks and
+        // fan-out.
         let subscribers: Vec<Box<dyn Subscriber<Effect>>> = vec![
             Box::new(Indexing(store.feed.clone())),
-            Box::new(OutboxForwarder(wallet.outbox_wake.clone())),
             Box::new(Delivery { hub, live }),
         ];
         let writer = GroupCommitWriter {
@@ -66,7 +65,6 @@ impl GroupCommitWriter {
             pending_reads: HashMap::new(),
             reads_flushed: Instant::now(),
             wallet,
-            outbox_woken: false,
             in_flight: None,
         };
         let join = Engine::spawn(db, health.clone(), config, writer, rx)?;
@@ -103,7 +101,6 @@ impl GroupCommitWriter {
                 wallet_user_transfers: txn.open_table(WALLET_USER_TRANSFERS)?,
                 wallet_schedule: txn.open_table(WALLET_SCHEDULE)?,
                 wallet_pending: txn.open_table(WALLET_PENDING)?,
-                cluster_outbox: txn.open_table(CLUSTER_OUTBOX)?,
                 privacy: txn.open_table(PRIVACY)?,
             };
             let mut ops = std::mem::take(batch).into_iter();
@@ -186,7 +183,6 @@ impl Domain for GroupCommitWriter {
     fn committed(&mut self, effects: Vec<Effect>) {
         let mut batch = Committed {
             log_pos: self.state.log_pos,
-            outbox_queued: std::mem::take(&mut self.outbox_woken),
             effects,
         };
         for s in &mut self.subscribers {
@@ -204,7 +200,6 @@ impl Domain for GroupCommitWriter {
                 room,
             });
         }
-        self.outbox_woken = false;
         // The caches may hold what the batch did; a sender's own read
         // positions of this batch are lost (they are advisory).
         self.state = WriterState::default();

@@ -1,5 +1,5 @@
 //! The writes of confab's domains — messages, rooms, contacts, accounts,
-//! tokens, privacy, the wallet, the cluster outbox — as the [`Domain`] that
+//! tokens, privacy, the wallet — as the [`Domain`] that
 //! the group-commit [`Engine`] runs: the [`Op`]s callers queue, how each is
 //! applied inside the engine's write transaction, and what happens once its
 //! batch is durable (acks, answers, fan-out through the [`Hub`], receipts).
@@ -13,7 +13,6 @@ mod base;
 mod chat;
 mod deliver;
 mod domain;
-pub mod outbox;
 pub mod publish;
 pub mod rules;
 mod wallet;

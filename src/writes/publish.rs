@@ -2,7 +2,7 @@
 //! order they were given. The engine hands the domain a batch's effects
 //! only after its durable commit; the domain hands them on as a
 //! [`Committed`] to each [`Subscriber`] in turn — the search feed (its new
-//! `message_log` position), the cluster outbox's forwarder, and last the
+//! `message_log` position), and last the
 //! delivery (acks, answers, fan-out, receipts, the live totals), which takes
 //! the effects. Nothing here runs for a batch that was not committed.
 
@@ -15,8 +15,6 @@ pub struct Committed<E> {
     /// The last `message_log` position the batch used (None: it logged
     /// no message, or the writer does not know it yet).
     pub log_pos: Option<u64>,
-    /// The batch queued cluster outbox entries.
-    pub outbox_queued: bool,
     /// What each applied op asks for; a subscriber that acts on them takes
     /// them (the delivery, last).
     pub effects: Vec<E>,
@@ -37,17 +35,6 @@ impl<E> Subscriber<E> for Indexing {
     fn committed(&mut self, batch: &mut Committed<E>) {
         if let Some(pos) = batch.log_pos {
             self.0.publish(pos);
-        }
-    }
-}
-
-/// Wakes the cluster outbox's forwarder when the batch queued entries.
-pub struct OutboxForwarder(pub Arc<tokio::sync::Notify>);
-
-impl<E> Subscriber<E> for OutboxForwarder {
-    fn committed(&mut self, batch: &mut Committed<E>) {
-        if batch.outbox_queued {
-            self.0.notify_one();
         }
     }
 }

@@ -10,7 +10,7 @@ use super::base::*;
 use crate::error::ApiError;
 use crate::frames;
 use crate::hub::OutFrame;
-use crate::ids::{RoomId, UserId};
+use crate::ids::UserId;
 use crate::store::seal::seal;
 use crate::store::*;
 use crate::wallet::rules::{self, Cancelling, count};
@@ -326,9 +326,8 @@ impl GroupCommitWriter {
         Self::entries(t, moved)?;
         rules::mark_executed(rec, now);
         t.wallet_user_transfers.insert((rec.to, id), ())?;
-        if let Some(msg) = self.payment_message(t, id, rec, now)? {
-            notices.messages.push(msg);
-        }
+        let msg = self.payment_message(t, id, rec, now)?;
+        notices.messages.push(msg);
         let (from, to) = (UserId(rec.from), UserId(rec.to));
         notices
             .frames
@@ -339,37 +338,15 @@ impl GroupCommitWriter {
     }
 
     /// The payment message in the pair's direct chat (created if needed).
-    /// In a cluster, a chat on another node gets it through the outbox
-    /// (None here): it appears there once, when that node confirms it.
     fn payment_message(
         &mut self,
         t: &mut Tables,
         id: u64,
         rec: &TransferRecord,
         now: i64,
-    ) -> Result<Option<(Message, Option<Room>)>, ApiError> {
+    ) -> Result<(Message, Option<Room>), ApiError> {
         let (from, to) = (UserId(rec.from), UserId(rec.to));
         let pay = rules::payment_message(id, rec, &self.wallet.settings.currency);
-        if let Some(c) = &self.wallet.placement
-            && !c.owns(RoomId::direct(from, to).0)
-        {
-            let (Some(from_user), Some(to_user)) =
-                (user_in(&t.users, from)?, user_in(&t.users, to)?)
-            else {
-                return Err(ApiError::internal("a payment between unknown users"));
-            };
-            let item = crate::writes::outbox::OutboxItem::Payment {
-                from: from_user,
-                to: to_user,
-                client_id: pay.client_id,
-                text: pay.text,
-                transfer: pay.payment.transfer,
-                amount: pay.payment.amount,
-                note: pay.payment.note,
-            };
-            self.outbox_push(t, &item)?;
-            return Ok(None);
-        }
         let (room, created) = self.ensure_direct(t, from, to)?;
         let seq = self.next_seq(t, room)?;
         let mrec = MessageRecord {
@@ -390,21 +367,7 @@ impl GroupCommitWriter {
             None
         };
         let msg = Message::from_record(room, seq, mrec, &self.store.transfer_ids);
-        Ok(Some((msg, view)))
-    }
-
-    /// Queues an operation for another node (see [`CLUSTER_OUTBOX`]).
-    pub(super) fn outbox_push(
-        &mut self,
-        t: &mut Tables,
-        item: &crate::writes::outbox::OutboxItem,
-    ) -> Result<(), ApiError> {
-        let next = t.cluster_outbox.last()?.map_or(1, |(k, _)| k.value() + 1);
-        let bytes = serde_json::to_vec(item).map_err(ApiError::internal)?;
-        t.cluster_outbox
-            .insert(next, seal(Rec::ClusterOutbox, next, bytes).as_slice())?;
-        self.outbox_woken = true;
-        Ok(())
+        Ok((msg, view))
     }
 
     fn cancel(

@@ -1,6 +1,8 @@
 //! A cluster on loopback for the tests: three `confab serve --node`
-//! processes and any number of `confab proxy`, each of which can be killed
-//! (SIGKILL) and started again on the same address and data.
+//! processes sharing one PostgreSQL database (a fresh one on the test
+//! binary's server, `pg.rs`) and any number of `confab proxy`, each of
+//! which can be killed (SIGKILL), stopped (SIGSTOP) and started again on the
+//! same address.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -79,6 +81,10 @@ impl Proc {
             .join("\n")
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("running")
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -95,6 +101,8 @@ impl Drop for Proc {
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// The database every node uses.
+    pub database_url: String,
     pub nodes: Vec<Proc>,
     pub proxies: Vec<Proc>,
     pub ring: Ring,
@@ -105,9 +113,10 @@ impl Cluster {
         Cluster::start_with(proxies, "").await
     }
 
-    /// `extra`: more TOML for the shared config file.
+    /// `extra`: more TOML for the shared config file (not `[store]`).
     pub async fn start_with(proxies: usize, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let database_url = super::pg::server().fresh_database("cluster");
         let entries: Vec<String> = IDS
             .iter()
             .map(|id| format!("\"{id}=127.0.0.1:{}\"", free_port()))
@@ -116,7 +125,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "{extra}\n[cluster]\ncluster_secret = \"{SECRET}\"\ncluster_nodes = [{}]\n",
+                "[store]\ndatabase_url = \"{database_url}\"\n{extra}\n[cluster]\ncluster_secret = \"{SECRET}\"\ncluster_nodes = [{}]\n",
                 entries.join(", ")
             ),
         )
@@ -138,6 +147,7 @@ impl Cluster {
             .collect();
         let c = Cluster {
             dir,
+            database_url,
             nodes,
             proxies,
             ring: Ring::new(&IDS.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
@@ -178,10 +188,30 @@ impl Cluster {
         node_index(self.ring.user_owner(u))
     }
 
+    /// The node that serves room `id` while every node is up.
     pub fn room_node(&self, id: &str) -> usize {
         let r: RoomId = id.parse().expect("room id");
         node_index(self.ring.room_owner(r))
     }
+
+    /// The node that serves room `id` while node `down` is not reachable.
+    pub fn room_node_without(&self, id: &str, down: usize) -> usize {
+        let r: RoomId = id.parse().expect("room id");
+        self.ring
+            .live_owner_index(r.0, |i| i != down)
+            .expect("another node")
+    }
+}
+
+/// SIGSTOP (true) or SIGCONT (false) to process `pid`: it freezes with its
+/// sockets open, as a hung machine would, and later goes on.
+pub fn pause(pid: u32, stop: bool) {
+    let sig = if stop { "-STOP" } else { "-CONT" };
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(ok.success(), "kill {sig} {pid}");
 }
 
 /// Searches until at least `want` hits are indexed (indexing is not instant).

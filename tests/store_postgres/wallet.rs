@@ -101,7 +101,6 @@ pub(crate) async fn new_user(s: &dyn Storage, name: &str) -> UserId {
         username: name.to_string(),
         display_name: name.to_uppercase(),
         password_hash: "x".to_string(),
-        placement: None,
         reply,
     })
     .await

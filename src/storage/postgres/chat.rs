@@ -331,7 +331,6 @@ pub(super) async fn apply(
             username,
             display_name,
             password_hash,
-            placement: _,
             reply,
         } => {
             let key = username.to_lowercase();
@@ -419,7 +418,6 @@ pub(super) async fn apply(
             owner,
             name,
             members,
-            placement: _,
             reply,
         } => {
             let ids = rules::group_members_in_order(owner, members);
@@ -479,17 +477,7 @@ pub(super) async fn apply(
             .map_err(db_err)?;
             reply_after_commit(reply, Ok(()))
         }
-        // Every user is in the one database: nothing to copy.
-        Op::PutProfiles { users: _, reply } => reply_after_commit(reply, Ok(())),
-        // The outbox is the per-node cluster's; a shared database needs none.
-        Op::PostPayment { item: _, reply } => reply_after_commit(
-            reply,
-            Err(ApiError::bad_request(
-                "bad_request",
-                "payments between nodes are not posted through an outbox here",
-            )),
-        ),
-        Op::OutboxDone { .. } | Op::Stop => Effect::None,
+        Op::Stop => Effect::None,
         Op::SetPrivacy {
             user,
             presence,

@@ -39,7 +39,11 @@ pub(super) struct Writer {
     batch_no: i64,
 }
 
-/// One connection, its driver spawned on the writer's runtime.
+/// One connection, its driver spawned on the writer's runtime. A writer
+/// that stops answering in the middle of a transaction (its process was
+/// stopped or froze) holds the stream lock every writer needs; the server
+/// ends such a session after [`STALLED_TRANSACTION`], which rolls it back,
+/// so the other nodes write again.
 async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
@@ -47,8 +51,18 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgr
             tracing::warn!(error = %e, "the writer's database connection ended");
         }
     });
+    client
+        .batch_execute(&format!(
+            "SET idle_in_transaction_session_timeout = {}",
+            STALLED_TRANSACTION.as_millis()
+        ))
+        .await?;
     Ok(client)
 }
+
+/// See [`connect`]: far longer than a healthy writer ever waits between two
+/// statements of its transaction (microseconds to a few milliseconds).
+const STALLED_TRANSACTION: Duration = Duration::from_secs(3);
 
 /// Starts the writer thread: connects and migrates (the caller waits for
 /// that and gets its error), then serves `rx` until [`Op::Stop`] or until
@@ -289,7 +303,6 @@ impl Writer {
             }
             let mut done = Committed {
                 log_pos: state.last_pos,
-                outbox_queued: false,
                 effects,
             };
             for s in &mut self.subscribers {
@@ -378,8 +391,15 @@ impl Writer {
         }
     }
 
-    /// Applies the batch's ops in order (runs of sends together), then the
-    /// senders' read positions and this batch's mark.
+    /// Takes the stream lock, applies the batch's ops in order (runs of
+    /// sends together), then the senders' read positions and this batch's
+    /// mark.
+    ///
+    /// Every writer transaction takes `meta.log_pos`'s row lock *first*
+    /// and holds it to its commit. Stream positions then follow commit
+    /// order (what the indexers rely on), and since no transaction holds
+    /// another lock while waiting for it, the nodes' writers can never
+    /// deadlock on rooms or wallet accounts taken in different orders.
     async fn apply_all(
         &self,
         txn: &Transaction<'_>,
@@ -387,6 +407,16 @@ impl Writer {
         effects: &mut Vec<Effect>,
         state: &mut BatchState,
     ) -> Result<(), ApiError> {
+        if let Err(e) = txn
+            .execute("SELECT 1 FROM meta WHERE key = 'log_pos' FOR UPDATE", &[])
+            .await
+        {
+            let e = db_err(e);
+            for op in batch {
+                op.refuse(&e);
+            }
+            return Err(e);
+        }
         let mut ops = batch.into_iter().peekable();
         while let Some(op) = ops.next() {
             let result = if matches!(op, Op::Send { .. }) {
