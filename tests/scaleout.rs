@@ -492,29 +492,25 @@ async fn pairs_on_every_node(c: &Cluster, min: usize) -> Vec<(User, User, String
     pairs
 }
 
-/// Runs a sender per pair (on proxy 0; receivers on proxy 1) until `run`
-/// is over, doing `fault` to the node serving the first pair's room after
-/// 1.2 s; checks that nothing acked is lost or doubled, every history is
-/// gap-free and every receiver saw every seq once; returns the senders'
-/// outcomes, the victim and when the fault happened.
-async fn under_load<F, Fut>(
-    c: &mut Cluster,
-    pairs: &[(User, User, String)],
-    run: Duration,
-    fault: F,
-) -> (Vec<Outcomes>, usize, Instant)
-where
-    F: FnOnce(&mut Cluster, usize) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let victim = c.room_node(&pairs[0].2);
+/// Senders (one per pair, on proxy 0) and receivers (on proxy 1) at work.
+struct Load {
+    senders: Vec<tokio::task::JoinHandle<(Ws, Outcomes)>>,
+    receivers: Vec<Ws>,
+}
+
+/// Starts a sender per pair, each sending until `run` is over, and gives
+/// them 1.2 s to get going.
+async fn start_load(c: &Cluster, pairs: &[(User, User, String)], run: Duration) -> Load {
     let stop = Instant::now() + run;
-    let mut senders = Vec::new();
-    let mut receivers = Vec::new();
+    let mut load = Load {
+        senders: Vec::new(),
+        receivers: Vec::new(),
+    };
     for (i, (a, b, room)) in pairs.iter().enumerate() {
         let wa = Ws::connect_auth(c.proxies[0].addr, &a.token).await;
-        receivers.push(Ws::connect_auth(c.proxies[1].addr, &b.token).await);
-        senders.push(tokio::spawn(send_loop(
+        load.receivers
+            .push(Ws::connect_auth(c.proxies[1].addr, &b.token).await);
+        load.senders.push(tokio::spawn(send_loop(
             wa,
             room.clone(),
             format!("s{i}"),
@@ -522,8 +518,17 @@ where
         )));
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let at = Instant::now();
-    fault(c, victim).await;
+    load
+}
+
+/// Waits for the senders, then checks that nothing acked is lost or
+/// doubled, every history is gap-free and every receiver saw every seq
+/// once; returns the senders' outcomes.
+async fn finish_load(c: &Cluster, pairs: &[(User, User, String)], load: Load) -> Vec<Outcomes> {
+    let Load {
+        senders,
+        mut receivers,
+    } = load;
     let mut outcomes = Vec::new();
     for s in senders {
         outcomes.push(s.await.expect("sender").1);
@@ -551,38 +556,35 @@ where
             "room {i}: the receiver saw every seq once"
         );
     }
-    (outcomes, victim, at)
+    outcomes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_rooms_move_to_the_others_within_2_s_and_nothing_is_lost() {
     let mut c = Cluster::start(2).await;
     let pairs = pairs_on_every_node(&c, 6).await;
-    let pair0 = pairs[0].clone();
-    let (outcomes, victim, killed) =
-        under_load(&mut c, &pairs, Duration::from_secs(6), |c, victim| {
-            let api = c.api(0);
-            c.nodes[victim].kill9();
-            async move {
-                // Over HTTP too: the victim's rooms answer from another node
-                // at once, and lists are whole.
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let (a0, _, room0) = &pair0;
-                let (status, body) = api
-                    .get(&format!("/api/v1/rooms/{room0}/messages"), &a0.token)
-                    .await;
-                assert_eq!(status.as_u16(), 200, "{body}");
-                let (status, body) = api.get("/api/v1/rooms", &a0.token).await;
-                assert_eq!(status.as_u16(), 200, "{body}");
-                assert!(
-                    body["rooms"]
-                        .as_array()
-                        .is_some_and(|r| r.iter().any(|r| r["id"] == room0.as_str())),
-                    "{body}"
-                );
-            }
-        })
+    let victim = c.room_node(&pairs[0].2);
+    let load = start_load(&c, &pairs, Duration::from_secs(6)).await;
+    let killed = Instant::now();
+    c.nodes[victim].kill9();
+    // Over HTTP too: the victim's rooms answer from another node at once,
+    // and lists are whole.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (a0, _, room0) = &pairs[0];
+    let api = c.api(0);
+    let (status, body) = api
+        .get(&format!("/api/v1/rooms/{room0}/messages"), &a0.token)
         .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let (status, body) = api.get("/api/v1/rooms", &a0.token).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert!(
+        body["rooms"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["id"] == room0.as_str())),
+        "{body}"
+    );
+    let outcomes = finish_load(&c, &pairs, load).await;
     for (i, ((_, _, room), out)) in pairs.iter().zip(&outcomes).enumerate() {
         let errors: Vec<(&String, Duration)> = out
             .iter()
@@ -628,36 +630,31 @@ async fn a_killed_nodes_rooms_move_to_the_others_within_2_s_and_nothing_is_lost(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_loses_its_rooms_and_writes_no_conflicting_seq_when_it_wakes() {
-    let mut c = Cluster::start(2).await;
+    let c = Cluster::start(2).await;
     let pairs = pairs_on_every_node(&c, 6).await;
-    let (outcomes, victim, stopped) =
-        under_load(&mut c, &pairs, Duration::from_secs(9), |c, victim| {
-            let pid = c.nodes[victim].pid();
-            pause(pid, true);
-            async move {
-                // Frozen with its sockets open: the proxies notice the
-                // silence and move its rooms; a transaction it left open is
-                // ended by the database. Then it wakes with whatever it had
-                // queued, while its rooms are written through other nodes.
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                pause(pid, false);
-            }
-        })
-        .await;
-    // `under_load` checked the histories (gap-free, every ack once) and the
-    // receivers. The rooms moved and kept flowing while the node was frozen.
+    let victim = c.room_node(&pairs[0].2);
+    let load = start_load(&c, &pairs, Duration::from_secs(9)).await;
+    // Frozen with its sockets open: the proxies notice the silence and move
+    // its rooms; a transaction it left open is ended by the database. Then
+    // it wakes with whatever it had queued, while its rooms are written
+    // through other nodes.
+    let stopped = Instant::now();
+    pause(c.nodes[victim].pid(), true);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    pause(c.nodes[victim].pid(), false);
+    // Gap-free histories, every ack once, every receiver every seq once.
+    let outcomes = finish_load(&c, &pairs, load).await;
     for (i, ((_, _, room), out)) in pairs.iter().zip(&outcomes).enumerate() {
-        let during = |from: u64, to: u64| {
-            out.iter()
-                .filter(|(_, r, t)| {
-                    let d = t.duration_since(stopped);
-                    r.is_ok() && d > Duration::from_secs(from) && d < Duration::from_secs(to)
-                })
-                .count()
-        };
+        let flowing = out
+            .iter()
+            .filter(|(_, r, t)| {
+                let d = t.duration_since(stopped);
+                r.is_ok() && d > Duration::from_secs(4) && d < Duration::from_secs(5)
+            })
+            .count();
         assert!(
-            during(4, 5) > 5,
-            "room {i} (served by {}) flowed while the node was frozen",
+            flowing > 5,
+            "room {i} (served by {} before) flowed while that node was frozen",
             IDS[c.room_node(room)]
         );
         let late: Vec<_> = out
@@ -666,7 +663,140 @@ async fn a_stopped_node_loses_its_rooms_and_writes_no_conflicting_seq_when_it_wa
             .collect();
         assert!(late.is_empty(), "room {i}: errors after the wake: {late:?}");
     }
-    let _ = victim;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_and_leave_while_serving_and_nothing_is_lost() {
+    let mut c = Cluster::start(2).await;
+    let mut pairs = pairs_on_every_node(&c, 8).await;
+    // Some rooms that n4 will serve.
+    let ids: Vec<String> = ["n1", "n2", "n3", "n4"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let four = confab::cluster::Ring::new(&ids);
+    let to_n4 = |p: &(User, User, String)| four.room_owner(p.2.parse().expect("room id")) == "n4";
+    while pairs.iter().filter(|p| to_n4(p)).count() < 2 {
+        let api = c.api(0);
+        let (a, b) = (
+            api.signup(&uname("ja")).await,
+            api.signup(&uname("jb")).await,
+        );
+        let room = api.direct_room(&a.token, &b.id).await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        pairs.push((a, b, room));
+    }
+    let load = start_load(&c, &pairs, Duration::from_secs(8)).await;
+    // A fourth node joins: started, listed, the proxies told.
+    let n4 = c.add_node("n4");
+    c.reload_proxies();
+    c.wait_links(0, 4).await;
+    c.wait_links(1, 4).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // n2 leaves the list (it keeps running until its answers are in).
+    c.remove_from_list("n2");
+    c.reload_proxies();
+    c.wait_links(0, 3).await;
+    let outcomes = finish_load(&c, &pairs, load).await;
+    for (i, out) in outcomes.iter().enumerate() {
+        let errors: Vec<_> = out.iter().filter(|(_, r, _)| r.is_err()).collect();
+        assert!(errors.is_empty(), "room {i}: {errors:?}");
+    }
+    // n4 served its share: it stored messages.
+    let r = Api(c.nodes[n4].addr)
+        .raw(hyper::Method::GET, "/metrics", "", None, &[])
+        .await;
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    let stored: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("confab_messages_stored_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(stored > 10.0, "n4 stored messages: {stored}");
+    // The proxies list n1, n3, n4.
+    let (_, st) = c.api(1).get("/api/v1/status", "").await;
+    let listed: Vec<&str> = st["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert_eq!(listed, ["n1", "n3", "n4"], "{st}");
+}
+
+/// The proxy's view of node `id`: its entry in `/api/v1/status`.
+async fn link_of(c: &Cluster, id: &str) -> Value {
+    let (_, st) = c.api(0).get("/api/v1/status", "").await;
+    st["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["id"] == id).cloned())
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_secret_or_a_misplaced_id_is_refused_clearly() {
+    let mut c = Cluster::start(1).await;
+    // Rogue nodes on the same database, each with a config of its own.
+    let rogue = |name: &str, secret: &str, id: &str, port: u16| {
+        let path = c.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[store]\ndatabase_url = \"{}\"\n[cluster]\ncluster_secret = \"{secret}\"\ncluster_nodes = [\"{id}=127.0.0.1:{port}\"]\n",
+                c.database_url
+            ),
+        )
+        .expect("write config");
+        let data = c.dir.path().join(name);
+        let args = [
+            "serve",
+            "--config",
+            path.to_str().expect("path"),
+            "--node",
+            id,
+            "--data-dir",
+            data.to_str().expect("path"),
+        ];
+        Proc::start(c.dir.path(), args.iter().map(|s| s.to_string()).collect())
+    };
+    let (p5, p6) = (free_port(), free_port());
+    let _n5 = rogue(
+        "other-secret",
+        "another-secret-0123456789abcdefghij",
+        "n5",
+        p5,
+    );
+    // Started as n1, but listed as n6 (a copy-pasted config).
+    let _n6 = rogue("misplaced", SECRET, "n1", p6);
+    c.list.push(("n5".into(), format!("127.0.0.1:{p5}")));
+    c.list.push(("n6".into(), format!("127.0.0.1:{p6}")));
+    c.write_config();
+    c.reload_proxies();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (n5, n6) = (link_of(&c, "n5").await, link_of(&c, "n6").await);
+        let e5 = n5["last_error"].as_str().unwrap_or("");
+        let e6 = n6["last_error"].as_str().unwrap_or("");
+        if e5.contains("another cluster_secret") && e6.contains("says it is \"n1\", not n6") {
+            assert_eq!(
+                (n5["up"].as_bool(), n6["up"].as_bool()),
+                (Some(false), Some(false))
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "refused clearly: {n5} {n6}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Not ready while they are listed, and nothing is placed on them.
+    let body = readyz_until(&c, 503, Duration::from_secs(1)).await;
+    assert_eq!(body["down"], json!(["n5", "n6"]), "{body}");
+    let u = c.api(0).signup(&uname("rg")).await;
+    let (status, _) = c.api(0).get("/api/v1/rooms", &u.token).await;
+    assert_eq!(status.as_u16(), 200);
+    let log = c.proxies[0].log_tail();
+    assert!(log.contains("duplicate or misplaced node id"), "{log}");
 }
 
 /// Polls the proxy's `/readyz` until it answers `want`, within `within`.

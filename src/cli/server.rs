@@ -97,9 +97,14 @@ pub(crate) fn run_serve(args: &impl ConfigLayers, proxy: bool) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
+    // What a proxy reads again on SIGHUP (its node list): the same layers.
+    let reload = || {
+        args.overrides()
+            .and_then(|ov| confab::config::Config::load(&ov).map_err(|e| e.to_string()))
+    };
     let run = async {
         if proxy {
-            confab::proxy::serve(config, handle).await
+            confab::proxy::serve(config, handle, reload).await
         } else {
             server::serve(config, handle).await
         }

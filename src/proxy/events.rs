@@ -136,6 +136,8 @@ struct Control {
 
 #[derive(Deserialize)]
 struct Hello {
+    /// The id the node was started with (`--node`).
+    node: Option<String>,
     #[serde(default)]
     revoked: Vec<(String, i64)>,
 }
@@ -172,6 +174,19 @@ fn on_line(proxy: &Arc<Proxy>, link: &Arc<Link>, line: Bytes) {
         proxy.revoke(r.jti, r.exp);
     }
     if let Some(h) = c.hello {
+        if h.node.as_deref() != Some(link.node.id.as_str()) {
+            // Two nodes started with one id (or a list that names the wrong
+            // address): serving its rooms there would split them.
+            let why = format!(
+                "the node at {} says it is {:?}, not {}: a duplicate or misplaced node id; not using it",
+                link.node.addr,
+                h.node.as_deref().unwrap_or("?"),
+                link.node.id
+            );
+            tracing::error!(node = %link.node.id, "{why}");
+            link.refuse(&why);
+            return;
+        }
         for (jti, exp) in h.revoked {
             proxy.revoke(jti, exp);
         }

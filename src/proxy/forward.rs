@@ -91,7 +91,9 @@ pub(super) async fn forward_parts(
     {
         headers.push((crate::cluster::link::CLIENT_IP_HEADER, a.to_string()));
     }
-    let resp = p.nodes.links[node]
+    let resp = p
+        .nodes
+        .link(node)
         .request(parts.method.clone(), path, &headers, body)
         .await?;
     let status = resp.status();

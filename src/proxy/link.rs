@@ -66,6 +66,11 @@ pub struct Link {
     /// The open stream of client frames to the node (see
     /// [`crate::cluster::node`], `/cluster/v1/frames`).
     frames: Mutex<Option<mpsc::Sender<Bytes>>>,
+    /// The node was removed from the list: once the connection is closed,
+    /// it is not made again.
+    retired: AtomicBool,
+    /// Closes the current connection (retired, or the node refused).
+    stop: tokio::sync::Notify,
 }
 
 /// How long a forwarded request may take before it counts as failed.
@@ -140,8 +145,24 @@ impl Link {
             last_error: Mutex::new(String::new()),
             attach_tx,
             frames: Mutex::new(None),
+            retired: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
         });
         (link, rx)
+    }
+
+    /// The node left the list: closes the link for good.
+    pub fn retire(&self) {
+        self.set_error("the node left the list");
+        self.retired.store(true, Ordering::Release);
+        self.stop.notify_one();
+    }
+
+    /// Drops the current connection (it reconnects after the back-off),
+    /// saying why.
+    pub fn refuse(&self, why: &str) {
+        self.set_error(why);
+        self.stop.notify_one();
     }
 
     pub fn is_up(&self) -> bool {
@@ -264,12 +285,13 @@ pub async fn read_all(
     Ok((parts.status, parts.headers, bytes))
 }
 
-/// Keeps the link to one node up for the life of the proxy.
+/// Keeps the link to one node up until the node leaves the list.
 pub async fn run<E: NodeEvents>(events: Arc<E>, link: Arc<Link>) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
         if let Err(e) = connect_once(&events, &link).await {
+            let e = if e.is_empty() { link.last_error() } else { e };
             link.set_error(&e);
             tracing::warn!(node = %link.node.id, error = %e, "link to node down");
         }
@@ -279,6 +301,10 @@ pub async fn run<E: NodeEvents>(events: Arc<E>, link: Arc<Link>) {
         // Sends on their way to the node will get no answer: say so.
         events.down(link.index);
         metrics::gauge!("confab_proxy_node_up", "node" => link.node.id.clone()).set(0.0);
+        if link.retired.load(Ordering::Acquire) {
+            tracing::info!(node = %link.node.id, "link to node closed: the node left the list");
+            return;
+        }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = BACKOFF_MIN;
         }
@@ -318,6 +344,12 @@ async fn connect_once<E: NodeEvents>(events: &Arc<E>, link: &Arc<Link>) -> Resul
         .await
         .map_err(|_| "the event stream did not open in time".to_string())?
         .map_err(|e| format!("cannot open the event stream: {e}"))?;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        return Err(format!(
+            "node {} at {addr} refused this proxy's link token (401): it was started with another cluster_secret",
+            link.node.id
+        ));
+    }
     if resp.status() != StatusCode::OK {
         return Err(format!("the event stream was refused: {}", resp.status()));
     }
@@ -347,7 +379,15 @@ async fn connect_once<E: NodeEvents>(events: &Arc<E>, link: &Arc<Link>) -> Resul
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
     loop {
-        let frame = match tokio::time::timeout(SILENCE, body.frame()).await {
+        if link.retired.load(Ordering::Acquire) {
+            return Err("the node left the list".into());
+        }
+        let next = tokio::select! {
+            next = tokio::time::timeout(SILENCE, body.frame()) => next,
+            // The refusal or retirement says why (an empty error: see `run`).
+            _ = link.stop.notified() => return Err(String::new()),
+        };
+        let frame = match next {
             Err(_) => return Err("the event stream went silent".into()),
             Ok(None) => return Err("the node ended the event stream".into()),
             Ok(Some(Err(e))) => return Err(format!("the event stream broke: {e}")),

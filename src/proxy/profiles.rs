@@ -22,7 +22,9 @@ impl Proxy {
         {
             return Ok(Some(p.clone()));
         }
-        let resp = self.nodes.links[self.nodes.user_node(user)]
+        let resp = self
+            .nodes
+            .link(self.nodes.user_node(user))
             .request(
                 Method::GET,
                 &format!("/api/v1/users/{user}"),

@@ -2,7 +2,10 @@
 //! listener bound, one link per node (with its task that keeps it up and
 //! its attach queue), then the accept loop — connection limits, back-off on
 //! accept errors, one HTTP/1.1 connection task each (with upgrades) — until
-//! the shutdown signal closes every session (going away).
+//! the shutdown signal closes every session (going away). SIGHUP reloads
+//! the node list: added nodes get a link (and their share of the rooms once
+//! it is up), removed ones hand their share on at once and their link is
+//! closed after [`DRAIN`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -13,7 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use super::link::{self, Link, LinkToken};
+use super::link::{self, LinkToken};
 use super::placement::Nodes;
 use super::routes::handle;
 use super::state::Proxy;
@@ -22,7 +25,17 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::hub::close;
 
-pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), String> {
+/// How long the link to a node removed from the list stays open, so that
+/// the answers to what was sent to it still arrive.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// `reload`: the configuration as it is now (file, environment, command
+/// line), read again on SIGHUP.
+pub async fn serve(
+    config: Config,
+    metrics: PrometheusHandle,
+    reload: impl Fn() -> Result<Config, String>,
+) -> Result<(), String> {
     let cluster = Cluster::from_config(&config.cluster)?
         .ok_or("`confab proxy` needs a [cluster] table with `cluster_nodes`")?;
     if cluster.secret.is_empty() {
@@ -39,13 +52,7 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let name = format!("proxy-{local}-{:08x}", rand::random::<u32>());
     let token = Arc::new(LinkToken::new(&cluster.secret, &name));
-    let mut links = Vec::new();
-    let mut attach_rxs = Vec::new();
-    for (i, n) in cluster.nodes.iter().enumerate() {
-        let (l, rx) = Link::new(i, n.clone(), token.clone());
-        links.push(l);
-        attach_rxs.push(rx);
-    }
+    let (nodes, links) = Nodes::new(&cluster, token);
     let config_max = (
         config.server.max_connections,
         config.server.max_connections_per_ip,
@@ -53,7 +60,7 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
     let proxy = Arc::new(Proxy {
         name,
         config,
-        nodes: Arc::new(Nodes::new(cluster, links)),
+        nodes: Arc::new(nodes),
         auth,
         sessions: RwLock::new(HashMap::new()),
         profiles: Mutex::new(HashMap::new()),
@@ -61,18 +68,18 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
         started: Instant::now(),
         connections: crate::limits::Connections::new(config_max.0, config_max.1),
     });
-    for (l, rx) in proxy.nodes.links.iter().zip(attach_rxs) {
-        tokio::spawn(link::run(proxy.clone(), l.clone()));
-        tokio::spawn(link::attach_loop(l.clone(), rx));
-    }
+    start_links(&proxy, links);
     let signal = crate::server::shutdown_signal();
     tokio::pin!(signal);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     crate::server::say(&format!("confab proxy listening on http://{local}"));
-    tracing::info!(%local, nodes = proxy.nodes.links.len(), name = %proxy.name, "confab proxy ready");
+    tracing::info!(%local, nodes = cluster.nodes.len(), name = %proxy.name, "confab proxy ready");
     let mut backoff = crate::limits::AcceptBackoff::new("proxy listener");
     loop {
         tokio::select! {
             _ = &mut signal => break,
+            _ = hangup.recv() => reload_nodes(&proxy, &cluster, &reload),
             accepted = listener.accept() => {
                 let Some((stream, peer)) = backoff.accepted(accepted).await else {
                     continue;
@@ -108,4 +115,49 @@ pub async fn serve(config: Config, metrics: PrometheusHandle) -> Result<(), Stri
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     Ok(())
+}
+
+fn start_links(proxy: &Arc<Proxy>, links: super::placement::NewLinks) {
+    for (l, rx) in links {
+        tokio::spawn(link::run(proxy.clone(), l.clone()));
+        tokio::spawn(link::attach_loop(l, rx));
+    }
+}
+
+/// SIGHUP: the node list from the configuration as it is now. A bad one
+/// (or another secret, which cannot change while serving) is logged and
+/// the list in force stays.
+fn reload_nodes(proxy: &Arc<Proxy>, first: &Cluster, reload: &impl Fn() -> Result<Config, String>) {
+    let cluster = match reload().and_then(|c| Cluster::from_config(&c.cluster)) {
+        Ok(Some(c)) if c.secret == first.secret => c,
+        Ok(Some(_)) => {
+            tracing::error!(
+                "node list not reloaded: `cluster_secret` cannot change while the proxy runs (restart it)"
+            );
+            return;
+        }
+        Ok(None) => {
+            tracing::error!("node list not reloaded: the configuration has no `cluster_nodes`");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "node list not reloaded: the configuration is not valid");
+            return;
+        }
+    };
+    let (added, removed) = proxy.nodes.set_list(&cluster);
+    let names = |ids: Vec<&str>| ids.join(", ");
+    tracing::info!(
+        nodes = %names(cluster.nodes.iter().map(|n| n.id.as_str()).collect()),
+        added = %names(added.iter().map(|(l, _)| l.node.id.as_str()).collect()),
+        removed = %names(removed.iter().map(|l| l.node.id.as_str()).collect()),
+        "node list reloaded"
+    );
+    start_links(proxy, added);
+    for l in removed {
+        tokio::spawn(async move {
+            tokio::time::sleep(DRAIN).await;
+            l.retire();
+        });
+    }
 }

@@ -108,7 +108,7 @@ impl PSession {
             .unwrap_or_else(|e| e.into_inner())
             .extract_if(|_, (_, n)| *n == node)
             .collect();
-        let e = super::link::node_unavailable(&nodes.links[node].node.id);
+        let e = super::link::node_unavailable(&nodes.link(node).node.id);
         for (c, (room, _)) in failed {
             self.outbox
                 .push_bytes(frames::error(e.code, &e.message, Some(&c), Some(room)));
@@ -326,7 +326,7 @@ async fn history(
     room: RoomId,
     after: u64,
 ) -> Result<Vec<(u64, Option<String>, Bytes)>, ApiError> {
-    let link = &nodes.links[nodes.room_node(room)];
+    let link = nodes.link(nodes.room_node(room));
     let resp = link
         .request(
             Method::GET,

@@ -77,7 +77,7 @@ impl Proxy {
             }
         };
         if last {
-            for l in &self.nodes.links {
+            for l in self.nodes.current() {
                 l.attach(AttachCmd {
                     ops: vec![(false, s.user)],
                     reply: None,
@@ -97,7 +97,7 @@ impl Proxy {
     /// the node that serves the peer), and their rooms' highest seqs.
     pub(super) async fn attach_everywhere(&self, user: UserId) -> Vec<Attached> {
         let mut waits = Vec::new();
-        for l in &self.nodes.links {
+        for l in self.nodes.current() {
             let (tx, rx) = tokio::sync::oneshot::channel();
             l.attach(AttachCmd {
                 ops: vec![(true, user)],

@@ -17,9 +17,8 @@ use crate::api::Body;
 /// with `Retry-After`, so a load balancer sends nothing here that would
 /// meet `node_unavailable`.
 pub(super) fn readiness(p: &Proxy) -> Result<Response<Body>, crate::error::ApiError> {
-    let down: Vec<&str> = p
-        .nodes
-        .links
+    let links = p.nodes.current();
+    let down: Vec<&str> = links
         .iter()
         .filter(|l| !l.is_up())
         .map(|l| l.node.id.as_str())
@@ -27,7 +26,7 @@ pub(super) fn readiness(p: &Proxy) -> Result<Response<Body>, crate::error::ApiEr
     let (status, body) = if down.is_empty() {
         (
             StatusCode::OK,
-            serde_json::json!({"status": "ready", "role": "proxy", "nodes": p.nodes.links.len()}),
+            serde_json::json!({"status": "ready", "role": "proxy", "nodes": links.len()}),
         )
     } else {
         (
@@ -46,7 +45,7 @@ pub(super) fn readiness(p: &Proxy) -> Result<Response<Body>, crate::error::ApiEr
 pub(super) fn status_json(p: &Proxy) -> Value {
     let nodes: Vec<Value> = p
         .nodes
-        .links
+        .current()
         .iter()
         .map(|l| {
             serde_json::json!({
@@ -119,8 +118,9 @@ pub(super) fn status_page(p: &Proxy) -> Response<Body> {
 pub(super) fn metrics_page(p: &Proxy) -> Response<Body> {
     use std::fmt::Write;
     let mut out = p.metrics.render();
+    let links = p.nodes.current();
     out.push_str("# HELP confab_proxy_node_link_up Whether the proxy's link to the node is up.\n# TYPE confab_proxy_node_link_up gauge\n");
-    for l in &p.nodes.links {
+    for l in &links {
         let _ = writeln!(
             out,
             "confab_proxy_node_link_up{{node=\"{}\"}} {}",
@@ -129,7 +129,7 @@ pub(super) fn metrics_page(p: &Proxy) -> Response<Body> {
         );
     }
     out.push_str("# HELP confab_proxy_node_rtt_seconds The last request's round trip to the node.\n# TYPE confab_proxy_node_rtt_seconds gauge\n");
-    for l in &p.nodes.links {
+    for l in &links {
         let _ = writeln!(
             out,
             "confab_proxy_node_rtt_seconds{{node=\"{}\"}} {}",
@@ -138,7 +138,7 @@ pub(super) fn metrics_page(p: &Proxy) -> Response<Body> {
         );
     }
     out.push_str("# HELP confab_proxy_node_in_flight Requests to the node awaiting an answer.\n# TYPE confab_proxy_node_in_flight gauge\n");
-    for l in &p.nodes.links {
+    for l in &links {
         let _ = writeln!(
             out,
             "confab_proxy_node_in_flight{{node=\"{}\"}} {}",

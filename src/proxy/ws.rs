@@ -240,7 +240,7 @@ fn forward(
 ) {
     use std::io::Write;
     let node = proxy.nodes.room_node(room);
-    let link = &proxy.nodes.links[node];
+    let link = proxy.nodes.link(node);
     let mut line = Vec::with_capacity(text.len() + 48);
     let _ = write!(line, "{}\t{}\t", s.id, s.user);
     line.extend_from_slice(&text);

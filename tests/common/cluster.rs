@@ -103,9 +103,15 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// The database every node uses.
     pub database_url: String,
+    /// Nodes by their index in [`IDS`] (then the ones added, in order).
     pub nodes: Vec<Proc>,
     pub proxies: Vec<Proc>,
+    /// The ring of the first three nodes (which serves what while they are
+    /// all up).
     pub ring: Ring,
+    /// The node list in the config file: (id, address).
+    pub list: Vec<(String, String)>,
+    extra: String,
 }
 
 impl Cluster {
@@ -117,45 +123,99 @@ impl Cluster {
     pub async fn start_with(proxies: usize, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let database_url = super::pg::server().fresh_database("cluster");
-        let entries: Vec<String> = IDS
-            .iter()
-            .map(|id| format!("\"{id}=127.0.0.1:{}\"", free_port()))
-            .collect();
-        let config = dir.path().join("cluster.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[store]\ndatabase_url = \"{database_url}\"\n{extra}\n[cluster]\ncluster_secret = \"{SECRET}\"\ncluster_nodes = [{}]\n",
-                entries.join(", ")
-            ),
-        )
-        .expect("write config");
-        let cfg = config.to_str().expect("path").to_string();
-        let nodes = IDS
-            .iter()
-            .map(|id| {
-                let data = dir.path().join(id).to_str().expect("path").to_string();
-                let args = ["serve", "--config", &cfg, "--node", id, "--data-dir", &data];
-                Proc::start(dir.path(), args.iter().map(|s| s.to_string()).collect())
-            })
-            .collect();
-        let proxies = (0..proxies)
-            .map(|_| {
-                let args = ["proxy", "--config", &cfg, "--listen", "127.0.0.1:0"];
-                Proc::start(dir.path(), args.iter().map(|s| s.to_string()).collect())
-            })
-            .collect();
-        let c = Cluster {
+        let mut c = Cluster {
             dir,
             database_url,
-            nodes,
-            proxies,
+            nodes: Vec::new(),
+            proxies: Vec::new(),
             ring: Ring::new(&IDS.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+            list: IDS
+                .iter()
+                .map(|id| (id.to_string(), format!("127.0.0.1:{}", free_port())))
+                .collect(),
+            extra: extra.to_string(),
         };
+        c.write_config();
+        for id in IDS {
+            let node = c.start_node(id);
+            c.nodes.push(node);
+        }
+        for _ in 0..proxies {
+            let cfg = c.config_path();
+            let args = ["proxy", "--config", &cfg, "--listen", "127.0.0.1:0"];
+            let proxy = Proc::start(c.dir.path(), args.iter().map(|s| s.to_string()).collect());
+            c.proxies.push(proxy);
+        }
         for p in 0..c.proxies.len() {
             c.wait_links(p, 3).await;
         }
         c
+    }
+
+    fn config_path(&self) -> String {
+        self.dir
+            .path()
+            .join("cluster.toml")
+            .to_str()
+            .expect("path")
+            .to_string()
+    }
+
+    /// Writes the shared config file with the node list as it is now.
+    pub fn write_config(&self) {
+        let entries: Vec<String> = self
+            .list
+            .iter()
+            .map(|(id, addr)| format!("\"{id}={addr}\""))
+            .collect();
+        std::fs::write(
+            self.config_path(),
+            format!(
+                "[store]\ndatabase_url = \"{}\"\n{}\n[cluster]\ncluster_secret = \"{SECRET}\"\ncluster_nodes = [{}]\n",
+                self.database_url,
+                self.extra,
+                entries.join(", ")
+            ),
+        )
+        .expect("write config");
+    }
+
+    fn start_node(&self, id: &str) -> Proc {
+        let cfg = self.config_path();
+        let data = self.dir.path().join(id).to_str().expect("path").to_string();
+        let args = ["serve", "--config", &cfg, "--node", id, "--data-dir", &data];
+        Proc::start(
+            self.dir.path(),
+            args.iter().map(|s| s.to_string()).collect(),
+        )
+    }
+
+    /// A new node `id` on a new port: in the config file, then started
+    /// (the proxies learn of it on [`Cluster::reload_proxies`]).
+    pub fn add_node(&mut self, id: &str) -> usize {
+        self.list
+            .push((id.to_string(), format!("127.0.0.1:{}", free_port())));
+        self.write_config();
+        let node = self.start_node(id);
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Takes node `id` out of the config file's list (it keeps running).
+    pub fn remove_from_list(&mut self, id: &str) {
+        self.list.retain(|(x, _)| x != id);
+        self.write_config();
+    }
+
+    /// SIGHUP to every proxy: they read the node list again.
+    pub fn reload_proxies(&self) {
+        for p in &self.proxies {
+            let ok = std::process::Command::new("kill")
+                .args(["-HUP", &p.pid().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(ok.success(), "kill -HUP");
+        }
     }
 
     pub fn api(&self, proxy: usize) -> Api {
