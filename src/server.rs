@@ -128,6 +128,7 @@ pub async fn serve(mut config: Config, metrics: PrometheusHandle) -> Result<(), 
                 pool_size: config.store.database_pool,
             };
             let (pg, join) = open_postgres(opts).await?;
+            tokio::spawn(pg.watch_replication());
             let storage: Arc<dyn Storage> = Arc::new(pg);
             let source = Arc::new(crate::search::Polled::new(
                 storage.clone(),

@@ -194,6 +194,20 @@ fn describe() {
         "PostgreSQL storage: the read pool's connections, by state (in_use, idle)."
     );
     describe_gauge!(
+        "confab_db_replication_lag_bytes",
+        Unit::Bytes,
+        "PostgreSQL storage: WAL the standby has not replayed yet, by standby."
+    );
+    describe_gauge!(
+        "confab_db_replication_lag_seconds",
+        Unit::Seconds,
+        "PostgreSQL storage: the standby's replay lag, by standby."
+    );
+    describe_gauge!(
+        "confab_db_sync_standbys",
+        "PostgreSQL storage: standbys the primary's commits wait for (sync or quorum)."
+    );
+    describe_gauge!(
         "confab_storage_state",
         "The store's state: 0 ok, 1 full (only essential writes), 2 failing (writes refused, retrying)."
     );

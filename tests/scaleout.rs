@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
+use common::pg;
 use common::*;
 use serde_json::{Value, json};
 
@@ -724,6 +725,98 @@ async fn nodes_join_and_leave_while_serving_and_nothing_is_lost() {
         .filter_map(|n| n["id"].as_str())
         .collect();
     assert_eq!(listed, ["n1", "n3", "n4"], "{st}");
+}
+
+/// A node's `/api/v1/status` storage.database, once `ok` says it is.
+async fn database_until(node: Api, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, st) = node.get("/api/v1/status?history=0", "").await;
+        let db = st["storage"]["database"].clone();
+        if ok(&db) {
+            return db;
+        }
+        assert!(Instant::now() < deadline, "{db}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_dies_and_the_promoted_standby_takes_over_losing_nothing_acked() {
+    let pair = pg::start_pair();
+    let url = pair.primary.fresh_database("failover");
+    let dbname = url
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .expect("a dbname")
+        .to_string();
+    // Both hosts; the nodes write to whichever takes writes.
+    let both = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname={dbname}",
+        pair.primary.port(),
+        pair.standby.port()
+    );
+    let c = Cluster::start_on(2, "", both).await;
+    // The nodes see the synchronous standby and its lag.
+    let node = Api(c.nodes[0].addr);
+    let primary_addr = format!("127.0.0.1:{}", pair.primary.port());
+    let db = database_until(node, |db| db["standbys"][0]["sync_state"] == "sync").await;
+    assert_eq!(db["server"]["addr"], primary_addr.as_str(), "{db}");
+    assert_eq!(db["standbys"][0]["name"], "standby1", "{db}");
+    let r = node
+        .raw(hyper::Method::GET, "/metrics", "", None, &[])
+        .await;
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    assert!(
+        text.contains("confab_db_replication_lag_bytes{standby=\"standby1\"}")
+            && text.contains("confab_db_sync_standbys 1"),
+        "{text}"
+    );
+
+    let pairs = pairs_on_every_node(&c, 6).await;
+    let load = start_load(&c, &pairs, Duration::from_secs(9)).await;
+    // The primary's machine dies; a second later the standby is promoted
+    // (what Patroni does after its TTL).
+    pair.primary.crash();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pair.standby.promote();
+    let promoted = Instant::now();
+    // Every acked message is there once (an outcome-unknown commit was
+    // resolved on the promoted standby), histories gap-free, every receiver
+    // saw every seq.
+    let outcomes = finish_load(&c, &pairs, load).await;
+    for (i, out) in outcomes.iter().enumerate() {
+        let errors: Vec<(&String, i128)> = out
+            .iter()
+            .filter_map(|(_, r, t)| {
+                r.as_ref().err().map(|e| {
+                    let ms = if *t > promoted {
+                        t.duration_since(promoted).as_millis() as i128
+                    } else {
+                        -(promoted.duration_since(*t).as_millis() as i128)
+                    };
+                    (e, ms)
+                })
+            })
+            .collect();
+        assert!(
+            errors
+                .iter()
+                .all(|(e, ms)| *e == "storage_error" && *ms < 2000),
+            "room {i}: only retryable storage errors, none 2 s after the promotion: {errors:?}"
+        );
+        let first_ok = out
+            .iter()
+            .find(|(_, r, t)| r.is_ok() && *t > promoted)
+            .map(|(_, _, t)| t.duration_since(promoted));
+        assert!(
+            first_ok.is_some_and(|d| d < Duration::from_secs(2)),
+            "room {i}: written again within 2 s of the promotion: {first_ok:?}"
+        );
+    }
+    let standby_addr = format!("127.0.0.1:{}", pair.standby.port());
+    let db = database_until(node, |db| db["server"]["addr"] == standby_addr.as_str()).await;
+    assert_eq!(db["server"]["standby"], false, "{db}");
 }
 
 /// The proxy's view of node `id`: its entry in `/api/v1/status`.

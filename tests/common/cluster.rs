@@ -121,8 +121,13 @@ impl Cluster {
 
     /// `extra`: more TOML for the shared config file (not `[store]`).
     pub async fn start_with(proxies: usize, extra: &str) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
         let database_url = super::pg::server().fresh_database("cluster");
+        Cluster::start_on(proxies, extra, database_url).await
+    }
+
+    /// On the database `database_url` (e.g. a primary and its standby).
+    pub async fn start_on(proxies: usize, extra: &str, database_url: String) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
         let mut c = Cluster {
             dir,
             database_url,

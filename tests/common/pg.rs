@@ -22,6 +22,10 @@
 //! - [`PgServer::psql`]: runs SQL through `psql` and returns its stdout.
 //! - [`start`] with [`PgOptions`]: a server of the caller's own (for example
 //!   a durable one, `fsync: true`), stopped and deleted when dropped.
+//! - [`start_pair`]: a primary with a synchronous streaming standby
+//!   (`pg_basebackup`, about 2–4 s), for failover tests: crash the primary
+//!   with [`PgServer::crash`], promote the standby with
+//!   [`PgServer::promote`].
 //!
 //! Each server lives in a fresh data directory under the temp dir
 //! (`confab-pg-<pid>`, `confab-pg-<pid>-<n>` for [`start`]ed ones), listens
@@ -119,6 +123,57 @@ pub struct PgOptions {
     /// `full_page_writes` on), for tests about durability across a crash.
     /// `false`: all three off, much faster.
     pub fsync: bool,
+    /// Streams its WAL to standbys (`wal_level=replica`), and commits wait
+    /// for a synchronous standby once `synchronous_standby_names` is set.
+    pub replication: bool,
+    /// A standby of the primary on this port: its data directory is a
+    /// `pg_basebackup` of that server, named `standby1` to it.
+    pub standby_of: Option<u16>,
+}
+
+/// A primary and its synchronous standby (commits return only when the
+/// standby has them).
+pub struct PgPair {
+    pub primary: PgServer,
+    pub standby: PgServer,
+}
+
+/// A primary with one synchronous streaming standby, both durable as
+/// PostgreSQL's defaults are. Panics if either cannot start.
+#[track_caller]
+pub fn start_pair() -> PgPair {
+    let primary = start(&PgOptions {
+        fsync: false,
+        replication: true,
+        standby_of: None,
+    });
+    let standby = start(&PgOptions {
+        fsync: false,
+        replication: true,
+        standby_of: Some(primary.port),
+    });
+    // Set after the base backup, on the primary only: a standby that
+    // inherited it would, once promoted, wait for a standby of its own.
+    primary.psql(
+        "postgres",
+        "ALTER SYSTEM SET synchronous_standby_names = 'standby1'; SELECT pg_reload_conf();",
+    );
+    let deadline = Instant::now() + START_TIMEOUT;
+    while primary
+        .psql(
+            "postgres",
+            "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby1'",
+        )
+        .trim()
+        != "sync"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the standby never became synchronous"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    PgPair { primary, standby }
 }
 
 /// A server of the caller's own (the shared one is [`server()`]); stopped
@@ -215,6 +270,30 @@ impl PgServer {
         String::from_utf8(output.stdout).expect("psql printed UTF-8")
     }
 
+    /// The server dies at once (SIGKILL of the postmaster; its backends
+    /// follow): what a crashed machine looks like to its clients. The data
+    /// directory stays until the server is dropped.
+    pub fn crash(&self) {
+        if let Some(mut postmaster) = self.take_postmaster() {
+            let _ = postmaster.kill();
+            let _ = postmaster.wait();
+        }
+    }
+
+    /// The postmaster, no longer ours to stop (None once taken).
+    fn take_postmaster(&self) -> Option<Child> {
+        self.postmaster
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    #[track_caller]
+    pub fn promote(&self) {
+        self.psql("postgres", "SELECT pg_promote(true, 30)");
+    }
+
     fn url(&self, dbname: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname={dbname} connect_timeout=5",
@@ -225,12 +304,7 @@ impl PgServer {
     /// Immediate shutdown (SIGQUIT; SIGKILL if that takes over 5 s), then
     /// deletes the data directory. Idempotent.
     fn stop(&self) {
-        let postmaster = self
-            .postmaster
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(mut postmaster) = postmaster {
+        if let Some(mut postmaster) = self.take_postmaster() {
             stop_process(&mut postmaster);
         }
         let _ = fs::remove_dir_all(&self.data_dir);
@@ -260,28 +334,40 @@ fn try_start(opts: &PgOptions, dir_name: String) -> Result<PgServer, String> {
         databases: AtomicU64::new(0),
     };
 
-    let mut initdb = Command::new(bin_dir.join("initdb"));
-    initdb
-        .arg("-D")
-        .arg(&data_dir)
-        .args([
-            "-N",
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ])
-        .stdin(Stdio::null())
+    let (program, init) = match opts.standby_of {
+        None => {
+            let mut initdb = Command::new(bin_dir.join("initdb"));
+            initdb.arg("-D").arg(&data_dir).args([
+                "-N",
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]);
+            ("initdb", initdb)
+        }
+        Some(port) => {
+            let mut backup = Command::new(bin_dir.join("pg_basebackup"));
+            backup
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .arg("-D")
+                .arg(&data_dir)
+                .args(["-X", "stream", "-c", "fast", "-R"]);
+            ("pg_basebackup", backup)
+        }
+    };
+    let mut init = init;
+    init.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let output = spawn_tied(initdb, owner)
+    let output = spawn_tied(init, owner)
         .and_then(Child::wait_with_output)
-        .map_err(|e| format!("cannot run {}: {e}", bin_dir.join("initdb").display()))?;
+        .map_err(|e| format!("cannot run {}: {e}", bin_dir.join(program).display()))?;
     if !output.status.success() {
         return Err(format!(
-            "initdb -D {} failed ({}):\n{}{}",
+            "{program} -D {} failed ({}):\n{}{}",
             data_dir.display(),
             output.status,
             String::from_utf8_lossy(&output.stdout),
@@ -303,18 +389,38 @@ fn try_start(opts: &PgOptions, dir_name: String) -> Result<PgServer, String> {
             .arg("-p")
             .arg(port.to_string());
         let durability = if opts.fsync { "on" } else { "off" };
+        let mut settings = Vec::new();
+        if opts.replication {
+            settings.extend([
+                "wal_level=replica".to_owned(),
+                "max_wal_senders=5".to_owned(),
+                "wal_keep_size=64MB".to_owned(),
+            ]);
+        }
+        if let Some(primary) = opts.standby_of {
+            settings.push(format!(
+                "primary_conninfo=host=127.0.0.1 port={primary} user=postgres application_name=standby1"
+            ));
+        }
         for setting in [
             "listen_addresses=127.0.0.1".to_owned(),
             "unix_socket_directories=".to_owned(),
             format!("fsync={durability}"),
-            format!("synchronous_commit={durability}"),
+            // A replicating primary's commits wait for its standby.
+            format!(
+                "synchronous_commit={}",
+                if opts.replication { "on" } else { durability }
+            ),
             format!("full_page_writes={durability}"),
             "max_connections=200".to_owned(),
             "shared_buffers=64MB".to_owned(),
             // Dynamic shared memory as files in the data directory, not in
             // /dev/shm: a killed server's segments go with its directory.
             "dynamic_shared_memory_type=mmap".to_owned(),
-        ] {
+        ]
+        .into_iter()
+        .chain(settings)
+        {
             postgres.arg("-c").arg(setting);
         }
         postgres
@@ -380,8 +486,12 @@ fn wait_ready(postmaster: &mut Child, data_dir: &Path, port: u16) -> Result<(), 
             Err(e) => return Err(Failure::Other(format!("waiting for postgres: {e}"))),
         }
         // Line 8 of postmaster.pid is the postmaster's status.
-        let ready = fs::read_to_string(&pid_file)
-            .is_ok_and(|pids| pids.lines().nth(7).is_some_and(|s| s.trim() == "ready"));
+        let ready = fs::read_to_string(&pid_file).is_ok_and(|pids| {
+            // A hot standby says "standby" once it takes connections.
+            pids.lines()
+                .nth(7)
+                .is_some_and(|s| matches!(s.trim(), "ready" | "standby"))
+        });
         if ready {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {

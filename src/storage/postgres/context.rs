@@ -39,6 +39,10 @@ pub struct Shared {
     /// The last message-stream position this node saw committed.
     pub committed: AtomicU64,
     pub ids: TransferIds,
+    /// The database server this node writes to and its standbys, as last
+    /// sampled ([`super::Postgres::watch_replication`]); None before the
+    /// first sample or while it cannot be asked.
+    pub replication: std::sync::Mutex<Option<serde_json::Value>>,
 }
 
 /// What every op of the writer may consult.

@@ -44,13 +44,16 @@ pub struct Postgres {
     shared: Arc<Shared>,
 }
 
+/// How often the replication figures are sampled.
+const REPLICATION_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A connection string's config, with confab's defaults added: a connect
 /// timeout and TCP keepalives, so that a dead host is noticed in seconds.
 pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, String> {
     let mut config = tokio_postgres::Config::from_str(url)
         .map_err(|e| format!("the database connection string is not valid: {e}"))?;
     if config.get_connect_timeout().is_none() {
-        config.connect_timeout(std::time::Duration::from_secs(5));
+        config.connect_timeout(std::time::Duration::from_secs(2));
     }
     config.keepalives(true);
     config.keepalives_idle(std::time::Duration::from_secs(5));
@@ -58,6 +61,15 @@ pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, String> {
     config.keepalives_retries(3);
     if config.get_application_name().is_none() {
         config.application_name("confab");
+    }
+    // Several hosts (a primary and its standbys): only the one that takes
+    // writes will do, for the writer and for reads (which must see what
+    // was just written), unless the string says otherwise.
+    if config.get_hosts().len() > 1
+        && config.get_target_session_attrs() == tokio_postgres::config::TargetSessionAttrs::Any
+        && !url.contains("target_session_attrs")
+    {
+        config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
     }
     Ok(config)
 }
@@ -84,6 +96,7 @@ impl Postgres {
             health: Arc::new(StorageHealth::default()),
             committed: AtomicU64::new(0),
             ids: opts.transfer_ids.clone(),
+            replication: std::sync::Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel(opts.store.writer_queue.max(1));
         let join = writer::spawn(config, opts, shared.clone(), rx)?;
@@ -91,6 +104,44 @@ impl Postgres {
     }
 
     /// A pooled connection for a read.
+    /// Samples, every [`REPLICATION_EVERY`] for as long as the runtime runs,
+    /// which server this node's reads and writes go to and that server's
+    /// standbys with their lag (`pg_stat_replication`; the lag columns need
+    /// a superuser or the `pg_monitor` role), for `/status` and `/metrics`.
+    pub fn watch_replication(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (pool, shared) = (self.pool.clone(), self.shared.clone());
+        async move {
+            loop {
+                let sampled = match pool.get().await {
+                    Ok(c) => reads::replication(&c).await.ok(),
+                    Err(_) => None,
+                };
+                if let Some(r) = &sampled {
+                    for s in r["standbys"].as_array().into_iter().flatten() {
+                        let name = s["name"].as_str().unwrap_or("").to_string();
+                        if let Some(b) = s["lag_bytes"].as_f64() {
+                            metrics::gauge!("confab_db_replication_lag_bytes", "standby" => name.clone())
+                                .set(b);
+                        }
+                        if let Some(t) = s["replay_lag_seconds"].as_f64() {
+                            metrics::gauge!("confab_db_replication_lag_seconds", "standby" => name)
+                                .set(t);
+                        }
+                    }
+                    let sync = r["standbys"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|s| matches!(s["sync_state"].as_str(), Some("sync" | "quorum")))
+                        .count();
+                    metrics::gauge!("confab_db_sync_standbys").set(sync as f64);
+                }
+                *shared.replication.lock().unwrap_or_else(|e| e.into_inner()) = sampled;
+                tokio::time::sleep(REPLICATION_EVERY).await;
+            }
+        }
+    }
+
     async fn conn(&self) -> Result<deadpool_postgres::Object, ApiError> {
         let got = self.pool.get().await.map_err(|e| {
             tracing::warn!(error = %e, "no database connection for a read");
@@ -122,12 +173,25 @@ impl Storage for Postgres {
 
     fn database(&self) -> Option<serde_json::Value> {
         let pool = self.pool.status();
-        Some(serde_json::json!({
+        let mut v = serde_json::json!({
             "pool_max": pool.max_size,
             "pool_open": pool.size,
             "pool_idle": pool.available,
             "pool_waiting": pool.waiting,
-        }))
+            "server": null,
+            "standbys": null,
+        });
+        let sampled = self
+            .shared
+            .replication
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(r) = sampled {
+            v["server"] = r["server"].clone();
+            v["standbys"] = r["standbys"].clone();
+        }
+        Some(v)
     }
 
     fn submit(&self, op: Op) -> Pending<'_, ()> {

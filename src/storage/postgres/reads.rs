@@ -557,3 +557,34 @@ pub async fn head(c: &Client) -> Result<u64, ApiError> {
         .map_err(db_err)?;
     Ok(row.get::<_, i64>(0) as u64)
 }
+
+/// The server `c` is connected to (`"addr:port"`, whether it is a standby)
+/// and its standbys: name, state, sync state, bytes not yet replayed and
+/// the replay lag in seconds (null where the role may not see them).
+pub async fn replication(c: &Client) -> Result<serde_json::Value, ApiError> {
+    let row = c
+        .query_one(
+            "SELECT COALESCE(host(inet_server_addr()) || ':' || inet_server_port(), 'local'),
+                    pg_is_in_recovery(),
+                    (SELECT COALESCE(json_agg(json_build_object(
+                        'name', application_name,
+                        'state', state,
+                        'sync_state', sync_state,
+                        'lag_bytes', CASE WHEN pg_is_in_recovery() THEN NULL
+                                          ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) END,
+                        'replay_lag_seconds', EXTRACT(EPOCH FROM replay_lag)
+                     ) ORDER BY application_name), '[]'::json)::text
+                     FROM pg_stat_replication)",
+            &[],
+        )
+        .await
+        .map_err(db_err)?;
+    let standbys: String = row.try_get(2).map_err(db_err)?;
+    Ok(serde_json::json!({
+        "server": {
+            "addr": row.try_get::<_, String>(0).map_err(db_err)?,
+            "standby": row.try_get::<_, bool>(1).map_err(db_err)?,
+        },
+        "standbys": serde_json::from_str::<serde_json::Value>(&standbys).map_err(ApiError::internal)?,
+    }))
+}

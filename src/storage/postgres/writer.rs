@@ -265,7 +265,15 @@ impl Writer {
                     }
                 }
             }
-            Err(e) => Err(Failure::Apply(db_err(e))),
+            Err(e) => {
+                // Not begun (the connection just went): nothing was applied,
+                // and every op is answered, a session's send too.
+                let e = db_err(e);
+                for op in batch {
+                    op.refuse(&e);
+                }
+                Err(Failure::Apply(e))
+            }
         };
         let committed = match result {
             Ok(()) => true,
@@ -464,7 +472,9 @@ struct Conn {
 }
 
 const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(2);
+/// At most this long between two tries: a promoted standby is written to
+/// within about this long of taking writes.
+const RETRY_MAX: Duration = Duration::from_millis(500);
 /// How long a commit with an unknown outcome is resolved for before its
 /// ops are answered as not done.
 const RESOLVE_FOR: Duration = Duration::from_secs(15);
