@@ -130,16 +130,13 @@ async fn serve(
 async fn export(state: &AppState, req: &Value, write: &mut OwnedWriteHalf) -> std::io::Result<()> {
     // The operator's exports count against `export_concurrency` (each is a
     // thread and a snapshot too), not per user.
-    let started = crate::export::scope_of(req)
-        .and_then(|scope| {
-            let store = state.embedded("an export")?;
-            let txn = store.db.begin_read()?;
-            crate::export::check(&txn, &scope).map(|_| (scope, store))
-        })
-        .and_then(|(scope, store)| {
-            let slot = state.exports.admit(None)?;
-            crate::export::spawn(store.db.clone(), scope, store.transfer_ids.clone(), slot)
-        });
+    let started = match crate::export::scope_of(req) {
+        Ok(scope) => match state.exports.admit(None) {
+            Ok(slot) => state.storage.export(scope, slot).await,
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     let mut rx = match started {
         Ok(rx) => rx,
         Err(e) => {

@@ -57,7 +57,7 @@ fn io(e: std::io::Error) -> ApiError {
 }
 
 /// Writes `{"type": kind, ...fields of v}` and a newline.
-fn line<W: Write, T: Serialize>(
+pub(crate) fn line<W: Write, T: Serialize>(
     w: &mut W,
     kind: &str,
     v: &T,
@@ -87,23 +87,7 @@ pub fn write<W: Write>(
     let target = resolve(txn, &scope)?;
     let mut buf = Vec::with_capacity(1024);
     let mut counts = Counts::default();
-    let (kind, id) = match target {
-        Target::Room(r) => ("room", r.to_string()),
-        Target::User(u) => ("user", u.to_string()),
-    };
-    line(
-        w,
-        "export",
-        &json!({
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "scope": kind,
-            "id": id,
-            "created_at": store::now_ms(),
-            "confab": crate::telemetry::VERSION,
-        }),
-        &mut buf,
-    )?;
+    header(w, target, &mut buf)?;
     let users = txn.open_table(USERS)?;
     match target {
         Target::User(user) => {
@@ -271,7 +255,7 @@ pub enum Stopped {
     Stalled,
 }
 
-const CHUNK: usize = 64 << 10;
+pub(crate) const CHUNK: usize = 64 << 10;
 
 impl ChannelWriter {
     /// A writer whose every send gives up after `stall` without room in
@@ -398,9 +382,53 @@ pub fn scope_of(req: &serde_json::Value) -> Result<Scope, ApiError> {
 
 /// What a scope names, once looked up.
 #[derive(Clone, Copy)]
-enum Target {
+pub(crate) enum Target {
     User(UserId),
     Room(RoomId),
+}
+
+/// The first line of every export (`scope`: "user" or "room").
+pub(crate) fn header<W: Write>(
+    w: &mut W,
+    target: Target,
+    buf: &mut Vec<u8>,
+) -> Result<(), ApiError> {
+    let (kind, id) = match target {
+        Target::Room(r) => ("room", r.to_string()),
+        Target::User(u) => ("user", u.to_string()),
+    };
+    line(
+        w,
+        "export",
+        &json!({
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "scope": kind,
+            "id": id,
+            "created_at": store::now_ms(),
+            "confab": crate::telemetry::VERSION,
+        }),
+        buf,
+    )
+}
+
+/// Logs how an export that ended early ended (`stopped`: why its reader
+/// stopped taking data, if it did).
+pub(crate) fn log_early_end(
+    scope: &Scope,
+    e: &ApiError,
+    stopped: Option<Stopped>,
+    stall: std::time::Duration,
+) {
+    match stopped {
+        Some(Stopped::Stalled) => tracing::warn!(
+            ?scope,
+            stall_secs = stall.as_secs_f64(),
+            "export abandoned: its reader took nothing for export_stall_secs"
+        ),
+        Some(Stopped::Gone) => tracing::info!(?scope, "export stopped: its reader went away"),
+        None => tracing::warn!(error = %e.message, ?scope, "export ended early"),
+    }
 }
 
 /// Looks the scope up in the snapshot: `user_not_found` / `room_not_found`
@@ -518,6 +546,13 @@ impl Exports {
     }
 }
 
+impl Slot {
+    /// How long a send may wait for a reader that takes nothing.
+    pub fn stall(&self) -> std::time::Duration {
+        self.exports.stall
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut r = self.exports.running();
@@ -556,17 +591,8 @@ pub fn spawn(
                     r
                 })
             });
-            match (result, w.stopped()) {
-                (Ok(_), _) => {}
-                (Err(_), Some(Stopped::Stalled)) => tracing::warn!(
-                    ?scope,
-                    stall_secs = stall.as_secs_f64(),
-                    "export abandoned: its reader took nothing for export_stall_secs"
-                ),
-                (Err(_), Some(Stopped::Gone)) => {
-                    tracing::info!(?scope, "export stopped: its reader went away")
-                }
-                (Err(e), None) => tracing::warn!(error = %e.message, ?scope, "export ended early"),
+            if let Err(e) = result {
+                log_early_end(&scope, &e, w.stopped(), stall);
             }
             // The read transaction is gone; only now is the place freed.
             drop(slot);

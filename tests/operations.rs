@@ -486,11 +486,47 @@ fn messages_by_room(export: &[Value]) -> BTreeMap<String, Vec<(u64, String, Stri
     out
 }
 
+/// What [`export_through_the_api`] exported, for the checks that follow.
+struct Exported {
+    mine: Vec<Value>,
+    by_room: BTreeMap<String, Vec<(u64, String, String, String)>>,
+    transfers: Vec<Value>,
+    username: String,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_stream_every_message_once_in_order_and_only_to_members() {
     let mut settings = vec!["signup_bonus=50000"];
     settings.extend(UNLIMITED);
     let mut srv = Server::start(&settings);
+    let e = export_through_the_api(&srv).await;
+    offline_exports(&mut srv, &e);
+}
+
+/// The same exports from a node whose storage is PostgreSQL: one
+/// repeatable-read snapshot, the same lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_on_postgres_are_the_same_snapshot_lines() {
+    let url = common::pg::server().fresh_database("export");
+    let dbname = url
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .expect("dbname")
+        .to_string();
+    let database = format!(
+        "database_url=postgresql://postgres@127.0.0.1:{}/{dbname}",
+        common::pg::server().port()
+    );
+    let mut settings = vec!["signup_bonus=50000", database.as_str()];
+    settings.extend(UNLIMITED);
+    let srv = Server::start(&settings);
+    export_through_the_api(&srv).await;
+}
+
+/// Users, a contact, a direct chat of 250 messages, a group of 30, a
+/// transfer; then the exports over HTTP and through the CLI (the running
+/// server's admin socket), checked against the live history.
+async fn export_through_the_api(srv: &Server) -> Exported {
     let api = srv.api();
     let a = api.new_user("ex").await;
     let b = api.new_user("ex").await;
@@ -609,7 +645,7 @@ async fn exports_stream_every_message_once_in_order_and_only_to_members() {
         by_room[direct.as_str()]
     );
 
-    // The CLI, through the running server, then straight from the store.
+    // The CLI, through the running server.
     let dir = srv.data_dir().to_path_buf();
     let online = confab(&["export", "--room", &direct, "--data-dir", s(&dir)], &dir);
     assert!(online.status.success(), "{}", stderr(&online));
@@ -625,13 +661,37 @@ async fn exports_stream_every_message_once_in_order_and_only_to_members() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("user"), "{}", stderr(&out));
     assert!(out.stdout.is_empty(), "no output on an error");
+    let by_user = confab(
+        &["export", "--user", &a.username, "--data-dir", s(&dir)],
+        &dir,
+    );
+    assert!(by_user.status.success(), "{}", stderr(&by_user));
+    assert_eq!(messages_by_room(&lines(&by_user.stdout)), by_room);
+    let transfers = transfers.into_iter().cloned().collect();
+    Exported {
+        mine,
+        by_room,
+        transfers,
+        username: a.username.clone(),
+    }
+}
+
+/// Exports straight from a stopped embedded server's store: the same lines.
+fn offline_exports(srv: &mut Server, e: &Exported) {
+    let Exported {
+        mine,
+        by_room,
+        transfers,
+        username,
+    } = e;
+    let dir = srv.data_dir().to_path_buf();
     srv.stop();
     let file = dir.join("a.jsonl");
     let out = confab(
         &[
             "export",
             "--user",
-            &a.username,
+            username,
             "--out",
             s(&file),
             "--data-dir",
@@ -642,11 +702,14 @@ async fn exports_stream_every_message_once_in_order_and_only_to_members() {
     assert!(out.status.success(), "{}", stderr(&out));
     let offline = lines(&std::fs::read(&file).expect("read export"));
     assert_eq!(offline.len(), mine.len());
-    assert_eq!(messages_by_room(&offline), by_room);
+    assert_eq!(&messages_by_room(&offline), by_room);
     // Transfer ids too are the server's (the key comes from its secret).
-    let offline_transfers: Vec<&Value> =
-        offline.iter().filter(|v| v["type"] == "transfer").collect();
-    assert_eq!(offline_transfers, transfers);
+    let offline_transfers: Vec<Value> = offline
+        .iter()
+        .filter(|v| v["type"] == "transfer")
+        .cloned()
+        .collect();
+    assert_eq!(&offline_transfers, transfers);
     let out = confab(
         &[
             "export",

@@ -10,7 +10,7 @@ use hyper::{Request, Response};
 
 use super::shared::{AppState, Body, caller, parse_id};
 use crate::error::ApiError;
-use crate::export::{self, Scope};
+use crate::export::Scope;
 use crate::ids::{RoomId, UserId};
 
 pub async fn me(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -27,6 +27,7 @@ pub async fn me(state: &AppState, req: Request<Incoming>) -> Result<Response<Bod
         Scope::User(c.user),
         &format!("confab-{name}"),
     )
+    .await
 }
 
 pub async fn room(
@@ -43,23 +44,19 @@ pub async fn room(
         Scope::Room(room),
         &format!("confab-room-{room}"),
     )
+    .await
 }
 
 /// Starts the export for `user` if its bounds admit it (429 / 503
 /// otherwise, before any byte of the body).
-fn stream(
+async fn stream(
     state: &AppState,
     user: UserId,
     scope: Scope,
     name: &str,
 ) -> Result<Response<Body>, ApiError> {
     let slot = state.exports.admit(Some(user))?;
-    let rx = export::spawn(
-        state.embedded("an export")?.db.clone(),
-        scope,
-        state.storage.transfer_ids().clone(),
-        slot,
-    )?;
+    let rx = state.storage.export(scope, slot).await?;
     metrics::counter!("confab_exports_total").increment(1);
     let mut resp = Response::new(Body::stream(rx));
     let h = resp.headers_mut();

@@ -152,6 +152,19 @@ pub trait Storage: Send + Sync + 'static {
     ) -> Pending<'a, Option<TransferView>>;
     /// The ledger's invariants, checked in one consistent snapshot.
     fn verify_ledger(&self) -> Pending<'_, Verification>;
+
+    // --- exports --------------------------------------------------------
+
+    /// Starts the export of `scope` (`crate::export`: JSON Lines, written
+    /// from one consistent snapshot while the server keeps writing) and
+    /// answers the receiver of its chunks; `user_not_found` /
+    /// `room_not_found` before anything is sent. `slot` is held until the
+    /// export ends.
+    fn export(
+        &self,
+        scope: crate::export::Scope,
+        slot: crate::export::Slot,
+    ) -> Pending<'_, tokio::sync::mpsc::Receiver<bytes::Bytes>>;
 }
 
 impl dyn Storage {

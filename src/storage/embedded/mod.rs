@@ -185,4 +185,22 @@ impl Storage for Embedded {
     fn verify_ledger(&self) -> Pending<'_, Verification> {
         ready(ledger::verify(&self.store))
     }
+
+    fn export(
+        &self,
+        scope: crate::export::Scope,
+        slot: crate::export::Slot,
+    ) -> Pending<'_, tokio::sync::mpsc::Receiver<bytes::Bytes>> {
+        let store = &self.store;
+        ready(
+            store
+                .db
+                .begin_read()
+                .map_err(crate::error::ApiError::from)
+                .and_then(|txn| crate::export::check(&txn, &scope))
+                .and_then(|()| {
+                    crate::export::spawn(store.db.clone(), scope, store.transfer_ids.clone(), slot)
+                }),
+        )
+    }
 }

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tokio_postgres::{Client, GenericClient, IsolationLevel, Row};
+use tokio_postgres::{Client, GenericClient, Row};
 
 use super::rows::{self, b, db_err, u};
 use crate::error::ApiError;
@@ -151,7 +151,7 @@ pub(super) async fn view_in(
 }
 
 /// A user's balance (0 for an account that has none yet).
-pub async fn balance(c: &Client, user: UserId) -> Result<u64, ApiError> {
+pub async fn balance(c: &impl GenericClient, user: UserId) -> Result<u64, ApiError> {
     let row = c
         .query_opt(
             "SELECT balance FROM wallet_accounts WHERE account = $1",
@@ -174,7 +174,7 @@ pub async fn balance(c: &Client, user: UserId) -> Result<u64, ApiError> {
 /// Stored ids come from the sequence `wallet_transfer_ids` (1, 2, …), so
 /// their `bigint` order is their `u64` order and the pages are cut in SQL.
 pub async fn transactions(
-    c: &Client,
+    c: &impl GenericClient,
     ids: &TransferIds,
     user: UserId,
     before: Option<u64>,
@@ -239,7 +239,7 @@ pub async fn transactions(
 }
 
 /// The users with these ids (those that exist), by id.
-async fn users_by_id(c: &Client, ids: &[u64]) -> Result<HashMap<u64, User>, ApiError> {
+async fn users_by_id(c: &impl GenericClient, ids: &[u64]) -> Result<HashMap<u64, User>, ApiError> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
@@ -302,13 +302,7 @@ pub async fn transfer(
 /// account rows, which come with the first entry): the writer's locking
 /// may leave an entry-less row with balance 0, which is no account yet.
 pub async fn verify(c: &mut Client) -> Result<Verification, ApiError> {
-    let txn = c
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(db_err)?;
+    let txn = rows::snapshot(c).await?;
     let v = verify_in(&txn).await?;
     txn.commit().await.map_err(db_err)?;
     Ok(v)

@@ -11,6 +11,7 @@ mod accounts;
 mod base;
 mod chat;
 mod context;
+mod export;
 pub mod ledger;
 pub mod reads;
 pub mod rows;
@@ -362,6 +363,17 @@ impl Storage for Postgres {
             viewer,
             currency
         ))
+    }
+
+    fn export(
+        &self,
+        scope: crate::export::Scope,
+        slot: crate::export::Slot,
+    ) -> Pending<'_, tokio::sync::mpsc::Receiver<bytes::Bytes>> {
+        Box::pin(async move {
+            let obj = self.conn().await?;
+            export::spawn(obj, scope, self.shared.ids.clone(), slot).await
+        })
     }
 
     fn verify_ledger(&self) -> Pending<'_, Verification> {

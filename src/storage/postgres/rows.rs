@@ -190,3 +190,16 @@ pub async fn room_view(c: &impl GenericClient, room: RoomId) -> Result<Option<Ro
         last_seq: u(r.get(4)),
     }))
 }
+
+/// A consistent, read-only snapshot: one repeatable-read transaction (what
+/// the ledger's check and the exports read from while writers go on).
+pub async fn snapshot(
+    c: &mut tokio_postgres::Client,
+) -> Result<tokio_postgres::Transaction<'_>, ApiError> {
+    c.build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(db_err)
+}
