@@ -819,6 +819,83 @@ async fn the_primary_dies_and_the_promoted_standby_takes_over_losing_nothing_ack
     assert_eq!(db["server"]["standby"], false, "{db}");
 }
 
+/// How long after its ack a message is found by a search through the other
+/// proxy (polled every 20 ms, for at most 10 s).
+async fn searchable_after(c: &Cluster, a: &User, b: &User, room: &str, word: &str) -> Duration {
+    let mut ws = Ws::connect_auth(c.proxies[0].addr, &a.token).await;
+    ws.send_and_ack(room, &cid("f"), &format!("fresh {word} news"))
+        .await;
+    let acked = Instant::now();
+    loop {
+        let (status, body) = c
+            .api(1)
+            .get(&format!("/api/v1/search?q={word}"), &b.token)
+            .await;
+        if status.as_u16() == 200 && body["total"] == 1 {
+            return acked.elapsed();
+        }
+        assert!(acked.elapsed() < Duration::from_secs(10), "{word}: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_from_any_proxy_stays_fresh_while_nodes_die_and_come_back() {
+    let mut c = Cluster::start(2).await;
+    let api = c.api(0);
+    let (a, b) = (
+        api.signup(&uname("sa")).await,
+        api.signup(&uname("sb")).await,
+    );
+    let room = api.direct_room(&a.token, &b.id).await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let mut words = (0..).map(|i| format!("frisch{i}wort"));
+    let phase = |label: &str, times: Vec<Duration>| {
+        let m = median(times.clone());
+        eprintln!("search freshness, {label}: median {m:?}, all {times:?}");
+        assert!(
+            times.iter().all(|t| *t < Duration::from_secs(3)),
+            "{label}: {times:?}"
+        );
+    };
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let w = words.next().expect("word");
+        times.push(searchable_after(&c, &a, &b, &room, &w).await);
+    }
+    phase("all nodes up", times);
+    // The node that answers b's searches dies: another node answers, from
+    // its own index of the whole stream, at once.
+    let searcher_node = c.user_node(&b.id);
+    c.nodes[searcher_node].kill9();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let w = words.next().expect("word");
+        times.push(searchable_after(&c, &a, &b, &room, &w).await);
+    }
+    phase("the searcher's node dead", times);
+    // It comes back (its index catches up on what it missed) and answers
+    // again: everything, old and new.
+    c.nodes[searcher_node].spawn();
+    c.wait_links(1, 3).await;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let w = words.next().expect("word");
+        times.push(searchable_after(&c, &a, &b, &room, &w).await);
+    }
+    phase("the node back", times);
+    let body = search_until(c.api(1), "q=news&limit=50", &b.token, 15).await;
+    assert_eq!(body["total"], 15, "{body}");
+}
+
 /// The proxy's view of node `id`: its entry in `/api/v1/status`.
 async fn link_of(c: &Cluster, id: &str) -> Value {
     let (_, st) = c.api(0).get("/api/v1/status", "").await;
