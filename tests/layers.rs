@@ -29,13 +29,13 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("storage engine", &["store"]),
     ("who is online, and fan-out to them", &["hub"]),
     (
-        "domains: the rules and write operations of each",
-        &["wallet", "writes", "chat", "accounts"],
+        "domains: the rules and write operations of each, and the export format",
+        &["wallet", "writes", "chat", "accounts", "export"],
     ),
     ("the storage interface and its backends", &["storage"]),
     (
         "services fed by committed writes, and readers of the store",
-        &["search", "status", "backup", "export", "auth"],
+        &["search", "status", "backup", "auth"],
     ),
     (
         "surfaces: HTTP, WebSocket, admin socket, cluster links",
