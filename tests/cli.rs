@@ -35,7 +35,7 @@ fn help(args: &[&str]) -> String {
 fn help_lists_the_subcommands_and_only_their_own_options() {
     let text = help(&[]);
     for sub in [
-        "serve", "proxy", "bench", "reindex", "wallet", "backup", "restore", "export",
+        "serve", "proxy", "bench", "reindex", "wallet", "backup", "restore", "export", "migrate",
     ] {
         assert!(text.contains(sub), "--help lacks {sub}: {text}");
     }
@@ -59,6 +59,7 @@ fn help_lists_the_subcommands_and_only_their_own_options() {
         &["reindex"],
         &["wallet", "credit"],
         &["wallet", "verify"],
+        &["migrate"],
     ] {
         let text = help(sub);
         for flag in ["--data-dir", "--config", "--set"] {
@@ -80,7 +81,7 @@ fn help_lists_the_subcommands_and_only_their_own_options() {
         assert!(text.contains("--timeout <SECS>"), "{sub:?} --help: {text}");
         assert!(text.contains("running server"), "{sub:?} --help: {text}");
     }
-    for sub in [&["restore"][..], &["reindex"]] {
+    for sub in [&["restore"][..], &["reindex"], &["migrate"]] {
         let text = help(sub);
         assert!(!text.contains("--timeout"), "{sub:?} --help: {text}");
     }

@@ -35,7 +35,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("the storage interface and its backends", &["storage"]),
     (
         "services fed by committed writes, and readers of the store",
-        &["search", "status", "backup", "auth"],
+        &["search", "status", "backup", "auth", "migrate"],
     ),
     (
         "surfaces: HTTP, WebSocket, admin socket, cluster links",

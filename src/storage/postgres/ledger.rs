@@ -34,7 +34,7 @@ pub(super) const TRANSFER_COLUMNS: &str = "id, from_account, to_account, amount,
 const MAX_BREACHES: usize = 100;
 
 /// `state` column code of a [`State`].
-pub(super) fn state_code(s: State) -> i16 {
+pub fn state_code(s: State) -> i16 {
     match s {
         State::Scheduled => 0,
         State::Executed => 1,
@@ -54,7 +54,7 @@ fn state_of(code: i16) -> Option<State> {
 }
 
 /// `repeat` column code of a [`Repeat`].
-pub(super) fn repeat_code(r: Repeat) -> i16 {
+pub fn repeat_code(r: Repeat) -> i16 {
     match r {
         Repeat::Weekly => 0,
         Repeat::Monthly => 1,

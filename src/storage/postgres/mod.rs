@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use context::Shared;
 pub use context::{OpenError, PgOptions};
+pub use writer::{describe, refused};
 
 use super::{Pending, Storage};
 use crate::error::ApiError;

@@ -6,6 +6,9 @@
 //! a database whose version is newer than [`SCHEMA_VERSION`] is refused,
 //! naming both versions, and nothing is changed.
 //!
+//! `confab migrate` records the single node it copied in `meta` too
+//! (`migrated_*`, `migration_*`; see `migrate/target.rs`).
+//!
 //! Ids (users, rooms, transfers) are `u64` in confab and `bigint` here: the
 //! same 64 bits, read back with `as u64` — order by them only in Rust.
 //! Times are Unix milliseconds (`bigint`).

@@ -177,7 +177,7 @@ pub(super) fn spawn(
 /// Whether a failed connection is the database's refusal (wrong
 /// credentials or no such database: SQLSTATE classes 28 and 3D) rather
 /// than an unreachable host.
-fn refused(e: &tokio_postgres::Error) -> bool {
+pub fn refused(e: &tokio_postgres::Error) -> bool {
     e.as_db_error()
         .is_some_and(|d| matches!(&d.code().code()[..2], "28" | "3D"))
 }
