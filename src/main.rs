@@ -120,6 +120,10 @@ struct BackupArgs {
     /// not backed up at all.
     #[arg(long)]
     skip_damaged: bool,
+    /// Back up this PostgreSQL database (a cluster's; default:
+    /// `database_url` from the config) instead of the data directory.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
     #[command(flatten)]
     common: StoreArgs,
 }
@@ -137,6 +141,10 @@ struct RestoreArgs {
     /// Replace the store in a non-empty data directory.
     #[arg(long)]
     force: bool,
+    /// Restore into this PostgreSQL database (a cluster's, empty; default:
+    /// `database_url` from the config) instead of the data directory.
+    #[arg(long, value_name = "URL", conflicts_with = "force")]
+    database_url: Option<String>,
     #[command(flatten)]
     common: StoreArgs,
 }
@@ -272,13 +280,30 @@ impl ConfigLayers for StoreArgs {
     }
 }
 
+/// A command's store, with its `--database-url` flag.
+fn with_database(common: &StoreArgs, url: &Option<String>) -> Result<config::Overrides, String> {
+    let mut ov = common.overrides()?;
+    if let Some(url) = url {
+        ov.cli.push(("database_url".into(), url.clone()));
+    }
+    Ok(ov)
+}
+
 impl ConfigLayers for MigrateArgs {
     fn overrides(&self) -> Result<config::Overrides, String> {
-        let mut ov = self.common.overrides()?;
-        if let Some(url) = &self.database_url {
-            ov.cli.push(("database_url".into(), url.clone()));
-        }
-        Ok(ov)
+        with_database(&self.common, &self.database_url)
+    }
+}
+
+impl ConfigLayers for BackupArgs {
+    fn overrides(&self) -> Result<config::Overrides, String> {
+        with_database(&self.common, &self.database_url)
+    }
+}
+
+impl ConfigLayers for RestoreArgs {
+    fn overrides(&self) -> Result<config::Overrides, String> {
+        with_database(&self.common, &self.database_url)
     }
 }
 

@@ -473,18 +473,8 @@ async fn a_single_node_moves_to_postgres_whole_and_a_rerun_changes_nothing() {
     let api = srv.api();
     let (_, status) = api.get("/api/v1/status", "").await;
     assert_eq!(status["storage"]["backend"], "postgres", "{status}");
-    let rooms = [before.direct.as_str(), before.group.as_str()];
-    for (u, was) in [&before.a, &before.b, &before.c]
-        .into_iter()
-        .zip(&before.seen)
-    {
-        let visible: Vec<&str> = if u.id == before.c.id {
-            vec![&before.group]
-        } else {
-            rooms.to_vec()
-        };
-        let now = what_they_see(&api, u, &visible).await;
-        assert_eq!(&now, was, "what {} sees changed", u.username);
+    sees_as_before(&api, &before, "on PostgreSQL").await;
+    for u in [&before.a, &before.b, &before.c] {
         // The old password logs in.
         let (status, body) = api
             .post(
@@ -502,20 +492,9 @@ async fn a_single_node_moves_to_postgres_whole_and_a_rerun_changes_nothing() {
     let last = api.room_entry(&before.a.token, &before.group).await["last_seq"]
         .as_u64()
         .expect("last_seq");
-    let (status, m) = api
-        .post_message(&before.b.token, &before.group, &cid("n"), "unpacked")
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{m}");
-    assert_eq!(m["seq"], last + 1);
     // A new transfer gets an id of its own (the id sequence is past the
     // node's), and its payment message the next position of the stream.
-    let paid = pay(
-        &api,
-        &before.b,
-        json!({"to_user_id": before.a.id, "amount": 1, "idempotency_key": cid("n")}),
-    )
-    .await;
-    assert_eq!(paid["state"], "executed", "{paid}");
+    writes_go_on(&api, &before, &before.b.token, &before.group, last + 1).await;
     // Search finds the old messages (indexed from the database).
     eventually(
         "search finds a migrated message",
@@ -1009,4 +988,236 @@ async fn a_damaged_page_stops_the_migration_with_the_way_round_it() {
         "every readable message is there"
     );
     assert_eq!(saved.psql("SELECT max(last_seq) FROM rooms"), "400");
+}
+
+/// `confab ARGS` in a scratch directory: exit code, stdout, stderr.
+fn confab(args: &[&str]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().expect("cwd");
+    let out = confab_command(args, dir.path())
+        .output()
+        .expect("run confab");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `confab restore --from FILE --database-url` (db's).
+fn restore_into(file: &Path, db: &Db) -> (i32, String, String) {
+    confab(&["restore", "--from", path(file), "--database-url", &db.url()])
+}
+
+/// The backup test's token secret (configured: not in the backup).
+const SECRET: &str = "backup-test-secret-0123456789abcdef";
+
+/// A node on `db`, signing with [`SECRET`].
+fn node_on(db: &Db) -> Server {
+    let on_pg = [
+        format!("database_url={}", db.url()),
+        format!("jwt_secret={SECRET}"),
+        format!("signup_bonus={BONUS}"),
+    ];
+    let mut settings: Vec<&str> = on_pg.iter().map(String::as_str).collect();
+    settings.extend(common::UNLIMITED);
+    Server::start(&settings)
+}
+
+/// A message sent to `room` takes seq `next`, and a payment from b to a
+/// is made.
+async fn writes_go_on(api: &Api, before: &Before, token: &str, room: &str, next: u64) {
+    let (status, m) = api
+        .post_message(token, room, &cid("n"), "after the move")
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{m}");
+    assert_eq!(m["seq"], next);
+    let paid = pay(
+        api,
+        &before.b,
+        json!({"to_user_id": before.a.id, "amount": 1, "idempotency_key": cid("n")}),
+    )
+    .await;
+    assert_eq!(paid["state"], "executed", "{paid}");
+}
+
+/// Every user of [`fill`] sees on `api` what they saw then (`on`: where,
+/// for the message).
+async fn sees_as_before(api: &Api, before: &Before, on: &str) {
+    let rooms = [before.direct.as_str(), before.group.as_str()];
+    for (u, was) in [&before.a, &before.b, &before.c]
+        .into_iter()
+        .zip(&before.seen)
+    {
+        let visible: Vec<&str> = if u.id == before.c.id {
+            vec![&before.group]
+        } else {
+            rooms.to_vec()
+        };
+        assert_eq!(
+            &what_they_see(api, u, &visible).await,
+            was,
+            "what {} sees {on}",
+            u.username
+        );
+    }
+}
+
+/// A cluster's database is backed up from one snapshot while a node keeps
+/// writing to it, and the file restores both ways: into a single node's
+/// data directory and into another (empty) database — where every user
+/// sees exactly what they saw, and the writes after the snapshot are in
+/// neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_database_backs_up_while_written_and_restores_into_a_node_or_a_database() {
+    let db = Db::fresh("backed_up");
+    let mut srv = node_on(&db);
+    let api = srv.api();
+    let before = fill(&api, srv.addr).await;
+
+    // Two other users write on while the backup is taken.
+    let d = api.new_user("bk_d").await;
+    let e = api.new_user("bk_e").await;
+    let busy = api.direct_room(&d.token, &e.id).await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, token, room) = (stop.clone(), d.token.clone(), busy.clone());
+        tokio::spawn(async move {
+            let mut acked = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, m) = api
+                    .post_message(&token, &room, &cid("w"), "written during the backup")
+                    .await;
+                assert_eq!(status, StatusCode::CREATED, "{m}");
+                acked += 1;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let files = tempfile::tempdir().expect("dir");
+    let file = files.path().join("cluster.cfbk");
+    let (code, stdout, stderr) = tokio::task::spawn_blocking({
+        let (file, url) = (file.clone(), db.url());
+        move || confab(&["backup", "--to", path(&file), "--database-url", &url])
+    })
+    .await
+    .expect("backup");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("from the database"), "{stderr}");
+    let summary: Value = serde_json::from_str(&stdout).expect("the summary");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await.expect("writer");
+    srv.stop();
+
+    // The snapshot: every message up to its stream position, none after,
+    // while the writer went on before and after it.
+    let snap = summary["snapshot_pos"].as_u64().expect("snapshot_pos");
+    let in_snapshot: u64 = db
+        .psql(&format!(
+            "SELECT count(*) FROM messages WHERE pos <= {snap}"
+        ))
+        .parse()
+        .expect("count");
+    assert_eq!(summary["messages"], in_snapshot, "{summary:#}");
+    let busy_in_snapshot: u64 = db
+        .psql(&format!(
+            "SELECT count(*) FROM messages m JOIN rooms r ON r.id = m.room \
+              WHERE m.pos <= {snap} AND m.room = (SELECT room FROM messages WHERE text = 'written during the backup' LIMIT 1)"
+        ))
+        .parse()
+        .expect("count");
+    assert!(
+        busy_in_snapshot > 0 && busy_in_snapshot < acked,
+        "taken while writing: {busy_in_snapshot} of {acked} acked messages are in it"
+    );
+    assert_eq!(summary["users"], 5);
+    assert_eq!(
+        summary["with_secret"], false,
+        "a configured secret stays in the config"
+    );
+
+    // Into a single node: verified, and every user sees what they saw.
+    let node_dir = tempfile::Builder::new()
+        .prefix("confab-test-")
+        .tempdir()
+        .expect("dir");
+    let (code, _, stderr) = confab(&[
+        "restore",
+        "--from",
+        path(&file),
+        "--data-dir",
+        path(node_dir.path()),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("ledger verified"), "{stderr}");
+    let mut embedded: Vec<&str> = vec!["database_url="];
+    let secret_setting = format!("jwt_secret={SECRET}");
+    embedded.push(&secret_setting);
+    embedded.extend(common::UNLIMITED);
+    let mut node = Server::start_in(node_dir, &embedded);
+    let rapi = node.api();
+    let (_, status) = rapi.get("/api/v1/status", "").await;
+    assert_eq!(status["storage"]["backend"], "embedded", "{status}");
+    sees_as_before(&rapi, &before, "on the restored node").await;
+    let (status, _) = rapi.get("/api/v1/me", &before.revoked).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the logout holds");
+    // The busy room: exactly the snapshot's messages, seqs 1..n.
+    let hist = rapi.history_all(&d.token, &busy).await;
+    let seqs: Vec<u64> = hist.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=busy_in_snapshot).collect::<Vec<_>>());
+    // The next message takes the next seq; a transfer the next id.
+    writes_go_on(&rapi, &before, &d.token, &busy, busy_in_snapshot + 1).await;
+    node.stop();
+
+    // Into another database: verified against the file; the messages are
+    // the snapshot's rows, positions and all.
+    let copy = Db::fresh("restored");
+    let (code, report, stderr) = restore_into(&file, &copy);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(report.contains("result: verified"), "{report}");
+    let rows = |d: &Db, filter: &str| {
+        d.psql(&format!(
+            "SELECT md5(string_agg(x::text, '|' ORDER BY x.pos)) FROM \
+             (SELECT room, seq, pos, sender, ts, client_id, text, pay_transfer, pay_amount, pay_to, pay_note \
+                FROM messages {filter}) x"
+        ))
+    };
+    assert_eq!(rows(&copy, ""), rows(&db, &format!("WHERE pos <= {snap}")));
+    let ledger = |d: &Db| {
+        d.psql(
+            "SELECT md5(string_agg(x::text, '|' ORDER BY x::text)) FROM \
+             (SELECT 'a', account, balance, 0, 0 FROM wallet_accounts \
+              UNION ALL SELECT 'e', account, n, transfer, delta FROM wallet_entries \
+              UNION ALL SELECT 't', id, amount, state, runs FROM wallet_transfers) x",
+        )
+    };
+    assert_eq!(ledger(&copy), ledger(&db));
+    let mut srv = node_on(&copy);
+    let api = srv.api();
+    sees_as_before(&api, &before, "on the restored database").await;
+    srv.stop();
+
+    // Again: nothing changes. Into a database holding other data: refused.
+    let (code, again, stderr) = restore_into(&file, &copy);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(again.contains("nothing changed"), "{again}");
+    let (code, _, stderr) = restore_into(&file, &db);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
+    // A database without confab's tables has nothing to back up.
+    let empty = Db::fresh("empty");
+    let (code, _, stderr) = confab(&[
+        "backup",
+        "--to",
+        path(&files.path().join("empty.cfbk")),
+        "--database-url",
+        &empty.url(),
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("holds no confab data"), "{stderr}");
+    assert!(!files.path().join("empty.cfbk").exists());
 }

@@ -69,8 +69,8 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The embedded store, for what only it has (backups, `confab check`,
-    /// export snapshots); on a PostgreSQL node, 501 `not_on_postgres`
+    /// The embedded store, for what only it has (the server's own backups
+    /// and `confab check`); on a PostgreSQL node, 501 `not_on_postgres`
     /// saying what to use instead.
     pub fn embedded(&self, what: &str) -> Result<&Store, ApiError> {
         self.store.as_ref().ok_or_else(|| {
@@ -78,8 +78,9 @@ impl AppState {
                 hyper::StatusCode::NOT_IMPLEMENTED,
                 "not_on_postgres",
                 format!(
-                    "{what} is not available yet on a node whose storage is PostgreSQL \
-                     (docs/SCALEOUT.md: use pg_basebackup and pg_dump)"
+                    "{what} is not taken by a node whose storage is PostgreSQL: \
+                     `confab backup` with the node's config reads the database itself; \
+                     the database checks its own pages (docs/SCALEOUT.md, \"Backups\")"
                 ),
             )
         })

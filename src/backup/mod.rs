@@ -36,6 +36,7 @@
 
 mod format;
 mod partial;
+mod postgres;
 mod restore;
 mod server;
 mod writer;
@@ -46,6 +47,7 @@ pub use format::{
     timestamped_name,
 };
 pub use partial::{is_own_partial, partial_path, remove_stale_partials};
+pub use postgres::from_postgres;
 pub use restore::{Contents, Restored, restore, verify};
 pub use server::{BackupSlot, Backups, before_migration, periodic, prune, record, run_on_thread};
 pub use writer::{Reader, offline, open_reader, secret_file, write, write_cancellable};

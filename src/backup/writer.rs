@@ -31,10 +31,10 @@ use crate::store::seal::{self, Rec, SealKey};
 /// Write-back is started every this many bytes (see [`HashWriter::writeback`]).
 pub(super) const WRITEBACK_EVERY: u64 = 8 << 20;
 
-struct HashWriter {
+pub(super) struct HashWriter {
     out: BufWriter<File>,
     hash: Sha256,
-    bytes: u64,
+    pub(super) bytes: u64,
     /// Bytes handed to the kernel's write-back so far, and the start of the
     /// range still in flight.
     started: u64,
@@ -42,7 +42,7 @@ struct HashWriter {
 }
 
 impl HashWriter {
-    fn new(file: File) -> HashWriter {
+    pub(super) fn new(file: File) -> HashWriter {
         HashWriter {
             out: BufWriter::with_capacity(1 << 20, file),
             hash: Sha256::new(),
@@ -52,7 +52,7 @@ impl HashWriter {
         }
     }
 
-    fn write(&mut self, b: &[u8]) -> std::io::Result<()> {
+    pub(super) fn write(&mut self, b: &[u8]) -> std::io::Result<()> {
         self.hash.update(b);
         self.bytes += b.len() as u64;
         self.out.write_all(b)?;
@@ -100,7 +100,7 @@ impl HashWriter {
         Ok(())
     }
 
-    fn name(&mut self, tag: u8, name: &str) -> std::io::Result<()> {
+    pub(super) fn name(&mut self, tag: u8, name: &str) -> std::io::Result<()> {
         self.write(&[tag])?;
         self.write(&(name.len() as u16).to_le_bytes())?;
         self.write(name.as_bytes())
@@ -165,7 +165,6 @@ impl<P: FnMut(Progress)> Dump<'_, P> {
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(format!("cannot read table {name}: {e}")),
         };
-        let io = |e: std::io::Error| format!("cannot write the backup: {e}");
         self.w.name(b'T', &name).map_err(io)?;
         let mut count = 0u64;
         let sealed = Rec::by_table(&name).filter(|_| self.on_damage != OnDamage::Copy);
@@ -254,7 +253,6 @@ impl<P: FnMut(Progress)> Dump<'_, P> {
     /// left out), so that restored rooms keep their seq chains.
     fn messages(&mut self, txn: &ReadTransaction) -> Result<(), String> {
         let name = store::MESSAGES.name().to_string();
-        let io = |e: std::io::Error| format!("cannot write the backup: {e}");
         self.w.name(b'T', &name).map_err(io)?;
         let mut count = 0u64;
         let mut bad = Vec::new();
@@ -387,32 +385,9 @@ pub fn write_cancellable(
     cancel: &AtomicBool,
     mut on_progress: impl FnMut(Progress),
 ) -> Result<Summary, String> {
-    let started = std::time::Instant::now();
-    let partial = partial_path(to);
-    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let file = open_partial(&partial)?;
-    // The lock belongs to the open file, which the writer below consumes:
-    // this second handle keeps it until the partial file is renamed or
-    // removed, so no other backup can take the name over in between.
-    let _lock = file
-        .try_clone()
-        .map_err(|e| format!("cannot write the backup: {e}"))?;
-    let result = (|| {
+    into_file(to, |file| {
         let pos = snapshot_pos(txn);
         let schema = store::schema_version(txn)?.unwrap_or(0);
-        let header = json!({
-            "format": "confab-backup",
-            "version": FORMAT_VERSION,
-            "created_at": store::now_ms(),
-            "confab": crate::telemetry::VERSION,
-            "schema_version": schema,
-            "snapshot_pos": pos,
-            "tables": table_names(),
-        })
-        .to_string();
         let mut dump = Dump {
             w: HashWriter::new(file),
             rec: Vec::with_capacity(512),
@@ -430,13 +405,7 @@ pub fn write_cancellable(
             damaged_total: 0,
             damaged_tables: Default::default(),
         };
-        let io = |e: std::io::Error| format!("cannot write the backup: {e}");
-        dump.w.write(MAGIC).map_err(io)?;
-        dump.w.write(&FORMAT_VERSION.to_le_bytes()).map_err(io)?;
-        dump.w
-            .write(&(header.len() as u32).to_le_bytes())
-            .map_err(io)?;
-        dump.w.write(header.as_bytes()).map_err(io)?;
+        begin(&mut dump.w, schema, pos).map_err(io)?;
         // The first report: the backup has its snapshot and its file.
         dump.report();
         macro_rules! dump_table {
@@ -448,13 +417,7 @@ pub fn write_cancellable(
         if dump.damaged_total > 0 && on_damage != OnDamage::Skip {
             return Err(refusal(&dump.damaged, dump.damaged_total));
         }
-        if let Some(s) = secret {
-            dump.w.name(b'F', "jwt_secret").map_err(io)?;
-            dump.w.write(&(s.len() as u32).to_le_bytes()).map_err(io)?;
-            dump.w.write(s).map_err(io)?;
-        }
-        let count = |t: &str| dump.counts.get(t).and_then(Json::as_u64).unwrap_or(0);
-        let (messages, users, rooms) = (count("messages"), count("users"), count("rooms"));
+        let messages = count(&dump.counts, "messages");
         let mut summary = json!({"tables": dump.counts, "messages": messages});
         if dump.damaged_total > 0 {
             // Restore reads this: a ledger with records left out cannot
@@ -462,38 +425,74 @@ pub fn write_cancellable(
             summary["damaged"] = dump.damaged_total.into();
             summary["damaged_tables"] = json!(dump.damaged_tables);
         }
-        let summary = summary.to_string();
-        dump.w.write(b"S").map_err(io)?;
-        dump.w
-            .write(&(summary.len() as u32).to_le_bytes())
-            .map_err(io)?;
-        dump.w.write(summary.as_bytes()).map_err(io)?;
-        dump.w.write(b"E").map_err(io)?;
-        let digest = dump.w.hash.clone().finalize();
-        dump.w.out.write_all(&digest).map_err(io)?;
-        let bytes = dump.w.bytes + digest.len() as u64;
+        let (bytes, file) = end(dump.w, secret, &summary)?;
         dump.progress.bytes = bytes;
         (dump.on_progress)(dump.progress);
-        let file = dump.w.out.into_inner().map_err(|e| io(e.into_error()))?;
         if cancel.load(Ordering::Relaxed) {
             return Err(CANCELLED.to_string());
         }
         file.sync_all().map_err(io)?;
-        Ok(Summary {
-            path: to.display().to_string(),
-            bytes,
-            messages,
-            users,
-            rooms,
-            schema_version: schema,
-            snapshot_pos: pos,
-            with_secret: secret.is_some(),
-            seconds: 0.0,
-            damaged: std::mem::take(&mut dump.damaged),
-            damaged_total: dump.damaged_total,
-        })
-    })();
-    match result {
+        let mut s = summary_of(to, bytes, &dump.counts, schema, pos, secret.is_some());
+        s.damaged = std::mem::take(&mut dump.damaged);
+        s.damaged_total = dump.damaged_total;
+        Ok(s)
+    })
+}
+
+/// Records of `table` written, from a backup's counts.
+pub(super) fn count(counts: &serde_json::Map<String, Json>, table: &str) -> u64 {
+    counts.get(table).and_then(Json::as_u64).unwrap_or(0)
+}
+
+/// What a backup written to `to` holds (no damage; `seconds` is filled
+/// in by [`into_file`]).
+pub(super) fn summary_of(
+    to: &Path,
+    bytes: u64,
+    counts: &serde_json::Map<String, Json>,
+    schema: u64,
+    pos: u64,
+    with_secret: bool,
+) -> Summary {
+    Summary {
+        path: to.display().to_string(),
+        bytes,
+        messages: count(counts, "messages"),
+        users: count(counts, "users"),
+        rooms: count(counts, "rooms"),
+        schema_version: schema,
+        snapshot_pos: pos,
+        with_secret,
+        seconds: 0.0,
+        damaged: Vec::new(),
+        damaged_total: 0,
+    }
+}
+
+fn io(e: std::io::Error) -> String {
+    format!("cannot write the backup: {e}")
+}
+
+/// Writes a backup file at `to`: `body` writes it into `to.partial`
+/// (created, locked), which is renamed to `to` once `body` has succeeded
+/// (and synced it), and removed if it fails. The summary's `seconds` is
+/// the time it all took.
+pub(super) fn into_file(
+    to: &Path,
+    body: impl FnOnce(File) -> Result<Summary, String>,
+) -> Result<Summary, String> {
+    let started = std::time::Instant::now();
+    let partial = partial_path(to);
+    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let file = open_partial(&partial)?;
+    // The lock belongs to the open file, which the writer consumes: this
+    // second handle keeps it until the partial file is renamed or removed,
+    // so no other backup can take the name over in between.
+    let _lock = file.try_clone().map_err(io)?;
+    match body(file) {
         Ok(mut summary) => {
             std::fs::rename(&partial, to)
                 .map_err(|e| format!("cannot rename to {}: {e}", to.display()))?;
@@ -506,6 +505,50 @@ pub fn write_cancellable(
             Err(e)
         }
     }
+}
+
+/// The file's start: magic, format and the header of a snapshot of a
+/// store of `schema` at stream position `pos`.
+pub(super) fn begin(w: &mut HashWriter, schema: u64, pos: u64) -> std::io::Result<()> {
+    let header = json!({
+        "format": "confab-backup",
+        "version": FORMAT_VERSION,
+        "created_at": store::now_ms(),
+        "confab": crate::telemetry::VERSION,
+        "schema_version": schema,
+        "snapshot_pos": pos,
+        "tables": table_names(),
+    })
+    .to_string();
+    w.write(MAGIC)?;
+    w.write(&FORMAT_VERSION.to_le_bytes())?;
+    w.write(&(header.len() as u32).to_le_bytes())?;
+    w.write(header.as_bytes())
+}
+
+/// The file's end, after the tables: the secret file (if any), the
+/// summary, the end marker and the checksum. Returns the file's size and
+/// the file, written but not synced.
+pub(super) fn end(
+    mut w: HashWriter,
+    secret: Option<&[u8]>,
+    summary: &Json,
+) -> Result<(u64, File), String> {
+    if let Some(s) = secret {
+        w.name(b'F', "jwt_secret").map_err(io)?;
+        w.write(&(s.len() as u32).to_le_bytes()).map_err(io)?;
+        w.write(s).map_err(io)?;
+    }
+    let summary = summary.to_string();
+    w.write(b"S").map_err(io)?;
+    w.write(&(summary.len() as u32).to_le_bytes()).map_err(io)?;
+    w.write(summary.as_bytes()).map_err(io)?;
+    w.write(b"E").map_err(io)?;
+    let digest = w.hash.clone().finalize();
+    w.out.write_all(&digest).map_err(io)?;
+    let bytes = w.bytes + digest.len() as u64;
+    let file = w.out.into_inner().map_err(|e| io(e.into_error()))?;
+    Ok((bytes, file))
 }
 
 /// Why a backup of a damaged store was refused, naming the damage.

@@ -13,7 +13,7 @@ use crate::{BackupArgs, CheckArgs, ExportArgs, RestoreArgs, load_config, runtime
 
 /// `confab backup --to FILE`.
 pub(crate) fn run_backup(args: BackupArgs) -> ExitCode {
-    let config = match load_config(&args.common) {
+    let config = match load_config(&args) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -51,6 +51,18 @@ pub(crate) fn run_backup(args: BackupArgs) -> ExitCode {
             )
         }
     };
+    let url = config.store.database_url.clone();
+    if !url.is_empty() {
+        // A cluster's data is its database's, not a node's: read from it
+        // directly, whether or not any node runs.
+        let secret = backup::secret_file(&dir);
+        let result = backup::from_postgres(&url, secret.as_deref(), &to, &mut show)
+            .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string()));
+        if drew.get() {
+            eprintln!();
+        }
+        return backed_up(result, &to, " from the database");
+    }
     let req = serde_json::json!({"cmd": "backup", "to": to, "skip_damaged": args.skip_damaged});
     let on_damage = if args.skip_damaged {
         backup::OnDamage::Skip
@@ -81,6 +93,23 @@ pub(crate) fn run_backup(args: BackupArgs) -> ExitCode {
     if drew.get() {
         eprintln!();
     }
+    backed_up(
+        result,
+        &to,
+        if by_server {
+            " by the running server"
+        } else {
+            ""
+        },
+    )
+}
+
+/// Says how a backup went (`how`: by whom, for the message).
+fn backed_up(
+    result: Result<serde_json::Value, String>,
+    to: &std::path::Path,
+    how: &str,
+) -> ExitCode {
     match result {
         Ok(summary) => {
             let secs = summary["seconds"].as_f64().unwrap_or(0.0).max(1e-9);
@@ -105,11 +134,7 @@ pub(crate) fn run_backup(args: BackupArgs) -> ExitCode {
                 mb(bytes),
                 messages as f64 / secs,
                 bytes as f64 / 1e6 / secs,
-                if by_server {
-                    " by the running server"
-                } else {
-                    ""
-                }
+                how
             );
             print_json(&summary);
             ExitCode::SUCCESS
@@ -123,10 +148,20 @@ pub(crate) fn run_backup(args: BackupArgs) -> ExitCode {
 
 /// `confab restore --from FILE --data-dir DIR [--force]`.
 pub(crate) fn run_restore(args: RestoreArgs) -> ExitCode {
-    let config = match load_config(&args.common) {
+    let config = match load_config(&args) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if !config.store.database_url.is_empty() {
+        // Into a cluster's database: what `confab migrate --from-backup`
+        // does — verified, refused unless the database is empty (or holds
+        // this same restore, cut short: then it resumes).
+        return super::migrate::into_database(
+            confab::migrate::Input::Backup(args.from.clone()),
+            &config,
+            false,
+        );
+    }
     let dir = config.server.data_dir.clone();
     let mut last = std::time::Instant::now();
     let mut stage = String::new();

@@ -28,9 +28,15 @@ pub(crate) fn run_migrate(args: MigrateArgs) -> ExitCode {
         Some(file) => Input::Backup(file.clone()),
         None => Input::DataDir(config.server.data_dir.clone()),
     };
+    into_database(from, &config, args.json)
+}
+
+/// Copies `from` into the configured database, verified, and reports
+/// (`json`: as JSON). `confab restore` into a database comes here too.
+pub(super) fn into_database(from: Input, config: &confab::config::Config, json: bool) -> ExitCode {
     let opts = Options {
         from,
-        database_url: url,
+        database_url: config.store.database_url.clone(),
         configured_secret: config.auth.jwt_secret.clone(),
     };
     let mut last = std::time::Instant::now() - std::time::Duration::from_secs(1);
@@ -68,7 +74,7 @@ pub(crate) fn run_migrate(args: MigrateArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.json {
+    if json {
         print_json(&report);
     } else {
         print_report(&report);

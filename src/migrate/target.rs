@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, IsolationLevel, NoTls, Statement};
+use tokio_postgres::{Client, IsolationLevel, Statement};
 
 use super::batch::{Batch, TABLES};
 use super::report::{Failure, resume_hint};
@@ -21,7 +21,7 @@ use super::source::Snapshot;
 use super::verify::Figures;
 use crate::storage::postgres::rows::{describe_error, u};
 use crate::storage::postgres::schema::{self, SCHEMA_VERSION};
-use crate::storage::postgres::{describe, ledger, pg_config, refused};
+use crate::storage::postgres::{connect_one, describe, ledger, pg_config};
 
 /// Key of the session advisory lock a migration holds: one at a time per
 /// database.
@@ -56,26 +56,9 @@ impl Target {
     /// Connects (the error names the host and says whether it did not
     /// answer or refused).
     pub async fn connect(url: &str) -> Result<Target, String> {
-        let mut config = pg_config(url)?;
+        let described = describe(&pg_config(url)?);
         // Told apart from the nodes' sessions in `pg_stat_activity`.
-        config.application_name("confab-migrate");
-        let described = describe(&config);
-        let (client, connection) = config.connect(NoTls).await.map_err(|e| {
-            if refused(&e) {
-                format!(
-                    "the database at {described} refused the connection: {}",
-                    describe_error(&e)
-                )
-            } else {
-                format!(
-                    "cannot reach the database at {described}: {}",
-                    describe_error(&e)
-                )
-            }
-        })?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let client = connect_one(url, "confab-migrate").await?;
         Ok(Target { client, described })
     }
 

@@ -26,7 +26,7 @@ use crate::wallet::{
 };
 
 /// The columns [`transfer_record`] reads, in its order.
-pub(super) const TRANSFER_COLUMNS: &str = "id, from_account, to_account, amount, note, key, \
+pub const TRANSFER_COLUMNS: &str = "id, from_account, to_account, amount, note, key, \
      state, created_at, execute_at, executed_at, repeat, parent, parent_run, runs, failure, \
      requested_at";
 
@@ -72,7 +72,7 @@ fn repeat_of(code: i16) -> Option<Repeat> {
 /// A `wallet_transfers` row (selected with [`TRANSFER_COLUMNS`]) as its
 /// stored id and record. A row no confab writes (an unknown state or
 /// repeat code, a run without its run number) is an internal error.
-pub(super) fn transfer_record(row: &Row) -> Result<(u64, TransferRecord), ApiError> {
+pub fn transfer_record(row: &Row) -> Result<(u64, TransferRecord), ApiError> {
     let id = u(row.try_get(0).map_err(db_err)?);
     let bad = |what: String| ApiError::internal(format!("transfer {id:016x}: {what}"));
     let state: i16 = row.try_get(6).map_err(db_err)?;

@@ -49,6 +49,27 @@ pub struct Postgres {
 /// How often the replication figures are sampled.
 const REPLICATION_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// One connection for a command (`confab migrate`, `confab backup`,
+/// `confab restore`), named `application` in `pg_stat_activity`; its error
+/// names the host and says whether it did not answer or refused.
+pub async fn connect_one(url: &str, application: &str) -> Result<tokio_postgres::Client, String> {
+    let mut config = pg_config(url)?;
+    config.application_name(application);
+    let described = describe(&config);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
+        let why = rows::describe_error(&e);
+        if refused(&e) {
+            format!("the database at {described} refused the connection: {why}")
+        } else {
+            format!("cannot reach the database at {described}: {why}")
+        }
+    })?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
 /// A connection string's config, with confab's defaults added: a connect
 /// timeout and TCP keepalives, so that a dead host is noticed in seconds.
 pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, String> {
