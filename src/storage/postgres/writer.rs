@@ -9,7 +9,10 @@
 //! in flight: it may well have committed) is resolved before anything is
 //! answered: every batch also writes this writer's batch number into
 //! `writer_marks`, and after reconnecting the writer reads it back — the
-//! number is there exactly when the batch committed.
+//! number is there exactly when the batch committed. Only that batch
+//! waits for the answer (up to `RESOLVE_FOR`: during a failover, until the
+//! standby is promoted); what queues meanwhile is refused at once with a
+//! retryable error, as when the database is unreachable.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -37,6 +40,9 @@ pub(super) struct Writer {
     /// This writer's name in `writer_marks`, and its last batch number.
     writer_id: String,
     batch_no: i64,
+    /// A `Stop` met while refusing what queued during a resolution: the
+    /// run loop stops after the batch.
+    stopping: bool,
 }
 
 /// One connection, its driver spawned on the writer's runtime. A writer
@@ -154,6 +160,7 @@ pub(super) fn spawn(
                     batch_max: opts.store.commit_batch_max.max(1),
                     writer_id: format!("{:016x}", rand::random::<u64>()),
                     batch_no: 0,
+                    stopping: false,
                 };
                 writer.run(client, rx).await;
             });
@@ -225,9 +232,10 @@ impl Writer {
                 batch.truncate(at);
             }
             if !batch.is_empty() {
-                self.commit(&mut conn, std::mem::take(&mut batch)).await;
+                self.commit(&mut conn, std::mem::take(&mut batch), &mut rx)
+                    .await;
             }
-            if stop.is_some() {
+            if stop.is_some() || self.stopping {
                 break;
             }
         }
@@ -236,7 +244,7 @@ impl Writer {
     /// Applies and commits one batch, and answers its ops. Without a
     /// connection (the database is unreachable, or failing over) the batch
     /// is refused at once with a retryable error: never an ack.
-    async fn commit(&mut self, conn: &mut Conn, batch: Vec<Op>) {
+    async fn commit(&mut self, conn: &mut Conn, batch: Vec<Op>, rx: &mut mpsc::Receiver<Op>) {
         let Some(client) = self.connected(conn).await else {
             let e = self
                 .ctx
@@ -292,7 +300,7 @@ impl Writer {
                 // The connection dropped during the commit: its outcome is
                 // unknown until this batch's mark is read back.
                 tracing::warn!(error = %e, "a commit's connection dropped; finding out whether it happened");
-                match self.resolve(conn).await {
+                match self.resolve(conn, rx).await {
                     Some(done) => done,
                     None => {
                         // Could not find out: nothing is answered as done.
@@ -355,10 +363,14 @@ impl Writer {
 
     /// Whether the last batch committed, asked on a new connection (tried
     /// for up to [`RESOLVE_FOR`]); None when the database did not answer.
-    async fn resolve(&self, conn: &mut Conn) -> Option<bool> {
+    /// Only that batch waits for the answer: what queues meanwhile was not
+    /// tried, and is refused at once with a retryable error (during a
+    /// failover the promotion can take a Patroni `ttl`).
+    async fn resolve(&mut self, conn: &mut Conn, rx: &mut mpsc::Receiver<Op>) -> Option<bool> {
         let until = Instant::now() + RESOLVE_FOR;
         conn.client = None;
         while Instant::now() < until {
+            self.refuse_queued(rx);
             conn.next_try = Instant::now();
             if let Some(c) = self.connected(conn).await
                 && let Some(done) = self.mark_committed(c).await
@@ -366,9 +378,45 @@ impl Writer {
                 tracing::info!(committed = done, "the unknown commit was resolved");
                 return Some(done);
             }
-            tokio::time::sleep(conn.wait).await;
+            let pause = tokio::time::sleep(conn.wait);
+            tokio::pin!(pause);
+            while !self.stopping {
+                tokio::select! {
+                    _ = &mut pause => break,
+                    op = rx.recv() => match op {
+                        Some(op) => self.refuse_one(op),
+                        None => break,
+                    },
+                }
+            }
         }
         None
+    }
+
+    /// Refuses everything queued now (see [`Writer::resolve`]).
+    fn refuse_queued(&mut self, rx: &mut mpsc::Receiver<Op>) {
+        while !self.stopping {
+            match rx.try_recv() {
+                Ok(op) => self.refuse_one(op),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Refuses one op that was not tried; a `Stop` is kept for the run loop
+    /// (nothing after it is taken).
+    fn refuse_one(&mut self, op: Op) {
+        if matches!(op, Op::Stop) {
+            self.stopping = true;
+            return;
+        }
+        let e = self
+            .ctx
+            .shared
+            .health
+            .refusal()
+            .unwrap_or_else(crate::error::storage_error);
+        op.refuse(&e);
     }
 
     /// Whether this writer's last batch is in `writer_marks` (None: the
