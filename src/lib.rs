@@ -15,6 +15,7 @@ pub mod frames;
 pub mod hub;
 pub mod ids;
 pub mod limits;
+pub mod media;
 pub mod migrate;
 pub mod placement;
 pub mod proxy;

@@ -26,7 +26,10 @@ const LAYERS: &[(&str, &[&str])] = &[
             "placement",
         ],
     ),
-    ("storage engine", &["store"]),
+    (
+        "storage engines: the store, the blob directory",
+        &["store", "media"],
+    ),
     ("who is online, and fan-out to them", &["hub"]),
     (
         "domains: the rules and write operations of each, and the export format",

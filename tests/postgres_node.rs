@@ -245,3 +245,158 @@ fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process:
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A TCP relay in front of the database that can cut a connection right
+/// after passing on the `COMMIT` of a transaction that carried a given
+/// text (the server commits; the client never hears so: an unknown
+/// outcome), and refuse new connections for a while (a failover in
+/// progress).
+struct Relay {
+    addr: std::net::SocketAddr,
+    /// Cut the next connection that commits a transaction which sent
+    /// `marker`, after passing its COMMIT on.
+    cut_after_commit: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Close new connections at once.
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn start(to: std::net::SocketAddr, marker: &'static [u8]) -> Relay {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cut = Arc::new(AtomicBool::new(false));
+        let refusing = Arc::new(AtomicBool::new(false));
+        let (c, r) = (cut.clone(), refusing.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if r.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    continue;
+                };
+                let cut = c.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let down = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    });
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut marked = false;
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        let chunk = &buf[..n];
+                        marked |= chunk.windows(marker.len()).any(|w| w == marker);
+                        if !chunk.windows(6).any(|w| w == b"COMMIT") {
+                            continue;
+                        }
+                        if std::mem::take(&mut marked) && cut.swap(false, Ordering::SeqCst) {
+                            // Let the server commit, then drop both sides
+                            // before its answer reaches the client.
+                            down.abort();
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            return;
+                        }
+                    }
+                    down.abort();
+                });
+            }
+        });
+        Relay {
+            addr,
+            cut_after_commit: cut,
+            refusing,
+        }
+    }
+}
+
+/// A send whose COMMIT reached the database but whose answer was lost is
+/// resolved before it is answered: acked once, with the seq it got, and a
+/// resend of it is the same message. While the writer is finding out,
+/// other sends are refused at once with a retryable error rather than
+/// left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_resolved_and_other_sends_are_refused_meanwhile() {
+    use std::sync::atomic::Ordering;
+    let (_, dbname) = database();
+    let pg_addr: std::net::SocketAddr = format!("127.0.0.1:{}", pg::server().port())
+        .parse()
+        .expect("addr");
+    let relay = Relay::start(pg_addr, b"in doubt").await;
+    let setting = format!(
+        "database_url=postgresql://postgres@127.0.0.1:{}/{dbname}",
+        relay.addr.port()
+    );
+    let mut settings = vec![setting.as_str()];
+    settings.extend(common::UNLIMITED);
+    let mut srv = Server::start(&settings);
+    let api = srv.api();
+    let a = api.new_user("lost_a").await;
+    let b = api.new_user("lost_b").await;
+    let room = api.direct_room(&a.token, &b.id).await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let (code, first) = api.post_message(&a.token, &room, "c-1", "before").await;
+    assert_eq!(code, StatusCode::CREATED, "{first}");
+
+    // The next commit's answer is lost, and the database is unreachable
+    // for 3 s after it.
+    relay.refusing.store(true, Ordering::SeqCst);
+    relay.cut_after_commit.store(true, Ordering::SeqCst);
+    let (token, r) = (a.token.clone(), room.clone());
+    let lost = tokio::spawn(async move {
+        let t = Instant::now();
+        let (code, body) = api.post_message(&token, &r, "c-2", "in doubt").await;
+        (code, body, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        !lost.is_finished(),
+        "the send in doubt waits for its outcome"
+    );
+    let t = Instant::now();
+    let (code, body) = api.post_message(&a.token, &room, "c-3", "meanwhile").await;
+    let waited = t.elapsed();
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "refused at once, not held behind the commit in doubt: {waited:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    relay.refusing.store(false, Ordering::SeqCst);
+
+    // The commit did happen: acked with its seq, after the database came back.
+    let (code, body, took) = lost.await.expect("send");
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    assert_eq!(body["seq"], 2, "{body}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "answered only once resolved: {took:?}"
+    );
+    // Sent again with its client_id: the same message, not a second one;
+    // the refused one goes through now.
+    let (code, again) = api.post_message(&a.token, &room, "c-2", "in doubt").await;
+    assert!(code.is_success(), "{code} {again}");
+    assert_eq!(again["seq"], 2, "{again}");
+    let (code, later) = api.post_message(&a.token, &room, "c-3", "meanwhile").await;
+    assert_eq!(code, StatusCode::CREATED, "{later}");
+    assert_eq!(later["seq"], 3, "{later}");
+    let history = api.history_all(&a.token, &room).await;
+    let texts: Vec<&str> = history.iter().filter_map(|m| m["text"].as_str()).collect();
+    assert_eq!(texts, ["before", "in doubt", "meanwhile"]);
+    srv.stop();
+}
