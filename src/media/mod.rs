@@ -9,13 +9,18 @@
 //!   word), and whether it may be shown inline or only downloaded.
 //! - `names`: a client's file name made safe to store and to send back in
 //!   a `Content-Disposition`.
+//! - `photo`: photos decoded with limits (a decompression bomb is refused
+//!   from its header), thumbnails upright, and the copy others download
+//!   without its metadata (EXIF with its GPS position, XMP, IPTC).
 //!
 //! Blocking file I/O throughout: callers run it on a blocking thread.
 
 mod blobs;
 mod names;
+mod photo;
 mod sniff;
 
 pub use blobs::{Blob, BlobError, BlobId, BlobStore, BlobWriter, SNIFF_BYTES};
 pub use names::{MAX_NAME_BYTES, safe_name};
+pub use photo::{PhotoError, PhotoInfo, PhotoLimits, decode, probe, thumbnail, without_metadata};
 pub use sniff::{Kind, Sniffed, sniff};
