@@ -34,6 +34,10 @@ pub(crate) fn run_migrate(args: MigrateArgs) -> ExitCode {
 /// Copies `from` into the configured database, verified, and reports
 /// (`json`: as JSON). `confab restore` into a database comes here too.
 pub(super) fn into_database(from: Input, config: &confab::config::Config, json: bool) -> ExitCode {
+    let from_what = match &from {
+        Input::DataDir(_) => "the node had",
+        Input::Backup(_) => "the backup holds",
+    };
     let opts = Options {
         from,
         database_url: config.store.database_url.clone(),
@@ -77,7 +81,7 @@ pub(super) fn into_database(from: Input, config: &confab::config::Config, json: 
     if json {
         print_json(&report);
     } else {
-        print_report(&report);
+        print_report(&report, &from_what);
     }
     if report.damaged_total > 0 {
         eprintln!(
@@ -92,7 +96,9 @@ pub(super) fn into_database(from: Input, config: &confab::config::Config, json: 
     }
 }
 
-fn print_report(r: &Report) {
+/// The report for people; `from_what`: what the source is ("the node
+/// had", "the backup holds").
+fn print_report(r: &Report, from_what: &str) {
     let inserted: u64 = r.inserted.values().sum();
     println!(
         "migrated {} (source {}, by its {}) into {} in {:.2} s",
@@ -142,7 +148,7 @@ fn print_report(r: &Report) {
     }
     if r.verified {
         println!(
-            "result: verified — the database holds everything the node had; start the cluster's nodes on it"
+            "result: verified — the database holds everything {from_what}; start the cluster's nodes on it"
         );
         println!(
             "note: users stay logged in and see the same transfer ids only if the cluster signs with the node's secret (cluster_secret = the node's jwt_secret; docs/SCALEOUT.md)"
