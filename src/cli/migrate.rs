@@ -81,7 +81,7 @@ pub(super) fn into_database(from: Input, config: &confab::config::Config, json: 
     if json {
         print_json(&report);
     } else {
-        print_report(&report, &from_what);
+        print_report(&report, from_what);
     }
     if report.damaged_total > 0 {
         eprintln!(
