@@ -216,7 +216,11 @@ fn an_unreachable_database_is_waited_for_and_a_refusing_one_ends_the_start() {
     let said = rx.try_iter().collect::<Vec<_>>().join("\n");
     assert!(!status.success());
     assert!(
-        said.contains("schema version 99") && said.contains("(1)"),
+        said.contains("schema version 99")
+            && said.contains(&format!(
+                "({})",
+                confab::storage::postgres::schema::SCHEMA_VERSION
+            )),
         "the refusal names both versions:\n{said}"
     );
     assert_eq!(

@@ -8,6 +8,7 @@
 #[path = "../common/pg.rs"]
 mod pg;
 
+mod blobs;
 mod faults;
 mod reads;
 mod wallet;

@@ -9,6 +9,7 @@
 
 mod accounts;
 mod base;
+pub mod blobs;
 mod chat;
 mod context;
 mod export;

@@ -16,7 +16,7 @@
 use tokio_postgres::Client;
 
 /// The schema this binary writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Key of the advisory lock held while migrating.
 const MIGRATION_LOCK: i64 = 0x636f_6e66_6162_0001;
@@ -150,6 +150,23 @@ CREATE INDEX wallet_transfers_due ON wallet_transfers (execute_at) WHERE state =
 CREATE INDEX wallet_transfers_pending ON wallet_transfers (from_account) WHERE state = 0;
 CREATE INDEX wallet_transfers_by_from ON wallet_transfers (from_account, id);
 CREATE INDEX wallet_transfers_by_to ON wallet_transfers (to_account, id);
+"#,
+    // 2: attachments' bytes (`blobs.rs`), in chunks every node can read.
+    r#"
+CREATE TABLE blobs (
+    id         bytea  PRIMARY KEY,  -- SHA-256 of the bytes
+    size       bigint NOT NULL,
+    created_at bigint NOT NULL
+);
+CREATE TABLE blob_chunks (
+    id   bytea   NOT NULL REFERENCES blobs (id) ON DELETE CASCADE,
+    n    integer NOT NULL,
+    data bytea   NOT NULL,
+    PRIMARY KEY (id, n)
+);
+-- Photos, audio and video are compressed already: stored out of line
+-- without trying to compress them again.
+ALTER TABLE blob_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
 "#,
 ];
 
