@@ -141,7 +141,7 @@ pub fn without_metadata(
 ) -> Result<Vec<u8>, PhotoError> {
     match mime {
         "image/jpeg" => {
-            let rotated = jpeg_orientation(bytes).is_some_and(|o| o != 1);
+            let rotated = jpeg_orientation(bytes).is_some_and(|o| o != Orientation::NoTransforms);
             if rotated {
                 let img = decode(bytes, limits)?;
                 let mut out = Vec::new();
@@ -159,23 +159,15 @@ pub fn without_metadata(
     }
 }
 
-/// The JPEG's EXIF orientation (1–8), if it has one.
-fn jpeg_orientation(bytes: &[u8]) -> Option<u16> {
-    let mut decoder = ImageReader::new(Cursor::new(bytes))
+/// The JPEG's EXIF orientation, if it has one.
+fn jpeg_orientation(bytes: &[u8]) -> Option<Orientation> {
+    ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .ok()?
         .into_decoder()
-        .ok()?;
-    decoder.orientation().ok().map(|o| match o {
-        Orientation::NoTransforms => 1,
-        Orientation::FlipHorizontal => 2,
-        Orientation::Rotate180 => 3,
-        Orientation::FlipVertical => 4,
-        Orientation::Rotate90FlipH => 5,
-        Orientation::Rotate90 => 6,
-        Orientation::Rotate270FlipH => 7,
-        Orientation::Rotate270 => 8,
-    })
+        .ok()?
+        .orientation()
+        .ok()
 }
 
 /// A JPEG without its APP1 (EXIF, XMP), APP12, APP13 (IPTC) and COM

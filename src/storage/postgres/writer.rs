@@ -246,12 +246,7 @@ impl Writer {
     /// is refused at once with a retryable error: never an ack.
     async fn commit(&mut self, conn: &mut Conn, batch: Vec<Op>, rx: &mut mpsc::Receiver<Op>) {
         let Some(client) = self.connected(conn).await else {
-            let e = self
-                .ctx
-                .shared
-                .health
-                .refusal()
-                .unwrap_or_else(crate::error::storage_error);
+            let e = self.refusal();
             for op in batch {
                 op.refuse(&e);
             }
@@ -410,13 +405,18 @@ impl Writer {
             self.stopping = true;
             return;
         }
-        let e = self
-            .ctx
+        op.refuse(&self.refusal());
+    }
+
+    /// What an op that was not tried is answered: the storage's state
+    /// (which database, and why) when it is failing, else a retryable
+    /// storage error.
+    fn refusal(&self) -> crate::error::ApiError {
+        self.ctx
             .shared
             .health
             .refusal()
-            .unwrap_or_else(crate::error::storage_error);
-        op.refuse(&e);
+            .unwrap_or_else(crate::error::storage_error)
     }
 
     /// Whether this writer's last batch is in `writer_marks` (None: the
